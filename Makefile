@@ -1,0 +1,59 @@
+# The two commands of the course: `make run-all` and `make test`. Each sets itself up first.
+# `make help` lists every target.
+
+PYTHON  ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+KERNEL  := tinyvit
+PROFILE ?= default
+OUTDIR  := build/executed
+FASHION_MNIST_DEB_DIR := /usr/share/datasets/fashion-mnist
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+# Quiet, deterministic headless runs: no progress bars, no stray threads beyond the cores we have.
+export TQDM_DISABLE := 1
+export PYDEVD_DISABLE_FILE_VALIDATION := 1
+
+.DEFAULT_GOAL := help
+.PHONY: help setup run-all test lab bench data clean
+
+help:  ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
+
+$(VENV)/.ready: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (tinyvit)" >/dev/null
+	@touch $@
+
+setup: $(VENV)/.ready  ## create .venv with the package (editable) and the Jupyter kernel
+
+data:  ## make sure Fashion-MNIST is on this machine (Debian package, installs in seconds)
+	@if [ -f $(FASHION_MNIST_DEB_DIR)/train-images-idx3-ubyte.gz ]; then \
+	  echo "Fashion-MNIST: found in $(FASHION_MNIST_DEB_DIR)"; \
+	elif command -v apt-get >/dev/null; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; }; \
+	else \
+	  echo "Fashion-MNIST: no apt-get here; the notebooks will download it through torchvision."; \
+	fi
+
+run-all: $(VENV)/.ready data  ## execute every notebook in order (PROFILE=default|fast), figures into figures/
+	@mkdir -p $(OUTDIR)
+	@set -e; for nb in $(NOTEBOOKS); do \
+	  echo "== $$nb (profile $(PROFILE))"; \
+	  $(BIN)/papermill --log-level WARNING -k $(KERNEL) -p profile $(PROFILE) \
+	    "$$nb" "$(OUTDIR)/$$(basename $$nb)"; \
+	done
+
+test: $(VENV)/.ready  ## unit tests, then every notebook under nbval in the fast profile
+	TINYVIT_FAST=1 $(BIN)/python -m pytest tests $(NOTEBOOKS) --nbval-lax --nbval-current-env -p no:cacheprovider
+
+lab: $(VENV)/.ready  ## open JupyterLab on the project kernel
+	$(BIN)/jupyter lab notebooks
+
+bench: $(VENV)/.ready  ## training/inference images/s of our TinyViT-5M vs timm's, on this machine
+	$(BIN)/python -m tinyvit_lib.bench
+
+clean:  ## remove executed notebooks and test outputs (keeps .venv, data, runs)
+	rm -rf build .pytest_cache

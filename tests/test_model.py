@@ -1,0 +1,236 @@
+"""The TinyViT family: exact sizes, shapes, gradients, weight interop and bad input."""
+
+import copy
+
+import pytest
+import torch
+
+from tinyvit_lib import TinyViT, TinyViTConfig, count_flops, fuse_for_inference, load_pretrained
+from tinyvit_lib import tinyvit_5m, tinyvit_11m, tinyvit_21m
+from tinyvit_lib.model import default_window_sizes, official_to_ours, ours_to_official, stage_resolutions
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def perturb_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give BN statistics, BN affines and attention biases non-trivial values (they start as 0/1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if t.is_floating_point() and ("running" in name or "bn." in name or "attention_biases" in name):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+    return model
+
+
+@pytest.mark.parametrize("factory, kwargs, expected", [
+    (tinyvit_5m, {}, 5_392_764),
+    (tinyvit_11m, {}, 10_996_972),
+    (tinyvit_21m, {}, 21_198_568),
+    (tinyvit_21m, {"img_size": 384}, 21_230_488),
+    (tinyvit_21m, {"img_size": 512}, 21_268_120),
+])
+def test_exact_parameter_counts(factory, kwargs, expected):
+    assert n_params(factory(**kwargs)) == expected
+
+
+def test_official_window_sizes():
+    assert default_window_sizes(224) == (7, 7, 14, 7)
+    assert default_window_sizes(384) == (12, 12, 24, 12)
+    assert default_window_sizes(512) == (16, 16, 32, 16)
+    assert tinyvit_21m(img_size=384).config.window_sizes == (12, 12, 24, 12)
+    assert stage_resolutions(224) == [56, 28, 14, 7]
+    assert stage_resolutions(28) == [7, 4, 2, 1]
+
+
+@pytest.mark.parametrize("img_size, in_chans", [(224, 3), (32, 3), (28, 1), (32, 1)])
+def test_output_shape_and_finite(img_size, in_chans):
+    model = tinyvit_5m(img_size=img_size, in_chans=in_chans, num_classes=10).eval()
+    x = torch.randn(2, in_chans, img_size, img_size)
+    with torch.no_grad():
+        y = model(x)
+    assert y.shape == (2, 10)
+    assert torch.isfinite(y).all()
+    assert model.forward_features(x).shape == (2, 320) + (stage_resolutions(img_size)[-1],) * 2
+
+
+def test_every_parameter_receives_a_gradient():
+    model = tinyvit_5m(img_size=224, num_classes=10)
+    perturb_(model)  # zero-initialised BN gammas would block gradients to the convs before them
+    model(torch.randn(2, 3, 224, 224)).logsumexp(-1).sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_reset_classifier():
+    model = tinyvit_5m(num_classes=1000, img_size=32).eval()
+    model.reset_classifier(7)
+    assert model.num_classes == 7 and model.config.num_classes == 7
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 7)
+    model.reset_classifier(0)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 320)
+
+
+def test_small_windows_attend_the_whole_map_without_padding():
+    """At 32x32 the 4x4/2x2/1x1 maps fit in one window: cost is far below timm's padded windows."""
+    model = tinyvit_5m(img_size=32)
+    block = model.stages[2].blocks[0]
+    assert block.window_grid(2, 2) == (2, 2)
+    assert block.attn.bias_index.shape == (4, 4)
+    assert count_flops(model) < 60e6  # ~48 MFLOP; 14x14 padded windows would cost > 500 MFLOP
+
+
+def test_windows_partition_larger_maps():
+    """A 28x28 map with window 7 is cut into 16 windows: tokens never see outside their window."""
+    torch.manual_seed(0)
+    block = perturb_(tinyvit_5m().stages[1].blocks[0]).eval()  # dim 128, window 7
+    x = torch.randn(1, 28, 28, 128)
+    elsewhere = x.clone()
+    elsewhere[:, 7:] = torch.randn_like(elsewhere[:, 7:])
+    elsewhere[:, :, 7:] = torch.randn_like(elsewhere[:, :, 7:])
+    with torch.no_grad():
+        y, y_elsewhere = block(x), block(elsewhere)
+    # Inside the top-left window, away from the depthwise conv's one-pixel reach, nothing changed.
+    assert torch.allclose(y[:, :6, :6], y_elsewhere[:, :6, :6], atol=1e-5)
+    assert not torch.allclose(y[:, 6:7, :6], y_elsewhere[:, 6:7, :6], atol=1e-3)
+
+
+def test_input_size_other_than_configured_is_handled():
+    """A model built for 224 runs at 160 (windows re-indexed on the fly) and equals one built for 160."""
+    a = perturb_(tinyvit_5m(img_size=224)).eval()
+    b = tinyvit_5m(img_size=160).eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(1, 3, 160, 160)
+    with torch.no_grad():
+        assert torch.allclose(a(x), b(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["5m", "11m", "21m"])
+def test_timm_parity(variant):
+    timm = pytest.importorskip("timm")
+    theirs = perturb_(timm.create_model(f"tiny_vit_{variant}_224", num_classes=1000)).eval()
+    ours = load_pretrained({"5m": tinyvit_5m, "11m": tinyvit_11m, "21m": tinyvit_21m}[variant](),
+                           theirs.state_dict()).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert (ours(x) - theirs(x)).abs().max() <= 1e-4
+
+
+def test_official_naming_round_trip(tmp_path):
+    src = perturb_(tinyvit_5m(img_size=32, num_classes=10)).eval()
+    official = ours_to_official(src.state_dict())
+    assert "layers.0.downsample.conv1.c.weight" in official  # stage-1 merging lives in layer 0
+    assert "patch_embed.seq.0.c.weight" in official and "norm_head.weight" in official
+    assert "head.weight" in official and not any(k.startswith("stages.") for k in official)
+    assert set(official_to_ours(official)) == set(src.state_dict())
+    path = tmp_path / "official.pth"
+    torch.save({"model": official}, path)
+    dst = load_pretrained(tinyvit_5m(img_size=32, num_classes=10), path).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(src(x), dst(x))
+
+
+def test_safetensors_and_skip_head(tmp_path):
+    from safetensors.torch import save_file
+    src = perturb_(tinyvit_5m(img_size=32, num_classes=1000))
+    path = tmp_path / "w.safetensors"
+    save_file(src.state_dict(), str(path))
+    dst = tinyvit_5m(img_size=32, num_classes=10)
+    with pytest.raises(ValueError, match="head.fc.weight.*skip_head"):
+        load_pretrained(dst, path)
+    load_pretrained(dst, path, skip_head=True)
+    assert torch.equal(dst.stages[1].blocks[0].attn.qkv.weight, src.stages[1].blocks[0].attn.qkv.weight)
+
+
+def test_loading_at_another_resolution_resizes_biases():
+    src = perturb_(tinyvit_21m(img_size=224))
+    dst = load_pretrained(tinyvit_21m(img_size=384), src.state_dict())
+    table = dst.stages[2].blocks[0].attn.attention_biases
+    assert table.shape == (12, 24 * 24)
+    # A smooth resize keeps the range of the 14x14 table.
+    old = src.stages[2].blocks[0].attn.attention_biases
+    assert old.min() - 0.2 <= table.min() and table.max() <= old.max() + 0.2
+    # A constant table stays constant under bicubic resizing.
+    src.stages[3].blocks[0].attn.attention_biases.data.fill_(0.7)
+    dst = load_pretrained(tinyvit_21m(img_size=384), src.state_dict())
+    assert torch.allclose(dst.stages[3].blocks[0].attn.attention_biases, torch.tensor(0.7))
+
+
+def test_no_stale_cache_after_load_eval_or_to():
+    model = tinyvit_5m(img_size=32, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+        other = perturb_(copy.deepcopy(model), seed=1)
+        model.load_state_dict(other.state_dict())
+        after = model(x)
+        assert not torch.allclose(before, after)
+        assert torch.equal(after, other(x))
+        model.train().eval()
+        model.to(torch.float64).to(torch.float32)
+        assert torch.equal(model(x), after)
+
+
+def test_fuse_for_inference_matches():
+    model = perturb_(tinyvit_5m(img_size=32, num_classes=10)).eval()
+    fused = fuse_for_inference(model)
+    assert not any(type(m).__name__ == "ConvBN" for m in fused.modules())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x), fused(x), atol=1e-4)
+
+
+def test_flops_5m_224():
+    assert 1.24e9 < count_flops(tinyvit_5m()) / 2 < 1.28e9  # about 1.26 GMAC
+
+
+# ------------------------------------------------------------------ bad input
+
+def test_wrong_channel_count_is_refused():
+    model = tinyvit_5m(img_size=28, in_chans=1)
+    with pytest.raises(ValueError, match="in_chans=1.*3 channels"):
+        model(torch.randn(1, 3, 28, 28))
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        model(torch.randn(3, 28, 28))
+
+
+def test_checkpoint_of_another_variant_is_refused():
+    model = tinyvit_5m()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="does not fit"):
+        load_pretrained(model, tinyvit_11m().state_dict())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing loaded
+
+
+def test_unloadable_checkpoints_are_refused(tmp_path):
+    model = tinyvit_5m(img_size=32)
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        load_pretrained(model, tmp_path / "missing.pth")
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="garbage.pth"):
+        load_pretrained(model, garbage)
+    weird = tmp_path / "weights.bin"
+    weird.write_bytes(b"x")
+    with pytest.raises(ValueError, match="unsupported checkpoint format '.bin'"):
+        load_pretrained(model, weird)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"depths": (2, 2, 6)}, "one entry per stage"),
+    ({"embed_dims": (64, 128, 161, 320)}, "not divisible by num_heads"),
+    ({"in_chans": 0}, "in_chans"),
+    ({"drop_path_rate": 1.5}, "drop_path_rate"),
+    ({"local_conv_size": 2}, "local_conv_size"),
+])
+def test_bad_config_is_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TinyViT(TinyViTConfig(**kwargs))
+
+
+def test_unknown_override_is_refused():
+    with pytest.raises(ValueError, match="num_class"):
+        tinyvit_5m(num_class=10)

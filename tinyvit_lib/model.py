@@ -1,0 +1,649 @@
+"""TinyViT: the model family of "TinyViT: Fast Pretraining Distillation for Small Vision
+Transformers" (Wu et al., ECCV 2022).
+
+Layout (shapes for a 224x224 input, TinyViT-5M):
+
+    image (B, 3, 224, 224)
+      -> PatchEmbed        two stride-2 3x3 ConvBN            (B, 64, 56, 56)
+      -> stage 0           MBConv blocks                      (B, 64, 56, 56)
+      -> stage 1..3        PatchMerging, then TransformerBlocks (window attention,
+                           depthwise local conv, MLP)          (B, 128, 28, 28) ... (B, 320, 7, 7)
+      -> ClassifierHead    global average, LayerNorm, Linear  (B, num_classes)
+
+No class token and no absolute position embedding: position enters through the learned
+attention bias (one value per head and per relative offset inside a window) and through the
+depthwise convolutions.
+
+Windows follow the resolution: a window is never larger than its stage's feature map, so at
+32x32 input the 4x4, 2x2 and 1x1 maps of stages 1-3 get plain attention over the whole map,
+with no padding tokens (timm's fixed 14x14 window would pad a 2x2 map to 196 tokens).
+
+State-dict keys follow timm's naming (`stages.i`, `head.fc`), so timm weights load as they
+are; `load_pretrained` also maps the official Cream naming (`layers.i`, `.c.`, `norm_head`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "TinyViTConfig", "TinyViT", "PRESETS", "tinyvit_5m", "tinyvit_11m", "tinyvit_21m",
+    "build_tinyvit", "ConvBN", "PatchEmbed", "MBConv", "PatchMerging", "Mlp", "Attention",
+    "TransformerBlock", "load_pretrained", "official_to_ours", "ours_to_official",
+    "default_window_sizes", "stage_resolutions", "count_flops", "fuse_for_inference",
+]
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass(frozen=True)
+class TinyViTConfig:
+    """Everything that defines a TinyViT. Defaults are TinyViT-5M at 224x224 on ImageNet-1k.
+
+    Raises:
+        ValueError: a field is out of range or the per-stage tuples disagree in length.
+    """
+
+    embed_dims: tuple[int, ...] = (64, 128, 160, 320)
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (2, 4, 5, 10)  # stage 0 is convolutional: its entry is unused
+    window_sizes: tuple[int, ...] = (7, 7, 14, 7)  # stage 0's entry is unused likewise
+    mlp_ratio: float = 4.0
+    mbconv_expand_ratio: float = 4.0
+    local_conv_size: int = 3
+    drop_path_rate: float = 0.0
+    in_chans: int = 3
+    num_classes: int = 1000
+    img_size: int = 224
+
+    def __post_init__(self) -> None:
+        for name in ("embed_dims", "depths", "num_heads", "window_sizes"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))  # lists from JSON/CLI
+        n = len(self.depths)
+        if n < 2:
+            raise ValueError(f"TinyViT needs at least 2 stages (one MBConv, one attention), got depths={self.depths}")
+        for name in ("embed_dims", "num_heads", "window_sizes"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"{name}={getattr(self, name)} must have one entry per stage (depths={self.depths})")
+        for name in ("embed_dims", "depths", "num_heads", "window_sizes"):
+            if any(int(v) != v or v < 1 for v in getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)} must hold positive integers")
+        for i in range(1, n):
+            if self.embed_dims[i] % self.num_heads[i]:
+                raise ValueError(
+                    f"stage {i}: embed_dim {self.embed_dims[i]} is not divisible by num_heads {self.num_heads[i]}")
+        if self.local_conv_size < 1 or self.local_conv_size % 2 == 0:
+            raise ValueError(f"local_conv_size must be a positive odd integer, got {self.local_conv_size}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if self.mlp_ratio <= 0 or self.mbconv_expand_ratio <= 0:
+            raise ValueError(f"mlp_ratio ({self.mlp_ratio}) and mbconv_expand_ratio "
+                             f"({self.mbconv_expand_ratio}) must be positive")
+        if self.in_chans < 1:
+            raise ValueError(f"in_chans must be >= 1, got {self.in_chans}")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0 = no classifier), got {self.num_classes}")
+        if self.img_size < 1:
+            raise ValueError(f"img_size must be >= 1, got {self.img_size}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# The paper's three variants. Drop-path rates are the official ImageNet pretraining ones.
+PRESETS: dict[str, dict] = {
+    # 5,392,764 parameters at 224 with 1000 classes
+    "tinyvit_5m": dict(embed_dims=(64, 128, 160, 320), num_heads=(2, 4, 5, 10), drop_path_rate=0.0),
+    # 10,996,972 parameters
+    "tinyvit_11m": dict(embed_dims=(64, 128, 256, 448), num_heads=(2, 4, 8, 14), drop_path_rate=0.1),
+    # 21,198,568 parameters (21,230,488 at 384, 21,268,120 at 512)
+    "tinyvit_21m": dict(embed_dims=(96, 192, 384, 576), num_heads=(3, 6, 12, 18), drop_path_rate=0.2),
+}
+
+
+def default_window_sizes(img_size: int) -> tuple[int, int, int, int]:
+    """The official window sizes for an input size: the last stage's map, at least the paper's 7.
+
+    224 -> (7, 7, 14, 7), 384 -> (12, 12, 24, 12), 512 -> (16, 16, 32, 16); smaller inputs keep
+    the 224 windows, which `TransformerBlock` clips to the (smaller) feature maps.
+    """
+    base = max(7, img_size // 32)
+    return (base, base, 2 * base, base)
+
+
+def build_tinyvit(preset: str, **overrides) -> "TinyViT":
+    """Build a preset ("tinyvit_5m", "tinyvit_11m", "tinyvit_21m") with config fields overridden.
+
+    Raises:
+        ValueError: unknown preset, or an override that is not a `TinyViTConfig` field or is invalid.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown TinyViT preset {preset!r}; choose one of {sorted(PRESETS)}")
+    fields = TinyViTConfig.__dataclass_fields__
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown TinyViT config field(s) {unknown}; valid fields: {sorted(fields)}")
+    kwargs = {**PRESETS[preset], **overrides}
+    kwargs.setdefault("window_sizes", default_window_sizes(kwargs.get("img_size", 224)))
+    return TinyViT(TinyViTConfig(**kwargs))
+
+
+def tinyvit_5m(**overrides) -> "TinyViT":
+    """TinyViT-5M (keyword arguments override `TinyViTConfig` fields, e.g. num_classes, img_size)."""
+    return build_tinyvit("tinyvit_5m", **overrides)
+
+
+def tinyvit_11m(**overrides) -> "TinyViT":
+    """TinyViT-11M (keyword arguments override `TinyViTConfig` fields)."""
+    return build_tinyvit("tinyvit_11m", **overrides)
+
+
+def tinyvit_21m(**overrides) -> "TinyViT":
+    """TinyViT-21M (keyword arguments override `TinyViTConfig` fields)."""
+    return build_tinyvit("tinyvit_21m", **overrides)
+
+
+def _conv_out(size: int) -> int:
+    return (size - 1) // 2 + 1  # 3x3 conv, stride 2, padding 1
+
+
+def stage_resolutions(img_size: int, num_stages: int = 4) -> list[int]:
+    """Side length of each stage's feature map for a square input (224 -> [56, 28, 14, 7])."""
+    size = _conv_out(_conv_out(img_size))
+    sizes = [size]
+    for _ in range(num_stages - 1):
+        size = _conv_out(size)
+        sizes.append(size)
+    return sizes
+
+
+# ----------------------------------------------------------------------------- blocks
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch for a random subset of samples."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class ConvBN(nn.Sequential):
+    """Convolution without bias followed by BatchNorm ('same' padding for odd kernels)."""
+
+    def __init__(self, in_chans: int, out_chans: int, kernel_size: int = 1, *, stride: int = 1,
+                 groups: int = 1, bn_weight_init: float = 1.0) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_chans, out_chans, kernel_size, stride, kernel_size // 2,
+                              groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(out_chans)
+        nn.init.constant_(self.bn.weight, bn_weight_init)
+        nn.init.zeros_(self.bn.bias)
+
+    @torch.no_grad()
+    def fused(self) -> nn.Conv2d:
+        """One Conv2d computing the same as this module in eval mode (BN folded into the conv)."""
+        conv, bn = self.conv, self.bn
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                          conv.padding, groups=conv.groups, bias=True).to(conv.weight)
+        fused.weight.copy_(conv.weight * scale[:, None, None, None])
+        fused.bias.copy_(bn.bias - bn.running_mean * scale)
+        return fused
+
+
+class PatchEmbed(nn.Module):
+    """Two 3x3 stride-2 ConvBN with a GELU between: (B, in_chans, H, W) -> (B, dim, H/4, W/4)."""
+
+    def __init__(self, in_chans: int, dim: int) -> None:
+        super().__init__()
+        self.conv1 = ConvBN(in_chans, dim // 2, 3, stride=2)
+        self.act = nn.GELU()
+        self.conv2 = ConvBN(dim // 2, dim, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.act(self.conv1(x)))
+
+
+class MBConv(nn.Module):
+    """Inverted bottleneck (MobileNetV2): 1x1 expand, 3x3 depthwise, 1x1 project, residual.
+
+    The projection's BN starts at zero, so each block starts as the identity (then GELU).
+    (B, C, H, W) -> (B, C, H, W).
+    """
+
+    def __init__(self, dim: int, expand_ratio: float, drop_path: float = 0.0) -> None:
+        super().__init__()
+        hidden = int(dim * expand_ratio)
+        self.conv1 = ConvBN(dim, hidden, 1)
+        self.act1 = nn.GELU()
+        self.conv2 = ConvBN(hidden, hidden, 3, groups=hidden)
+        self.act2 = nn.GELU()
+        self.conv3 = ConvBN(hidden, dim, 1, bn_weight_init=0.0)
+        self.act3 = nn.GELU()
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act2(self.conv2(self.act1(self.conv1(x))))
+        return self.act3(x + self.drop_path(self.conv3(y)))
+
+
+class PatchMerging(nn.Module):
+    """Downsampling between stages: 1x1 ConvBN, 3x3 depthwise stride-2 ConvBN, 1x1 ConvBN.
+
+    (B, in_dim, H, W) -> (B, out_dim, ceil(H/2), ceil(W/2)).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.conv1 = ConvBN(in_dim, out_dim, 1)
+        self.act1 = nn.GELU()
+        self.conv2 = ConvBN(out_dim, out_dim, 3, stride=2, groups=out_dim)
+        self.act2 = nn.GELU()
+        self.conv3 = ConvBN(out_dim, out_dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv3(self.act2(self.conv2(self.act1(self.conv1(x)))))
+
+
+class Mlp(nn.Module):
+    """Pre-norm MLP: LayerNorm, Linear, GELU, Linear. (..., dim) -> (..., dim)."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(self.norm(x))))
+
+
+def relative_bias_index(grid_h: int, grid_w: int, table_side: int,
+                        device: torch.device | None = None) -> torch.Tensor:
+    """(N, N) indices into a bias table of table_side**2 offsets, for a grid_h x grid_w window.
+
+    Token i at (y_i, x_i) attending to token j reads entry |y_i - y_j| * table_side + |x_i - x_j|:
+    one learned value per absolute offset (the offset order of the official implementation).
+    """
+    ys, xs = torch.meshgrid(torch.arange(grid_h, device=device), torch.arange(grid_w, device=device),
+                            indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()  # (N,)
+    dy = (ys[:, None] - ys[None, :]).abs()
+    dx = (xs[:, None] - xs[None, :]).abs()
+    return dy * table_side + dx  # (N, N)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over one window, pre-normed, with a learned relative bias.
+
+    `attention_biases` holds (num_heads, window_size**2) values, one per head and per absolute
+    offset (dy, dx) inside a window. A window smaller than `window_size` (a feature map smaller
+    than the window) reads the subset of offsets it contains. (B, N, dim) -> (B, N, dim).
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, grid: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.window_size = window_size
+        self.norm = nn.LayerNorm(dim)
+        # Output features are grouped per head as [q, k, v] (the official layout).
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.attention_biases = nn.Parameter(torch.zeros(num_heads, window_size * window_size))
+        # Index for the window this block expects at its configured resolution; other window
+        # shapes are indexed on the fly. It is geometry only, never a copy of learned values,
+        # so loading weights or moving devices cannot leave it stale.
+        self.grid = grid or (window_size, window_size)
+        self.register_buffer("bias_index", relative_bias_index(*self.grid, window_size), persistent=False)
+
+    def attention_bias(self, grid: tuple[int, int]) -> torch.Tensor:
+        """(num_heads, N, N) bias for a grid_h x grid_w window."""
+        index = self.bias_index if grid == self.grid else relative_bias_index(
+            *grid, self.window_size, device=self.attention_biases.device)
+        return self.attention_biases[:, index]
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        B, N, C = x.shape
+        grid = grid or self.grid
+        qkv = self.qkv(self.norm(x)).view(B, N, self.num_heads, 3 * self.head_dim)
+        q, k, v = qkv.transpose(1, 2).chunk(3, dim=-1)  # each (B, heads, N, head_dim)
+        bias = self.attention_bias(grid).to(q.dtype)  # (heads, N, N), broadcast over B
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, heads, N, head_dim)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class TransformerBlock(nn.Module):
+    """TinyViT block on (B, H, W, C): window attention, 3x3 depthwise ConvBN, MLP, residuals.
+
+    The window is min(window_size, H) x min(window_size, W): a map that fits in one window is
+    attended as a whole, without padding. A larger map whose side is not a multiple of the
+    window is zero-padded to one, as in the official implementation.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, *, mlp_ratio: float = 4.0,
+                 local_conv_size: int = 3, drop_path: float = 0.0, resolution: int | None = None) -> None:
+        super().__init__()
+        self.window_size = window_size
+        grid = None if resolution is None else self.window_grid(resolution, resolution)
+        self.attn = Attention(dim, num_heads, window_size, grid)
+        self.drop_path = DropPath(drop_path)
+        self.local_conv = ConvBN(dim, dim, local_conv_size, groups=dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def window_grid(self, H: int, W: int) -> tuple[int, int]:
+        return min(self.window_size, H), min(self.window_size, W)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        wh, ww = self.window_grid(H, W)
+        pad_b, pad_r = (-H) % wh, (-W) % ww
+        y = F.pad(x, (0, 0, 0, pad_r, 0, pad_b)) if pad_b or pad_r else x
+        Hp, Wp = H + pad_b, W + pad_r
+        nh, nw = Hp // wh, Wp // ww
+        # window partition: (B, Hp, Wp, C) -> (B * nh * nw, wh * ww, C)
+        y = y.view(B, nh, wh, nw, ww, C).transpose(2, 3).reshape(B * nh * nw, wh * ww, C)
+        y = self.attn(y, (wh, ww))
+        # window reverse: -> (B, Hp, Wp, C), then drop the padding
+        y = y.view(B, nh, nw, wh, ww, C).transpose(2, 3).reshape(B, Hp, Wp, C)[:, :H, :W]
+        x = x + self.drop_path(y)
+        x = self.local_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # depthwise conv in (B, C, H, W)
+        return x + self.drop_path(self.mlp(x))
+
+
+class ConvStage(nn.Module):
+    """Stage 0: MBConv blocks at stride 4. (B, C, H, W) -> (B, C, H, W)."""
+
+    def __init__(self, dim: int, depth: int, expand_ratio: float, drop_paths: list[float]) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*(MBConv(dim, expand_ratio, p) for p in drop_paths[:depth]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+class TransformerStage(nn.Module):
+    """PatchMerging, then TransformerBlocks. (B, in_dim, H, W) -> (B, dim, H/2, W/2)."""
+
+    def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, window_size: int, *,
+                 mlp_ratio: float, local_conv_size: int, drop_paths: list[float], resolution: int) -> None:
+        super().__init__()
+        self.downsample = PatchMerging(in_dim, dim)
+        self.blocks = nn.Sequential(*(
+            TransformerBlock(dim, num_heads, window_size, mlp_ratio=mlp_ratio,
+                             local_conv_size=local_conv_size, drop_path=p, resolution=resolution)
+            for p in drop_paths[:depth]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x).permute(0, 2, 3, 1)  # (B, H, W, C): the blocks work channels-last
+        return self.blocks(x).permute(0, 3, 1, 2)
+
+
+class ClassifierHead(nn.Module):
+    """Global average pool, LayerNorm, Linear. (B, C, H, W) -> (B, num_classes)."""
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.norm(x.mean(dim=(2, 3)))
+        return x if pre_logits else self.fc(x)
+
+
+# ----------------------------------------------------------------------------- model
+
+class TinyViT(nn.Module):
+    """TinyViT built from one `TinyViTConfig` (see the module docstring for the layout)."""
+
+    def __init__(self, config: TinyViTConfig | None = None) -> None:
+        super().__init__()
+        self.config = cfg = config or TinyViTConfig()
+        total = sum(cfg.depths)
+        rates = [cfg.drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear decay rule
+        starts = [sum(cfg.depths[:i]) for i in range(len(cfg.depths))]
+        resolutions = stage_resolutions(cfg.img_size, len(cfg.depths))
+
+        self.patch_embed = PatchEmbed(cfg.in_chans, cfg.embed_dims[0])
+        stages: list[nn.Module] = [ConvStage(cfg.embed_dims[0], cfg.depths[0], cfg.mbconv_expand_ratio,
+                                             rates[: cfg.depths[0]])]
+        for i in range(1, len(cfg.depths)):
+            stages.append(TransformerStage(
+                cfg.embed_dims[i - 1], cfg.embed_dims[i], cfg.depths[i], cfg.num_heads[i], cfg.window_sizes[i],
+                mlp_ratio=cfg.mlp_ratio, local_conv_size=cfg.local_conv_size,
+                drop_paths=rates[starts[i]:], resolution=resolutions[i]))
+        self.stages = nn.Sequential(*stages)
+        self.num_features = cfg.embed_dims[-1]
+        self.head = ClassifierHead(self.num_features, cfg.num_classes)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def no_weight_decay_keywords(self) -> set[str]:
+        """Parameter-name fragments that AdamW should not decay (besides norms and biases)."""
+        return {"attention_biases"}
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the final Linear with a fresh one for `num_classes` (0 = features only)."""
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        device = self.head.norm.weight.device
+        self.head.fc = nn.Linear(self.num_features, num_classes, device=device) if num_classes else nn.Identity()
+        if num_classes:
+            self._init_weights(self.head.fc)
+        self.config = replace(self.config, num_classes=num_classes)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4:
+            raise ValueError(f"TinyViT expects a (B, C, H, W) batch, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.config.in_chans:
+            raise ValueError(
+                f"TinyViT was built for in_chans={self.config.in_chans} but the input has {x.shape[1]} "
+                f"channels (shape {tuple(x.shape)}); build it with in_chans={x.shape[1]} or convert the images")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) -> (B, embed_dims[-1], H/32, W/32)."""
+        self._check_input(x)
+        return self.stages(self.patch_embed(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# ----------------------------------------------------------------------------- weights
+
+def official_to_ours(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an official (microsoft/Cream) TinyViT state dict to this model's (= timm's) keys.
+
+    Official layers hold their PatchMerging at the end (`layers.i.downsample`); here it opens the
+    next stage (`stages.{i+1}.downsample`). Conv2d_BN's `.c.` is `.conv.`; `norm_head` and `head`
+    are `head.norm` and `head.fc`.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        k = re.sub(r"(^|\.)c\.", r"\1conv.", key)
+        k = k.replace("patch_embed.seq.0.", "patch_embed.conv1.").replace("patch_embed.seq.2.", "patch_embed.conv2.")
+        k = re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"stages.{int(m.group(1)) + 1}.downsample.", k)
+        k = re.sub(r"^layers\.", "stages.", k)
+        k = re.sub(r"^head\.", "head.fc.", k)
+        k = re.sub(r"^norm_head\.", "head.norm.", k)
+        out[k] = value
+    return out
+
+
+def ours_to_official(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `official_to_ours`: export our weights under the official key names."""
+    out = {}
+    for key, value in state_dict.items():
+        k = re.sub(r"^head\.norm\.", "norm_head.", key)
+        k = re.sub(r"^head\.fc\.", "head.", k)
+        k = re.sub(r"^stages\.(\d+)\.downsample\.", lambda m: f"layers.{int(m.group(1)) - 1}.downsample.", k)
+        k = re.sub(r"^stages\.", "layers.", k)
+        k = k.replace("patch_embed.conv1.", "patch_embed.seq.0.").replace("patch_embed.conv2.", "patch_embed.seq.2.")
+        k = re.sub(r"(^|\.)conv\.", r"\1c.", k)
+        out[k] = value
+    return out
+
+
+def resize_attention_biases(table: torch.Tensor, window_size: int) -> torch.Tensor:
+    """Resize a (heads, s*s) bias table to (heads, window_size**2), bicubic over the (s, s) grid.
+
+    Raises:
+        ValueError: the table is not a square grid of offsets.
+    """
+    heads, n = table.shape
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"attention bias table of shape {tuple(table.shape)} is not a square grid of offsets")
+    grid = table.float().view(1, heads, side, side)
+    grid = F.interpolate(grid, size=(window_size, window_size), mode="bicubic", align_corners=False)
+    return grid.view(heads, window_size * window_size).to(table.dtype)
+
+
+def _read_checkpoint(source) -> Mapping[str, torch.Tensor]:
+    if isinstance(source, Mapping):
+        return source
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path), device="cpu")
+        if suffix in (".pth", ".pt"):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, wrong format, or an object that needs pickle to rebuild
+        raise ValueError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    raise ValueError(f"unsupported checkpoint format {suffix!r} for {path}; use .pth, .pt or .safetensors")
+
+
+def _unwrap(obj: Mapping) -> Mapping[str, torch.Tensor]:
+    for wrapper in ("model", "state_dict", "model_state"):
+        if wrapper in obj and isinstance(obj[wrapper], Mapping):
+            return _unwrap(obj[wrapper])
+    return obj
+
+
+def load_pretrained(model: TinyViT, source, *, skip_head: bool = False) -> TinyViT:
+    """Load TinyViT weights from a path or a state dict into `model`, in place, and return it.
+
+    Accepts `.pth`/`.pt` (read with `weights_only=True`) or `.safetensors` files, or a state dict
+    already in memory; official Cream key names or timm's (= ours), optionally wrapped in
+    `{'model': ...}`. Attention-bias tables trained at another window size are resized bicubically
+    (as the official loader does). With `skip_head=True` the classifier weights are not loaded
+    (fine-tuning to another class count).
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: the file cannot be read, or its tensors do not fit the model (missing or
+            unexpected keys, other shapes: e.g. a checkpoint of another variant). Nothing is
+            loaded in that case.
+    """
+    state = _unwrap(_read_checkpoint(source))
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError("checkpoint is not a state dict of tensors")
+    if any(k.startswith(("layers.", "norm_head.")) for k in state):
+        state = official_to_ours(state)
+    state = {k: v for k, v in state.items()
+             if not k.endswith(("attention_bias_idxs", "bias_index", "attention_bias_cache"))}
+    target = model.state_dict()
+    if skip_head:
+        state = {k: v for k, v in state.items() if not k.startswith("head.fc.")}
+        state.update({k: v for k, v in target.items() if k.startswith("head.fc.")})
+
+    problems = []
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    if missing:
+        problems.append(f"{len(missing)} missing key(s), e.g. {missing[:3]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
+    for key in sorted(set(state) & set(target)):
+        have, want = state[key].shape, target[key].shape
+        if have == want:
+            continue
+        if key.endswith("attention_biases") and have[0] == want[0]:
+            state[key] = resize_attention_biases(state[key], math.isqrt(want[1]))
+        else:
+            hint = "; pass skip_head=True to keep the model's new head" if key.startswith("head.fc.") else ""
+            problems.append(f"{key}: checkpoint {tuple(have)} vs model {tuple(want)}{hint}")
+    if problems:
+        raise ValueError("checkpoint does not fit this TinyViT "
+                         f"(embed_dims={model.config.embed_dims}, depths={model.config.depths}, "
+                         f"num_classes={model.config.num_classes}): " + "; ".join(problems))
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+# ----------------------------------------------------------------------------- analysis
+
+def count_flops(model: nn.Module, img_size: int | None = None, *, in_chans: int | None = None,
+                per_module: bool = False):
+    """Forward FLOPs for one image (multiply-adds count 2; MACs = FLOPs / 2).
+
+    With `per_module=True` also returns {module name: FLOPs} for every submodule.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = getattr(model, "config", None)
+    img_size = img_size or cfg.img_size
+    in_chans = in_chans or cfg.in_chans
+    param = next(model.parameters())
+    x = torch.zeros(1, in_chans, img_size, img_size, device=param.device, dtype=param.dtype)
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    # The math kernel is dispatched through countable matmuls on every backend.
+    with torch.no_grad(), counter, torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        model(x)
+    model.train(was_training)
+    total = counter.get_total_flops()
+    if not per_module:
+        return total
+    return total, {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+
+
+def fuse_for_inference(model: TinyViT) -> nn.Module:
+    """A copy of `model` in eval mode with every ConvBN folded into a single Conv2d.
+
+    Outputs equal the original's in eval mode (up to float rounding); the copy cannot train.
+    """
+    fused = copy.deepcopy(model).eval()
+    for name, module in list(fused.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, ConvBN):
+                setattr(module, child_name, child.fused())
+    return fused
