@@ -633,7 +633,10 @@ def count_flops(model: nn.Module, img_size: int | None = None, *, in_chans: int 
     total = counter.get_total_flops()
     if not per_module:
         return total
-    return total, {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    # The counter names modules "<RootClass>.<path>"; strip the root to get state-dict style names.
+    per_module = {name.partition(".")[2]: sum(ops.values()) for name, ops in counter.get_flop_counts().items()
+                  if "." in name}
+    return total, per_module
 
 
 def fuse_for_inference(model: TinyViT) -> nn.Module:

@@ -1,0 +1,97 @@
+"""The course's figures: pure functions from results (tables, tensors) to matplotlib figures.
+
+`save_figure` writes PNGs without the software/date metadata, so re-running a notebook with the
+same results leaves the files byte-identical and git clean.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+
+__all__ = ["save_figure", "plot_stage_costs", "plot_attention_biases", "plot_bias_index"]
+
+
+def save_figure(fig: plt.Figure, path: str | Path, *, dpi: int = 120) -> Path:
+    """Save `fig` as a PNG with stable bytes (no Software metadata) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight", metadata={"Software": None})
+    return path
+
+
+def plot_stage_costs(rows_by_size: dict[int, list[dict]], title: str = "") -> plt.Figure:
+    """Bars of parameters and forward FLOPs per part (stem, stages, head), one FLOP panel per size.
+
+    `rows_by_size` maps an input size to `anatomy.stage_costs` rows; parameters do not depend
+    on the size, so they are drawn once.
+    """
+    sizes = list(rows_by_size)
+    fig, axes = plt.subplots(1, 1 + len(sizes), figsize=(4.2 * (1 + len(sizes)), 3.4))
+    first = rows_by_size[sizes[0]]
+    labels = [r["part"] for r in first]
+    axes[0].bar(labels, [r["params"] / 1e6 for r in first], color="tab:blue")
+    axes[0].set_ylabel("parameters (M)")
+    axes[0].set_title("parameters")
+    for ax, size in zip(axes[1:], sizes):
+        rows = rows_by_size[size]
+        total = sum(r["flops"] for r in rows)
+        ax.bar(labels, [r["flops"] / 2e6 for r in rows], color="tab:orange")
+        ax.set_ylabel("forward MMACs")
+        ax.set_title(f"compute at {size}x{size} (total {total / 2e6:,.0f} MMACs)")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=30)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_attention_biases(attention_biases: torch.Tensor, title: str = "") -> plt.Figure:
+    """One panel per head: the learned bias for each offset (|dy|, |dx|) inside a window.
+
+    `attention_biases` is an `Attention.attention_biases` table of shape (heads, window**2).
+    """
+    table = attention_biases.detach().float().cpu()
+    heads, n = table.shape
+    side = math.isqrt(n)
+    cols = min(heads, 5)
+    rows = math.ceil(heads / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.3 * rows + 0.4), squeeze=False)
+    for h, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if h >= heads:
+            continue
+        im = ax.imshow(table[h].view(side, side), cmap="coolwarm")
+        ax.set_title(f"head {h}", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle(title or "learned attention bias by offset (row: |dy|, column: |dx|)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_bias_index(index: torch.Tensor, grid: tuple[int, int], title: str = "") -> plt.Figure:
+    """The (N, N) offset index of a window: which bias-table entry each query/key pair reads.
+
+    Left: the whole matrix (query row, key column). Right: the entries read by the centre query,
+    laid out on the window grid: symmetric, since the bias depends on |dy| and |dx| only.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    axes[0].imshow(index.cpu(), cmap="viridis")
+    axes[0].set_xlabel("key token")
+    axes[0].set_ylabel("query token")
+    axes[0].set_title(f"bias-table entry per pair ({index.shape[0]} tokens)")
+    centre = (grid[0] // 2) * grid[1] + grid[1] // 2
+    im = axes[1].imshow(index[centre].view(*grid).cpu(), cmap="viridis")
+    for (y, x), v in zip(torch.cartesian_prod(torch.arange(grid[0]), torch.arange(grid[1])).tolist(),
+                         index[centre].tolist()):
+        axes[1].text(x, y, str(v), ha="center", va="center", fontsize=7, color="white")
+    axes[1].set_title(f"entries read by the centre token ({centre}), on the grid")
+    fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.04)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
