@@ -17,5 +17,21 @@ from .model import (
     tinyvit_11m,
     tinyvit_21m,
 )
+from .data import (
+    DATASETS,
+    DatasetWithIDs,
+    get_CIFAR_100,
+    get_dataset,
+    get_ImageNet1K,
+    get_imagenet_subset_loaders,
+    make_loaders,
+)
+from .augment import (
+    AugmentConfig,
+    EvalTransform,
+    PairedMix,
+    TrainTransform,
+    sample_seed,
+)
 
 __version__ = "0.1.0"

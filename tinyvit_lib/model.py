@@ -39,7 +39,7 @@ __all__ = [
     "TinyViTConfig", "TinyViT", "PRESETS", "tinyvit_5m", "tinyvit_11m", "tinyvit_21m",
     "build_tinyvit", "ConvBN", "PatchEmbed", "MBConv", "PatchMerging", "Mlp", "Attention",
     "TransformerBlock", "load_pretrained", "official_to_ours", "ours_to_official",
-    "default_window_sizes", "stage_resolutions", "count_flops", "fuse_for_inference",
+    "default_window_sizes", "stage_resolutions", "count_flops", "fuse_for_inference", "state_dict_problems",
 ]
 
 
@@ -557,6 +557,24 @@ def _unwrap(obj: Mapping) -> Mapping[str, torch.Tensor]:
     return obj
 
 
+def state_dict_problems(target: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> list[str]:
+    """What keeps `state` from loading into a model whose state dict is `target` (empty: it fits).
+
+    Checked before loading, so a checkpoint that does not fit never leaves a half-loaded model.
+    """
+    problems = []
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    if missing:
+        problems.append(f"{len(missing)} missing key(s), e.g. {missing[:3]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
+    for key in sorted(set(state) & set(target)):
+        if state[key].shape != target[key].shape:
+            problems.append(f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(target[key].shape)}")
+    return problems
+
+
 def load_pretrained(model: TinyViT, source, *, skip_head: bool = False) -> TinyViT:
     """Load TinyViT weights from a path or a state dict into `model`, in place, and return it.
 
@@ -584,23 +602,14 @@ def load_pretrained(model: TinyViT, source, *, skip_head: bool = False) -> TinyV
         state = {k: v for k, v in state.items() if not k.startswith("head.fc.")}
         state.update({k: v for k, v in target.items() if k.startswith("head.fc.")})
 
-    problems = []
-    missing = sorted(set(target) - set(state))
-    unexpected = sorted(set(state) - set(target))
-    if missing:
-        problems.append(f"{len(missing)} missing key(s), e.g. {missing[:3]}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
-    for key in sorted(set(state) & set(target)):
+    for key in set(state) & set(target):
         have, want = state[key].shape, target[key].shape
-        if have == want:
-            continue
-        if key.endswith("attention_biases") and have[0] == want[0]:
+        if key.endswith("attention_biases") and have != want and have[0] == want[0]:
             state[key] = resize_attention_biases(state[key], math.isqrt(want[1]))
-        else:
-            hint = "; pass skip_head=True to keep the model's new head" if key.startswith("head.fc.") else ""
-            problems.append(f"{key}: checkpoint {tuple(have)} vs model {tuple(want)}{hint}")
+    problems = state_dict_problems(target, state)
     if problems:
+        if any(p.startswith("head.fc.") for p in problems):
+            problems.append("pass skip_head=True to keep the model's new head")
         raise ValueError("checkpoint does not fit this TinyViT "
                          f"(embed_dims={model.config.embed_dims}, depths={model.config.depths}, "
                          f"num_classes={model.config.num_classes}): " + "; ".join(problems))

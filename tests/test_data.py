@@ -1,0 +1,289 @@
+"""The data layer on small files written in the real on-disk formats (IDX .gz, CIFAR-100 pickles,
+an ImageFolder tree of PNGs), and on Debian's Fashion-MNIST when it is installed."""
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+import tinyvit_lib.data as data
+from tinyvit_lib import (AugmentConfig, DatasetWithIDs, get_CIFAR_100, get_dataset, get_imagenet_subset_loaders,
+                         make_loaders)
+
+FASHION_TRAIN, FASHION_TEST = 12, 6
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}i", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def no_debian(monkeypatch, tmp_path):
+    """Pretend Debian's Fashion-MNIST is not installed (and make any download attempt fail)."""
+    monkeypatch.setattr(data, "FASHION_MNIST_DEBIAN_DIR", tmp_path / "no-debian")
+
+    def offline(self):
+        raise RuntimeError("no network in the tests")
+
+    monkeypatch.setattr(data.tv_datasets.FashionMNIST, "download", offline)
+
+
+@pytest.fixture
+def fashion_root(tmp_path, no_debian):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "fashion"
+    root.mkdir()
+    for prefix, count in (("train", FASHION_TRAIN), ("t10k", FASHION_TEST)):
+        images = rng.integers(0, 256, (count, 28, 28))
+        images[5] = images[3]  # an exact duplicate, as in the real data
+        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(count) % 10)
+    return root
+
+
+@pytest.fixture
+def cifar_root(tmp_path):
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "cifar" / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for split, count in (("train", 10), ("test", 4)):
+        entry = {"filenames": [f"{split}_{i}.png" for i in range(count)], "batch_label": split,
+                 "fine_labels": [(7 * i) % 100 for i in range(count)], "coarse_labels": [i % 20 for i in range(count)],
+                 "data": rng.integers(0, 256, (count, 3072), dtype=np.uint8)}
+        (folder / split).write_bytes(pickle.dumps(entry))
+    meta = {"fine_label_names": [f"fine{k}" for k in range(100)],
+            "coarse_label_names": [f"coarse{k}" for k in range(20)]}
+    (folder / "meta").write_bytes(pickle.dumps(meta))
+    return folder.parent
+
+
+@pytest.fixture
+def folder_root(tmp_path):
+    """root/{train,val}/{ant,bee,cat}/ with PNGs of different sizes and modes."""
+    rng = np.random.default_rng(2)
+    root = tmp_path / "imagenet"
+    for split, per_class in (("train", 4), ("val", 2)):
+        for c, name in enumerate(("ant", "bee", "cat")):
+            (root / split / name).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (20 + i, 24 + c, 3), dtype=np.uint8)
+                image = Image.fromarray(pixels) if i % 2 == 0 else Image.fromarray(pixels[..., 0], mode="L")
+                image.save(root / split / name / f"img{i}.png")
+        (root / split / "ant" / "notes.txt").write_text("not an image")
+    return root
+
+
+def _collect(loader: DataLoader) -> dict[int, tuple[torch.Tensor, int]]:
+    return {int(i): (x, int(y)) for xs, ys, ids in loader for x, y, i in zip(xs, ys, ids)}
+
+
+# ----------------------------------------------------------------------------- Fashion-MNIST
+
+def test_fashion_mnist_lengths_labels_ids(fashion_root):
+    train = get_dataset("fashion-mnist", fashion_root, "train")
+    test = get_dataset("fashion-mnist", fashion_root, "val")  # the held-out split under either name
+    assert isinstance(train, DatasetWithIDs)
+    assert (len(train), len(test), test.split) == (FASHION_TRAIN, FASHION_TEST, "test")
+    assert train.targets == [i % 10 for i in range(FASHION_TRAIN)] and train.num_classes == 10
+    image, label, sample_id = train[7]
+    assert image.shape == (1, 32, 32) and image.dtype == torch.float32 and (label, sample_id) == (7, 7)
+    assert train.ids[:2] == ["train/000000", "train/000001"] and test.ids[0] == "test/000000"
+    # Identical images keep distinct IDs: positions are never merged.
+    assert torch.equal(train.load_image(3), train.load_image(5)) and len(set(train.ids)) == len(train)
+
+
+def test_grayscale_expands_to_three_identical_channels(fashion_root):
+    gray = get_dataset("fashion-mnist", fashion_root, augment=AugmentConfig())
+    rgb = get_dataset("fashion-mnist", fashion_root, augment=AugmentConfig(), in_chans=3)
+    x1, x3 = gray[4][0], rgb[4][0]
+    assert x3.shape == (3, 32, 32)
+    assert all(torch.equal(channel, x1[0]) for channel in x3)  # same view for a 1-channel student and an RGB teacher
+    with pytest.raises(ValueError, match="in_chans=2"):
+        get_dataset("fashion-mnist", fashion_root, in_chans=2)
+
+
+def test_ids_and_fingerprint_stable_and_content_sensitive(fashion_root, tmp_path):
+    first, second = (get_dataset("fashion-mnist", fashion_root) for _ in range(2))
+    assert first.ids == second.ids and first.fingerprint() == second.fingerprint()
+    assert get_dataset("fashion-mnist", fashion_root, "test").fingerprint() != first.fingerprint()
+    # Another copy with one changed pixel: same IDs, different content hash.
+    other = tmp_path / "other"
+    other.mkdir()
+    images = np.stack([first.load_image(i)[0].numpy() for i in range(len(first))])
+    images[0, 0, 0] ^= 1
+    _write_idx(other / "train-images-idx3-ubyte.gz", images)
+    (other / "train-labels-idx1-ubyte.gz").write_bytes((fashion_root / "train-labels-idx1-ubyte.gz").read_bytes())
+    changed = get_dataset("fashion-mnist", other).fingerprint()
+    assert changed["ids_sha256"] == first.fingerprint()["ids_sha256"]
+    assert changed["content_sha256"] != first.fingerprint()["content_sha256"]
+
+
+def test_views_stable_under_shuffle_workers_and_epochs(fashion_root):
+    dataset = get_dataset("fashion-mnist", fashion_root, augment=AugmentConfig(), base_seed=3)
+    reference = _collect(DataLoader(dataset, batch_size=4))
+    shuffled = _collect(DataLoader(dataset, batch_size=3, shuffle=True, num_workers=2))
+    assert reference.keys() == shuffled.keys() == set(range(FASHION_TRAIN))
+    for sample_id, (image, label) in reference.items():
+        assert torch.equal(shuffled[sample_id][0], image) and shuffled[sample_id][1] == label
+    # Persistent workers follow set_epoch; epoch 1 gives new views, reproducible in one process.
+    loader = DataLoader(dataset, batch_size=4, shuffle=True, num_workers=2, persistent_workers=True)
+    assert _collect(loader).keys() == reference.keys()
+    dataset.set_epoch(1)
+    epoch1 = _collect(loader)
+    assert not torch.equal(epoch1[0][0], reference[0][0])
+    single = _collect(DataLoader(dataset, batch_size=5))
+    assert all(torch.equal(single[i][0], epoch1[i][0]) for i in single)
+    assert dataset.seed_for(0) == dataset.seed_for(0, epoch=1) != dataset.seed_for(0, epoch=0)
+
+
+def test_missing_fashion_mnist_says_both_ways(tmp_path, no_debian):
+    for download in (False, True):  # download=True fails: the fixture makes torchvision offline
+        with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist") as error:
+            get_dataset("fashion-mnist", tmp_path / "empty", download=download)
+        assert "download=True" in str(error.value) and "empty" in str(error.value)
+
+
+def test_corrupt_idx_file_is_named(fashion_root):
+    (fashion_root / "train-images-idx3-ubyte.gz").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz"):
+        get_dataset("fashion-mnist", fashion_root)
+
+
+# ----------------------------------------------------------------------------- CIFAR-100
+
+def test_cifar100_refuses_a_differing_copy_unless_told(cifar_root):
+    with pytest.raises(ValueError, match="verify=False"):
+        get_dataset("cifar100", cifar_root, download=False)
+    train = get_dataset("cifar100", cifar_root, "train", verify=False, download=False)
+    test = get_dataset("cifar100", cifar_root, "test", verify=False, download=False)
+    assert (len(train), len(test), train.num_classes) == (10, 4, 100)
+    assert train.targets == [(7 * i) % 100 for i in range(10)] and train.classes[3] == "fine3"
+    image, label, sample_id = train[2]
+    assert image.shape == (3, 32, 32) and (label, sample_id) == (14, 2)
+    # The pixels are the official row-major CHW layout of the pickle's "data" rows.
+    row = pickle.loads((cifar_root / "cifar-100-python" / "train").read_bytes())["data"][2]
+    assert torch.equal(train.load_image(2), torch.from_numpy(row.reshape(3, 32, 32)))
+
+
+def test_cifar100_missing_and_loaders(cifar_root, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        get_dataset("cifar100", tmp_path / "nowhere", download=False)
+    train_loader, test_loader = get_CIFAR_100(cifar_root, batch_size=4, verify=False, download=False)
+    batches = list(train_loader)
+    assert len(batches) == 2 and all(len(b[0]) == 4 for b in batches)  # full batches only
+    assert sum(len(b[0]) for b in test_loader) == 4
+
+
+# ----------------------------------------------------------------------------- image folders
+
+def test_image_folder_ids_labels_and_decoding(folder_root):
+    train = get_dataset("imagenet", folder_root, "train", img_size=16)
+    val = get_dataset("imagenet", folder_root, "test")
+    assert (len(train), len(val), val.split) == (12, 6, "val")
+    assert train.classes == ["ant", "bee", "cat"] and train.targets == [0] * 4 + [1] * 4 + [2] * 4
+    assert train.ids[:2] == ["train/ant/img0.png", "train/ant/img1.png"]
+    assert train.ids == get_dataset("imagenet", folder_root, "train").ids
+    image, label, sample_id = train[5]
+    assert image.shape == (3, 16, 16) and (label, sample_id) == (1, 5)
+    assert train.load_image(1).shape == (3, 21, 24)  # a grayscale PNG is read as RGB
+    fingerprint = train.fingerprint()
+    (folder_root / "train" / "cat" / "img3.png").write_bytes(b"\x89PNG broken")
+    assert train.fingerprint()["content_sha256"] != fingerprint["content_sha256"]
+    with pytest.raises(ValueError, match=r"cat/img3\.png"):
+        train[11]
+
+
+def test_imagenet_subset_is_deterministic(folder_root):
+    subset = get_dataset("imagenet-subset", folder_root, num_classes=2, max_per_class=3)
+    assert subset.classes == ["ant", "bee"] and subset.targets == [0, 0, 0, 1, 1, 1]
+    assert subset.ids == ["train/ant/img0.png", "train/ant/img1.png", "train/ant/img2.png",
+                          "train/bee/img0.png", "train/bee/img1.png", "train/bee/img2.png"]
+    full = get_dataset("imagenet", folder_root, augment=AugmentConfig())
+    part = get_dataset("imagenet-subset", folder_root, num_classes=2, max_per_class=3, augment=AugmentConfig())
+    assert torch.equal(part[3][0], full[4][0])  # seeds follow the string ID, not the position
+    train_loader, val_loader = get_imagenet_subset_loaders(folder_root, num_classes=3, max_per_class=1,
+                                                           batch_size=2, img_size=16)
+    assert len(train_loader.dataset) == 3 and len(val_loader.dataset) == 3
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(num_classes=2, max_per_class=0), "max_per_class=0"),
+    (dict(num_classes=-1, max_per_class=2), "num_classes=-1"),
+    (dict(num_classes=0, max_per_class=2), "num_classes=0"),
+    (dict(num_classes=4, max_per_class=2), "num_classes=4"),
+    (dict(num_classes=2), "max_per_class"),
+])
+def test_imagenet_subset_bad_sizes(folder_root, options, match):
+    with pytest.raises(ValueError, match=match):
+        get_dataset("imagenet-subset", folder_root, **options)
+
+
+def test_image_folder_bad_input(folder_root, tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing"):
+        get_dataset("imagenet", tmp_path / "missing")
+    (folder_root / "train" / "dog").mkdir()
+    with pytest.raises(FileNotFoundError, match="dog"):
+        get_dataset("imagenet", folder_root)
+    with pytest.raises(ValueError, match="root"):
+        get_dataset("imagenet", None)
+
+
+# ----------------------------------------------------------------------------- names, synthetic, loaders
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: get_dataset("mnist"), "name='mnist'"),
+    (lambda: get_dataset("synthetic", split="dev"), "split='dev'"),
+    (lambda: get_dataset("synthetic", max_per_class=3), "max_per_class=3"),
+    (lambda: get_dataset("synthetic", num_samples=0), "num_samples=0"),
+    (lambda: get_dataset("synthetic", augment=AugmentConfig(), transform=lambda x, s: x), "not both"),
+])
+def test_bad_names_and_options(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_synthetic_is_fixed_and_learnable():
+    train = get_dataset("synthetic", num_samples=200, transform=lambda image, seed: image)
+    test = get_dataset("synthetic", split="test", num_samples=100, transform=lambda image, seed: image)
+    assert train.fingerprint() == get_dataset("synthetic", num_samples=200).fingerprint()
+    assert train.fingerprint()["content_sha256"] != test.fingerprint()["content_sha256"]
+    assert get_dataset("synthetic", augment=AugmentConfig()).transform.config.hflip == 0.0
+    # Nearest class mean on raw pixels separates the classes of unseen images.
+    x_train = torch.stack([train[i][0] for i in range(len(train))]).flatten(1).float()
+    y_train = torch.tensor(train.targets)
+    means = torch.stack([x_train[y_train == k].mean(0) for k in range(10)])
+    x_test = torch.stack([test[i][0] for i in range(len(test))]).flatten(1).float()
+    accuracy = (torch.cdist(x_test, means).argmin(1) == torch.tensor(test.targets)).float().mean()
+    assert accuracy > 0.9
+
+
+def test_training_order_depends_on_seed_and_epoch_only():
+    def order(base_seed: int, epoch: int) -> list[int]:
+        dataset = get_dataset("synthetic", num_samples=20, base_seed=base_seed)
+        dataset.set_epoch(epoch)
+        train_loader, _ = make_loaders(dataset, dataset, batch_size=6)
+        return [int(i) for _, _, ids in train_loader for i in ids]
+
+    assert order(0, 0) == order(0, 0) and len(order(0, 0)) == 18  # drop_last: full batches only
+    assert order(0, 0) != order(0, 1) and order(0, 0) != order(1, 0)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        make_loaders(get_dataset("synthetic", num_samples=4), get_dataset("synthetic", num_samples=4), batch_size=0)
+
+
+@pytest.mark.skipif(not (data.FASHION_MNIST_DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file(),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_real_fashion_mnist_from_debian():
+    train = get_dataset("fashion-mnist", download=False)
+    test = get_dataset("fashion-mnist", split="test", download=False)
+    assert (len(train), len(test)) == (60_000, 10_000)
+    assert train.num_classes == 10 and set(train.targets) == set(test.targets) == set(range(10))
+    assert train.load_image(0).shape == (1, 28, 28) and train[0][0].shape == (1, 32, 32)
+    assert train.fingerprint()["size"] == 60_000

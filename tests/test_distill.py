@@ -1,0 +1,87 @@
+"""The distillation loss against hand computations, and its edge cases."""
+
+import math
+
+import pytest
+import torch
+
+from tinyvit_lib.distill import DistillationLoss, soft_cross_entropy
+
+
+def test_matches_hand_computation():
+    student = torch.tensor([[2.0, 0.0, -1.0]])
+    teacher = torch.tensor([[1.0, 1.0, 0.0]])
+    label = torch.tensor([0])
+    alpha, T = 0.3, 2.0
+    # By hand: softmax at T=2, KL(teacher || student), the CE of the label, then the blend.
+    def softmax(z):
+        e = [math.exp(v / T) for v in z]
+        return [v / sum(e) for v in e]
+    p, q = softmax([1.0, 1.0, 0.0]), softmax([2.0, 0.0, -1.0])
+    kl = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    ce = -math.log(math.exp(2.0) / (math.exp(2.0) + math.exp(0.0) + math.exp(-1.0)))
+    expected = (1 - alpha) * ce + alpha * T * T * kl
+    got = DistillationLoss(alpha, T)(student, label, teacher_logits=teacher)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_alpha_zero_is_cross_entropy_and_needs_no_teacher():
+    logits, labels = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    loss = DistillationLoss(alpha=0.0, temperature=3.0, label_smoothing=0.1)(logits, labels)
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1))
+
+
+def test_alpha_one_t_one_is_soft_target_cross_entropy_minus_teacher_entropy():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(8, 10), torch.randn(8, 10)
+    p = teacher.softmax(-1)
+    loss = DistillationLoss(alpha=1.0, temperature=1.0)(student, torch.zeros(8, dtype=torch.long),
+                                                         teacher_logits=teacher)
+    soft_ce = soft_cross_entropy(student, p)
+    entropy = -(p * p.log()).sum(-1).mean()
+    assert torch.allclose(loss, soft_ce - entropy, atol=1e-6)
+
+
+def test_teacher_probs_equal_teacher_logits():
+    torch.manual_seed(0)
+    student, teacher, labels = torch.randn(4, 6), torch.randn(4, 6), torch.randint(0, 6, (4,))
+    loss = DistillationLoss(0.5, 4.0)
+    assert torch.allclose(loss(student, labels, teacher_logits=teacher),
+                          loss(student, labels, teacher_probs=(teacher / 4.0).softmax(-1)))
+
+
+def test_zero_when_student_equals_teacher_and_alpha_one():
+    z = torch.randn(3, 7)
+    assert DistillationLoss(1.0, 2.0)(z, torch.zeros(3, dtype=torch.long), teacher_logits=z).abs() < 1e-6
+
+
+def test_sparse_distribution_with_zeros_is_finite():
+    probs = torch.tensor([[0.9, 0.1, 0.0, 0.0]])
+    loss = DistillationLoss(1.0, 1.0)(torch.randn(1, 4), torch.tensor([0]), teacher_probs=probs)
+    assert torch.isfinite(loss)
+
+
+def test_soft_labels_for_mixup():
+    logits = torch.randn(2, 3)
+    onehot = torch.eye(3)[[0, 2]]
+    assert torch.allclose(soft_cross_entropy(logits, onehot),
+                          torch.nn.functional.cross_entropy(logits, torch.tensor([0, 2])))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(alpha=-0.1), "alpha must be in \\[0, 1\\], got -0.1"),
+    (dict(alpha=1.5), "got 1.5"),
+    (dict(temperature=0.0), "temperature must be > 0, got 0.0"),
+    (dict(temperature=-2.0), "got -2.0"),
+])
+def test_bad_hyperparameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DistillationLoss(**kwargs)
+
+
+def test_missing_or_mismatched_teacher():
+    loss = DistillationLoss(0.5, 1.0)
+    with pytest.raises(ValueError, match="needs a teacher"):
+        loss(torch.randn(2, 3), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="does not match"):
+        loss(torch.randn(2, 3), torch.tensor([0, 1]), teacher_logits=torch.randn(2, 4))

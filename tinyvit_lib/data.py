@@ -1,0 +1,523 @@
+"""The course's datasets with permanent sample IDs, dataset fingerprints, and data loaders.
+
+Sample IDs. Every dataset has `ids: list[str]`, one permanent string per image, in a fixed order:
+
+    array datasets (fashion-mnist, cifar100, synthetic)   "{split}/{index:06d}", index in the
+                                                          official split file
+    folder datasets (imagenet, imagenet-subset)           "{split}/{class}/{file}", the path
+                                                          relative to root; class folders in
+                                                          sorted order, files sorted within each
+
+Items are `(image, label, sample_id)` with `sample_id` the int position in `ids` (an int64 after
+the default collate, ready to key a logit store). `ids[sample_id]` is the permanent string; the
+int means the same image on every machine because `fingerprint()` pins the ordered ID list and
+the content. IDs are positions or paths, so they are unique even where images are identical
+(Fashion-MNIST holds a few exact duplicates): nothing is merged.
+
+Augmentation seeds come from the string ID (`augment.sample_seed(base_seed, epoch, ids[i])`), so a
+sample gets the same view whether it is read from the full dataset or from a subset.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle  # only for its exception type: torchvision reads the CIFAR files
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import datasets as tv_datasets
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.utils import check_integrity
+
+from .augment import AugmentConfig, EvalTransform, TrainTransform, derive_seed, sample_seed
+
+__all__ = [
+    "DATASETS", "DatasetWithIDs", "ArrayDatasetWithIDs", "FolderDatasetWithIDs", "EpochShuffleSampler",
+    "get_dataset", "make_loaders", "get_CIFAR_100", "get_ImageNet1K", "get_imagenet_subset_loaders",
+    "FASHION_MNIST_DEBIAN_DIR", "DEFAULT_ROOT",
+]
+
+Transform = Callable[[torch.Tensor, int], torch.Tensor]  # (uint8 image (C, H, W), seed) -> tensor
+
+FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+DEFAULT_ROOT = Path.home() / ".cache" / "tinyvit_lib"  # where downloads go when no root is given
+
+
+@dataclass(frozen=True)
+class _Facts:
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    splits: tuple[str, str]  # (training split, held-out split)
+    img_size: int  # the course's default resolution
+    hflip: bool  # whether a mirror image keeps its class
+    eval_crop_pct: float = 1.0
+
+
+_IMAGENET_FACTS = _Facts((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), ("train", "val"), 224, True, 0.875)
+_FACTS = {
+    # Clothing keeps its class when mirrored (shoes all face left; flipped they face right).
+    "fashion-mnist": _Facts((0.2860,), (0.3530,), ("train", "test"), 32, True),
+    "cifar100": _Facts((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), ("train", "test"), 32, True),
+    "imagenet": _IMAGENET_FACTS,
+    "imagenet-subset": _IMAGENET_FACTS,
+    # Synthetic classes are position-dependent colour layouts: a mirror image is another pattern.
+    "synthetic": _Facts((0.5, 0.5, 0.5), (0.3, 0.3, 0.3), ("train", "test"), 32, False),
+}
+DATASETS = tuple(_FACTS)
+_SPLIT_ALIASES = {"val": "test", "test": "val"}  # the held-out split answers to either name
+_FASHION_MNIST_PREFIX = {"train": "train", "test": "t10k"}
+_SYNTHETIC_SEED = 20220725  # fixed: the synthetic dataset is the same everywhere
+
+
+class DatasetWithIDs(Dataset):
+    """A dataset whose items are `(image, label, sample_id)`; see the module docstring for IDs.
+
+    `transform(image, seed)` receives the uint8 image (C, H, W) and the seed of this sample for the
+    current epoch (`seed_for`). A grayscale image is repeated to 3 channels after the transform
+    when `out_chans` is 3, so a 1-channel student and an RGB teacher see the same pixels.
+    `set_epoch` writes to shared memory, so it also reaches persistent DataLoader workers when it is
+    called before the epoch's iterator is created.
+
+    Subclasses provide `load_image(index)` and `_hash_content(digest)`.
+    """
+
+    def __init__(self, *, name: str, split: str, ids: list[str], targets: list[int], classes: list[str],
+                 transform: Transform, out_chans: int, base_seed: int = 0) -> None:
+        if len(ids) != len(targets):
+            raise ValueError(f"{len(ids)} ids but {len(targets)} labels")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{name}/{split}: sample IDs are not unique")
+        self.name, self.split = name, split
+        self.ids, self.targets, self.classes = ids, targets, classes
+        self.transform, self.out_chans, self.base_seed = transform, out_chans, base_seed
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose augmentation seeds `__getitem__` uses (like DistributedSampler's)."""
+        self._epoch.fill_(epoch)
+
+    def seed_for(self, index: int, epoch: int | None = None) -> int:
+        """The augmentation seed of sample `index` in `epoch` (default: the current epoch)."""
+        return sample_seed(self.base_seed, self.epoch if epoch is None else epoch, self.ids[index])
+
+    def load_image(self, index: int) -> torch.Tensor:
+        """The stored image, uint8 (C, H, W), before any transform."""
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        """(image, label, sample_id); sample_id == index, never negative.
+
+        Raises:
+            IndexError: index outside [0, len).
+        """
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index={index} outside [0, {len(self)})")
+        image = self.transform(self.load_image(index), self.seed_for(index))  # (C, H', W')
+        if self.out_chans == 3 and image.shape[0] == 1:
+            image = image.expand(3, -1, -1)
+        return image, self.targets[index], index
+
+    def fingerprint(self) -> dict[str, str | int]:
+        """Cheap identity of the data: name, split, size, classes, a hash of the ordered ID list and a
+        hash of the content (labels and class names, plus the image bytes for array datasets or the
+        file sizes for folder datasets: a file rewritten at the same size goes unnoticed there). Equal
+        fingerprints mean every int sample_id names the same image. Recomputed on each call (~0.1 s
+        for Fashion-MNIST's 60,000 images; one stat() per file for folders)."""
+        content = hashlib.sha256()
+        content.update(np.asarray(self.targets, dtype="<i8").tobytes())
+        content.update("\n".join(self.classes).encode())
+        self._hash_content(content)
+        return {
+            "name": self.name,
+            "split": self.split,
+            "size": len(self),
+            "num_classes": self.num_classes,
+            "ids_sha256": hashlib.sha256("\n".join(self.ids).encode()).hexdigest(),
+            "content_sha256": content.hexdigest(),
+        }
+
+    def _hash_content(self, digest: "hashlib._Hash") -> None:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.name!r}, split={self.split!r}, size={len(self)}, "
+                f"transform={self.transform})")
+
+
+class ArrayDatasetWithIDs(DatasetWithIDs):
+    """Images held in memory as one uint8 tensor (N, C, H, W); IDs are "{split}/{index:06d}"."""
+
+    def __init__(self, images: torch.Tensor, targets: list[int], *, name: str, split: str, classes: list[str],
+                 transform: Transform, out_chans: int, base_seed: int = 0) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        ids = [f"{split}/{i:06d}" for i in range(images.shape[0])]
+        super().__init__(name=name, split=split, ids=ids, targets=targets, classes=classes,
+                         transform=transform, out_chans=out_chans, base_seed=base_seed)
+        self.images = images.contiguous()
+
+    def load_image(self, index: int) -> torch.Tensor:
+        return self.images[index]  # (C, H, W)
+
+    def _hash_content(self, digest: "hashlib._Hash") -> None:
+        digest.update(memoryview(self.images.numpy()))
+
+
+class FolderDatasetWithIDs(DatasetWithIDs):
+    """Image files under `root`, decoded on access as RGB by Pillow (as torchvision's ImageFolder
+    does); IDs are paths relative to `root`."""
+
+    def __init__(self, root: Path, ids: list[str], targets: list[int], *, name: str, split: str,
+                 classes: list[str], transform: Transform, out_chans: int, base_seed: int = 0) -> None:
+        super().__init__(name=name, split=split, ids=ids, targets=targets, classes=classes,
+                         transform=transform, out_chans=out_chans, base_seed=base_seed)
+        self.root = root
+
+    def load_image(self, index: int) -> torch.Tensor:
+        """uint8 (3, H, W).
+
+        Raises:
+            FileNotFoundError: the file is gone.
+            ValueError: the file cannot be decoded; the message names it.
+        """
+        path = self.root / self.ids[index]
+        try:
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert("RGB"))  # (H, W, 3)
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, Image.DecompressionBombError) as error:  # UnidentifiedImageError is an OSError
+            raise ValueError(f"cannot decode image file {path}: {error}") from error
+        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+    def _hash_content(self, digest: "hashlib._Hash") -> None:
+        sizes = [(self.root / sample_id).stat().st_size for sample_id in self.ids]
+        digest.update(np.asarray(sizes, dtype="<i8").tobytes())
+
+
+def get_dataset(name: str, root: str | Path | None = None, split: str = "train", *,
+                img_size: int | None = None, in_chans: int | None = None,
+                augment: AugmentConfig | None = None, transform: Transform | None = None,
+                base_seed: int = 0, download: bool = True, verify: bool = True,
+                num_classes: int | None = None, max_per_class: int | None = None,
+                num_samples: int | None = None) -> DatasetWithIDs:
+    """Build one split of one of the course's datasets (`DATASETS`).
+
+    Args:
+        name: "fashion-mnist", "cifar100", "imagenet", "imagenet-subset" or "synthetic".
+        root: where the data lives. fashion-mnist: the IDX files in `root` or `root/FashionMNIST/raw`,
+            else Debian's `FASHION_MNIST_DEBIAN_DIR`, else a torchvision download into `root`
+            (default `DEFAULT_ROOT`). cifar100: `root/cifar-100-python` (download into `root`).
+            imagenet(-subset): `root/train/<class>/...` and `root/val/<class>/...` (required).
+        split: "train", or the held-out split under either name, "val" or "test".
+        img_size: output resolution (default: the dataset's course default, 32 or 224).
+        in_chans: 1 or 3 output channels (default: the data's own); 3 on a grayscale dataset repeats it.
+        augment: training augmentation (`TrainTransform`); None gives the deterministic `EvalTransform`.
+            Horizontal flips are switched off where a mirror image changes the class (synthetic).
+        transform: instead of the two above, any callable (uint8 image (C, H, W), seed) -> tensor.
+        base_seed: the base of the per-sample augmentation seeds.
+        download: allow a torchvision download when the files are not found (needs a network).
+        verify: cifar100 only: refuse files whose md5 differs from the official release.
+        num_classes: imagenet-subset: the first N classes in sorted order; synthetic: the class count (10).
+        max_per_class: imagenet-subset: at most M images per class, in sorted file order.
+        num_samples: synthetic: the number of images (default 1024 train / 256 test).
+
+    Raises:
+        ValueError: an unknown name or split, a bad in_chans/img_size/N/M, an option the dataset does
+            not take, both `augment` and `transform`, or cifar100 files that fail the md5 check.
+        FileNotFoundError: the data is not there (the message says how to get it), a missing root or
+            split folder, or a class folder without images.
+    """
+    if name not in _FACTS:
+        raise ValueError(f"unknown dataset name={name!r}; choose one of {', '.join(DATASETS)}")
+    facts = _FACTS[name]
+    split = _canonical_split(name, split, facts)
+    _check_options(name, num_classes=num_classes, max_per_class=max_per_class, num_samples=num_samples)
+    if augment is not None and transform is not None:
+        raise ValueError("pass either augment (a config) or transform (a callable), not both")
+    if transform is None:
+        transform = _default_transform(facts, facts.img_size if img_size is None else img_size, augment)
+    native_chans = len(facts.mean)
+    out_chans = native_chans if in_chans is None else in_chans
+    if out_chans not in (native_chans, 3):
+        raise ValueError(f"in_chans={in_chans} is not available for {name} (its images have {native_chans} channel(s))")
+    common = dict(name=name, split=split, transform=transform, out_chans=out_chans, base_seed=base_seed)
+
+    if name == "fashion-mnist":
+        images, targets = _load_fashion_mnist(root, split, download)
+        return ArrayDatasetWithIDs(images, targets, classes=list(tv_datasets.FashionMNIST.classes), **common)
+    if name == "cifar100":
+        cifar = _load_cifar100(root, split, download, verify)
+        images = torch.from_numpy(cifar.data).permute(0, 3, 1, 2)  # (N, 32, 32, 3) -> (N, 3, 32, 32)
+        return ArrayDatasetWithIDs(images, list(cifar.targets), classes=list(cifar.classes), **common)
+    if name == "synthetic":
+        num_samples = (1024 if split == "train" else 256) if num_samples is None else num_samples
+        num_classes = 10 if num_classes is None else num_classes
+        images, targets = _make_synthetic(split, num_samples, num_classes)
+        return ArrayDatasetWithIDs(images, targets, classes=[f"pattern {k}" for k in range(num_classes)], **common)
+    if root is None:
+        raise ValueError(f"{name} needs root, the folder holding train/ and val/")
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{name} root={str(root)!r} is not a folder")
+    ids, targets, classes = _scan_folder(root, split, num_classes, max_per_class)
+    return FolderDatasetWithIDs(root, ids, targets, classes=classes, **common)
+
+
+def _canonical_split(name: str, split: str, facts: _Facts) -> str:
+    if split in facts.splits:
+        return split
+    if _SPLIT_ALIASES.get(split) == facts.splits[1]:
+        return facts.splits[1]
+    raise ValueError(f"unknown split={split!r} for {name}; choose 'train' or '{facts.splits[1]}'")
+
+
+def _check_options(name: str, **options: int | None) -> None:
+    takes = {"imagenet-subset": {"num_classes", "max_per_class"}, "synthetic": {"num_classes", "num_samples"}}
+    for option, value in options.items():
+        if value is None:
+            if name == "imagenet-subset" and option in takes[name]:
+                raise ValueError(f"imagenet-subset needs {option} (got None)")
+        elif option not in takes.get(name, set()):
+            raise ValueError(f"{option}={value} does not apply to {name}")
+        elif value < 1:
+            raise ValueError(f"{option}={value} must be >= 1")
+
+
+def _default_transform(facts: _Facts, img_size: int, augment: AugmentConfig | None) -> Transform:
+    if augment is None:
+        return EvalTransform(img_size, facts.mean, facts.std, crop_pct=facts.eval_crop_pct)
+    config = augment if facts.hflip else replace(augment, hflip=0.0)
+    return TrainTransform(img_size, facts.mean, facts.std, config=config)
+
+
+# ----------------------------------------------------------------------------- Fashion-MNIST
+
+def _load_fashion_mnist(root: str | Path | None, split: str, download: bool) -> tuple[torch.Tensor, list[int]]:
+    """(N, 1, 28, 28) uint8 images and labels from the first place that has both files."""
+    prefix = _FASHION_MNIST_PREFIX[split]
+    places = [] if root is None else [Path(root), Path(root) / "FashionMNIST" / "raw"]
+    places.append(FASHION_MNIST_DEBIAN_DIR)
+    for place in places:
+        images_file = _find_idx(place, f"{prefix}-images-idx3-ubyte")
+        labels_file = _find_idx(place, f"{prefix}-labels-idx1-ubyte")
+        if images_file and labels_file:
+            return _read_fashion_mnist(images_file, labels_file)
+    target = Path(root) if root is not None else DEFAULT_ROOT
+    how = (f"Install Debian's package (sudo apt-get install dataset-fashion-mnist, files in "
+           f"{FASHION_MNIST_DEBIAN_DIR}), or let torchvision download it: get_dataset('fashion-mnist', "
+           f"root=..., download=True) on a machine with a network")
+    if not download:
+        raise FileNotFoundError(f"Fashion-MNIST {split} files not found in {[str(p) for p in places]}. {how}.")
+    try:
+        tv_datasets.FashionMNIST(str(target), train=split == "train", download=True)
+    except (RuntimeError, OSError) as error:
+        raise FileNotFoundError(f"Fashion-MNIST not found in {[str(p) for p in places]} and the download into "
+                                f"{target} failed ({error}). {how}.") from error
+    raw = target / "FashionMNIST" / "raw"
+    return _read_fashion_mnist(_find_idx(raw, f"{prefix}-images-idx3-ubyte"),
+                               _find_idx(raw, f"{prefix}-labels-idx1-ubyte"))
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for path in (folder / f"{stem}.gz", folder / stem):
+        if path.is_file():
+            return path
+    return None
+
+
+def _read_fashion_mnist(images_file: Path, labels_file: Path) -> tuple[torch.Tensor, list[int]]:
+    images = _read_idx(images_file, ndim=3)  # (N, 28, 28)
+    labels = _read_idx(labels_file, ndim=1)  # (N,)
+    if len(images) != len(labels):
+        raise ValueError(f"{images_file} holds {len(images)} images but {labels_file} {len(labels)} labels")
+    return torch.from_numpy(images.copy()).unsqueeze(1), labels.astype(int).tolist()  # (N, 1, 28, 28)
+
+
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """An IDX file of unsigned bytes (gzip-compressed or not): magic 0x0000 08 <ndim>, then ndim
+    big-endian int32 sizes, then the data.
+
+    Raises:
+        ValueError: not an unsigned-byte IDX file with `ndim` dimensions, or truncated; names the file.
+    """
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as error:
+        raise ValueError(f"cannot read IDX file {path}: {error}") from error
+    if len(data) < 4 + 4 * ndim or data[:4] != bytes([0, 0, 0x08, ndim]):
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes with {ndim} dimension(s)")
+    shape = tuple(int(n) for n in np.frombuffer(data, dtype=">i4", count=ndim, offset=4))
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise ValueError(f"{path} holds {body.size} bytes of data, its header says {shape}")
+    return body.reshape(shape)
+
+
+# ----------------------------------------------------------------------------- CIFAR-100
+
+class _UncheckedCIFAR100(tv_datasets.CIFAR100):
+    """torchvision's CIFAR-100 reader without its md5 checks: `_load_cifar100` runs them itself
+    (unless verify=False) so that a differing copy gets a clear error instead of a re-download."""
+
+    train_list = [[filename, None] for filename, _ in tv_datasets.CIFAR100.train_list]
+    test_list = [[filename, None] for filename, _ in tv_datasets.CIFAR100.test_list]
+    meta = {**tv_datasets.CIFAR100.meta, "md5": None}
+
+
+def _load_cifar100(root: str | Path | None, split: str, download: bool, verify: bool) -> tv_datasets.CIFAR100:
+    root = DEFAULT_ROOT if root is None else Path(root)
+    reference = tv_datasets.CIFAR100
+    folder = root / reference.base_folder
+    meta = [[reference.meta["filename"], reference.meta["md5"]]]
+    if all((folder / filename).is_file() for filename, _ in reference.train_list + reference.test_list + meta):
+        used = (reference.train_list if split == "train" else reference.test_list) + meta
+        differ = [filename for filename, md5 in used if verify and not check_integrity(str(folder / filename), md5)]
+        if differ:
+            raise ValueError(f"CIFAR-100 files {differ} in {folder} differ from the official release (md5); "
+                             "re-download them, or pass verify=False to use this copy anyway")
+        try:
+            return _UncheckedCIFAR100(str(root), train=split == "train")
+        except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as error:
+            raise ValueError(f"CIFAR-100 files in {folder} cannot be read: {error!r}") from error
+    if not download:
+        raise FileNotFoundError(f"CIFAR-100 not found in {folder} (root={str(root)!r}); "
+                                "pass download=True on a machine with a network")
+    try:
+        return reference(str(root), train=split == "train", download=True)
+    except (RuntimeError, OSError) as error:
+        raise FileNotFoundError(f"CIFAR-100 not found in {folder} and the download failed ({error})") from error
+
+
+# ----------------------------------------------------------------------------- image folders
+
+def _scan_folder(root: Path, split: str, max_classes: int | None,
+                 max_per_class: int | None) -> tuple[list[str], list[int], list[str]]:
+    """IDs "{split}/{class}/{file}", labels and class names: class folders sorted, files sorted
+    within each class (walking subfolders), first `max_classes` classes, first `max_per_class` files."""
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise FileNotFoundError(f"no {split} folder {split_dir}")
+    classes = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+    if not classes:
+        raise FileNotFoundError(f"{split_dir} has no class folders")
+    if max_classes is not None:
+        if max_classes > len(classes):
+            raise ValueError(f"num_classes={max_classes} but {split_dir} has only {len(classes)} class folders")
+        classes = classes[:max_classes]
+    ids, targets = [], []
+    for label, class_name in enumerate(classes):
+        class_dir = split_dir / class_name
+        files = sorted(
+            Path(folder, filename).relative_to(class_dir).as_posix()
+            for folder, _, filenames in os.walk(class_dir, followlinks=True)
+            for filename in filenames if filename.lower().endswith(IMG_EXTENSIONS)
+        )
+        if not files:
+            raise FileNotFoundError(f"class folder {class_dir} holds no images ({', '.join(IMG_EXTENSIONS)})")
+        files = files[:max_per_class]
+        ids += [f"{split}/{class_name}/{file}" for file in files]
+        targets += [label] * len(files)
+    return ids, targets, classes
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+def _make_synthetic(split: str, num_samples: int, num_classes: int) -> tuple[torch.Tensor, list[int]]:
+    """(N, 3, 32, 32) uint8 images, labels 0, 1, ..., K-1, 0, 1, ...: one fixed 4x4 colour layout per
+    class (8x8-pixel cells), plus a per-image brightness shift and per-pixel noise. Integer
+    arithmetic on torch's Mersenne Twister, so the bytes are the same on every machine."""
+    prototypes = torch.randint(0, 256, (num_classes, 3, 4, 4), generator=torch.Generator().manual_seed(_SYNTHETIC_SEED))
+    prototypes = prototypes.repeat_interleave(8, 2).repeat_interleave(8, 3)  # (K, 3, 32, 32)
+    generator = torch.Generator().manual_seed(derive_seed("synthetic", _SYNTHETIC_SEED, split))
+    targets = torch.arange(num_samples) % num_classes
+    shift = torch.randint(-32, 33, (num_samples, 1, 1, 1), generator=generator)
+    noise = torch.randint(-48, 49, (num_samples, 3, 32, 32), generator=generator)
+    images = (prototypes[targets] + shift + noise).clamp(0, 255).to(torch.uint8)  # (N, 3, 32, 32)
+    return images, targets.tolist()
+
+
+# ----------------------------------------------------------------------------- loaders
+
+class EpochShuffleSampler(Sampler[int]):
+    """A shuffled order that depends only on the dataset's `base_seed` and current epoch, so the
+    batches of an epoch (and with them the Mixup pairs) are the same in every run and on resume."""
+
+    def __init__(self, dataset: DatasetWithIDs) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self) -> Iterator[int]:
+        seed = derive_seed("order", self.dataset.base_seed, self.dataset.epoch)
+        return iter(torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(seed)).tolist())
+
+
+def make_loaders(train: DatasetWithIDs, held_out: DatasetWithIDs, *, batch_size: int,
+                 num_workers: int = 0) -> tuple[DataLoader, DataLoader]:
+    """A training loader (seeded per-epoch shuffle, full batches only, so Mixup pairs are complete)
+    and an evaluation loader (file order). Call `train.set_epoch(e)` before each epoch.
+
+    Raises:
+        ValueError: batch_size < 1 or num_workers < 0.
+    """
+    if batch_size < 1 or num_workers < 0:
+        raise ValueError(f"batch_size={batch_size} must be >= 1 and num_workers={num_workers} >= 0")
+    train_loader = DataLoader(train, batch_size=batch_size, sampler=EpochShuffleSampler(train), drop_last=True,
+                              num_workers=num_workers, persistent_workers=num_workers > 0)
+    eval_loader = DataLoader(held_out, batch_size=batch_size, num_workers=num_workers)
+    return train_loader, eval_loader
+
+
+def get_CIFAR_100(root: str | Path | None = None, *, batch_size: int = 128, img_size: int = 32,
+                  augment: AugmentConfig | None = AugmentConfig(), base_seed: int = 0, num_workers: int = 0,
+                  download: bool = True, verify: bool = True) -> tuple[DataLoader, DataLoader]:
+    """(train, test) loaders for CIFAR-100; see `get_dataset` and `make_loaders` for the arguments
+    and what is raised."""
+    train = get_dataset("cifar100", root, "train", img_size=img_size, augment=augment, base_seed=base_seed,
+                        download=download, verify=verify)
+    test = get_dataset("cifar100", root, "test", img_size=img_size, download=download, verify=verify)
+    return make_loaders(train, test, batch_size=batch_size, num_workers=num_workers)
+
+
+def get_ImageNet1K(root: str | Path, *, batch_size: int = 128, img_size: int = 224,
+                   augment: AugmentConfig | None = AugmentConfig(), base_seed: int = 0,
+                   num_workers: int = 0) -> tuple[DataLoader, DataLoader]:
+    """(train, val) loaders for an ImageNet-1k ImageFolder tree under `root`; see `get_dataset`."""
+    train = get_dataset("imagenet", root, "train", img_size=img_size, augment=augment, base_seed=base_seed)
+    val = get_dataset("imagenet", root, "val", img_size=img_size)
+    return make_loaders(train, val, batch_size=batch_size, num_workers=num_workers)
+
+
+def get_imagenet_subset_loaders(root: str | Path, *, num_classes: int, max_per_class: int,
+                                batch_size: int = 128, img_size: int = 224,
+                                augment: AugmentConfig | None = AugmentConfig(), base_seed: int = 0,
+                                num_workers: int = 0) -> tuple[DataLoader, DataLoader]:
+    """(train, val) loaders for the first `num_classes` classes of an ImageNet tree, at most
+    `max_per_class` images per class in each split; see `get_dataset`."""
+    subset = dict(num_classes=num_classes, max_per_class=max_per_class, img_size=img_size)
+    train = get_dataset("imagenet-subset", root, "train", augment=augment, base_seed=base_seed, **subset)
+    val = get_dataset("imagenet-subset", root, "val", **subset)
+    return make_loaders(train, val, batch_size=batch_size, num_workers=num_workers)

@@ -1,0 +1,97 @@
+"""Building models by name: TinyViT students and torchvision classifiers (the course's teachers).
+
+A torchvision classifier is adapted to the task: its first convolution takes `in_chans` channels,
+its classifier outputs `num_classes`, and for small images (`img_size` <= 64) a ResNet gets the
+usual small-image stem (3x3 stride-1 convolution, no max-pool), as ResNets for CIFAR do, so a
+32x32 image is not reduced to 1x1 before the last stage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torchvision
+
+from .model import PRESETS, build_tinyvit, load_pretrained, state_dict_problems
+
+__all__ = ["build_model", "load_weights", "model_names", "describe_model"]
+
+SMALL_IMAGE_MAX = 64  # inputs up to this side get a ResNet's small-image stem
+
+
+def model_names() -> list[str]:
+    """TinyViT presets and torchvision's classification models."""
+    return sorted(PRESETS) + sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _first_conv_for(conv: nn.Conv2d, in_chans: int, *, kernel_size=None, stride=None, padding=None) -> nn.Conv2d:
+    return nn.Conv2d(in_chans, conv.out_channels, kernel_size or conv.kernel_size, stride or conv.stride,
+                     conv.padding if padding is None else padding, bias=conv.bias is not None)
+
+
+def build_model(name: str, *, num_classes: int, in_chans: int = 3, img_size: int = 224, **overrides) -> nn.Module:
+    """A freshly initialised model: a TinyViT preset ("tinyvit_5m", ...) or a torchvision classifier.
+
+    `overrides` go to the TinyViT config (e.g. drop_path_rate); torchvision models take none.
+
+    Raises:
+        ValueError: an unknown name, overrides for a torchvision model, or a torchvision model whose
+            first convolution or classifier this function does not know how to adapt.
+    """
+    if name in PRESETS:
+        return build_tinyvit(name, num_classes=num_classes, in_chans=in_chans, img_size=img_size, **overrides)
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(f"unknown model {name!r}: use one of {sorted(PRESETS)} or a torchvision "
+                         f"classifier such as resnet18 (see torchvision.models.list_models())")
+    if overrides:
+        raise ValueError(f"options {sorted(overrides)} apply to TinyViT models only, not {name}")
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    if hasattr(model, "conv1") and hasattr(model, "maxpool"):  # ResNet family
+        if img_size <= SMALL_IMAGE_MAX:
+            model.conv1 = _first_conv_for(model.conv1, in_chans, kernel_size=3, stride=1, padding=1)
+            model.maxpool = nn.Identity()
+        elif in_chans != 3:
+            model.conv1 = _first_conv_for(model.conv1, in_chans)
+    elif in_chans != 3:
+        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        parent = next((p for p in model.modules() for c in p.children() if c is first), None)
+        if first is None or parent is None:
+            raise ValueError(f"cannot adapt {name} to in_chans={in_chans}")
+        for child_name, child in parent.named_children():
+            if child is first:
+                setattr(parent, child_name, _first_conv_for(first, in_chans))
+    return model
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load weights into a model built by `build_model`, in place; returns it.
+
+    TinyViT models go through `load_pretrained` (official, timm or our own checkpoints); other
+    models take a state dict saved by our trainer (`{'model': ...}`) or a plain one.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: the file cannot be read or does not fit the model (names the differences).
+    """
+    if hasattr(model, "config") and hasattr(model, "stages"):
+        return load_pretrained(model, path)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    state = state.get("model", state) if isinstance(state, dict) else state
+    problems = state_dict_problems(model.state_dict(), state) if isinstance(state, dict) else ["not a state dict"]
+    if problems:
+        raise ValueError(f"checkpoint {path} does not fit {type(model).__name__}: " + "; ".join(problems))
+    model.load_state_dict(state)
+    return model
+
+
+def describe_model(model: nn.Module) -> str:
+    """'ResNet, 11,173,962 parameters' — for logs and manifests."""
+    return f"{type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters"
