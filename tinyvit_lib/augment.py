@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 __all__ = [
-    "AugmentConfig", "TrainTransform", "EvalTransform", "PairedMix",
+    "AugmentConfig", "AUGMENT_PRESETS", "TrainTransform", "EvalTransform", "PairedMix",
     "derive_seed", "sample_seed", "seeded_rng",
 ]
 
@@ -121,6 +121,15 @@ class AugmentConfig:
     def to_dict(self) -> dict:
         """Plain values, for a logit store's manifest or a checkpoint."""
         return asdict(self)
+
+
+# Named recipes for the CLI and the profiles. "full" is TinyViT's ImageNet recipe; "light" suits
+# the course's short runs on small images, where heavy augmentation costs more than it gives.
+AUGMENT_PRESETS: dict[str, AugmentConfig | None] = {
+    "none": None,  # the deterministic evaluation transform
+    "light": AugmentConfig(scale=(0.35, 1.0), randaugment_ops=0, erase_prob=0.0, mixup_alpha=0.0, cutmix_alpha=0.0),
+    "full": AugmentConfig(),
+}
 
 
 class TrainTransform:

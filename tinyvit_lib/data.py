@@ -40,7 +40,7 @@ from .augment import AugmentConfig, EvalTransform, TrainTransform, derive_seed, 
 
 __all__ = [
     "DATASETS", "DatasetWithIDs", "ArrayDatasetWithIDs", "FolderDatasetWithIDs", "EpochShuffleSampler",
-    "get_dataset", "make_loaders", "get_CIFAR_100", "get_ImageNet1K", "get_imagenet_subset_loaders",
+    "SubsetWithIDs", "per_class_subset", "get_dataset", "make_loaders", "get_CIFAR_100", "get_ImageNet1K", "get_imagenet_subset_loaders",
     "FASHION_MNIST_DEBIAN_DIR", "DEFAULT_ROOT",
 ]
 
@@ -212,6 +212,42 @@ class FolderDatasetWithIDs(DatasetWithIDs):
     def _hash_content(self, digest: "hashlib._Hash") -> None:
         sizes = [(self.root / sample_id).stat().st_size for sample_id in self.ids]
         digest.update(np.asarray(sizes, dtype="<i8").tobytes())
+
+
+class SubsetWithIDs(DatasetWithIDs):
+    """Some samples of another dataset (`indices` into it, in its order). IDs, labels, transform and
+    augmentation seeds are the parent's, so a sample looks the same in both; `sample_id` is the
+    position in this subset, and `ids[sample_id]` the parent's permanent string."""
+
+    def __init__(self, parent: DatasetWithIDs, indices: list[int]) -> None:
+        super().__init__(name=parent.name, split=parent.split, ids=[parent.ids[i] for i in indices],
+                         targets=[parent.targets[i] for i in indices], classes=parent.classes,
+                         transform=parent.transform, out_chans=parent.out_chans, base_seed=parent.base_seed)
+        self.parent, self.indices = parent, list(indices)
+
+    def load_image(self, index: int) -> torch.Tensor:
+        return self.parent.load_image(self.indices[index])
+
+    def _hash_content(self, digest: "hashlib._Hash") -> None:
+        digest.update(self.parent.fingerprint()["content_sha256"].encode())
+        digest.update(np.asarray(self.indices, dtype="<i8").tobytes())
+
+
+def per_class_subset(dataset: DatasetWithIDs, max_per_class: int) -> SubsetWithIDs:
+    """The first `max_per_class` samples of every class, in ID order: the same subset on every machine.
+
+    Raises:
+        ValueError: max_per_class < 1.
+    """
+    if max_per_class < 1:
+        raise ValueError(f"max_per_class={max_per_class} must be >= 1")
+    taken = [0] * dataset.num_classes
+    indices = []
+    for index, label in enumerate(dataset.targets):
+        if taken[label] < max_per_class:
+            taken[label] += 1
+            indices.append(index)
+    return SubsetWithIDs(dataset, indices)
 
 
 def get_dataset(name: str, root: str | Path | None = None, split: str = "train", *,
@@ -462,17 +498,34 @@ def _make_synthetic(split: str, num_samples: int, num_classes: int) -> tuple[tor
 
 class EpochShuffleSampler(Sampler[int]):
     """A shuffled order that depends only on the dataset's `base_seed` and current epoch, so the
-    batches of an epoch (and with them the Mixup pairs) are the same in every run and on resume."""
+    batches of an epoch (and with them the Mixup pairs) are the same in every run and on resume.
 
-    def __init__(self, dataset: DatasetWithIDs) -> None:
-        self.dataset = dataset
+    Under data parallelism every rank draws the same permutation, cuts it to a multiple of
+    `world_size` and takes every `world_size`-th index from `rank` (disjoint, equal shares).
+    `skip(n)` drops this rank's first n indices of the next pass only: resuming mid-epoch.
+
+    Raises:
+        ValueError: rank outside [0, world_size).
+    """
+
+    def __init__(self, dataset: DatasetWithIDs, *, rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        self.dataset, self.rank, self.world_size = dataset, rank, world_size
+        self._skip = 0
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.dataset) // self.world_size
+
+    def skip(self, n: int) -> None:
+        self._skip = n
 
     def __iter__(self) -> Iterator[int]:
         seed = derive_seed("order", self.dataset.base_seed, self.dataset.epoch)
-        return iter(torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(seed)).tolist())
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(seed))
+        mine = order[: len(self) * self.world_size][self.rank::self.world_size]
+        start, self._skip = self._skip, 0
+        return iter(mine[start:].tolist())
 
 
 def make_loaders(train: DatasetWithIDs, held_out: DatasetWithIDs, *, batch_size: int,

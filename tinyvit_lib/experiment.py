@@ -1,0 +1,144 @@
+"""One training run described by plain values: what the CLI and the notebooks both call.
+
+`RunSpec` names the data, the model, the teacher (online model or stored logits) and the
+hyper-parameters; `prepare_run` turns it into datasets and models (validating everything before
+anything is written), and `run` trains. A checkpoint's `model_config` records how to rebuild the
+model, so `load_trained` can bring back any model this module trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch.nn as nn
+
+from .augment import AUGMENT_PRESETS
+from .data import DatasetWithIDs, get_dataset, per_class_subset
+from .teachers import build_model, load_weights
+from .trainer import OnlineTeacher, Teacher, TrainConfig, TrainResult, load_checkpoint, train
+
+__all__ = ["RunSpec", "PreparedRun", "prepare_run", "run", "load_trained"]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A run, in the CLI's terms. `name` is the folder under `output_dir`.
+
+    Raises:
+        ValueError: an unknown augmentation preset, or max_per_class < 1.
+    """
+
+    name: str
+    dataset: str = "fashion-mnist"
+    data_root: str | None = None
+    model: str = "tinyvit_5m"
+    img_size: int | None = None  # None: the dataset's course default
+    augment: str = "light"  # a key of AUGMENT_PRESETS
+    max_per_class: int | None = None  # a deterministic per-class subset of the training set, for quick runs
+    max_val_per_class: int | None = None
+    teacher_model: str | None = None  # online distillation
+    teacher_checkpoint: str | None = None
+    logits_path: str | None = None  # distillation from a logit store
+    output_dir: str = "runs"
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.augment not in AUGMENT_PRESETS:
+            raise ValueError(f"unknown augment preset {self.augment!r}; choose one of {sorted(AUGMENT_PRESETS)}")
+        for name in ("max_per_class", "max_val_per_class"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value} must be >= 1")
+        if self.teacher_model and self.logits_path:
+            raise ValueError("choose one teacher: an online teacher_model or a logits_path store, not both")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+@dataclass
+class PreparedRun:
+    spec: RunSpec
+    model: nn.Module
+    train_set: DatasetWithIDs
+    val_set: DatasetWithIDs
+    teacher: Teacher | None
+    model_config: dict
+
+
+def _datasets(spec: RunSpec) -> tuple[DatasetWithIDs, DatasetWithIDs]:
+    train_set = get_dataset(spec.dataset, spec.data_root, "train", img_size=spec.img_size,
+                            augment=AUGMENT_PRESETS[spec.augment], base_seed=spec.train.seed)
+    val_set = get_dataset(spec.dataset, spec.data_root, "val", img_size=spec.img_size)
+    if spec.max_per_class:
+        train_set = per_class_subset(train_set, spec.max_per_class)
+    if spec.max_val_per_class:
+        val_set = per_class_subset(val_set, spec.max_val_per_class)
+    return train_set, val_set
+
+
+def prepare_run(spec: RunSpec) -> PreparedRun:
+    """Load the data, build the model and the teacher. Writes nothing.
+
+    Raises:
+        ValueError, FileNotFoundError: bad names, missing data or checkpoints (see `get_dataset`,
+            `build_model`, `load_weights`), distillation without a teacher, resuming a run that
+            has no checkpoint.
+    """
+    config = spec.train
+    if config.distill_alpha > 0 and not (spec.teacher_model or spec.logits_path):
+        raise ValueError(f"distill_alpha={config.distill_alpha} needs a teacher: a teacher model or a logits path")
+    if spec.teacher_checkpoint and not spec.teacher_model:
+        raise ValueError("teacher_checkpoint needs teacher_model (the architecture to load it into)")
+    train_set, val_set = _datasets(spec)
+    img_size = train_set.transform.img_size
+    in_chans = train_set.out_chans
+    model_config = dict(name=spec.model, num_classes=train_set.num_classes, in_chans=in_chans, img_size=img_size)
+    model = build_model(**model_config)
+    teacher: Teacher | None = None
+    if spec.teacher_model:
+        teacher_net = build_model(spec.teacher_model, num_classes=train_set.num_classes, in_chans=in_chans,
+                                  img_size=img_size)
+        if spec.teacher_checkpoint:
+            load_weights(teacher_net, spec.teacher_checkpoint)
+        teacher = OnlineTeacher(teacher_net, in_chans=in_chans)
+    elif spec.logits_path:
+        from .logit_store import StoredTeacher  # floor 2: the store's view of a teacher
+        teacher = StoredTeacher.open(spec.logits_path, train_set)
+    if config.distill_alpha == 0:
+        teacher = None
+    return PreparedRun(spec, model, train_set, val_set, teacher, model_config)
+
+
+def run(spec: RunSpec | PreparedRun, *, resume: bool = False, progress: bool = True, on_epoch=None) -> TrainResult:
+    """Train one run, from a spec or from what `prepare_run` returned (see there and `trainer.train`
+    for what is raised)."""
+    prepared = spec if isinstance(spec, PreparedRun) else prepare_run(spec)
+    spec = prepared.spec
+    if resume and not (spec.run_dir / "last.pt").is_file():
+        raise FileNotFoundError(f"cannot resume: no checkpoint at {spec.run_dir / 'last.pt'}")
+    return train(prepared.model, prepared.train_set, prepared.val_set, spec.train, run_dir=spec.run_dir,
+                 teacher=prepared.teacher, resume=resume, progress=progress,
+                 model_config=dict(prepared.model_config, spec=_plain(asdict(spec))), on_epoch=on_epoch)
+
+
+def _plain(spec: dict) -> dict:
+    return {k: v for k, v in spec.items() if k != "train"}
+
+
+def load_trained(path: str | Path) -> nn.Module:
+    """Rebuild a model from a checkpoint written by `run` (architecture from its model_config).
+
+    Raises:
+        FileNotFoundError, ValueError: the checkpoint is missing, unreadable or has no model_config.
+    """
+    ckpt = load_checkpoint(path)
+    config = ckpt.get("model_config") or {}
+    if "name" not in config:
+        raise ValueError(f"{path} does not say which model it holds (no model_config)")
+    model = build_model(config["name"], num_classes=config["num_classes"], in_chans=config["in_chans"],
+                        img_size=config["img_size"])
+    model.load_state_dict(ckpt["model"])
+    return model.eval()

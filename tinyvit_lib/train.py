@@ -1,0 +1,111 @@
+"""`python -m tinyvit_lib.train`: train a TinyViT (or a teacher) from the command line.
+
+    python -m tinyvit_lib.train --dataset cifar100 --train-data ./data --name tinyvit_5m_baseline
+    python -m tinyvit_lib.train --dataset cifar100 --train-data ./data --name tinyvit_5m_distill \\
+        --use-distillation --logits-path ./logits/cifar100_logits.pkl --distill-alpha 0.5 --distill-temp 1.0
+    torchrun --nproc_per_node=2 -m tinyvit_lib.train ...     # data parallel, one process per GPU/CPU share
+
+A thin layer over `tinyvit_lib.experiment`: bad values print one line on stderr and exit with
+status 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .augment import AUGMENT_PRESETS
+from .data import DATASETS
+from .experiment import RunSpec, prepare_run, run
+from .trainer import TrainConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tinyvit_lib.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", default="fashion-mnist", choices=DATASETS)
+    data.add_argument("--train-data", "--data-root", dest="data_root", default=None,
+                      help="dataset root (default: Debian's Fashion-MNIST, or ~/.cache/tinyvit_lib for downloads)")
+    data.add_argument("--img-size", type=int, default=None, help="resolution (default: the dataset's, 32 or 224)")
+    data.add_argument("--augment", default="light", choices=sorted(AUGMENT_PRESETS))
+    data.add_argument("--mix", action="store_true", help="paired Mixup/CutMix (the 'full' preset's settings)")
+    data.add_argument("--max-per-class", type=int, default=None,
+                      help="train on the first N images of each class (a deterministic subset)")
+    data.add_argument("--max-val-per-class", type=int, default=None)
+    data.add_argument("--num-workers", type=int, default=0)
+
+    model = p.add_argument_group("model")
+    model.add_argument("--model", default="tinyvit_5m",
+                       help="tinyvit_5m, tinyvit_11m, tinyvit_21m, or a torchvision classifier (e.g. resnet18)")
+    model.add_argument("--name", required=True, help="run name: the run folder is OUTPUT_DIR/NAME")
+    model.add_argument("--output-dir", default="runs")
+    model.add_argument("--resume", action="store_true", help="continue OUTPUT_DIR/NAME/last.pt exactly")
+
+    opt = p.add_argument_group("optimisation")
+    defaults = TrainConfig()
+    opt.add_argument("--epochs", type=int, default=defaults.epochs)
+    opt.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per process")
+    opt.add_argument("--lr", type=float, default=defaults.lr)
+    opt.add_argument("--min-lr", type=float, default=defaults.min_lr)
+    opt.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs)
+    opt.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    opt.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
+    opt.add_argument("--clip-grad", type=float, default=defaults.clip_grad)
+    opt.add_argument("--seed", type=int, default=defaults.seed)
+    opt.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    opt.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: CUDA only)")
+    opt.add_argument("--compile", action="store_true", help="torch.compile the model")
+    opt.add_argument("--checkpoint-every", type=int, default=0, help="also save last.pt every N steps")
+
+    kd = p.add_argument_group("distillation")
+    kd.add_argument("--use-distillation", action="store_true")
+    kd.add_argument("--logits-path", default=None, help="a logit store made by tinyvit_lib.precompute_logits")
+    kd.add_argument("--teacher-model", default=None, help="online distillation: the teacher's architecture")
+    kd.add_argument("--teacher-checkpoint", default=None, help="weights for --teacher-model")
+    kd.add_argument("--distill-alpha", type=float, default=0.5)
+    kd.add_argument("--distill-temp", type=float, default=1.0)
+    return p
+
+
+def spec_from_args(args: argparse.Namespace) -> RunSpec:
+    """Turn parsed arguments into a `RunSpec` (raises ValueError on bad combinations)."""
+    if args.use_distillation and not (args.logits_path or args.teacher_model):
+        raise ValueError("--use-distillation needs --logits-path (stored logits) or --teacher-model (online)")
+    if not args.use_distillation and (args.logits_path or args.teacher_model):
+        raise ValueError("--logits-path/--teacher-model are used only with --use-distillation")
+    config = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, min_lr=min(args.min_lr, args.lr),
+        warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
+        clip_grad=args.clip_grad, distill_alpha=args.distill_alpha if args.use_distillation else 0.0,
+        distill_temp=args.distill_temp, mix=args.mix, seed=args.seed, device=args.device,
+        amp={"auto": None, "on": True, "off": False}[args.amp], compile=args.compile,
+        num_workers=args.num_workers, checkpoint_every=args.checkpoint_every)
+    if args.use_distillation and not 0 <= args.distill_alpha <= 1:
+        raise ValueError(f"--distill-alpha must be in [0, 1], got {args.distill_alpha}")
+    return RunSpec(name=args.name, dataset=args.dataset, data_root=args.data_root, model=args.model,
+                   img_size=args.img_size, augment=args.augment, max_per_class=args.max_per_class,
+                   max_val_per_class=args.max_val_per_class, teacher_model=args.teacher_model,
+                   teacher_checkpoint=args.teacher_checkpoint, logits_path=args.logits_path,
+                   output_dir=args.output_dir, train=config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        spec = spec_from_args(args)
+        if args.resume and not (spec.run_dir / "last.pt").is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint at {spec.run_dir / 'last.pt'}")
+        prepared = prepare_run(spec)  # every input checked before the run folder is created
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = run(prepared, resume=args.resume)
+    final = result.final
+    print(f"{spec.run_dir}: {len(result.history)} epochs, final top-1 {final.get('top1', float('nan')):.2f}%, "
+          f"best top-1 {result.best_top1:.2f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
