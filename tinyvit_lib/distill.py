@@ -11,11 +11,24 @@ constant of the data.
 
 from __future__ import annotations
 
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
-__all__ = ["DistillationLoss", "soft_cross_entropy"]
+from .augment import TrainTransform
+from .data import DatasetWithIDs, SubsetWithIDs
+from .logit_store import LogitStore, StoreHeader, StoreMismatch, StoreWriter, encode_records, rebuild_logits
+
+__all__ = ["DistillationLoss", "soft_cross_entropy", "Teacher", "OnlineTeacher", "StoredTeacher", "precompute",
+           "verify_store", "store_header", "weights_sha256", "FastDistillation", "PrecomputeStats"]
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -84,3 +97,253 @@ class DistillationLoss(nn.Module):
                              f"the student's logits {tuple(student_logits.shape)}")
         soft = self.soft_term(student_logits, teacher_probs)
         return soft if hard is None else (1 - self.alpha) * hard + self.alpha * soft
+
+
+# ----------------------------------------------------------------------------- where the teacher comes from
+
+class Teacher:
+    """Where the teacher's distribution for a training batch comes from."""
+
+    def probs(self, images: torch.Tensor, sample_ids: torch.Tensor, epoch: int, temperature: float) -> torch.Tensor:
+        """The teacher's distribution at `temperature`, (B, num_classes), on images.device."""
+        raise NotImplementedError
+
+    def to(self, device: torch.device) -> "Teacher":
+        return self
+
+
+class OnlineTeacher(Teacher):
+    """Runs a model on the same augmented batch as the student: the slow baseline that stored
+    logits remove. A grayscale batch is repeated to 3 channels for an RGB teacher."""
+
+    def __init__(self, model: nn.Module, in_chans: int = 3) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.in_chans = in_chans
+
+    def to(self, device: torch.device) -> "OnlineTeacher":
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, num_classes) float32 logits."""
+        if images.shape[1] != self.in_chans:
+            images = images.expand(-1, self.in_chans, -1, -1)
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
+            return self.model(images).float()
+
+    def probs(self, images, sample_ids, epoch, temperature):
+        return F.softmax(self.logits(images) / temperature, dim=-1)
+
+
+class StoredTeacher(Teacher):
+    """The teacher's distribution read from a logit store instead of computed.
+
+    Static stores are looked up by sample; replay stores also check that the data loader made
+    exactly the view the teacher saw (same augmentation seed), so a mismatched pipeline fails
+    loudly instead of distilling from the wrong image.
+
+    Raises (from `open`):
+        StoreMismatch: the store was made for another dataset, resolution or augmentation.
+    """
+
+    def __init__(self, store: LogitStore, dataset: DatasetWithIDs) -> None:
+        header = store.header
+        problems = []
+        if isinstance(dataset, SubsetWithIDs) and dataset.parent.fingerprint() == header.dataset:
+            self.positions = torch.tensor(dataset.indices, dtype=torch.long)  # subset position -> store position
+        elif dataset.fingerprint() == header.dataset:
+            self.positions = None
+        else:
+            fp = dataset.fingerprint()
+            problems += [f"dataset {key}: store {header.dataset.get(key)!r}, data {fp.get(key)!r}"
+                         for key in fp if fp.get(key) != header.dataset.get(key)]
+        img_size = getattr(dataset.transform, "img_size", None)
+        if img_size != header.img_size:
+            problems.append(f"img_size: store {header.img_size}, data {img_size}")
+        if header.mode == "replay":
+            if repr(dataset.transform) != header.transform:
+                problems.append(f"transform: store {header.transform}, data {dataset.transform!r}")
+            if dataset.base_seed != header.base_seed:
+                problems.append(f"base_seed: store {header.base_seed}, data {dataset.base_seed}")
+        if problems:
+            raise StoreMismatch(f"logit store {store.path} does not fit this training data: " + "; ".join(problems))
+        self.store, self.dataset = store, dataset
+
+    @classmethod
+    def open(cls, path: str | Path, dataset: DatasetWithIDs, *, verify: bool = True) -> "StoredTeacher":
+        return cls(LogitStore.open(path, verify=verify), dataset)
+
+    def probs(self, images, sample_ids, epoch, temperature):
+        ids = sample_ids.long().cpu()
+        positions = ids if self.positions is None else self.positions[ids]
+        records = self.store.records(epoch, positions.numpy())
+        if self.store.header.mode == "replay":
+            expected = [self.dataset.seed_for(int(i), epoch) for i in ids]
+            if records["seed"].tolist() != expected:
+                raise ValueError(f"epoch {epoch}: the data loader's augmentation seeds differ from the stored views "
+                                 f"(store {self.store.path}); the student would not see what the teacher saw")
+        logits = rebuild_logits(records, self.store.header.num_classes).to(images.device)
+        return F.softmax(logits / temperature, dim=-1)
+
+
+# ----------------------------------------------------------------------------- precompute and verify
+
+def weights_sha256(model: nn.Module) -> str:
+    """A hash of a model's weights (state dict in key order), naming the teacher in a store."""
+    digest = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def store_header(teacher: nn.Module, teacher_name: str, dataset: DatasetWithIDs, *, k: int, mode: str,
+                 epochs: int = 1) -> StoreHeader:
+    """What a store of this teacher on this dataset promises (compared when it is reopened)."""
+    return StoreHeader(
+        teacher=dict(name=teacher_name, parameters=sum(p.numel() for p in teacher.parameters()),
+                     weights_sha256=weights_sha256(teacher)),
+        dataset=dataset.fingerprint(), img_size=int(getattr(dataset.transform, "img_size", 0)),
+        transform=repr(dataset.transform), mode=mode, k=k, num_classes=dataset.num_classes, epochs=epochs,
+        base_seed=dataset.base_seed)
+
+
+@dataclass
+class PrecomputeStats:
+    images: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+def precompute(teacher: nn.Module, dataset: DatasetWithIDs, path: str | Path, *, k: int, mode: str = "static",
+               epochs: int = 1, teacher_name: str = "teacher", batch_size: int = 256,
+               device: torch.device | str = "cpu", in_chans: int = 3, num_workers: int = 0,
+               progress: bool = True) -> tuple[LogitStore, PrecomputeStats]:
+    """Run the teacher once over `dataset` and store its top-k logits at `path`.
+
+    static: one record per sample, from the dataset's evaluation transform. replay: one record per
+    sample and epoch, from the augmented view of that epoch (its seed stored), for `epochs` epochs.
+    Resumable (run it again after a kill: complete batches are kept, the result is byte-identical)
+    and sharded under torchrun (each rank writes its share; rank 0 assembles the store).
+
+    Raises:
+        ValueError: k outside [1, classes]; a static store asked of an augmented dataset or a
+            replay store of an unaugmented one; a teacher whose class count differs.
+        StoreMismatch: an unfinished precompute with other settings is at `path`.
+        FileExistsError: a complete store is already at `path`.
+    """
+    augmented = isinstance(dataset.transform, TrainTransform)
+    if mode == "static" and augmented:
+        raise ValueError("a static store records the evaluation view: build the dataset without augment")
+    if mode == "replay" and not augmented:
+        raise ValueError("a replay store records augmented views: build the dataset with an augment config")
+    if mode == "replay" and dataset.transform.config.mixing:
+        raise ValueError("replay stores of Mixup/CutMix views are not supported: use an augment config "
+                         "without mixing (the student mixes pairs itself)")
+    if not 1 <= k <= dataset.num_classes:
+        raise ValueError(f"k={k} must be between 1 and the class count {dataset.num_classes}")
+    device = torch.device(device)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    header = store_header(teacher, teacher_name, dataset, k=k, mode=mode, epochs=epochs)
+    writer = StoreWriter(path, header, batch_size=batch_size, rank=rank, world_size=world)
+    online = OnlineTeacher(teacher, in_chans=in_chans).to(device)
+    images_done, t0 = 0, time.perf_counter()
+    for epoch in range(header.epochs):
+        dataset.set_epoch(epoch)
+        todo = writer.todo(epoch)
+        loader = DataLoader(dataset, batch_sampler=[list(writer.positions(b)) for b in todo],
+                            num_workers=num_workers, pin_memory=device.type == "cuda")
+        if progress and rank == 0:
+            from tqdm.auto import tqdm
+            loader = tqdm(loader, total=len(todo), desc=f"teacher logits, epoch {epoch + 1}/{header.epochs}",
+                          unit="batch", leave=False)
+        for images, labels, sample_ids in loader:
+            logits = online.logits(images.to(device, non_blocking=True))
+            if logits.shape[1] != header.num_classes:
+                raise ValueError(f"the teacher outputs {logits.shape[1]} classes, the dataset has {header.num_classes}")
+            seeds = [dataset.seed_for(int(i), epoch) for i in sample_ids] if mode == "replay" else [-1] * len(sample_ids)
+            writer.append(epoch, encode_records(logits, seeds, k))
+            images_done += len(sample_ids)
+    seconds = time.perf_counter() - t0
+    if world > 1:
+        dist.barrier()
+    store = writer.finish() if rank == 0 else None
+    if world > 1:
+        dist.barrier()
+        store = store or LogitStore.open(path, verify=False)
+    return store, PrecomputeStats(images_done, seconds)
+
+
+@torch.no_grad()
+def verify_store(store: LogitStore, teacher: nn.Module, dataset: DatasetWithIDs, *, samples: int = 256,
+                 in_chans: int = 3, device: torch.device | str = "cpu", seed: int = 0) -> dict:
+    """Re-run the teacher on `samples` stored records, replaying each record's view from its seed.
+
+    Returns the largest |stored - fresh| logit among the stored top-k, the rate at which a stored
+    top-k index differs from the fresh ranking, and the number of records checked.
+    """
+    header = store.header
+    g = torch.Generator().manual_seed(seed)
+    count = min(samples, header.size * header.epochs)
+    picks = torch.randperm(header.size * header.epochs, generator=g)[:count]
+    online = OnlineTeacher(teacher, in_chans=in_chans).to(torch.device(device))
+    worst, mismatched = 0.0, 0
+    for chunk in picks.split(64):
+        epochs, positions = chunk // header.size, chunk % header.size
+        records = np.concatenate([store.records(int(e), [int(p)]) for e, p in zip(epochs, positions)])
+        views = []
+        for position, record in zip(positions.tolist(), records):
+            image = dataset.load_image(position)
+            views.append(dataset.transform(image, int(record["seed"])) if header.mode == "replay"
+                         else dataset.transform(image))
+        fresh = online.logits(torch.stack(views).to(device)).cpu()  # (b, C)
+        stored_index = torch.from_numpy(records["index"].astype(np.int64))  # (b, k)
+        stored_value = torch.from_numpy(records["value"].astype(np.float32))
+        worst = max(worst, (fresh.gather(1, stored_index) - stored_value).abs().max().item())
+        mismatched += int((fresh.topk(header.k, dim=1).indices != stored_index).sum())
+    return dict(records=count, max_value_error=worst, index_mismatch_rate=mismatched / max(count * header.k, 1))
+
+
+# ----------------------------------------------------------------------------- the seed's facade
+
+class FastDistillation:
+    """The fast-distillation workflow in one object: precompute a teacher's sparse logits once,
+    then compute the distillation loss of any student batch from them.
+
+        fd = FastDistillation(k=10, temperature=1.0, alpha=0.5)
+        fd.precompute_logits(teacher, eval_train_set, "logits/fmnist")      # once
+        fd.load("logits/fmnist", train_set)                                # in every student run
+        loss = fd.compute_loss(student_logits, sample_ids, labels, epoch)
+
+    Raises:
+        ValueError: as `DistillationLoss` for alpha/temperature; `compute_loss` before `load`.
+    """
+
+    def __init__(self, k: int = 10, temperature: float = 1.0, alpha: float = 0.5, label_smoothing: float = 0.0) -> None:
+        if k < 1:
+            raise ValueError(f"k={k} must be >= 1")
+        self.k = k
+        self.loss = DistillationLoss(alpha, temperature, label_smoothing)
+        self.teacher: StoredTeacher | None = None
+
+    def precompute_logits(self, teacher: nn.Module, dataset: DatasetWithIDs, path: str | Path, *,
+                          mode: str = "static", **kwargs) -> LogitStore:
+        """Write the store at `path` (see `precompute` for the options and what is raised)."""
+        store, _ = precompute(teacher, dataset, path, k=self.k, mode=mode, **kwargs)
+        return store
+
+    def load(self, path: str | Path, dataset: DatasetWithIDs) -> "FastDistillation":
+        """Open the store at `path` for training on `dataset` (checked against the store)."""
+        self.teacher = StoredTeacher.open(path, dataset)
+        return self
+
+    def compute_loss(self, student_logits: torch.Tensor, sample_ids: torch.Tensor, labels: torch.Tensor,
+                     epoch: int = 0) -> torch.Tensor:
+        if self.teacher is None:
+            raise ValueError("load a logit store first (FastDistillation.load)")
+        probs = self.teacher.probs(student_logits, sample_ids, epoch, self.loss.temperature)
+        return self.loss(student_logits, labels, teacher_probs=probs)

@@ -16,7 +16,8 @@ import torch.nn as nn
 from .augment import AUGMENT_PRESETS
 from .data import DatasetWithIDs, get_dataset, per_class_subset
 from .teachers import build_model, load_weights
-from .trainer import OnlineTeacher, Teacher, TrainConfig, TrainResult, load_checkpoint, train
+from .distill import OnlineTeacher, StoredTeacher, Teacher
+from .trainer import TrainConfig, TrainResult, load_checkpoint, train
 
 __all__ = ["RunSpec", "PreparedRun", "prepare_run", "run", "load_trained"]
 
@@ -105,7 +106,6 @@ def prepare_run(spec: RunSpec) -> PreparedRun:
             load_weights(teacher_net, spec.teacher_checkpoint)
         teacher = OnlineTeacher(teacher_net, in_chans=in_chans)
     elif spec.logits_path:
-        from .logit_store import StoredTeacher  # floor 2: the store's view of a teacher
         teacher = StoredTeacher.open(spec.logits_path, train_set)
     if config.distill_alpha == 0:
         teacher = None

@@ -28,9 +28,9 @@ from torch.utils.data import DataLoader
 
 from .augment import AugmentConfig, PairedMix
 from .data import DatasetWithIDs, EpochShuffleSampler
-from .distill import DistillationLoss
+from .distill import DistillationLoss, Teacher
 
-__all__ = ["TrainConfig", "TrainResult", "Teacher", "OnlineTeacher", "train", "evaluate", "pick_device",
+__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "pick_device",
            "save_checkpoint", "load_checkpoint", "param_groups", "CosineSchedule", "read_log"]
 
 CHECKPOINT_FORMAT = 1
@@ -86,41 +86,6 @@ class TrainResult:
     @property
     def final(self) -> dict:
         return self.history[-1] if self.history else {}
-
-
-# ----------------------------------------------------------------------------- teachers
-
-class Teacher:
-    """Where the teacher's distribution for a batch comes from (online model, or a logit store)."""
-
-    def probs(self, images: torch.Tensor, sample_ids: torch.Tensor, epoch: int, temperature: float) -> torch.Tensor:
-        """The teacher's distribution at `temperature` for the batch, (B, num_classes), on images.device."""
-        raise NotImplementedError
-
-    def to(self, device: torch.device) -> "Teacher":
-        return self
-
-
-class OnlineTeacher(Teacher):
-    """Runs a model on the same augmented batch as the student (the slow baseline that stored
-    logits remove). A grayscale batch is repeated to 3 channels for an RGB teacher."""
-
-    def __init__(self, model: nn.Module, in_chans: int = 3) -> None:
-        self.model = model.eval().requires_grad_(False)
-        self.in_chans = in_chans
-
-    def to(self, device: torch.device) -> "OnlineTeacher":
-        self.model.to(device)
-        return self
-
-    @torch.no_grad()
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        if images.shape[1] != self.in_chans:
-            images = images.expand(-1, self.in_chans, -1, -1)
-        return self.model(images).float()
-
-    def probs(self, images, sample_ids, epoch, temperature):
-        return F.softmax(self.logits(images) / temperature, dim=-1)
 
 
 # ----------------------------------------------------------------------------- pieces

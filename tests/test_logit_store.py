@@ -1,0 +1,238 @@
+"""The sparse logit store: format, lookups, refusals, resumable and sharded precompute, the loss."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tinyvit_lib import AugmentConfig, TinyViT, TinyViTConfig, get_dataset
+from tinyvit_lib.data import per_class_subset
+from tinyvit_lib.distill import (DistillationLoss, FastDistillation, OnlineTeacher, StoredTeacher, precompute,
+                                 verify_store)
+from tinyvit_lib.logit_store import LogitStore, StoreMismatch, encode_records, rebuild_logits, record_dtype
+
+REPO = Path(__file__).resolve().parent.parent
+LIGHT = AugmentConfig(randaugment_ops=0, erase_prob=0.0, mixup_alpha=0.0, cutmix_alpha=0.0, scale=(0.5, 1.0))
+
+
+def tiny_teacher(seed: int = 0) -> TinyViT:
+    torch.manual_seed(seed)
+    model = TinyViT(TinyViTConfig(embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 4),
+                                  num_classes=10, img_size=32))
+    with torch.no_grad():  # make the logits spread out, so top-k choices are not ties
+        model.head.fc.weight.mul_(50)
+    return model.eval()
+
+
+def data(augment=None, n: int = 96):
+    return get_dataset("synthetic", split="train", num_samples=n, augment=augment)
+
+
+def test_record_size_is_within_8_bytes_of_official():
+    for k in (1, 5, 10, 100):
+        assert record_dtype(k, 1000).itemsize == 12 + 4 * k <= 4 + 4 * k + 8
+    assert record_dtype(5, 100_000)["index"].base == np.dtype("<i4")
+
+
+def test_rebuild_is_exact_when_k_is_the_class_count():
+    logits = torch.randn(4, 10) * 3
+    rebuilt = rebuild_logits(encode_records(logits, [1, 2, 3, 4], k=10), 10)
+    for T in (0.5, 1.0, 4.0):
+        assert torch.allclose((rebuilt / T).softmax(-1), (logits / T).softmax(-1), atol=2e-3)
+
+
+def test_sparse_rebuild_keeps_the_top_k_and_the_total_remainder():
+    logits = torch.randn(3, 20) * 2
+    p = logits.softmax(-1)
+    q = rebuild_logits(encode_records(logits, [0, 0, 0], k=5), 20).softmax(-1)
+    top = logits.topk(5, dim=1).indices
+    assert torch.allclose(q.gather(1, top), p.gather(1, top), atol=3e-3)  # fp16 logits
+    mask = torch.ones_like(p, dtype=torch.bool).scatter_(1, top, False)
+    assert torch.allclose((q * mask).sum(1), (p * mask).sum(1), atol=3e-3)  # the remainder's total
+    rest = q[mask].view(3, 15)
+    assert torch.allclose(rest, rest[:, :1].expand(-1, 15))  # spread uniformly
+
+
+def test_static_store_round_trip_and_lookups(tmp_path):
+    teacher, dataset = tiny_teacher(), data()
+    store, stats = precompute(teacher, dataset, tmp_path / "s", k=4, batch_size=32, in_chans=3, progress=False)
+    assert stats.images == 96 and store.bytes_per_record == 12 + 16
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["epoch-0000.bin", "manifest.json"]
+    images = torch.stack([dataset[i][0] for i in (5, 17, 90)])
+    expected = teacher(images).topk(4, dim=1)
+    records = LogitStore.open(tmp_path / "s").records(0, [5, 17, 90])
+    assert (records["index"] == expected.indices.numpy()).all()
+    assert np.allclose(records["value"].astype(np.float32), expected.values.detach().numpy(), atol=1e-2)
+    assert (records["seed"] == -1).all()
+    with pytest.raises(IndexError, match=r"sample id\(s\) \[96\] not in logit store"):
+        store.records(0, [3, 96])
+    report = verify_store(store, teacher, dataset, samples=32)
+    assert report["records"] == 32 and report["max_value_error"] < 1e-2 and report["index_mismatch_rate"] == 0
+
+
+def test_refusals(tmp_path):
+    teacher, dataset = tiny_teacher(), data()
+    store, _ = precompute(teacher, dataset, tmp_path / "s", k=4, batch_size=32, in_chans=3, progress=False)
+    other = store.header.__class__(**dict(store.header.to_dict(), k=5))
+    with pytest.raises(StoreMismatch, match="k: store 4, asked 5"):
+        LogitStore.open(tmp_path / "s", expect=other)
+    with pytest.raises(StoreMismatch, match="dataset size: store 96, data 64"):
+        StoredTeacher.open(tmp_path / "s", data(n=64))
+    with pytest.raises(StoreMismatch, match="img_size: store 32, data 28"):
+        StoredTeacher.open(tmp_path / "s", get_dataset("synthetic", split="train", num_samples=96, img_size=28))
+    with pytest.raises(ValueError, match="k=11 must be between 1 and the class count 10"):
+        precompute(teacher, dataset, tmp_path / "t", k=11, progress=False)
+    with pytest.raises(ValueError, match="static store records the evaluation view"):
+        precompute(teacher, data(augment=LIGHT), tmp_path / "t", k=4, progress=False)
+    assert not (tmp_path / "t").exists()
+    with pytest.raises(FileExistsError, match="already holds a complete logit store"):
+        precompute(teacher, dataset, tmp_path / "s", k=4, progress=False)
+
+
+def test_truncated_corrupted_and_unfinished_stores_are_detected(tmp_path):
+    teacher, dataset = tiny_teacher(), data()
+    precompute(teacher, dataset, tmp_path / "s", k=4, batch_size=32, in_chans=3, progress=False)
+    records = tmp_path / "s" / "epoch-0000.bin"
+    original = records.read_bytes()
+    records.write_bytes(original[:-10])
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        LogitStore.open(tmp_path / "s")
+    records.write_bytes(original[:100] + bytes([original[100] ^ 1]) + original[101:])
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        LogitStore.open(tmp_path / "s")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "epoch-0000.part-000").write_bytes(original[:64])
+    with pytest.raises(FileNotFoundError, match="unfinished precompute"):
+        LogitStore.open(tmp_path / "half")
+
+
+def test_subset_training_reads_the_full_store(tmp_path):
+    teacher, dataset = tiny_teacher(), data()
+    precompute(teacher, dataset, tmp_path / "s", k=10, batch_size=32, in_chans=3, progress=False)
+    subset = per_class_subset(dataset, 3)
+    stored = StoredTeacher.open(tmp_path / "s", subset)
+    images = torch.stack([subset[i][0] for i in range(4)])
+    probs = stored.probs(images, torch.arange(4), epoch=0, temperature=1.0)
+    assert torch.allclose(probs, teacher(images).softmax(-1), atol=5e-3)
+
+
+def test_replay_store_matches_online_teacher_on_the_same_views(tmp_path):
+    """k = C: the stored loss equals the online loss up to fp16; k < C: only the sparse tail differs."""
+    teacher, dataset = tiny_teacher(), data(augment=LIGHT)
+    precompute(teacher, dataset, tmp_path / "full", k=10, mode="replay", epochs=2, batch_size=32, progress=False)
+    precompute(teacher, dataset, tmp_path / "top3", k=3, mode="replay", epochs=2, batch_size=32, progress=False)
+    loss = DistillationLoss(alpha=1.0, temperature=2.0)
+    online = OnlineTeacher(teacher)
+    student = torch.randn(8, 10)
+    for epoch in (0, 1):
+        dataset.set_epoch(epoch)
+        ids = torch.tensor([3, 7, 11, 20, 41, 50, 77, 95])
+        images = torch.stack([dataset[int(i)][0] for i in ids])  # the views the student sees this epoch
+        reference = loss(student, ids, teacher_probs=online.probs(images, ids, epoch, 2.0))
+        full = loss(student, ids, teacher_probs=StoredTeacher.open(tmp_path / "full", dataset).probs(images, ids, epoch, 2.0))
+        top3 = loss(student, ids, teacher_probs=StoredTeacher.open(tmp_path / "top3", dataset).probs(images, ids, epoch, 2.0))
+        assert abs(full - reference) < 2e-3 * reference.abs() + 1e-4
+        assert abs(top3 - reference) > abs(full - reference)  # the sparse approximation shows
+        assert abs(top3 - reference) < 0.25 * reference.abs()
+    with pytest.raises(ValueError, match="holds epochs 0..1, asked 2"):
+        StoredTeacher.open(tmp_path / "full", dataset).probs(images, ids, 2, 1.0)
+    reseeded = get_dataset("synthetic", split="train", num_samples=96, augment=LIGHT, base_seed=1)
+    with pytest.raises(StoreMismatch, match="base_seed: store 0, data 1"):
+        StoredTeacher.open(tmp_path / "full", reseeded)
+
+
+def test_fast_distillation_facade(tmp_path):
+    teacher, dataset = tiny_teacher(), data()
+    fd = FastDistillation(k=10, temperature=1.0, alpha=1.0)
+    with pytest.raises(ValueError, match="load a logit store first"):
+        fd.compute_loss(torch.randn(2, 10), torch.tensor([0, 1]), torch.tensor([0, 1]))
+    fd.precompute_logits(teacher, dataset, tmp_path / "s", batch_size=32, in_chans=3, progress=False)
+    fd.load(tmp_path / "s", dataset)
+    images = torch.stack([dataset[i][0] for i in range(4)])
+    logits = teacher(images).detach()
+    assert fd.compute_loss(logits, torch.arange(4), torch.zeros(4, dtype=torch.long)) < 1e-3  # student == teacher
+
+
+PRECOMPUTE_SCRIPT = """
+    import sys, torch
+    sys.path.insert(0, {repo!r})
+    torch.set_num_threads(1)
+    from tests.test_logit_store import tiny_teacher, data, LIGHT
+    from tinyvit_lib.distill import precompute
+    precompute(tiny_teacher(), data(augment=LIGHT, n=256), {path!r}, k=4, mode="replay", epochs=2,
+               batch_size=8, progress=False)
+"""
+
+
+def _script(tmp_path: Path, path: Path, name: str) -> Path:
+    script = tmp_path / name
+    script.write_text(textwrap.dedent(PRECOMPUTE_SCRIPT.format(repo=str(REPO), path=str(path))))
+    return script
+
+
+def _env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+
+
+def _store_bytes(path: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+def test_precompute_resumes_after_sigkill_byte_identical(tmp_path):
+    reference = subprocess.Popen([sys.executable, str(_script(tmp_path, tmp_path / "ref", "ref.py"))], env=_env())
+    victim_script = _script(tmp_path, tmp_path / "run", "run.py")
+    victim = subprocess.Popen([sys.executable, str(victim_script)], env=_env())
+    part = tmp_path / "run" / "epoch-0001.part-000"  # wait until the second epoch is under way
+    deadline = time.time() + 120
+    while time.time() < deadline and victim.poll() is None and not (part.exists() and part.stat().st_size > 0):
+        time.sleep(0.005)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (tmp_path / "run" / "manifest.json").exists(), "the run finished before it could be killed"
+    with pytest.raises(FileNotFoundError, match="unfinished"):
+        LogitStore.open(tmp_path / "run")
+    assert subprocess.run([sys.executable, str(victim_script)], env=_env(), timeout=300).returncode == 0
+    assert reference.wait(timeout=300) == 0
+    assert _store_bytes(tmp_path / "run") == _store_bytes(tmp_path / "ref")
+
+
+def test_sharded_precompute_equals_one_process(tmp_path):
+    single = _script(tmp_path, tmp_path / "one", "one.py")
+    assert subprocess.run([sys.executable, str(single)], env=_env(), timeout=300).returncode == 0
+    sharded = tmp_path / "two.py"
+    sharded.write_text(textwrap.dedent("""
+        import torch.distributed as dist
+        dist.init_process_group("gloo")
+    """) + textwrap.dedent(PRECOMPUTE_SCRIPT.format(repo=str(REPO), path=str(tmp_path / "two"))))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(29700 + os.getpid() % 200), str(sharded)]
+    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert _store_bytes(tmp_path / "two") == _store_bytes(tmp_path / "one")
+
+
+def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
+    from tinyvit_lib.precompute_logits import main
+    cases = [
+        (["--k", "0"], "--k=0 must be between 1 and the class count 10"),
+        (["--k", "11"], "--k=11"),
+        (["--teacher-checkpoint", str(tmp_path / "missing.pt")], "checkpoint not found"),
+        (["--teacher-model", "nosuchnet"], "unknown model 'nosuchnet'"),
+        (["--mode", "static", "--epochs", "3"], "a static store holds one record per image"),
+        (["--batch-size", "0"], "--batch-size (0)"),
+    ]
+    for extra, message in cases:
+        args = ["--dataset", "synthetic", "--teacher-model", "tinyvit_5m", "--k", "3",
+                "--output-path", str(tmp_path / "store")] + extra
+        assert main(args) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "store").exists()
