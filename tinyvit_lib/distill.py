@@ -1,4 +1,7 @@
-"""Knowledge distillation: the loss that blends ground-truth labels with a teacher's predictions.
+"""Knowledge distillation: the loss, where the teacher's predictions come from (an online model or
+a logit store), the precompute that fills a store, and the seed's `FastDistillation` facade.
+
+The loss blends ground-truth labels with the teacher's predictions:
 
     loss = (1 - alpha) * CE(student, label) + alpha * T^2 * KL(p_teacher^T || p_student^T)
 
@@ -28,7 +31,8 @@ from .data import DatasetWithIDs, SubsetWithIDs
 from .logit_store import LogitStore, StoreHeader, StoreMismatch, StoreWriter, encode_records, rebuild_logits
 
 __all__ = ["DistillationLoss", "soft_cross_entropy", "Teacher", "OnlineTeacher", "StoredTeacher", "precompute",
-           "verify_store", "store_header", "weights_sha256", "FastDistillation", "PrecomputeStats"]
+           "verify_store", "store_header", "weights_sha256", "FastDistillation", "PrecomputeStats", "topk_mass",
+           "storage_comparison"]
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -347,3 +351,37 @@ class FastDistillation:
             raise ValueError("load a logit store first (FastDistillation.load)")
         probs = self.teacher.probs(student_logits, sample_ids, epoch, self.loss.temperature)
         return self.loss(student_logits, labels, teacher_probs=probs)
+
+
+# ----------------------------------------------------------------------------- what a store holds
+
+def topk_mass(logits: torch.Tensor, ks: list[int], temperature: float = 1.0) -> list[float]:
+    """Mean probability held by the k largest classes, for each k, at `temperature`. logits: (N, C)."""
+    probs = F.softmax(logits.float() / temperature, dim=-1).sort(dim=-1, descending=True).values
+    cumulative = probs.cumsum(dim=-1).mean(dim=0)  # (C,)
+    return [float(cumulative[k - 1]) for k in ks]
+
+
+def storage_comparison(store: LogitStore, *, sample: int = 2000) -> list[dict]:
+    """Bytes per image for one epoch of teacher output, stored four ways.
+
+    'this store' is measured on disk; 'official record' is the official 4 + 4k format;
+    'dense fp32 logits' keeps every class; 'seed's pickle' is measured by pickling, in memory,
+    the seed's layout (a dict from string ID to (k values, k indices) as Python lists) for
+    `sample` records. The pickle is never written or loaded.
+    """
+    import pickle  # measuring the seed's format's size only: this project never writes pickles
+
+    header = store.header
+    n = min(sample, header.size)
+    records = store.records(0, np.arange(n))
+    seed_layout = {f"{header.dataset['split']}/{i:06d}": (records["value"][i].astype(float).tolist(),
+                                                          records["index"][i].astype(int).tolist())
+                   for i in range(n)}
+    on_disk = sum((store.path / f"epoch-{e:04d}.bin").stat().st_size for e in range(header.epochs))
+    return [
+        dict(format="this store (top-k logits + remainder + seed)", bytes_per_image=on_disk / (header.size * header.epochs)),
+        dict(format=f"official record (4 + 4k, k={header.k})", bytes_per_image=4 + 4 * header.k),
+        dict(format=f"dense fp32 logits ({header.num_classes} classes)", bytes_per_image=4 * header.num_classes),
+        dict(format="seed's pickle of top-k lists", bytes_per_image=len(pickle.dumps(seed_layout)) / n),
+    ]

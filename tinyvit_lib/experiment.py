@@ -17,9 +17,9 @@ from .augment import AUGMENT_PRESETS
 from .data import DatasetWithIDs, get_dataset, per_class_subset
 from .teachers import build_model, load_weights
 from .distill import OnlineTeacher, StoredTeacher, Teacher
-from .trainer import TrainConfig, TrainResult, load_checkpoint, train
+from .trainer import TrainConfig, TrainResult, evaluate, load_checkpoint, train
 
-__all__ = ["RunSpec", "PreparedRun", "prepare_run", "run", "load_trained"]
+__all__ = ["RunSpec", "PreparedRun", "datasets_for", "prepare_run", "run", "run_or_reuse", "load_trained", "evaluate_run"]
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,8 @@ class PreparedRun:
     model_config: dict
 
 
-def _datasets(spec: RunSpec) -> tuple[DatasetWithIDs, DatasetWithIDs]:
+def datasets_for(spec: RunSpec) -> tuple[DatasetWithIDs, DatasetWithIDs]:
+    """The (training, validation) datasets of a run: transforms, base seed and subsets as the spec says."""
     train_set = get_dataset(spec.dataset, spec.data_root, "train", img_size=spec.img_size,
                             augment=AUGMENT_PRESETS[spec.augment], base_seed=spec.train.seed)
     val_set = get_dataset(spec.dataset, spec.data_root, "val", img_size=spec.img_size)
@@ -93,7 +94,7 @@ def prepare_run(spec: RunSpec) -> PreparedRun:
         raise ValueError(f"distill_alpha={config.distill_alpha} needs a teacher: a teacher model or a logits path")
     if spec.teacher_checkpoint and not spec.teacher_model:
         raise ValueError("teacher_checkpoint needs teacher_model (the architecture to load it into)")
-    train_set, val_set = _datasets(spec)
+    train_set, val_set = datasets_for(spec)
     img_size = train_set.transform.img_size
     in_chans = train_set.out_chans
     model_config = dict(name=spec.model, num_classes=train_set.num_classes, in_chans=in_chans, img_size=img_size)
@@ -124,6 +125,22 @@ def run(spec: RunSpec | PreparedRun, *, resume: bool = False, progress: bool = T
                  model_config=dict(prepared.model_config, spec=_plain(asdict(spec))), on_epoch=on_epoch)
 
 
+def run_or_reuse(spec: RunSpec, *, force: bool = False, progress: bool = True, on_epoch=None) -> TrainResult:
+    """Train `spec`, unless its folder already holds a finished run of exactly this spec (then read
+    its history back), or an interrupted one (then resume it). `force=True` always retrains.
+    Notebooks call this, so re-running them costs nothing and a killed sweep loses nothing."""
+    last = spec.run_dir / "last.pt"
+    if last.is_file() and not force:
+        ckpt = load_checkpoint(last)
+        same = ckpt.get("config") == asdict(spec.train) and \
+            (ckpt.get("model_config") or {}).get("spec") == _plain(asdict(spec))
+        if same and ckpt["epoch"] >= spec.train.epochs:
+            return TrainResult(run_dir=spec.run_dir, history=list(ckpt["history"]), best_top1=ckpt["best_top1"])
+        if same:
+            return run(spec, resume=True, progress=progress, on_epoch=on_epoch)
+    return run(spec, progress=progress, on_epoch=on_epoch)
+
+
 def _plain(spec: dict) -> dict:
     return {k: v for k, v in spec.items() if k != "train"}
 
@@ -142,3 +159,8 @@ def load_trained(path: str | Path) -> nn.Module:
                         img_size=config["img_size"])
     model.load_state_dict(ckpt["model"])
     return model.eval()
+
+
+def evaluate_run(run_dir: str | Path, test_set: DatasetWithIDs, *, checkpoint: str = "last.pt") -> dict:
+    """Evaluate a finished run's model (by default its final weights) on a test set: top-1, top-5, loss."""
+    return evaluate(load_trained(Path(run_dir) / checkpoint), test_set)

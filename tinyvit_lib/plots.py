@@ -12,7 +12,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 
-__all__ = ["save_figure", "plot_stage_costs", "plot_attention_biases", "plot_bias_index"]
+__all__ = ["save_figure", "plot_stage_costs", "plot_attention_biases", "plot_bias_index", "plot_curves",
+           "plot_topk_mass", "plot_storage", "plot_views_with_predictions"]
 
 
 def save_figure(fig: plt.Figure, path: str | Path, *, dpi: int = 120) -> Path:
@@ -93,5 +94,74 @@ def plot_bias_index(index: torch.Tensor, grid: tuple[int, int], title: str = "")
     fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.04)
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_curves(histories: dict[str, list[dict]], title: str = "") -> plt.Figure:
+    """Training loss and validation top-1 per epoch, one line per run (records from log.jsonl)."""
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for label, history in histories.items():
+        epochs = [r["epoch"] for r in history]
+        ax_loss.plot(epochs, [r["train_loss"] for r in history], marker="o", ms=3, label=label)
+        if all("top1" in r for r in history):
+            ax_acc.plot(epochs, [r["top1"] for r in history], marker="o", ms=3, label=label)
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("training loss")
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("validation top-1 (%)")
+    ax_acc.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_topk_mass(ks: list[int], mass_by_temperature: dict[float, list[float]]) -> plt.Figure:
+    """Mean share of the teacher's probability held by its k largest classes, per temperature."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for temperature, mass in mass_by_temperature.items():
+        ax.plot(ks, [100 * m for m in mass], marker="o", ms=3, label=f"T = {temperature:g}")
+    ax.set_xlabel("k (logits kept per image)")
+    ax.set_ylabel("teacher probability captured (%)")
+    ax.set_title("how much of the teacher's distribution the top k hold")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_storage(rows: list[dict]) -> plt.Figure:
+    """Horizontal bars of bytes per image for each way of storing the teacher's output."""
+    fig, ax = plt.subplots(figsize=(6.5, 0.5 * len(rows) + 1.2))
+    labels = [r["format"] for r in rows]
+    values = [r["bytes_per_image"] for r in rows]
+    ax.barh(labels, values, color="tab:green")
+    for y, v in enumerate(values):
+        ax.text(v, y, f" {v:,.0f}", va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("bytes per image (one epoch)")
+    ax.set_xlim(0, max(values) * 1.25)
+    fig.tight_layout()
+    return fig
+
+
+def plot_views_with_predictions(images: torch.Tensor, probs: torch.Tensor, classes: list[str],
+                                labels: list[int], titles: list[str] | None = None) -> plt.Figure:
+    """Each image (as the student sees it, normalised values rescaled) beside the teacher's distribution."""
+    n = images.shape[0]
+    fig, axes = plt.subplots(n, 2, figsize=(8, 1.9 * n), gridspec_kw=dict(width_ratios=[1, 2.2]), squeeze=False)
+    for i in range(n):
+        image = images[i].float()
+        image = (image - image.min()) / (image.max() - image.min() + 1e-8)
+        shown = image[0] if image.shape[0] == 1 else image.permute(1, 2, 0)
+        axes[i, 0].imshow(shown.cpu(), cmap="gray" if image.shape[0] == 1 else None)
+        axes[i, 0].axis("off")
+        axes[i, 0].set_title(titles[i] if titles else f"label: {classes[labels[i]]}", fontsize=8)
+        colors = ["tab:orange" if c == labels[i] else "tab:blue" for c in range(len(classes))]
+        axes[i, 1].bar(range(len(classes)), probs[i].cpu(), color=colors)
+        axes[i, 1].set_ylim(0, 1)
+        axes[i, 1].set_xticks(range(len(classes)))
+        axes[i, 1].set_xticklabels([c[:8] for c in classes], rotation=45, fontsize=7, ha="right")
     fig.tight_layout()
     return fig
