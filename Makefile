@@ -11,6 +11,7 @@ FASHION_MNIST_DEB_DIR := /usr/share/datasets/fashion-mnist
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 # Quiet, deterministic headless runs: no progress bars, no stray threads beyond the cores we have.
 export TQDM_DISABLE := 1
+export DATA_ROOT
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
 .DEFAULT_GOAL := help

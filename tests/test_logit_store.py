@@ -236,3 +236,18 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "store").exists()
+
+
+def test_deriving_a_smaller_k_equals_precomputing_it(tmp_path):
+    from tinyvit_lib.logit_store import derive_smaller_k
+    teacher, dataset = tiny_teacher(), data(augment=LIGHT)
+    big, _ = precompute(teacher, dataset, tmp_path / "k10", k=10, mode="replay", epochs=2, batch_size=32, progress=False)
+    direct, _ = precompute(teacher, dataset, tmp_path / "k3", k=3, mode="replay", epochs=2, batch_size=32, progress=False)
+    derived = derive_smaller_k(big, 3, tmp_path / "k3-derived")
+    assert derived.header == direct.header
+    for epoch in (0, 1):
+        a, b = derived.records(epoch, np.arange(96)), direct.records(epoch, np.arange(96))
+        assert (a["seed"] == b["seed"]).all() and (a["index"] == b["index"]).all() and (a["value"] == b["value"]).all()
+        assert np.allclose(a["rest"], b["rest"], atol=5e-3)
+    with pytest.raises(ValueError, match="k=10 must be between 1 and the store's k - 1"):
+        derive_smaller_k(big, 10, tmp_path / "bad")

@@ -8,6 +8,8 @@ model, so `load_trained` can bring back any model this module trained.
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from .teachers import build_model, load_weights
 from .distill import OnlineTeacher, StoredTeacher, Teacher
 from .trainer import TrainConfig, TrainResult, evaluate, load_checkpoint, train
 
-__all__ = ["RunSpec", "PreparedRun", "datasets_for", "prepare_run", "run", "run_or_reuse", "load_trained", "evaluate_run"]
+__all__ = ["RunSpec", "PreparedRun", "datasets_for", "prepare_run", "run", "run_or_reuse", "load_trained", "evaluate_run", "ResultsLog"]
 
 
 @dataclass(frozen=True)
@@ -157,10 +159,34 @@ def load_trained(path: str | Path) -> nn.Module:
         raise ValueError(f"{path} does not say which model it holds (no model_config)")
     model = build_model(config["name"], num_classes=config["num_classes"], in_chans=config["in_chans"],
                         img_size=config["img_size"])
-    model.load_state_dict(ckpt["model"])
-    return model.eval()
+    return load_weights(model, path).eval()
 
 
 def evaluate_run(run_dir: str | Path, test_set: DatasetWithIDs, *, checkpoint: str = "last.pt") -> dict:
     """Evaluate a finished run's model (by default its final weights) on a test set: top-1, top-5, loss."""
     return evaluate(load_trained(Path(run_dir) / checkpoint), test_set)
+
+
+class ResultsLog:
+    """A JSON-lines file of finished results, one row per key, appended as each run ends, so an
+    interrupted sweep keeps what it finished and a re-run skips it."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.rows: dict[str, dict] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    self.rows[row["key"]] = row
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.rows
+
+    def add(self, key: str, row: dict) -> dict:
+        row = dict(row, key=key)
+        self.rows[key] = row
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row

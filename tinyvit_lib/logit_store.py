@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 __all__ = ["FORMAT", "VERSION", "record_dtype", "StoreHeader", "LogitStore", "StoreWriter", "encode_records",
-           "rebuild_logits", "StoreMismatch"]
+           "rebuild_logits", "StoreMismatch", "derive_smaller_k"]
 
 FORMAT = "tinyvit-logit-store"
 VERSION = 1
@@ -328,3 +328,37 @@ class StoreWriter:
                 self._part(epoch, rank).unlink(missing_ok=True)
         (self.path / "pending.json").unlink(missing_ok=True)
         return LogitStore.open(self.path, verify=False)
+
+
+def derive_smaller_k(store: LogitStore, k: int, path: str | Path) -> LogitStore:
+    """A store with the top `k` < store.k of every record, derived without running the teacher.
+
+    The records are sorted, so the top k are the first k entries; the remainder now also holds
+    entries k+1..store.k, folded into `rest` (in float64, from the stored fp16 logits). Equal to a
+    precompute at k up to that fp16 rounding. An existing complete store at `path` is reused.
+
+    Raises:
+        ValueError: k not in [1, store.k).
+    """
+    header = store.header
+    if not 1 <= k < header.k:
+        raise ValueError(f"k={k} must be between 1 and the store's k - 1 ({header.k - 1})")
+    path = Path(path)
+    if (path / MANIFEST).exists():
+        return LogitStore.open(path)
+    small = StoreHeader(**dict(header.to_dict(), k=k))
+    writer = StoreWriter(path, small, batch_size=max(header.size, 1))
+    for epoch in range(header.epochs):
+        if not writer.todo(epoch):
+            continue
+        records = store.records(epoch, np.arange(header.size))
+        values = records["value"].astype(np.float64)  # (N, k_old)
+        others = header.num_classes - header.k
+        tail = np.exp(values[:, k:])  # entries k+1..k_old move into the remainder
+        rest_mass = (others * np.exp(records["rest"].astype(np.float64)) if others else 0.0) + tail.sum(axis=1)
+        out = np.empty(header.size, dtype=small.dtype)
+        out["seed"], out["index"] = records["seed"], records["index"][:, :k]
+        out["value"] = records["value"][:, :k]
+        out["rest"] = np.log(rest_mass / (header.num_classes - k)).astype(np.float32)
+        writer.append(epoch, out)
+    return writer.finish()

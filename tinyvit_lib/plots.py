@@ -13,7 +13,8 @@ import matplotlib.pyplot as plt
 import torch
 
 __all__ = ["save_figure", "plot_stage_costs", "plot_attention_biases", "plot_bias_index", "plot_curves",
-           "plot_topk_mass", "plot_storage", "plot_views_with_predictions"]
+           "plot_topk_mass", "plot_storage", "plot_views_with_predictions", "plot_sweep_heatmap", "plot_xy",
+           "plot_distributions"]
 
 
 def save_figure(fig: plt.Figure, path: str | Path, *, dpi: int = 120) -> Path:
@@ -163,5 +164,70 @@ def plot_views_with_predictions(images: torch.Tensor, probs: torch.Tensor, class
         axes[i, 1].set_ylim(0, 1)
         axes[i, 1].set_xticks(range(len(classes)))
         axes[i, 1].set_xticklabels([c[:8] for c in classes], rotation=45, fontsize=7, ha="right")
+    fig.tight_layout()
+    return fig
+
+
+def plot_sweep_heatmap(rows: list[dict], temperatures: list[float], alphas: list[float], *,
+                       baseline: float | None = None, metric: str = "top1") -> plt.Figure:
+    """Top-1 for each (temperature, alpha) cell; the baseline's value marked in the colour bar."""
+    grid = torch.full((len(temperatures), len(alphas)), float("nan"))
+    for r in rows:
+        if r["temperature"] in temperatures and r["alpha"] in alphas:
+            grid[temperatures.index(r["temperature"]), alphas.index(r["alpha"])] = r[metric]
+    fig, ax = plt.subplots(figsize=(1.3 * len(alphas) + 2.5, 0.9 * len(temperatures) + 1.6))
+    im = ax.imshow(grid, cmap="viridis")
+    for i in range(len(temperatures)):
+        for j in range(len(alphas)):
+            value = grid[i, j].item()
+            label = "" if value != value else f"{value:.2f}" + ("" if baseline is None else f"\n({value - baseline:+.2f})")
+            ax.text(j, i, label, ha="center", va="center", fontsize=8, color="white")
+    ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
+    ax.set_yticks(range(len(temperatures)), [f"{t:g}" for t in temperatures])
+    ax.set_xlabel("alpha (weight of the teacher term)")
+    ax.set_ylabel("temperature T")
+    bar = fig.colorbar(im, ax=ax)
+    bar.set_label(f"test {metric} (%)")
+    if baseline is not None:
+        bar.ax.axhline(baseline, color="red", lw=2)
+        ax.set_title(f"distilled TinyViT-5M; baseline {baseline:.2f}% (red line, and in brackets)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_xy(rows: list[dict], x: str, y: str, *, label: str | None = None, baseline: float | None = None,
+            xlabel: str | None = None, ylabel: str | None = None, logx: bool = False, title: str = "") -> plt.Figure:
+    """One point per row (y against x), annotated with `label`; an optional horizontal baseline."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ax.plot([r[x] for r in rows], [r[y] for r in rows], marker="o")
+    if label:
+        for r in rows:
+            ax.annotate(str(r[label]), (r[x], r[y]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if baseline is not None:
+        ax.axhline(baseline, color="red", ls="--", lw=1, label="baseline (no teacher)")
+        ax.legend(fontsize=8)
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel(ylabel or y)
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_distributions(series: dict[str, torch.Tensor], classes: list[str], title: str = "") -> plt.Figure:
+    """Grouped bars: several distributions over the same classes (teacher, rebuilt top-k, student)."""
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    width = 0.8 / max(len(series), 1)
+    for i, (name, probs) in enumerate(series.items()):
+        ax.bar([c + (i - (len(series) - 1) / 2) * width for c in range(len(classes))], probs.cpu(), width, label=name)
+    ax.set_xticks(range(len(classes)), [c[:10] for c in classes], rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("probability")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig

@@ -27,39 +27,43 @@ PROFILES: dict[str, dict] = {
     # `make test`: every code path on the synthetic dataset, in seconds. Never a result.
     "fast": dict(
         _COMMON, dataset="synthetic", data_root=None, img_size=32, out_dir="build/fast",
-        figures_dir="build/fast/figures", bias_demo_steps=5, bias_demo_batch=16, k=5,
-        teacher=dict(epochs=1, batch_size=64, lr=2e-3, max_per_class=None),
+        figures_dir="build/fast/figures", k=5,
+        bias_demo=dict(epochs=1, batch_size=32, lr=2e-3, max_per_class=8, max_val_per_class=4),
+        teacher=dict(epochs=1, batch_size=64, lr=2e-3, max_per_class=40),
         student=dict(epochs=2, batch_size=32, lr=2e-3, max_per_class=12, max_val_per_class=8),
         seeds=(0,), replay_epochs=2,
-        sweep=dict(temperatures=(1.0, 4.0), alphas=(0.5, 1.0), ks=(1, 5), variants=("tinyvit_5m", "tinyvit_11m"),
-                   epochs=1),
+        sweep=dict(temperatures=(1.0,), alphas=(0.5, 1.0), ks=(1, 5), variants=("tinyvit_5m", "tinyvit_11m"),
+                   epochs=2),
     ),
     # `make run-all` on a laptop CPU: Fashion-MNIST at 32x32, grayscale.
     "default": dict(
         _COMMON, dataset="fashion-mnist", data_root=None, img_size=32, in_chans=1, out_dir=".",
-        figures_dir="figures", bias_demo_steps=300, bias_demo_batch=128,
-        teacher=dict(epochs=3, batch_size=128, lr=2e-3, max_per_class=None),
-        student=dict(epochs=6, batch_size=128, lr=2e-3, max_per_class=600, max_val_per_class=300),
-        seeds=(0, 1), replay_epochs=6,
+        figures_dir="figures",
+        bias_demo=dict(epochs=1, batch_size=128, lr=2e-3, max_per_class=1000, max_val_per_class=100),
+        teacher=dict(epochs=2, batch_size=128, lr=2e-3, max_per_class=None),
+        student=dict(epochs=4, batch_size=128, lr=2e-3, max_per_class=300, max_val_per_class=200),
+        seeds=(0, 1), replay_epochs=4,
         sweep=dict(temperatures=(1.0, 2.0, 4.0), alphas=(0.25, 0.5, 0.75, 1.0), ks=(1, 3, 5, 10),
-                   variants=("tinyvit_5m", "tinyvit_11m", "tinyvit_21m"), epochs=6),
+                   variants=("tinyvit_5m", "tinyvit_11m", "tinyvit_21m"), epochs=4),
     ),
     # A GPU with CIFAR-100 in DATA_ROOT (or downloadable): 32x32 RGB, the whole training set.
     "cifar100": dict(
         _COMMON, dataset="cifar100", data_root=os.environ.get("DATA_ROOT"), img_size=32, out_dir=".",
-        figures_dir="figures/cifar100", bias_demo_steps=1000, bias_demo_batch=256,
+        figures_dir="figures/cifar100",
+        bias_demo=dict(epochs=5, batch_size=256, lr=2e-3, max_per_class=None, max_val_per_class=None),
         teacher=dict(epochs=60, batch_size=256, lr=2e-3, max_per_class=None),
         student=dict(epochs=100, batch_size=256, lr=2e-3, max_per_class=None, max_val_per_class=None),
         seeds=(0, 1), replay_epochs=100,
         sweep=dict(temperatures=(1.0, 2.0, 4.0), alphas=(0.25, 0.5, 0.75, 1.0), ks=(1, 3, 5, 10),
                    variants=("tinyvit_5m", "tinyvit_11m", "tinyvit_21m"), epochs=100),
     ),
-    # A GPU with an ImageNet tree in DATA_ROOT: 100 classes, 260 images each, at 224x224.
+    # A GPU with an ImageNet-1k tree in DATA_ROOT: the teacher sees everything, students 260 images per class.
     "imagenet-subset": dict(
-        _COMMON, dataset="imagenet-subset", data_root=os.environ.get("DATA_ROOT"), img_size=224, out_dir=".",
-        figures_dir="figures/imagenet-subset", bias_demo_steps=1000, bias_demo_batch=128, teacher_model="resnet50",
+        _COMMON, dataset="imagenet", data_root=os.environ.get("DATA_ROOT"), img_size=224, out_dir=".",
+        figures_dir="figures/imagenet-subset", teacher_model="resnet50",
+        bias_demo=dict(epochs=5, batch_size=128, lr=2e-3, max_per_class=None, max_val_per_class=None),
         teacher=dict(epochs=90, batch_size=128, lr=2e-3, max_per_class=None),
-        student=dict(epochs=100, batch_size=128, lr=2e-3, max_per_class=None, max_val_per_class=None),
+        student=dict(epochs=100, batch_size=128, lr=2e-3, max_per_class=260, max_val_per_class=None),
         seeds=(0,), replay_epochs=100,
         sweep=dict(temperatures=(1.0, 2.0, 4.0), alphas=(0.25, 0.5, 0.75, 1.0), ks=(1, 3, 5, 10),
                    variants=("tinyvit_5m", "tinyvit_11m", "tinyvit_21m"), epochs=100),
@@ -93,8 +97,9 @@ def resolve_profile(name: str) -> dict:
 
 def run_spec(settings: dict, name: str, *, role: str = "student", seed: int = 0, model: str | None = None,
              **train_changes) -> RunSpec:
-    """The `RunSpec` of a teacher or student run of this profile; `train_changes` override TrainConfig
-    fields (e.g. distill_alpha=0.5) and `model` the architecture."""
+    """The `RunSpec` of a run of this profile; `role` names its budget ("teacher", "student",
+    "bias_demo"); `train_changes` override TrainConfig fields (e.g. distill_alpha=0.5) and `model`
+    the architecture (default: the profile's teacher for the teacher, TinyViT-5M otherwise)."""
     budget = settings[role]
     config = TrainConfig(epochs=budget["epochs"], batch_size=budget["batch_size"], lr=budget["lr"],
                          warmup_epochs=min(1.0, budget["epochs"] / 4), seed=seed)
@@ -106,17 +111,17 @@ def run_spec(settings: dict, name: str, *, role: str = "student", seed: int = 0,
 
 
 def distillation_runs(settings: dict, seed: int, *, teacher_checkpoint: Path, stores: dict[str, Path],
-                      model: str = "tinyvit_5m", alpha: float | None = None, temperature: float | None = None,
-                      prefix: str = "") -> dict[str, RunSpec]:
+                      model: str = "tinyvit_5m", alpha: float | None = None,
+                      temperature: float | None = None) -> dict[str, RunSpec]:
     """The student runs of notebook 03 for one seed: no teacher, static store, replay store, online
     teacher. All share data, budget and seed; only where the teacher's distribution comes from differs."""
     alpha = settings["alpha"] if alpha is None else alpha
     temperature = settings["temperature"] if temperature is None else temperature
-    base = run_spec(settings, f"{prefix}{model}_baseline_s{seed}", seed=seed, model=model)
+    base = run_spec(settings, f"{model}_baseline_s{seed}", seed=seed, model=model)
     kd = dict(distill_alpha=alpha, distill_temp=temperature)
 
     def distilled(kind: str, **where) -> RunSpec:
-        return replace(base, name=f"{prefix}{model}_{kind}_a{alpha:g}_t{temperature:g}_s{seed}",
+        return replace(base, name=f"{model}_{kind}_a{alpha:g}_t{temperature:g}_s{seed}",
                        train=replace(base.train, **kd), **where)
 
     return {

@@ -1,9 +1,8 @@
 """Building models by name: TinyViT students and torchvision classifiers (the course's teachers).
 
-A torchvision classifier is adapted to the task: its first convolution takes `in_chans` channels,
-its classifier outputs `num_classes`, and for small images (`img_size` <= 64) a ResNet gets the
-usual small-image stem (3x3 stride-1 convolution, no max-pool), as ResNets for CIFAR do, so a
-32x32 image is not reduced to 1x1 before the last stage.
+A torchvision classifier is adapted to the task: its first convolution takes `in_chans` channels
+and its classifier outputs `num_classes`; the architecture is otherwise torchvision's (a ResNet
+keeps its stride-4 stem, which at 32x32 makes it cheap enough to train on a laptop CPU).
 """
 
 from __future__ import annotations
@@ -18,17 +17,14 @@ from .model import PRESETS, build_tinyvit, load_pretrained, state_dict_problems
 
 __all__ = ["build_model", "load_weights", "model_names", "describe_model"]
 
-SMALL_IMAGE_MAX = 64  # inputs up to this side get a ResNet's small-image stem
-
-
 def model_names() -> list[str]:
     """TinyViT presets and torchvision's classification models."""
     return sorted(PRESETS) + sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def _first_conv_for(conv: nn.Conv2d, in_chans: int, *, kernel_size=None, stride=None, padding=None) -> nn.Conv2d:
-    return nn.Conv2d(in_chans, conv.out_channels, kernel_size or conv.kernel_size, stride or conv.stride,
-                     conv.padding if padding is None else padding, bias=conv.bias is not None)
+def _first_conv_for(conv: nn.Conv2d, in_chans: int) -> nn.Conv2d:
+    return nn.Conv2d(in_chans, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                     bias=conv.bias is not None)
 
 
 def build_model(name: str, *, num_classes: int, in_chans: int = 3, img_size: int = 224, **overrides) -> nn.Module:
@@ -48,13 +44,7 @@ def build_model(name: str, *, num_classes: int, in_chans: int = 3, img_size: int
     if overrides:
         raise ValueError(f"options {sorted(overrides)} apply to TinyViT models only, not {name}")
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-    if hasattr(model, "conv1") and hasattr(model, "maxpool"):  # ResNet family
-        if img_size <= SMALL_IMAGE_MAX:
-            model.conv1 = _first_conv_for(model.conv1, in_chans, kernel_size=3, stride=1, padding=1)
-            model.maxpool = nn.Identity()
-        elif in_chans != 3:
-            model.conv1 = _first_conv_for(model.conv1, in_chans)
-    elif in_chans != 3:
+    if in_chans != 3:
         first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
         parent = next((p for p in model.modules() for c in p.children() if c is first), None)
         if first is None or parent is None:
