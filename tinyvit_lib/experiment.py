@@ -44,6 +44,7 @@ class RunSpec:
     teacher_checkpoint: str | None = None
     logits_path: str | None = None  # distillation from a logit store
     output_dir: str = "runs"
+    data_seed: int = 0  # the data order and augmentation (a replay store fixes it); train.seed: init, drop path
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
@@ -74,7 +75,7 @@ class PreparedRun:
 def datasets_for(spec: RunSpec) -> tuple[DatasetWithIDs, DatasetWithIDs]:
     """The (training, validation) datasets of a run: transforms, base seed and subsets as the spec says."""
     train_set = get_dataset(spec.dataset, spec.data_root, "train", img_size=spec.img_size,
-                            augment=AUGMENT_PRESETS[spec.augment], base_seed=spec.train.seed)
+                            augment=AUGMENT_PRESETS[spec.augment], base_seed=spec.data_seed)
     val_set = get_dataset(spec.dataset, spec.data_root, "val", img_size=spec.img_size)
     if spec.max_per_class:
         train_set = per_class_subset(train_set, spec.max_per_class)

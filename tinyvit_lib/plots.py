@@ -67,7 +67,8 @@ def plot_attention_biases(attention_biases: torch.Tensor, title: str = "") -> pl
         ax.axis("off")
         if h >= heads:
             continue
-        im = ax.imshow(table[h].view(side, side), cmap="coolwarm")
+        limit = table[h].abs().max().item() or 1.0
+        im = ax.imshow(table[h].view(side, side), cmap="coolwarm", vmin=-limit, vmax=limit)  # zero is white
         ax.set_title(f"head {h}", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle(title or "learned attention bias by offset (row: |dy|, column: |dx|)", fontsize=10)

@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     opt.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
     opt.add_argument("--clip-grad", type=float, default=defaults.clip_grad)
-    opt.add_argument("--seed", type=int, default=defaults.seed)
+    opt.add_argument("--seed", type=int, default=defaults.seed, help="initialisation and drop path")
+    opt.add_argument("--data-seed", type=int, default=0,
+                     help="data order and augmentation (must match a replay store's --seed)")
     opt.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     opt.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: CUDA only)")
     opt.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -87,7 +89,7 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
                    img_size=args.img_size, augment=args.augment, max_per_class=args.max_per_class,
                    max_val_per_class=args.max_val_per_class, teacher_model=args.teacher_model,
                    teacher_checkpoint=args.teacher_checkpoint, logits_path=args.logits_path,
-                   output_dir=args.output_dir, train=config)
+                   output_dir=args.output_dir, data_seed=args.data_seed, train=config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,394 @@
+"""`python -m tinyvit_lib.bench` (`make bench`): how fast is this TinyViT, and is fast distillation fast?
+
+Prints, from one run on this machine:
+  * training and inference images/s of our TinyViT-5M and of timm's `tiny_vit_5m_224`, at 32x32
+    and 224x224, with our speed as a ratio of timm's. timm runs twice: with its default windows
+    (7, 7, 14, 7 whatever the input: a 2x2 map is padded to a 14x14 window) and with the windows our
+    model uses (each clipped to its stage's map), which is the same computation as ours. At 224 the
+    two timm models are one model, measured once;
+  * the cost of a training step that distills from a logit store, and from an online teacher,
+    relative to a plain cross-entropy step, and the precompute's throughput.
+
+Every contender runs under each policy alike:
+  eager  fp32, NCHW input, AdamW, inference in eval mode: the models as their code ships;
+  fast   channels-last input and weights, bf16 autocast at 224 (at 32 it does not pay), AdamW
+         with fused=True, BatchNorm folded into the convolutions for inference.
+Ratios compare ours with timm under the same policy; "ours fast / timm eager" is reported apart.
+
+A training step is forward, cross-entropy, backward and an optimizer step on random data; each
+figure is the median over timed steps after warm-up steps, the contenders timed in turns so that
+a slow moment hits them all. On Linux, a step during which other processes used more than a fifth
+of a core is set aside and timed again (up to three times as many rounds); the table says how
+many were. Timings are a measurement, not a test: nothing here fails on a slow machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import ctypes.util
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .data import get_dataset
+from .distill import DistillationLoss, OnlineTeacher, StoredTeacher, precompute
+from .model import TinyViT, default_window_sizes, fuse_for_inference, stage_resolutions, tinyvit_5m
+from .teachers import build_model
+from .trainer import pick_device
+
+# (task, img_size) -> batch size. Training batches are the course's; inference batches are twice.
+SECTIONS: dict[str, tuple[str, int, int]] = {
+    "train32": ("train", 32, 128),
+    "infer32": ("infer", 32, 256),
+    "train224": ("train", 224, 32),
+    "infer224": ("infer", 224, 64),
+}
+NUM_CLASSES = 1000
+CONTENDED_SHARE = 0.2  # other processes' CPU use during a step, in cores, above which it is retimed
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How a contender is run; every contender of a row runs under the same policy."""
+
+    name: str
+    channels_last: bool = False
+    bf16_from: int | None = None  # bf16 autocast for inputs at least this large
+    fold_bn: bool = False  # inference only
+    fused_adamw: bool = False
+    compile: bool = False
+
+    def bf16(self, img_size: int) -> bool:
+        return self.bf16_from is not None and img_size >= self.bf16_from
+
+
+POLICIES = {
+    "eager": Policy("eager"),
+    "fast": Policy("fast", channels_last=True, bf16_from=224, fold_bn=True, fused_adamw=True),
+}
+
+
+# ----------------------------------------------------------------------------- machine
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of handing large blocks back to the OS.
+
+    By default every block over 32 MB is mapped on allocation and unmapped on release, so each
+    large activation is paid for again in page faults: at 224x224 a GELU over a (32, 256, 56, 56)
+    tensor takes 46 ms into a fresh buffer and 11 ms into a reused one, and a training step of
+    TinyViT-5M runs 1.6x faster with this setting (a caching allocator does the same on a GPU).
+    Process-wide, so it applies to every contender alike. Returns False where glibc is absent.
+    """
+    name = ctypes.util.find_library("c")
+    if sys.platform != "linux" or name is None:
+        return False
+    libc = ctypes.CDLL(name)
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's mallopt parameter numbers
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**62))
+
+
+def machine() -> dict:
+    """CPU model, cores, threads, library versions and the accelerator, if any."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import timm
+    return dict(cpu=cpu, cores=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
+                timm=timm.__version__, python=platform.python_version(),
+                cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+
+
+def _others_cpu_seconds() -> float:
+    """CPU seconds used so far by every process but this one (Linux; 0 elsewhere)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return 0.0
+    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK") - time.process_time()
+
+
+# ----------------------------------------------------------------------------- contenders
+
+def matched_window_sizes(img_size: int) -> tuple[int, ...]:
+    """The windows our model attends at this size: the official ones clipped to each stage's map."""
+    return tuple(min(w, r) for w, r in zip(default_window_sizes(img_size), stage_resolutions(img_size)))
+
+
+def contenders(timm, img_size: int) -> dict[str, Callable[[], nn.Module]]:
+    """Builders of ours, timm-default and (where it differs from default) timm-matched."""
+    builders = {
+        "ours": lambda: tinyvit_5m(img_size=img_size, num_classes=NUM_CLASSES),
+        "timm_default": lambda: timm.create_model("tiny_vit_5m_224", num_classes=NUM_CLASSES),
+    }
+    if matched_window_sizes(img_size) != default_window_sizes(224):
+        builders["timm_matched"] = lambda: timm.create_model(
+            "tiny_vit_5m_224", num_classes=NUM_CLASSES, window_sizes=list(matched_window_sizes(img_size)))
+    return builders
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy in eval mode with every convolution + BatchNorm folded into one convolution."""
+    if isinstance(model, TinyViT):
+        return fuse_for_inference(model)
+    from timm.models.tiny_vit import ConvNorm
+
+    folded = copy.deepcopy(model).eval()
+    for module in list(folded.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, ConvNorm):
+                setattr(module, name, child.fuse())
+    return folded
+
+
+def make_step(model: nn.Module, task: str, policy: Policy, img_size: int, batch: int,
+              device: torch.device) -> Callable[[], None]:
+    """One training step (forward, cross-entropy, backward, AdamW) or one inference batch."""
+    memory_format = torch.channels_last if policy.channels_last else torch.contiguous_format
+    model = model.to(device).train(task == "train")
+    if task == "infer" and policy.fold_bn:
+        model = fold_batchnorm(model)
+    model = model.to(memory_format=memory_format)
+    images = torch.randn(batch, 3, img_size, img_size, device=device).contiguous(memory_format=memory_format)
+    labels = torch.randint(0, NUM_CLASSES, (batch,), device=device)
+    bf16 = policy.bf16(img_size)
+    if task == "infer":
+        forward = torch.compile(model) if policy.compile else model
+
+        def infer() -> None:
+            with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                forward(images)
+        return infer
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=policy.fused_adamw or None)
+    forward = torch.compile(model) if policy.compile else model
+
+    def train() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(forward(images).float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return train
+
+
+# ----------------------------------------------------------------------------- timing
+
+def _timed(step: Callable[[], None], device: torch.device) -> tuple[float, float]:
+    """(seconds, other processes' CPU use in cores) of one step."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    others, t0 = _others_cpu_seconds(), time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    return seconds, (_others_cpu_seconds() - others) / seconds
+
+
+def time_in_turns(steps: dict[str, Callable[[], None]], *, warmup: int, repeats: int,
+                  device: torch.device) -> tuple[dict[str, float], dict[str, float], int]:
+    """Median seconds per step of each contender, timed in turns, one step each per round.
+
+    Returns (median seconds, seconds of each contender's first step, steps set aside as contended).
+    The first step includes one-off costs (compilation, allocator warm-up), the reason for warmup.
+    """
+    first = {}
+    for name, step in steps.items():
+        first[name] = _timed(step, device)[0]
+        for _ in range(warmup - 1):
+            step()
+    clean: dict[str, list[float]] = {name: [] for name in steps}
+    every: dict[str, list[float]] = {name: [] for name in steps}
+    contended = 0
+    for _ in range(3 * repeats):
+        if min(len(v) for v in clean.values()) >= repeats:
+            break
+        for name, step in steps.items():
+            seconds, others = _timed(step, device)
+            every[name].append(seconds)
+            if others <= CONTENDED_SHARE:
+                clean[name].append(seconds)
+            else:
+                contended += 1
+    medians = {name: statistics.median(clean[name] or every[name]) for name in steps}
+    return medians, first, contended
+
+
+def measure(timm, section: str, policy: Policy, *, device: torch.device, warmup: int, repeats: int,
+            batch: int | None = None) -> dict:
+    """One row: images/s of every contender for a section under a policy, and ours' ratios."""
+    task, img_size, default_batch = SECTIONS[section]
+    batch = batch or default_batch
+    steps = {}
+    for name, build in contenders(timm, img_size).items():
+        torch.manual_seed(0)
+        steps[name] = make_step(build(), task, policy, img_size, batch, device)
+    seconds, first, contended = time_in_turns(steps, warmup=warmup, repeats=repeats, device=device)
+    speed = {name: batch / s for name, s in seconds.items()}
+    speed.setdefault("timm_matched", speed["timm_default"])  # 224: the matched windows are the default ones
+    return dict(section=section, task=task, img_size=img_size, batch=batch, policy=policy.name,
+                bf16=policy.bf16(img_size), images_per_s=speed,
+                ours_vs_timm_default=speed["ours"] / speed["timm_default"],
+                ours_vs_timm_matched=speed["ours"] / speed["timm_matched"],
+                first_step_s=first, contended_steps=contended)
+
+
+# ----------------------------------------------------------------------------- distillation
+
+def _median_seconds(step, *, warmup: int, repeats: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        step()
+    return statistics.median(_timed(step, device)[0] for _ in range(repeats))
+
+
+def distill_section(*, device, warmup: int, repeats: int, batch: int = 128, samples: int = 1024) -> dict:
+    """Step cost of the 5M student at 32x32 (10 classes): labels only, from a store, online."""
+    dataset = get_dataset("synthetic", split="train", num_samples=samples, in_chans=3)
+    teacher = build_model("resnet18", num_classes=10, img_size=32).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        precompute(teacher, dataset, Path(tmp) / "store", k=10, batch_size=256, device=device, progress=False)
+        precompute_s = time.perf_counter() - t0
+        stored = StoredTeacher.open(Path(tmp) / "store", dataset)
+        online = OnlineTeacher(teacher).to(device)
+        images = torch.stack([dataset[i][0] for i in range(batch)]).to(device)
+        labels = torch.tensor([dataset.targets[i] for i in range(batch)], device=device)
+        ids = torch.arange(batch)
+        teacher_batch = torch.randn(256, 3, 32, 32, device=device)
+
+        def teacher_step() -> None:
+            with torch.inference_mode():
+                teacher(teacher_batch)
+        teacher_infer = 256 / _median_seconds(teacher_step, warmup=warmup, repeats=repeats, device=device)
+        student = tinyvit_5m(img_size=32, num_classes=10).to(device).train()
+        optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
+        ce, kd = DistillationLoss(alpha=0.0), DistillationLoss(alpha=0.5, temperature=1.0)
+
+        def step(source):
+            probs = None if source is None else source.probs(images, ids, 0, 1.0)
+            loss = (ce if source is None else kd)(student(images), labels, teacher_probs=probs)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        times = {name: _median_seconds(lambda s=source: step(s), warmup=warmup, repeats=repeats, device=device)
+                 for name, source in (("cross-entropy", None), ("from store", stored), ("online teacher", online))}
+    result = dict(step_s=times, store_vs_ce=times["from store"] / times["cross-entropy"],
+                  online_vs_ce=times["online teacher"] / times["cross-entropy"],
+                  precompute_images_per_s=samples / precompute_s, teacher_infer_images_per_s=teacher_infer,
+                  precompute_vs_inference=samples / precompute_s / teacher_infer)
+    print(f"distillation step (TinyViT-5M, 32x32, batch {batch}): plain CE {times['cross-entropy'] * 1e3:.1f} ms, "
+          f"from store {result['store_vs_ce']:.3f}x, online ResNet-18 teacher {result['online_vs_ce']:.3f}x")
+    print(f"precompute: {result['precompute_images_per_s']:.0f} images/s = {result['precompute_vs_inference']:.0%} "
+          f"of the teacher's bare inference ({teacher_infer:.0f} images/s, including data loading and writing)")
+    return result
+
+
+# ----------------------------------------------------------------------------- report
+
+HEADER = (f"{'section':<9}{'policy':<7}{'batch':>6}  {'ours':>8}  {'timm-default':>12}  {'timm-matched':>12}"
+          f"  {'ours/default':>12}  {'ours/matched':>12}   first step s (ours/timm)")
+
+
+def format_row(row: dict) -> str:
+    speed, first = row["images_per_s"], row["first_step_s"]
+    matched = "= default" if "timm_matched" not in first else f"{speed['timm_matched']:.1f}"
+    firsts = "/".join(f"{s:.1f}" for s in first.values())
+    note = f"  ({row['contended_steps']} contended steps retimed)" if row["contended_steps"] else ""
+    return (f"{row['section']:<9}{row['policy'] + (' bf16' if row['bf16'] else ''):<7}{row['batch']:>6}  "
+            f"{speed['ours']:>8.1f}  {speed['timm_default']:>12.1f}  {matched:>12}  "
+            f"{row['ours_vs_timm_default']:>11.2f}x  {row['ours_vs_timm_matched']:>11.2f}x   {firsts}{note}")
+
+
+def cross_policy(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Per section: ours under the fast policy over timm-default and timm-matched under eager."""
+    by_key = {(r["section"], r["policy"]): r for r in rows}
+    out = {}
+    for section in SECTIONS:
+        fast, eager = by_key.get((section, "fast")), by_key.get((section, "eager"))
+        if fast and eager:
+            ours, timm = fast["images_per_s"]["ours"], eager["images_per_s"]
+            out[section] = dict(vs_timm_default=ours / timm["timm_default"], vs_timm_matched=ours / timm["timm_matched"])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tinyvit_lib.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--sections", default=",".join([*SECTIONS, "distill"]),
+                   help=f"comma-separated, from {', '.join([*SECTIONS, 'distill'])}")
+    p.add_argument("--policies", default=",".join(POLICIES), help=f"comma-separated, from {', '.join(POLICIES)}")
+    p.add_argument("--quick", action="store_true", help="batch 4, one warm-up and one timed step: a smoke run")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per contender before timing")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per contender (median)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--system-malloc", action="store_true", help="leave glibc's allocator at its defaults")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="also write the results as JSON here")
+    args = p.parse_args(argv)
+    sections = [s for s in args.sections.split(",") if s]
+    policies = [s for s in args.policies.split(",") if s]
+    unknown = sorted(set(sections) - {*SECTIONS, "distill"}) + sorted(set(policies) - set(POLICIES))
+    if unknown:
+        print(f"error: unknown section or policy {unknown}", file=sys.stderr)
+        return 2
+    try:
+        import timm
+    except ImportError:
+        print("error: make bench compares with timm: pip install timm (it is in the dev extras)", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warmup, repeats, batch = (1, 1, 4) if args.quick else (args.warmup, args.repeats, None)
+    device = pick_device(args.device)
+    started = time.perf_counter()
+    info = machine()
+    info["malloc_keeps_freed_memory"] = False if args.system_malloc else keep_freed_memory()
+    print(f"machine: {info['cpu']}, {info['cores']} cores, {info['threads']} torch threads, torch {info['torch']}, "
+          f"timm {info['timm']}, device {device}, glibc keeps freed memory: {info['malloc_keeps_freed_memory']}")
+    results: dict = dict(machine=info, device=str(device), quick=args.quick,
+                         policies={name: asdict(POLICIES[name]) for name in policies}, models=[])
+    model_sections = [s for s in SECTIONS if s in sections]
+    if model_sections:
+        print(f"images/s, median of {repeats} timed steps after {warmup} warm-up steps; "
+              "ratios are ours over timm under the same policy\n" + HEADER, flush=True)
+    for section in model_sections:
+        for name in policies:
+            row = measure(timm, section, POLICIES[name], device=device, warmup=warmup, repeats=repeats, batch=batch)
+            results["models"].append(row)
+            print(format_row(row), flush=True)
+    results["ours_fast_vs_timm_eager"] = cross_policy(results["models"])
+    for section, ratios in results["ours_fast_vs_timm_eager"].items():
+        print(f"{section:<9}ours fast / timm eager: {ratios['vs_timm_default']:.2f}x timm-default, "
+              f"{ratios['vs_timm_matched']:.2f}x timm-matched")
+    if "distill" in sections:
+        results["distill"] = distill_section(device=device, warmup=warmup, repeats=max(repeats, 3),
+                                             batch=16 if args.quick else 128, samples=64 if args.quick else 1024)
+    results["wall_s"] = round(time.perf_counter() - started, 1)
+    print(f"total wall time {results['wall_s']} s")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
