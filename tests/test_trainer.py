@@ -48,7 +48,7 @@ def test_short_run_learns(tmp_path):
     assert before["top1"] < 30.0 < result.final["top1"]  # 10 classes: chance is 10%
     assert [r["epoch"] for r in read_log(tmp_path / "run")] == [1, 2, 3]
     ckpt = load_checkpoint(tmp_path / "run" / "best.pt")
-    assert {"model", "optimizer", "scheduler", "epoch", "step", "rng", "config"} <= set(ckpt)
+    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "step", "rng", "config"} <= set(ckpt)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["train"]["epochs"] == 3 and config["train_set"]["name"] == "synthetic"
 
@@ -196,3 +196,12 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     # Same global batch and schedule; only BatchNorm statistics (per process) and the data split differ.
     assert abs(two["val_loss"] - one["val_loss"]) < 0.25 * one["val_loss"] + 0.05
     assert abs(two["top1"] - one["top1"]) < 15
+
+
+def test_float16_autocast_scales_the_loss_and_checkpoints_the_scaler(tmp_path):
+    train_set, val_set = synthetic(n_train=64, n_val=32)
+    config = TrainConfig(epochs=1, batch_size=32, amp=True, amp_dtype="float16")
+    train(tiny_model(), train_set, val_set, config, run_dir=tmp_path / "run", progress=False)
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["scaler"]  # an enabled scaler has state
+    with pytest.raises(ValueError, match="amp_dtype=float8"):
+        TrainConfig(amp_dtype="float8")

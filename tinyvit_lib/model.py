@@ -473,6 +473,10 @@ class TinyViT(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> (B, embed_dims[-1], H/32, W/32)."""
         self._check_input(x)
+        # Channels-last from the first convolution on: the attention stages work on (B, H, W, C)
+        # anyway, so each stage boundary is a free permute instead of a copy, and oneDNN's
+        # convolution and BatchNorm kernels are faster in this layout.
+        x = x.contiguous(memory_format=torch.channels_last)
         return self.stages(self.patch_embed(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--data-seed", type=int, default=0,
                      help="data order and augmentation (must match a replay store's --seed)")
     opt.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    opt.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: CUDA only)")
+    opt.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help="autocast (auto: CUDA only)")
+    opt.add_argument("--amp-dtype", choices=["bfloat16", "float16"], default="bfloat16",
+                     help="float16 for GPUs without bf16 (adds loss scaling)")
     opt.add_argument("--compile", action="store_true", help="torch.compile the model")
     opt.add_argument("--checkpoint-every", type=int, default=0, help="also save last.pt every N steps")
 
@@ -81,7 +83,7 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
         warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
         clip_grad=args.clip_grad, distill_alpha=args.distill_alpha if args.use_distillation else 0.0,
         distill_temp=args.distill_temp, mix=args.mix, seed=args.seed, device=args.device,
-        amp={"auto": None, "on": True, "off": False}[args.amp], compile=args.compile,
+        amp={"auto": None, "on": True, "off": False}[args.amp], amp_dtype=args.amp_dtype, compile=args.compile,
         num_workers=args.num_workers, checkpoint_every=args.checkpoint_every)
     if args.use_distillation and not 0 <= args.distill_alpha <= 1:
         raise ValueError(f"--distill-alpha must be in [0, 1], got {args.distill_alpha}")

@@ -4,7 +4,7 @@
 (optionally) distillation from a teacher, in one process or under `torchrun` (DDP). Each run owns
 a folder `runs/<name>/` holding `config.json`, `log.jsonl` (one record per epoch), `last.pt` and
 `best.pt`. Checkpoints are written atomically and hold everything needed to continue exactly:
-model, optimizer, schedule, epoch, step, the RNG state, the config. A run killed at any point and
+model, optimizer, schedule, gradient scaler, epoch, step, the RNG state, the config. A run killed at any point and
 resumed from `last.pt` ends with the same weights as one that never stopped (on the CPU, with the
 same seed): the data order and every augmentation are functions of (seed, epoch, sample), and the
 only other randomness (drop path) comes from the saved generator state.
@@ -58,7 +58,8 @@ class TrainConfig:
     mix: bool = False  # paired Mixup/CutMix with the dataset's augmentation config
     seed: int = 0
     device: str = "auto"  # "auto" (CUDA, then MPS, then CPU), or any torch device string
-    amp: bool | None = None  # bf16 autocast; None: on for CUDA only
+    amp: bool | None = None  # autocast; None: on for CUDA only
+    amp_dtype: str = "bfloat16"  # or "float16" (GPUs without bf16): then a GradScaler scales the loss
     compile: bool = False
     num_workers: int = 0
     checkpoint_every: int = 0  # also save last.pt every this many steps (0: at epoch ends only)
@@ -70,7 +71,7 @@ class TrainConfig:
             "weight_decay": self.weight_decay >= 0, "label_smoothing": 0 <= self.label_smoothing < 1,
             "clip_grad": self.clip_grad >= 0, "distill_alpha": 0 <= self.distill_alpha <= 1,
             "distill_temp": self.distill_temp > 0, "num_workers": self.num_workers >= 0,
-            "checkpoint_every": self.checkpoint_every >= 0,
+            "checkpoint_every": self.checkpoint_every >= 0, "amp_dtype": self.amp_dtype in ("bfloat16", "float16"),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -217,7 +218,7 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: DatasetWithIDs | DataLoader, *, device: torch.device | str | None = None,
-             batch_size: int = 256, amp: bool = False) -> dict:
+             batch_size: int = 256, amp: bool = False, amp_dtype: torch.dtype = torch.bfloat16) -> dict:
     """Top-1 and top-5 accuracy (percent) and mean cross-entropy over `data`.
 
     Under DDP each rank evaluates its share of a dataset and the sums are reduced, so every rank
@@ -236,7 +237,7 @@ def evaluate(model: nn.Module, data: DatasetWithIDs | DataLoader, *, device: tor
     loss_sum = correct1 = correct5 = count = 0.0
     for images, labels, _ in loader:
         images, labels = images.to(device), labels.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             logits = model(images).float()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -286,6 +287,8 @@ def train(model: nn.Module, train_set: DatasetWithIDs, val_set: DatasetWithIDs |
     rank, world = _rank_world()
     is_main = rank == 0
     amp = device.type == "cuda" if config.amp is None else config.amp
+    amp_dtype = getattr(torch, config.amp_dtype)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)
 
     torch.manual_seed(config.seed)
     model.to(device)
@@ -320,6 +323,8 @@ def train(model: nn.Module, train_set: DatasetWithIDs, val_set: DatasetWithIDs |
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["scheduler"])
+        if scaler.is_enabled() and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
@@ -345,7 +350,8 @@ def train(model: nn.Module, train_set: DatasetWithIDs, val_set: DatasetWithIDs |
     def checkpoint(epoch: int, batch: int, partial: tuple[float, int] = (0.0, 0)) -> dict:
         """`partial`: (loss sum, samples) of the epoch so far, so a resumed epoch logs the same mean."""
         return dict(format=CHECKPOINT_FORMAT, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                    scheduler=schedule.state_dict(), epoch=epoch, batch=batch, step=schedule.step_count,
+                    scheduler=schedule.state_dict(), scaler=scaler.state_dict(), epoch=epoch, batch=batch,
+                    step=schedule.step_count,
                     partial_loss_sum=partial[0], partial_seen=partial[1],
                     rng=dict(torch=torch.get_rng_state(),
                              cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None),
@@ -371,7 +377,7 @@ def train(model: nn.Module, train_set: DatasetWithIDs, val_set: DatasetWithIDs |
                 images, targets = mixer(images, labels, seeds)
             teacher_probs = (teacher.probs(images, sample_ids, epoch, config.distill_temp)
                              if teacher is not None and config.distill_alpha > 0 else None)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
                 logits = forward_model(images)
             loss = criterion(logits.float(), targets, teacher_probs=teacher_probs)
             loss_value = loss.item()
@@ -380,10 +386,12 @@ def train(model: nn.Module, train_set: DatasetWithIDs, val_set: DatasetWithIDs |
                     f"loss is {loss_value} at step {schedule.step_count} (epoch {epoch + 1}, batch {batch_index}); "
                     f"the last good checkpoint is {last_path}")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()  # the scaler is a no-op unless training in float16
             if config.clip_grad > 0:
+                scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             schedule.step()
             seen += labels.numel()
             loss_sum += loss_value * labels.numel()
@@ -402,7 +410,8 @@ def train(model: nn.Module, train_set: DatasetWithIDs, val_set: DatasetWithIDs |
                       train_loss=loss_sum / max(seen, 1), epoch_time_s=round(elapsed, 3),
                       images_per_s=round(timed / max(elapsed, 1e-9), 1))
         if val_set is not None:
-            metrics = evaluate(model, val_set, device=device, batch_size=max(config.batch_size, 256), amp=amp)
+            metrics = evaluate(model, val_set, device=device, batch_size=max(config.batch_size, 256), amp=amp,
+                               amp_dtype=amp_dtype)
             record.update(val_loss=metrics["loss"], top1=metrics["top1"], top5=metrics["top5"])
         score = record.get("top1", -record["train_loss"])
         improved = not result.history or score > max(r.get("top1", -r["train_loss"]) for r in result.history)
