@@ -251,3 +251,14 @@ def test_deriving_a_smaller_k_equals_precomputing_it(tmp_path):
         assert np.allclose(a["rest"], b["rest"], atol=5e-3)
     with pytest.raises(ValueError, match="k=10 must be between 1 and the store's k - 1"):
         derive_smaller_k(big, 10, tmp_path / "bad")
+
+
+def test_precompute_or_reuse_rebuilds_a_store_made_by_another_teacher(tmp_path):
+    from tinyvit_lib.distill import precompute_or_reuse
+    dataset = data()
+    _, first = precompute_or_reuse(tiny_teacher(0), dataset, tmp_path / "s", k=4, batch_size=32, progress=False)
+    store, again = precompute_or_reuse(tiny_teacher(0), dataset, tmp_path / "s", k=4, batch_size=32, progress=False)
+    assert first is not None and again is None  # the same teacher: reused
+    other = tiny_teacher(1)
+    store, rebuilt = precompute_or_reuse(other, dataset, tmp_path / "s", k=4, batch_size=32, progress=False)
+    assert rebuilt is not None and verify_store(store, other, dataset, samples=16)["index_mismatch_rate"] == 0

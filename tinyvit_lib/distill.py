@@ -15,6 +15,8 @@ constant of the data.
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,7 @@ from .logit_store import LogitStore, StoreHeader, StoreMismatch, StoreWriter, en
 
 __all__ = ["DistillationLoss", "soft_cross_entropy", "Teacher", "OnlineTeacher", "StoredTeacher", "precompute",
            "verify_store", "store_header", "weights_sha256", "FastDistillation", "PrecomputeStats", "topk_mass",
+           "precompute_or_reuse",
            "storage_comparison"]
 
 
@@ -385,3 +388,22 @@ def storage_comparison(store: LogitStore, *, sample: int = 2000) -> list[dict]:
         dict(format=f"dense fp32 logits ({header.num_classes} classes)", bytes_per_image=4 * header.num_classes),
         dict(format="seed's pickle of top-k lists", bytes_per_image=len(pickle.dumps(seed_layout)) / n),
     ]
+
+
+def precompute_or_reuse(teacher: nn.Module, dataset: DatasetWithIDs, path: str | Path, *, k: int, mode: str = "static",
+                        epochs: int = 1, teacher_name: str = "teacher", force: bool = False,
+                        **kwargs) -> tuple[LogitStore, PrecomputeStats | None]:
+    """The store at `path` if it was made by this teacher, on this data, with these settings;
+    otherwise (or with `force`) it is removed and computed again. Stats are None when reused."""
+    path = Path(path)
+    expected = store_header(teacher, teacher_name, dataset, k=k, mode=mode, epochs=epochs)
+    if not force and (path / "manifest.json").exists():
+        try:
+            return LogitStore.open(path, expect=expected), None
+        except StoreMismatch:
+            pass  # made by another teacher or for other data: rebuild below
+    pending = path / "pending.json"
+    stale_pending = pending.exists() and json.loads(pending.read_text()).get("header") != expected.to_dict()
+    if force or (path / "manifest.json").exists() or stale_pending:
+        shutil.rmtree(path, ignore_errors=True)  # an unfinished run with the same settings is resumed instead
+    return precompute(teacher, dataset, path, k=k, mode=mode, epochs=epochs, teacher_name=teacher_name, **kwargs)

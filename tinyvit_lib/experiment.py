@@ -8,6 +8,7 @@ model, so `load_trained` can bring back any model this module trained.
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 from dataclasses import asdict, dataclass, field
@@ -124,8 +125,17 @@ def run(spec: RunSpec | PreparedRun, *, resume: bool = False, progress: bool = T
     if resume and not (spec.run_dir / "last.pt").is_file():
         raise FileNotFoundError(f"cannot resume: no checkpoint at {spec.run_dir / 'last.pt'}")
     return train(prepared.model, prepared.train_set, prepared.val_set, spec.train, run_dir=spec.run_dir,
-                 teacher=prepared.teacher, resume=resume, progress=progress,
-                 model_config=dict(prepared.model_config, spec=_plain(asdict(spec))), on_epoch=on_epoch)
+                 teacher=prepared.teacher, resume=resume, progress=progress, on_epoch=on_epoch,
+                 model_config=dict(prepared.model_config, spec=_plain(asdict(spec)), teacher=teacher_identity(spec)))
+
+
+def teacher_identity(spec: RunSpec) -> str | None:
+    """What the run's teacher is, beyond its path: the store's manifest or the checkpoint's bytes,
+    hashed, so that a run distilled from an older store or teacher is not mistaken for a current one."""
+    source = Path(spec.logits_path) / "manifest.json" if spec.logits_path else spec.teacher_checkpoint
+    if not source or not Path(source).is_file():
+        return None
+    return hashlib.sha256(Path(source).read_bytes()).hexdigest()
 
 
 def run_or_reuse(spec: RunSpec, *, force: bool = False, progress: bool = True, on_epoch=None) -> TrainResult:
@@ -135,8 +145,9 @@ def run_or_reuse(spec: RunSpec, *, force: bool = False, progress: bool = True, o
     last = spec.run_dir / "last.pt"
     if last.is_file() and not force:
         ckpt = load_checkpoint(last)
-        same = ckpt.get("config") == asdict(spec.train) and \
-            (ckpt.get("model_config") or {}).get("spec") == _plain(asdict(spec))
+        saved = ckpt.get("model_config") or {}
+        same = ckpt.get("config") == asdict(spec.train) and saved.get("spec") == _plain(asdict(spec)) and \
+            saved.get("teacher") == teacher_identity(spec)
         if same and ckpt["epoch"] >= spec.train.epochs:
             return TrainResult(run_dir=spec.run_dir, history=list(ckpt["history"]), best_top1=ckpt["best_top1"])
         if same:
