@@ -10,16 +10,22 @@ Prints, from one run on this machine:
     relative to a plain cross-entropy step, and the precompute's throughput.
 
 Every contender runs under each policy alike:
-  eager  fp32, NCHW input, AdamW, inference in eval mode: the models as their code ships;
+  eager  fp32, NCHW input, AdamW, inference in eval mode: the models as their code ships (ours
+         makes its input channels-last itself);
   fast   channels-last input and weights, bf16 autocast at 224 (at 32 it does not pay), AdamW
          with fused=True, BatchNorm folded into the convolutions for inference.
-Ratios compare ours with timm under the same policy; "ours fast / timm eager" is reported apart.
+  compiled  fast, then torch.compile (inductor; for inference with freezing). Not run unless
+         asked (--policies): compiling takes 20-60 s per inference graph and minutes per training
+         graph on a 2-core CPU (the "warm-up" column); inductor caches it for later runs.
+Ratios compare ours with timm under the same policy; ours under a faster policy over timm under
+eager is reported apart (that is the speed-up a user of timm as shipped would see).
 
 A training step is forward, cross-entropy, backward and an optimizer step on random data; each
-figure is the median over timed steps after warm-up steps, the contenders timed in turns so that
-a slow moment hits them all. On Linux, a step during which other processes used more than a fifth
-of a core is set aside and timed again (up to three times as many rounds); the table says how
-many were. Timings are a measurement, not a test: nothing here fails on a slow machine.
+figure is the median over timed samples (half a second of steps) after warm-up steps, the
+contenders sampled in turns so that a slow moment hits them all. On Linux, a sample during which
+other processes used more than a fifth of a core is set aside and taken again (up to three times
+as many rounds); the table says how many were. Timings are a measurement, not a test: nothing
+here fails on a slow machine.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -57,7 +63,8 @@ SECTIONS: dict[str, tuple[str, int, int]] = {
     "infer224": ("infer", 224, 64),
 }
 NUM_CLASSES = 1000
-CONTENDED_SHARE = 0.2  # other processes' CPU use during a step, in cores, above which it is retimed
+CONTENDED_SHARE = 0.2  # other processes' CPU use during a sample, in cores, above which it is retimed
+SAMPLE_S = 0.5  # a timed sample is this long at least: several steps of a fast contender
 
 
 @dataclass(frozen=True)
@@ -75,10 +82,9 @@ class Policy:
         return self.bf16_from is not None and img_size >= self.bf16_from
 
 
-POLICIES = {
-    "eager": Policy("eager"),
-    "fast": Policy("fast", channels_last=True, bf16_from=224, fold_bn=True, fused_adamw=True),
-}
+FAST = Policy("fast", channels_last=True, bf16_from=224, fold_bn=True, fused_adamw=True)
+POLICIES = {"eager": Policy("eager"), "fast": FAST, "compiled": replace(FAST, name="compiled", compile=True)}
+DEFAULT_POLICIES = ("eager", "fast")
 
 
 # ----------------------------------------------------------------------------- machine
@@ -170,20 +176,19 @@ def make_step(model: nn.Module, task: str, policy: Policy, img_size: int, batch:
     images = torch.randn(batch, 3, img_size, img_size, device=device).contiguous(memory_format=memory_format)
     labels = torch.randint(0, NUM_CLASSES, (batch,), device=device)
     bf16 = policy.bf16(img_size)
+    if policy.compile:  # for inference, freezing bakes the weights in so conv, bias and GELU fuse
+        model = torch.compile(model, options={"freezing": task == "infer"})
     if task == "infer":
-        forward = torch.compile(model) if policy.compile else model
-
         def infer() -> None:
             with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                forward(images)
+                model(images)
         return infer
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=policy.fused_adamw or None)
-    forward = torch.compile(model) if policy.compile else model
 
     def train() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(forward(images).float(), labels)
+            loss = F.cross_entropy(model(images).float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -192,45 +197,49 @@ def make_step(model: nn.Module, task: str, policy: Policy, img_size: int, batch:
 
 # ----------------------------------------------------------------------------- timing
 
-def _timed(step: Callable[[], None], device: torch.device) -> tuple[float, float]:
-    """(seconds, other processes' CPU use in cores) of one step."""
+def _timed(step: Callable[[], None], device: torch.device, times: int = 1) -> tuple[float, float]:
+    """(seconds per step, other processes' CPU use in cores) of `times` steps in a row."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     others, t0 = _others_cpu_seconds(), time.perf_counter()
-    step()
+    for _ in range(times):
+        step()
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    return seconds, (_others_cpu_seconds() - others) / seconds
+    return seconds / times, (_others_cpu_seconds() - others) / seconds
 
 
 def time_in_turns(steps: dict[str, Callable[[], None]], *, warmup: int, repeats: int,
                   device: torch.device) -> tuple[dict[str, float], dict[str, float], int]:
-    """Median seconds per step of each contender, timed in turns, one step each per round.
+    """Median seconds per step of each contender, timed in turns, one sample each per round.
 
-    Returns (median seconds, seconds of each contender's first step, steps set aside as contended).
-    The first step includes one-off costs (compilation, allocator warm-up), the reason for warmup.
+    A sample is as many steps as fill SAMPLE_S (at least one), judged from the last warm-up step.
+    Returns (median seconds, seconds of each contender's warm-up, samples set aside as contended).
+    Warm-up holds the one-off costs: compilation (timm's model compiles twice: its attention-bias
+    cache changes on the first call), oneDNN kernel choice, allocator growth. At least one step.
     """
-    first = {}
+    warmup_s, per_sample = {}, {}
     for name, step in steps.items():
-        first[name] = _timed(step, device)[0]
-        for _ in range(warmup - 1):
-            step()
+        seconds = [_timed(step, device)[0] for _ in range(max(warmup, 1))]
+        warmup_s[name] = sum(seconds)
+        per_sample[name] = max(1, round(SAMPLE_S / seconds[-1]))
     clean: dict[str, list[float]] = {name: [] for name in steps}
     every: dict[str, list[float]] = {name: [] for name in steps}
     contended = 0
-    for _ in range(3 * repeats):
+    names = list(steps)
+    for round_ in range(3 * repeats):
         if min(len(v) for v in clean.values()) >= repeats:
             break
-        for name, step in steps.items():
-            seconds, others = _timed(step, device)
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:  # who goes first rotates
+            seconds, others = _timed(steps[name], device, per_sample[name])
             every[name].append(seconds)
             if others <= CONTENDED_SHARE:
                 clean[name].append(seconds)
             else:
                 contended += 1
     medians = {name: statistics.median(clean[name] or every[name]) for name in steps}
-    return medians, first, contended
+    return medians, warmup_s, contended
 
 
 def measure(timm, section: str, policy: Policy, *, device: torch.device, warmup: int, repeats: int,
@@ -242,14 +251,14 @@ def measure(timm, section: str, policy: Policy, *, device: torch.device, warmup:
     for name, build in contenders(timm, img_size).items():
         torch.manual_seed(0)
         steps[name] = make_step(build(), task, policy, img_size, batch, device)
-    seconds, first, contended = time_in_turns(steps, warmup=warmup, repeats=repeats, device=device)
+    seconds, warmup_s, contended = time_in_turns(steps, warmup=warmup, repeats=repeats, device=device)
     speed = {name: batch / s for name, s in seconds.items()}
     speed.setdefault("timm_matched", speed["timm_default"])  # 224: the matched windows are the default ones
     return dict(section=section, task=task, img_size=img_size, batch=batch, policy=policy.name,
                 bf16=policy.bf16(img_size), images_per_s=speed,
                 ours_vs_timm_default=speed["ours"] / speed["timm_default"],
                 ours_vs_timm_matched=speed["ours"] / speed["timm_matched"],
-                first_step_s=first, contended_steps=contended)
+                warmup_s=warmup_s, contended_samples=contended)
 
 
 # ----------------------------------------------------------------------------- distillation
@@ -305,29 +314,30 @@ def distill_section(*, device, warmup: int, repeats: int, batch: int = 128, samp
 
 # ----------------------------------------------------------------------------- report
 
-HEADER = (f"{'section':<9}{'policy':<7}{'batch':>6}  {'ours':>8}  {'timm-default':>12}  {'timm-matched':>12}"
-          f"  {'ours/default':>12}  {'ours/matched':>12}   first step s (ours/timm)")
+HEADER = (f"{'section':<9}{'policy':<14}{'batch':>5}  {'ours':>8}  {'timm-default':>12}  {'timm-matched':>12}"
+          f"  {'ours/default':>12}  {'ours/matched':>12}   warm-up s (ours/timm)")
 
 
 def format_row(row: dict) -> str:
-    speed, first = row["images_per_s"], row["first_step_s"]
-    matched = "= default" if "timm_matched" not in first else f"{speed['timm_matched']:.1f}"
-    firsts = "/".join(f"{s:.1f}" for s in first.values())
-    note = f"  ({row['contended_steps']} contended steps retimed)" if row["contended_steps"] else ""
-    return (f"{row['section']:<9}{row['policy'] + (' bf16' if row['bf16'] else ''):<7}{row['batch']:>6}  "
+    speed, warmup_s = row["images_per_s"], row["warmup_s"]
+    matched = "= default" if "timm_matched" not in warmup_s else f"{speed['timm_matched']:.1f}"
+    warmups = "/".join(f"{s:.1f}" for s in warmup_s.values())
+    note = f"  ({row['contended_samples']} contended samples retimed)" if row["contended_samples"] else ""
+    return (f"{row['section']:<9}{row['policy'] + (' bf16' if row['bf16'] else ''):<14}{row['batch']:>5}  "
             f"{speed['ours']:>8.1f}  {speed['timm_default']:>12.1f}  {matched:>12}  "
-            f"{row['ours_vs_timm_default']:>11.2f}x  {row['ours_vs_timm_matched']:>11.2f}x   {firsts}{note}")
+            f"{row['ours_vs_timm_default']:>11.2f}x  {row['ours_vs_timm_matched']:>11.2f}x   {warmups}{note}")
 
 
-def cross_policy(rows: list[dict]) -> dict[str, dict[str, float]]:
-    """Per section: ours under the fast policy over timm-default and timm-matched under eager."""
-    by_key = {(r["section"], r["policy"]): r for r in rows}
-    out = {}
-    for section in SECTIONS:
-        fast, eager = by_key.get((section, "fast")), by_key.get((section, "eager"))
-        if fast and eager:
-            ours, timm = fast["images_per_s"]["ours"], eager["images_per_s"]
-            out[section] = dict(vs_timm_default=ours / timm["timm_default"], vs_timm_matched=ours / timm["timm_matched"])
+def ours_vs_timm_eager(rows: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
+    """{section: {policy: ratios}}: ours under each other policy over both timm models under eager."""
+    eager = {r["section"]: r["images_per_s"] for r in rows if r["policy"] == "eager"}
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for row in rows:
+        timm = eager.get(row["section"])
+        if timm and row["policy"] != "eager":
+            ours = row["images_per_s"]["ours"]
+            out.setdefault(row["section"], {})[row["policy"]] = dict(
+                vs_timm_default=ours / timm["timm_default"], vs_timm_matched=ours / timm["timm_matched"])
     return out
 
 
@@ -336,10 +346,10 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--sections", default=",".join([*SECTIONS, "distill"]),
                    help=f"comma-separated, from {', '.join([*SECTIONS, 'distill'])}")
-    p.add_argument("--policies", default=",".join(POLICIES), help=f"comma-separated, from {', '.join(POLICIES)}")
-    p.add_argument("--quick", action="store_true", help="batch 4, one warm-up and one timed step: a smoke run")
+    p.add_argument("--policies", default=",".join(DEFAULT_POLICIES), help=f"comma-separated, from {', '.join(POLICIES)}")
+    p.add_argument("--quick", action="store_true", help="batch 4, two warm-up steps and one timed sample: a smoke run")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per contender before timing")
-    p.add_argument("--repeats", type=int, default=3, help="timed steps per contender (median)")
+    p.add_argument("--repeats", type=int, default=5, help="timed samples per contender (median)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--system-malloc", action="store_true", help="leave glibc's allocator at its defaults")
     p.add_argument("--device", default="auto")
@@ -358,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    warmup, repeats, batch = (1, 1, 4) if args.quick else (args.warmup, args.repeats, None)
+    warmup, repeats, batch = (2, 1, 4) if args.quick else (args.warmup, args.repeats, None)
     device = pick_device(args.device)
     started = time.perf_counter()
     info = machine()
@@ -369,17 +379,18 @@ def main(argv: list[str] | None = None) -> int:
                          policies={name: asdict(POLICIES[name]) for name in policies}, models=[])
     model_sections = [s for s in SECTIONS if s in sections]
     if model_sections:
-        print(f"images/s, median of {repeats} timed steps after {warmup} warm-up steps; "
+        print(f"images/s, median of {repeats} timed samples (>= {SAMPLE_S} s each) after {warmup} warm-up steps; "
               "ratios are ours over timm under the same policy\n" + HEADER, flush=True)
     for section in model_sections:
         for name in policies:
             row = measure(timm, section, POLICIES[name], device=device, warmup=warmup, repeats=repeats, batch=batch)
             results["models"].append(row)
             print(format_row(row), flush=True)
-    results["ours_fast_vs_timm_eager"] = cross_policy(results["models"])
-    for section, ratios in results["ours_fast_vs_timm_eager"].items():
-        print(f"{section:<9}ours fast / timm eager: {ratios['vs_timm_default']:.2f}x timm-default, "
-              f"{ratios['vs_timm_matched']:.2f}x timm-matched")
+    results["ours_vs_timm_eager"] = ours_vs_timm_eager(results["models"])
+    for section, by_policy in results["ours_vs_timm_eager"].items():
+        for name, ratios in by_policy.items():
+            print(f"{section:<9}ours {name} / timm eager: {ratios['vs_timm_default']:.2f}x timm-default, "
+                  f"{ratios['vs_timm_matched']:.2f}x timm-matched")
     if "distill" in sections:
         results["distill"] = distill_section(device=device, warmup=warmup, repeats=max(repeats, 3),
                                              batch=16 if args.quick else 128, samples=64 if args.quick else 1024)
