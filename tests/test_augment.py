@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from torchvision.transforms import v2
+
 from tinyvit_lib.augment import AugmentConfig, EvalTransform, PairedMix, TrainTransform, derive_seed, sample_seed
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.2, 0.2)
@@ -54,6 +56,25 @@ def test_eval_transform_is_deterministic_and_crops():
     out = transform(image, 1)
     assert out.shape == (3, 24, 24)
     assert torch.equal(out, transform(image, 2))
+
+
+@pytest.mark.parametrize("size, img_size, crop_pct", [((28, 28), 32, 1.0), ((40, 50), 24, 0.875), ((32, 32), 32, 1.0)])
+def test_eval_transform_matches_torchvision_per_image_and_per_batch(size, img_size, crop_pct):
+    # The transform calls torchvision's kernels directly and skips no-op steps: the result must be
+    # bit-identical to the plain v2 pipeline, for one image and for a batch.
+    reference = v2.Compose([
+        v2.Resize(round(img_size / crop_pct), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.CenterCrop(img_size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+    transform = EvalTransform(img_size, MEAN, STD, crop_pct=crop_pct)
+    images = torch.randint(0, 256, (5, 3, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    expected = torch.stack([reference(image) for image in images])
+    assert expected.shape == (5, 3, img_size, img_size)
+    assert torch.equal(torch.stack([transform(image) for image in images]), expected)
+    assert torch.equal(transform(images), expected)
+    assert torch.equal(images, torch.randint(0, 256, (5, 3, *size), dtype=torch.uint8,
+                                             generator=torch.Generator().manual_seed(0)))  # input untouched
+    with pytest.raises(TypeError, match="uint8"):
+        transform(images.float())
 
 
 @pytest.mark.parametrize("bad", [dict(hflip=1.5), dict(mixup_alpha=-1.0), dict(scale=(0.5, 0.1)), dict(mix_prob=-0.1)])

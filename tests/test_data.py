@@ -126,6 +126,24 @@ def test_ids_and_fingerprint_stable_and_content_sensitive(fashion_root, tmp_path
     assert changed["content_sha256"] != first.fingerprint()["content_sha256"]
 
 
+@pytest.mark.parametrize("in_chans", [1, 3])
+def test_batched_fetch_equals_per_sample(fashion_root, in_chans):
+    # A DataLoader fetches whole batches through __getitems__ (one transform call per batch for the
+    # evaluation transform, one per sample for augmentation): same items as indexing one at a time.
+    for dataset in (get_dataset("fashion-mnist", fashion_root, in_chans=in_chans),
+                    data.per_class_subset(get_dataset("fashion-mnist", fashion_root, in_chans=in_chans), 2),
+                    get_dataset("fashion-mnist", fashion_root, in_chans=in_chans, augment=AugmentConfig())):
+        indices = [5, 0, 3, 3, len(dataset) - 1]
+        batch = dataset.__getitems__(indices)
+        assert [sample_id for _, _, sample_id in batch] == indices
+        for (image, label, sample_id), i in zip(batch, indices):
+            expected = dataset[i]
+            assert image.shape == (in_chans, 32, 32) and label == expected[1]
+            assert torch.equal(image, expected[0])
+        with pytest.raises(IndexError, match=f"index={len(dataset)}"):
+            dataset.__getitems__([0, len(dataset)])
+
+
 def test_views_stable_under_shuffle_workers_and_epochs(fashion_root):
     dataset = get_dataset("fashion-mnist", fashion_root, augment=AugmentConfig(), base_seed=3)
     reference = _collect(DataLoader(dataset, batch_size=4))

@@ -263,52 +263,64 @@ def measure(timm, section: str, policy: Policy, *, device: torch.device, warmup:
 
 # ----------------------------------------------------------------------------- distillation
 
-def _median_seconds(step, *, warmup: int, repeats: int, device: torch.device) -> float:
-    for _ in range(warmup):
-        step()
-    return statistics.median(_timed(step, device)[0] for _ in range(repeats))
+def distill_section(*, device, warmup: int, repeats: int, batch: int = 128, samples: int = 4096) -> dict:
+    """Step cost of the 5M student at 32x32 (10 classes): labels only, from a store, online; and the
+    precompute's throughput over `samples` synthetic images against the teacher's bare inference.
 
-
-def distill_section(*, device, warmup: int, repeats: int, batch: int = 128, samples: int = 1024) -> dict:
-    """Step cost of the 5M student at 32x32 (10 classes): labels only, from a store, online."""
+    The three steps are timed in turns like the models above. The teacher is warmed up before
+    either throughput is taken; the precompute's figure is its whole wall time (weights hash,
+    data loading, inference, top-k, writing with fsync, checksums and manifest), and the bare
+    inference is the median of batches timed before and after it.
+    """
     dataset = get_dataset("synthetic", split="train", num_samples=samples, in_chans=3)
-    teacher = build_model("resnet18", num_classes=10, img_size=32).eval()
+    teacher = build_model("resnet18", num_classes=10, img_size=32).to(device).eval()
+    teacher_batch = torch.stack([dataset[i][0] for i in range(min(256, samples))]).to(device)  # (256, 3, 32, 32)
+
+    def teacher_step() -> None:
+        with torch.no_grad():
+            teacher(teacher_batch)
+
+    for _ in range(max(warmup, 1)):
+        teacher_step()
+    bare = [_timed(teacher_step, device)[0] for _ in range(repeats)]
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         precompute(teacher, dataset, Path(tmp) / "store", k=10, batch_size=256, device=device, progress=False)
         precompute_s = time.perf_counter() - t0
+        bare += [_timed(teacher_step, device)[0] for _ in range(repeats)]
+        teacher_infer = len(teacher_batch) / statistics.median(bare)
+
         stored = StoredTeacher.open(Path(tmp) / "store", dataset)
         online = OnlineTeacher(teacher).to(device)
         images = torch.stack([dataset[i][0] for i in range(batch)]).to(device)
         labels = torch.tensor([dataset.targets[i] for i in range(batch)], device=device)
         ids = torch.arange(batch)
-        teacher_batch = torch.randn(256, 3, 32, 32, device=device)
-
-        def teacher_step() -> None:
-            with torch.inference_mode():
-                teacher(teacher_batch)
-        teacher_infer = 256 / _median_seconds(teacher_step, warmup=warmup, repeats=repeats, device=device)
         student = tinyvit_5m(img_size=32, num_classes=10).to(device).train()
         optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
         ce, kd = DistillationLoss(alpha=0.0), DistillationLoss(alpha=0.5, temperature=1.0)
 
-        def step(source):
-            probs = None if source is None else source.probs(images, ids, 0, 1.0)
-            loss = (ce if source is None else kd)(student(images), labels, teacher_probs=probs)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        def step(source) -> Callable[[], None]:
+            def run() -> None:
+                probs = None if source is None else source.probs(images, ids, 0, 1.0)
+                loss = (ce if source is None else kd)(student(images), labels, teacher_probs=probs)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            return run
 
-        times = {name: _median_seconds(lambda s=source: step(s), warmup=warmup, repeats=repeats, device=device)
-                 for name, source in (("cross-entropy", None), ("from store", stored), ("online teacher", online))}
+        times, _, contended = time_in_turns(
+            {"cross-entropy": step(None), "from store": step(stored), "online teacher": step(online)},
+            warmup=warmup, repeats=repeats, device=device)
     result = dict(step_s=times, store_vs_ce=times["from store"] / times["cross-entropy"],
-                  online_vs_ce=times["online teacher"] / times["cross-entropy"],
+                  online_vs_ce=times["online teacher"] / times["cross-entropy"], contended_samples=contended,
                   precompute_images_per_s=samples / precompute_s, teacher_infer_images_per_s=teacher_infer,
                   precompute_vs_inference=samples / precompute_s / teacher_infer)
+    note = f" ({contended} contended samples retimed)" if contended else ""
     print(f"distillation step (TinyViT-5M, 32x32, batch {batch}): plain CE {times['cross-entropy'] * 1e3:.1f} ms, "
-          f"from store {result['store_vs_ce']:.3f}x, online ResNet-18 teacher {result['online_vs_ce']:.3f}x")
-    print(f"precompute: {result['precompute_images_per_s']:.0f} images/s = {result['precompute_vs_inference']:.0%} "
-          f"of the teacher's bare inference ({teacher_infer:.0f} images/s, including data loading and writing)")
+          f"from store {result['store_vs_ce']:.3f}x, online ResNet-18 teacher {result['online_vs_ce']:.3f}x{note}")
+    print(f"precompute of {samples} images: {result['precompute_images_per_s']:.0f} images/s = "
+          f"{result['precompute_vs_inference']:.0%} of the teacher's bare inference ({teacher_infer:.0f} images/s), "
+          f"including data loading and writing")
     return result
 
 
@@ -393,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{ratios['vs_timm_matched']:.2f}x timm-matched")
     if "distill" in sections:
         results["distill"] = distill_section(device=device, warmup=warmup, repeats=max(repeats, 3),
-                                             batch=16 if args.quick else 128, samples=64 if args.quick else 1024)
+                                             batch=16 if args.quick else 128, samples=64 if args.quick else 4096)
     results["wall_s"] = round(time.perf_counter() - started, 1)
     print(f"total wall time {results['wall_s']} s")
     if args.out:

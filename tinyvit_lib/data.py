@@ -136,6 +136,32 @@ class DatasetWithIDs(Dataset):
             image = image.expand(3, -1, -1)
         return image, self.targets[index], index
 
+    def load_images(self, indices: list[int]) -> torch.Tensor | None:
+        """The stored images at `indices` as one uint8 batch (B, C, H, W), or None where images
+        differ in size (files); lets a batch-capable transform run once per batch."""
+        return None
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int, int]]:
+        """`[self[i] for i in indices]`, computed a batch at a time where the transform allows it
+        (deterministic, `batched`) and the images stack: a DataLoader calls this for each batch.
+
+        Raises:
+            IndexError: an index outside [0, len).
+        """
+        indices = [int(i) for i in indices]
+        images = None
+        if getattr(self.transform, "batched", False) and indices:
+            bad = [i for i in indices if not 0 <= i < len(self)]
+            if bad:
+                raise IndexError(f"index={bad[0]} outside [0, {len(self)})")
+            images = self.load_images(indices)
+        if images is None:
+            return [self[i] for i in indices]
+        images = self.transform(images)  # (B, C, H', W')
+        if self.out_chans == 3 and images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        return [(image, self.targets[i], i) for image, i in zip(images, indices)]
+
     def fingerprint(self) -> dict[str, str | int]:
         """Cheap identity of the data: name, split, size, classes, a hash of the ordered ID list and a
         hash of the content (labels and class names, plus the image bytes for array datasets or the
@@ -177,6 +203,9 @@ class ArrayDatasetWithIDs(DatasetWithIDs):
 
     def load_image(self, index: int) -> torch.Tensor:
         return self.images[index]  # (C, H, W)
+
+    def load_images(self, indices: list[int]) -> torch.Tensor:
+        return self.images[indices]  # (B, C, H, W)
 
     def _hash_content(self, digest: "hashlib._Hash") -> None:
         digest.update(memoryview(self.images.numpy()))
@@ -227,6 +256,9 @@ class SubsetWithIDs(DatasetWithIDs):
 
     def load_image(self, index: int) -> torch.Tensor:
         return self.parent.load_image(self.indices[index])
+
+    def load_images(self, indices: list[int]) -> torch.Tensor | None:
+        return self.parent.load_images([self.indices[i] for i in indices])
 
     def _hash_content(self, digest: "hashlib._Hash") -> None:
         digest.update(self.parent.fingerprint()["content_sha256"].encode())
