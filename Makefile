@@ -5,7 +5,18 @@ PYTHON  ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 KERNEL  := tinyvit
-PROFILE ?= default
+# PROFILE picks a row of tinyvit_lib/profiles.py; DATASET=cifar100 or DATASET=imagenet is a shorthand
+# for the GPU profiles (cifar100, imagenet-subset), DATASET=fashion-mnist for the default one.
+DATASET ?=
+PROFILE_OF_fashion-mnist := default
+PROFILE_OF_cifar100 := cifar100
+PROFILE_OF_imagenet := imagenet-subset
+ifneq ($(DATASET),)
+ifeq ($(PROFILE_OF_$(DATASET)),)
+$(error DATASET=$(DATASET) is not one of fashion-mnist, cifar100, imagenet)
+endif
+endif
+PROFILE ?= $(if $(DATASET),$(PROFILE_OF_$(DATASET)),default)
 OUTDIR  := build/executed
 FASHION_MNIST_DEB_DIR := /usr/share/datasets/fashion-mnist
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
@@ -39,7 +50,7 @@ data:  ## make sure Fashion-MNIST is on this machine (Debian package, installs i
 	  echo "Fashion-MNIST: no apt-get here; the notebooks will download it through torchvision."; \
 	fi
 
-run-all: $(VENV)/.ready data  ## execute every notebook in order (PROFILE=default|fast), figures into figures/
+run-all: $(VENV)/.ready data  ## execute every notebook in order (PROFILE=default|fast|cifar100|imagenet-subset, or DATASET=...)
 	@mkdir -p $(OUTDIR)
 	@set -e; for nb in $(NOTEBOOKS); do \
 	  echo "== $$nb (profile $(PROFILE))"; \
