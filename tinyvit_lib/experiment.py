@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -149,7 +150,8 @@ def run_or_reuse(spec: RunSpec, *, force: bool = False, progress: bool = True, o
         same = ckpt.get("config") == asdict(spec.train) and saved.get("spec") == _plain(asdict(spec)) and \
             saved.get("teacher") == teacher_identity(spec)
         if same and ckpt["epoch"] >= spec.train.epochs:
-            return TrainResult(run_dir=spec.run_dir, history=list(ckpt["history"]), best_top1=ckpt["best_top1"])
+            return TrainResult(run_dir=spec.run_dir, history=list(ckpt["history"]), best_top1=ckpt["best_top1"],
+                               reused=True)
         if same:
             return run(spec, resume=True, progress=progress, on_epoch=on_epoch)
     return run(spec, progress=progress, on_epoch=on_epoch)
@@ -196,9 +198,17 @@ class ResultsLog:
         return key in self.rows
 
     def add(self, key: str, row: dict) -> dict:
+        """Log `row` under `key`: appended, or, when the key was logged before, the file rewritten
+        (atomically) with the new row in the old one's place."""
         row = dict(row, key=key)
+        replacing = key in self.rows
         self.rows[key] = row
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if replacing:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows.values()))
+            os.replace(tmp, self.path)
+        else:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
         return row

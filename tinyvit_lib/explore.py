@@ -34,7 +34,7 @@ def distribution_explorer(store: LogitStore, images: torch.Tensor, classes: list
         fig = plot_distributions(series, classes, title=f"sample {sample}, T = {temperature:g}")
         inset = fig.add_axes([0.80, 0.55, 0.16, 0.35])
         image = images[sample].float()
-        inset.imshow(((image - image.min()) / (image.max() - image.min() + 1e-8)).permute(1, 2, 0).squeeze(-1).cpu(),
+        inset.imshow(((image - image.min()) / (image.max() - image.min() + 1e-8)).permute(1, 2, 0).squeeze(-1).cpu().numpy(),
                      cmap="gray")
         inset.axis("off")
         plt.show()
@@ -47,12 +47,13 @@ def sweep_explorer(rows: list[dict]):
     """Pick the x axis, the metric and a filter column of the sweep results and see them plotted."""
     import ipywidgets as widgets
 
-    numeric = sorted(k for k, v in rows[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+    numeric = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
     def show(x: str = "alpha", metric: str = "top1", group: str = "temperature"):
         fig, ax = plt.subplots(figsize=(5.5, 3.6))
-        for value in sorted({r.get(group) for r in rows}, key=str):
-            mine = sorted((r for r in rows if r.get(group) == value), key=lambda r: r[x])
+        have = [r for r in rows if x in r and metric in r]  # e.g. bytes_per_image: the top-k rows only
+        for value in sorted({r.get(group) for r in have}, key=str):
+            mine = sorted((r for r in have if r.get(group) == value), key=lambda r: r[x])
             ax.plot([r[x] for r in mine], [r[metric] for r in mine], marker="o", label=f"{group} = {value}")
         ax.set_xlabel(x)
         ax.set_ylabel(metric)

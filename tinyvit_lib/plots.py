@@ -223,7 +223,8 @@ def plot_distributions(series: dict[str, torch.Tensor], classes: list[str], titl
     fig, ax = plt.subplots(figsize=(8, 3.4))
     width = 0.8 / max(len(series), 1)
     for i, (name, probs) in enumerate(series.items()):
-        ax.bar([c + (i - (len(series) - 1) / 2) * width for c in range(len(classes))], probs.cpu(), width, label=name)
+        ax.bar([c + (i - (len(series) - 1) / 2) * width for c in range(len(classes))],
+               probs.detach().float().cpu().numpy(), width, label=name)
     ax.set_xticks(range(len(classes)), [c[:10] for c in classes], rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("probability")
     ax.set_ylim(0, 1)

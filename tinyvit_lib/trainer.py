@@ -83,6 +83,7 @@ class TrainResult:
     run_dir: Path
     history: list[dict] = field(default_factory=list)
     best_top1: float = 0.0
+    reused: bool = False  # read back from a finished run (`experiment.run_or_reuse`), not trained now
 
     @property
     def final(self) -> dict:

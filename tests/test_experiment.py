@@ -1,0 +1,66 @@
+"""Runs described by values: a finished run is reused only while it is exactly the asked-for run
+(spec, config and teacher); the sweep's results log keeps one row per key across restarts."""
+
+import json
+from dataclasses import replace
+
+import torch
+
+from tinyvit_lib.distill import precompute
+from tinyvit_lib.experiment import ResultsLog, RunSpec, datasets_for, run_or_reuse, teacher_identity
+from tinyvit_lib.teachers import build_model
+from tinyvit_lib.trainer import TrainConfig
+
+
+def _spec(tmp_path, **changes) -> RunSpec:
+    config = TrainConfig(epochs=1, batch_size=8, lr=1e-3, warmup_epochs=0.0, seed=0)
+    return replace(RunSpec(name="run", dataset="synthetic", model="tinyvit_5m", img_size=32, max_per_class=4,
+                           max_val_per_class=2, output_dir=str(tmp_path / "runs"), train=config), **changes)
+
+
+def test_run_or_reuse_reuses_only_the_same_run(tmp_path):
+    spec = _spec(tmp_path)
+    first = run_or_reuse(spec, progress=False)
+    assert not first.reused and len(first.history) == 1
+    mtime = (spec.run_dir / "last.pt").stat().st_mtime_ns
+    again = run_or_reuse(spec, progress=False)
+    assert again.reused and again.history == first.history
+    assert (spec.run_dir / "last.pt").stat().st_mtime_ns == mtime  # nothing was trained or written
+    changed = run_or_reuse(replace(spec, train=replace(spec.train, lr=2e-3)), progress=False)
+    assert not changed.reused  # another config in the same folder: trained again
+    assert not run_or_reuse(spec, progress=False, force=True).reused
+
+
+def test_a_run_from_an_older_store_is_not_reused(tmp_path):
+    spec = _spec(tmp_path, augment="none")
+    train_set, _ = datasets_for(spec)
+    teacher = build_model("resnet18", num_classes=train_set.num_classes, img_size=32).eval()
+    store = tmp_path / "store"
+    precompute(teacher, train_set, store, k=3, progress=False)
+    distilled = replace(spec, name="kd", logits_path=str(store), train=replace(spec.train, distill_alpha=0.5))
+    identity = teacher_identity(distilled)
+    assert identity and run_or_reuse(distilled, progress=False).reused is False
+    assert run_or_reuse(distilled, progress=False).reused
+    # The store is remade by another teacher at the same path: the run must not be taken for current.
+    for p in store.iterdir():
+        p.unlink()
+    store.rmdir()
+    torch.manual_seed(1)
+    precompute(build_model("resnet18", num_classes=train_set.num_classes, img_size=32).eval(), train_set, store,
+               k=3, progress=False)
+    assert teacher_identity(distilled) != identity
+    assert not run_or_reuse(distilled, progress=False).reused
+
+
+def test_results_log_keeps_one_row_per_key_across_restarts(tmp_path):
+    path = tmp_path / "results" / "sweep.jsonl"
+    log = ResultsLog(path)
+    log.add("a", dict(top1=1.0))
+    log.add("b", dict(top1=2.0))
+    reopened = ResultsLog(path)
+    assert "a" in reopened and reopened.rows["b"]["top1"] == 2.0
+    reopened.add("a", dict(top1=3.0))  # recomputed: replaces its row, in place, without a duplicate line
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["key"], r["top1"]) for r in lines] == [("a", 3.0), ("b", 2.0)]
+    assert ResultsLog(path).rows == reopened.rows
+    assert not list(path.parent.glob("*.tmp"))
