@@ -7,7 +7,7 @@ from dataclasses import replace
 import torch
 
 from tinyvit_lib.distill import precompute
-from tinyvit_lib.experiment import ResultsLog, RunSpec, datasets_for, run_or_reuse, teacher_identity
+from tinyvit_lib.experiment import ResultsLog, RunSpec, datasets_for, run_digest, run_or_reuse, teacher_identity
 from tinyvit_lib.teachers import build_model
 from tinyvit_lib.trainer import TrainConfig
 
@@ -26,8 +26,11 @@ def test_run_or_reuse_reuses_only_the_same_run(tmp_path):
     again = run_or_reuse(spec, progress=False)
     assert again.reused and again.history == first.history
     assert (spec.run_dir / "last.pt").stat().st_mtime_ns == mtime  # nothing was trained or written
+    digest = run_digest(spec.run_dir)
+    assert run_digest(spec.run_dir) == digest and len(digest) == 16
     changed = run_or_reuse(replace(spec, train=replace(spec.train, lr=2e-3)), progress=False)
     assert not changed.reused  # another config in the same folder: trained again
+    assert run_digest(spec.run_dir) != digest  # other weights: a result logged for the first run is stale
     assert not run_or_reuse(spec, progress=False, force=True).reused
 
 

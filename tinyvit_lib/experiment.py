@@ -15,6 +15,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
 from .augment import AUGMENT_PRESETS
@@ -155,6 +156,20 @@ def run_or_reuse(spec: RunSpec, *, force: bool = False, progress: bool = True, o
         if same:
             return run(spec, resume=True, progress=progress, on_epoch=on_epoch)
     return run(spec, progress=progress, on_epoch=on_epoch)
+
+
+def run_digest(run_dir: str | Path, checkpoint: str = "last.pt") -> str:
+    """A hash of a run's weights (in `checkpoint`): a result logged with it belongs to exactly these
+    weights, so a run that was retrained, or a result file from another clone, is told apart.
+
+    Raises:
+        FileNotFoundError, ValueError: no readable checkpoint (see `load_checkpoint`).
+    """
+    digest = hashlib.sha256()
+    for key, value in load_checkpoint(Path(run_dir) / checkpoint)["model"].items():
+        digest.update(key.encode())
+        digest.update(value.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _plain(spec: dict) -> dict:
