@@ -177,12 +177,17 @@ def plot_sweep_heatmap(rows: list[dict], temperatures: list[float], alphas: list
         if r["temperature"] in temperatures and r["alpha"] in alphas:
             grid[temperatures.index(r["temperature"]), alphas.index(r["alpha"])] = r[metric]
     fig, ax = plt.subplots(figsize=(1.3 * len(alphas) + 2.5, 0.9 * len(temperatures) + 1.6))
-    im = ax.imshow(grid, cmap="viridis")
+    known = grid[~grid.isnan()].tolist()
+    low, high = min(known + ([baseline] if baseline is not None else [])), max(known + [baseline or -math.inf])
+    pad = 0.05 * max(high - low, 1e-3)
+    low, high = low - pad, high + pad
+    im = ax.imshow(grid, cmap="viridis", vmin=low, vmax=high)  # the range holds the baseline, so its line shows
     for i in range(len(temperatures)):
         for j in range(len(alphas)):
             value = grid[i, j].item()
             label = "" if value != value else f"{value:.2f}" + ("" if baseline is None else f"\n({value - baseline:+.2f})")
-            ax.text(j, i, label, ha="center", va="center", fontsize=8, color="white")
+            bright = value == value and (value - low) / max(high - low, 1e-9) > 0.6  # viridis turns yellow
+            ax.text(j, i, label, ha="center", va="center", fontsize=8, color="black" if bright else "white")
     ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
     ax.set_yticks(range(len(temperatures)), [f"{t:g}" for t in temperatures])
     ax.set_xlabel("alpha (weight of the teacher term)")
