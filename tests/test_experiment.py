@@ -7,7 +7,8 @@ from dataclasses import replace
 import torch
 
 from tinyvit_lib.distill import precompute
-from tinyvit_lib.experiment import ResultsLog, RunSpec, datasets_for, run_digest, run_or_reuse, teacher_identity
+from tinyvit_lib.experiment import (ResultsLog, RunSpec, datasets_for, prepare_run, run_digest, run_or_reuse,
+                                    teacher_identity)
 from tinyvit_lib.teachers import build_model
 from tinyvit_lib.trainer import TrainConfig
 
@@ -67,3 +68,16 @@ def test_results_log_keeps_one_row_per_key_across_restarts(tmp_path):
     assert [(r["key"], r["top1"]) for r in lines] == [("a", 3.0), ("b", 2.0)]
     assert ResultsLog(path).rows == reopened.rows
     assert not list(path.parent.glob("*.tmp"))
+
+
+def test_the_seed_fixes_the_initial_weights_whatever_the_callers_rng(tmp_path):
+    spec = _spec(tmp_path)
+    torch.manual_seed(123)
+    first = prepare_run(spec).model.state_dict()
+    torch.manual_seed(456)
+    state = torch.get_rng_state()
+    again = prepare_run(spec).model.state_dict()
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is left alone
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    other = prepare_run(replace(spec, train=replace(spec.train, seed=1))).model.state_dict()
+    assert not all(torch.equal(first[k], other[k]) for k in first)

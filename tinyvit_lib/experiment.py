@@ -88,7 +88,8 @@ def datasets_for(spec: RunSpec) -> tuple[DatasetWithIDs, DatasetWithIDs]:
 
 
 def prepare_run(spec: RunSpec) -> PreparedRun:
-    """Load the data, build the model and the teacher. Writes nothing.
+    """Load the data, build the model (initialised from `spec.train.seed`, so the same spec gives the
+    same starting weights in any process) and the teacher. Writes nothing.
 
     Raises:
         ValueError, FileNotFoundError: bad names, missing data or checkpoints (see `get_dataset`,
@@ -104,7 +105,9 @@ def prepare_run(spec: RunSpec) -> PreparedRun:
     img_size = train_set.transform.img_size
     in_chans = train_set.out_chans
     model_config = dict(name=spec.model, num_classes=train_set.num_classes, in_chans=in_chans, img_size=img_size)
-    model = build_model(**model_config)
+    with torch.random.fork_rng(devices=[]):  # the initialisation is the run's seed, not the caller's RNG state
+        torch.manual_seed(config.seed)
+        model = build_model(**model_config)
     teacher: Teacher | None = None
     if spec.teacher_model:
         teacher_net = build_model(spec.teacher_model, num_classes=train_set.num_classes, in_chans=in_chans,
