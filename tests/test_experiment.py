@@ -67,6 +67,8 @@ def test_results_log_keeps_one_row_per_key_across_restarts(tmp_path):
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [(r["key"], r["top1"]) for r in lines] == [("a", 3.0), ("b", 2.0)]
     assert ResultsLog(path).rows == reopened.rows
+    reopened.retain(["b", "gone"])  # a finished sweep keeps its own points only
+    assert list(ResultsLog(path).rows) == ["b"]
     assert not list(path.parent.glob("*.tmp"))
 
 

@@ -223,10 +223,20 @@ class ResultsLog:
         self.rows[key] = row
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if replacing:
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows.values()))
-            os.replace(tmp, self.path)
+            self._rewrite()
         else:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         return row
+
+    def retain(self, keys: list[str]) -> None:
+        """Keep only the rows of `keys` (a finished sweep's points), dropping rows of points the sweep
+        no longer has, e.g. a top-k ablation around a best (T, alpha) that has since moved."""
+        self.rows = {key: self.rows[key] for key in keys if key in self.rows}
+        self._rewrite()
+
+    def _rewrite(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows.values()))
+        os.replace(tmp, self.path)
