@@ -196,10 +196,12 @@ class StoredTeacher(Teacher):
 
 # ----------------------------------------------------------------------------- precompute and verify
 
-def weights_sha256(model: nn.Module) -> str:
-    """A hash of a model's weights (state dict in key order), naming the teacher in a store."""
+def weights_sha256(weights: nn.Module | dict[str, torch.Tensor]) -> str:
+    """A hash of a model's weights (its state dict, or a state dict, in key order): names the teacher
+    in a store, and a run's weights in a sweep's results."""
+    state = weights.state_dict() if isinstance(weights, nn.Module) else weights
     digest = hashlib.sha256()
-    for key, value in model.state_dict().items():
+    for key, value in state.items():
         digest.update(key.encode())
         digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

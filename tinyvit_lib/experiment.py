@@ -21,7 +21,7 @@ import torch.nn as nn
 from .augment import AUGMENT_PRESETS
 from .data import DatasetWithIDs, get_dataset, per_class_subset
 from .teachers import build_model, load_weights
-from .distill import OnlineTeacher, StoredTeacher, Teacher
+from .distill import OnlineTeacher, StoredTeacher, Teacher, weights_sha256
 from .trainer import TrainConfig, TrainResult, evaluate, load_checkpoint, train
 
 __all__ = ["RunSpec", "PreparedRun", "datasets_for", "prepare_run", "run", "run_or_reuse", "load_trained", "evaluate_run", "ResultsLog"]
@@ -168,11 +168,7 @@ def run_digest(run_dir: str | Path, checkpoint: str = "last.pt") -> str:
     Raises:
         FileNotFoundError, ValueError: no readable checkpoint (see `load_checkpoint`).
     """
-    digest = hashlib.sha256()
-    for key, value in load_checkpoint(Path(run_dir) / checkpoint)["model"].items():
-        digest.update(key.encode())
-        digest.update(value.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return weights_sha256(load_checkpoint(Path(run_dir) / checkpoint)["model"])[:16]
 
 
 def _plain(spec: dict) -> dict:
