@@ -24,7 +24,8 @@ from .teachers import build_model, load_weights
 from .distill import OnlineTeacher, StoredTeacher, Teacher, weights_sha256
 from .trainer import TrainConfig, TrainResult, evaluate, load_checkpoint, train
 
-__all__ = ["RunSpec", "PreparedRun", "datasets_for", "prepare_run", "run", "run_or_reuse", "load_trained", "evaluate_run", "ResultsLog"]
+__all__ = ["RunSpec", "PreparedRun", "datasets_for", "prepare_run", "run", "run_or_reuse", "run_digest", "load_trained", "evaluate_run",
+           "ResultsLog"]
 
 
 @dataclass(frozen=True)
@@ -217,10 +218,10 @@ class ResultsLog:
         row = dict(row, key=key)
         replacing = key in self.rows
         self.rows[key] = row
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         if replacing:
             self._rewrite()
         else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         return row
