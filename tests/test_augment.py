@@ -77,6 +77,15 @@ def test_eval_transform_matches_torchvision_per_image_and_per_batch(size, img_si
         transform(images.float())
 
 
+def test_eval_transform_description_names_every_setting():
+    # A static store records this text as the identity of the view its logits came from.
+    base = EvalTransform(24, MEAN, STD)
+    assert repr(base) == repr(EvalTransform(24, MEAN, STD))
+    others = [EvalTransform(24, MEAN, STD, crop_pct=0.875), EvalTransform(32, MEAN, STD),
+              EvalTransform(24, (0.5, 0.5, 0.5), STD), EvalTransform(24, MEAN, (0.5, 0.5, 0.5))]
+    assert len({repr(base), *map(repr, others)}) == 5
+
+
 @pytest.mark.parametrize("bad", [dict(hflip=1.5), dict(mixup_alpha=-1.0), dict(scale=(0.5, 0.1)), dict(mix_prob=-0.1)])
 def test_bad_config_names_the_field(bad):
     field = next(iter(bad))

@@ -215,8 +215,9 @@ class EvalTransform:
         # v2.ToDtype(scale=True) then v2.Normalize, the same float32 operations in the same order
         return image.to(torch.float32).mul_(1.0 / 255).sub_(self.mean).div_(self.std)
 
-    def __repr__(self) -> str:
-        return f"EvalTransform(img_size={self.img_size})"
+    def __repr__(self) -> str:  # a static store's manifest keeps this: it must name every setting
+        mean, std = (tuple(round(v, 4) for v in t.flatten().tolist()) for t in (self.mean, self.std))
+        return f"EvalTransform(img_size={self.img_size}, resize_to={self.resize_to}, mean={mean}, std={std})"
 
 
 def _check_norm(img_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
