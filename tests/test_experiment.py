@@ -56,6 +56,23 @@ def test_a_run_from_an_older_store_is_not_reused(tmp_path):
     assert not run_or_reuse(distilled, progress=False).reused
 
 
+def test_a_moved_project_reuses_its_runs(tmp_path):
+    # Runs and the store they were distilled from move together (a renamed or copied project folder):
+    # the paths change, the content does not, so nothing is retrained.
+    spec = _spec(tmp_path / "before", augment="none")
+    train_set, _ = datasets_for(spec)
+    teacher = build_model("resnet18", num_classes=train_set.num_classes, img_size=32).eval()
+    precompute(teacher, train_set, tmp_path / "before" / "store", k=3, progress=False)
+    distilled = replace(spec, name="kd", logits_path=str(tmp_path / "before" / "store"),
+                        train=replace(spec.train, distill_alpha=0.5))
+    assert not run_or_reuse(distilled, progress=False).reused
+    digest = run_digest(distilled.run_dir)
+    (tmp_path / "before").rename(tmp_path / "after")
+    moved = replace(distilled, output_dir=str(tmp_path / "after" / "runs"), logits_path=str(tmp_path / "after" / "store"))
+    again = run_or_reuse(moved, progress=False)
+    assert again.reused and run_digest(moved.run_dir) == digest
+
+
 def test_results_log_keeps_one_row_per_key_across_restarts(tmp_path):
     path = tmp_path / "results" / "sweep.jsonl"
     log = ResultsLog(path)

@@ -152,8 +152,8 @@ def run_or_reuse(spec: RunSpec, *, force: bool = False, progress: bool = True, o
     if last.is_file() and not force:
         ckpt = load_checkpoint(last)
         saved = ckpt.get("model_config") or {}
-        same = ckpt.get("config") == asdict(spec.train) and saved.get("spec") == _plain(asdict(spec)) and \
-            saved.get("teacher") == teacher_identity(spec)
+        same = ckpt.get("config") == asdict(spec.train) and saved.get("teacher") == teacher_identity(spec) and \
+            _movable(saved.get("spec") or {}) == _movable(_plain(asdict(spec)))
         if same and ckpt["epoch"] >= spec.train.epochs:
             return TrainResult(run_dir=spec.run_dir, history=list(ckpt["history"]), best_top1=ckpt["best_top1"],
                                reused=True)
@@ -174,6 +174,15 @@ def run_digest(run_dir: str | Path, checkpoint: str = "last.pt") -> str:
 
 def _plain(spec: dict) -> dict:
     return {k: v for k, v in spec.items() if k != "train"}
+
+
+def _movable(spec: dict) -> dict:
+    """A spec without the places it lives: the run folder is where its checkpoint was found, and the
+    store or teacher checkpoint is compared by content (`teacher_identity`), so a project folder that
+    was moved or cloned with its runs still reuses them."""
+    where = {"output_dir": None, "logits_path": bool(spec.get("logits_path")),
+             "teacher_checkpoint": bool(spec.get("teacher_checkpoint"))}
+    return {**spec, **where}
 
 
 def load_trained(path: str | Path) -> nn.Module:
