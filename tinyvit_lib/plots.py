@@ -177,8 +177,8 @@ def plot_sweep_heatmap(rows: list[dict], temperatures: list[float], alphas: list
         if r["temperature"] in temperatures and r["alpha"] in alphas:
             grid[temperatures.index(r["temperature"]), alphas.index(r["alpha"])] = r[metric]
     fig, ax = plt.subplots(figsize=(1.3 * len(alphas) + 2.5, 0.9 * len(temperatures) + 1.6))
-    known = grid[~grid.isnan()].tolist()
-    low, high = min(known + ([baseline] if baseline is not None else [])), max(known + [baseline or -math.inf])
+    values = grid[~grid.isnan()].tolist() + ([baseline] if baseline is not None else [])
+    low, high = min(values), max(values)
     pad = 0.05 * max(high - low, 1e-3)
     low, high = low - pad, high + pad
     im = ax.imshow(grid, cmap="viridis", vmin=low, vmax=high)  # the range holds the baseline, so its line shows
