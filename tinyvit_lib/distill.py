@@ -31,6 +31,8 @@ from torch.utils.data import DataLoader
 from .augment import TrainTransform
 from .data import DatasetWithIDs, SubsetWithIDs
 from .logit_store import LogitStore, StoreHeader, StoreMismatch, StoreWriter, encode_records, rebuild_logits
+from .utils import progress as progress_bar
+from .utils import rank_world
 
 __all__ = ["DistillationLoss", "soft_cross_entropy", "Teacher", "OnlineTeacher", "StoredTeacher", "precompute",
            "verify_store", "store_header", "weights_sha256", "FastDistillation", "PrecomputeStats", "topk_mass",
@@ -256,7 +258,7 @@ def precompute(teacher: nn.Module, dataset: DatasetWithIDs, path: str | Path, *,
     if not 1 <= k <= dataset.num_classes:
         raise ValueError(f"k={k} must be between 1 and the class count {dataset.num_classes}")
     device = torch.device(device)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    rank, world = rank_world()
     header = store_header(teacher, teacher_name, dataset, k=k, mode=mode, epochs=epochs)
     writer = StoreWriter(path, header, batch_size=batch_size, rank=rank, world_size=world)
     online = OnlineTeacher(teacher, in_chans=in_chans).to(device)
@@ -266,10 +268,8 @@ def precompute(teacher: nn.Module, dataset: DatasetWithIDs, path: str | Path, *,
         todo = writer.todo(epoch)
         loader = DataLoader(dataset, batch_sampler=[list(writer.positions(b)) for b in todo],
                             num_workers=num_workers, pin_memory=device.type == "cuda")
-        if progress and rank == 0:
-            from tqdm.auto import tqdm
-            loader = tqdm(loader, total=len(todo), desc=f"teacher logits, epoch {epoch + 1}/{header.epochs}",
-                          unit="batch", leave=False)
+        loader = progress_bar(loader, total=len(todo), desc=f"teacher logits, epoch {epoch + 1}/{header.epochs}",
+                              enabled=progress)
         for images, labels, sample_ids in loader:
             logits = online.logits(images.to(device, non_blocking=True))
             if logits.shape[1] != header.num_classes:

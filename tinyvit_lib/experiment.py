@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,7 +20,8 @@ from .augment import AUGMENT_PRESETS
 from .data import DatasetWithIDs, get_dataset, per_class_subset
 from .teachers import build_model, load_weights
 from .distill import OnlineTeacher, StoredTeacher, Teacher, weights_sha256
-from .trainer import TrainConfig, TrainResult, evaluate, load_checkpoint, train
+from .trainer import TrainConfig, TrainResult, evaluate, train
+from .utils import atomic_write_text, load_checkpoint
 
 __all__ = ["RunSpec", "PreparedRun", "datasets_for", "prepare_run", "run", "run_or_reuse", "run_digest", "load_trained", "evaluate_run",
            "ResultsLog"]
@@ -242,7 +241,4 @@ class ResultsLog:
         self._rewrite()
 
     def _rewrite(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows.values()))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows.values()))

@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .utils import atomic_write, atomic_write_text
+
 __all__ = ["FORMAT", "VERSION", "record_dtype", "StoreHeader", "LogitStore", "StoreWriter", "encode_records",
            "rebuild_logits", "StoreMismatch", "derive_smaller_k"]
 
@@ -251,9 +253,7 @@ class StoreWriter:
                 raise StoreMismatch(f"{self.path} holds an unfinished precompute with other settings ({diffs}); "
                                     "remove it or finish it with the same settings")
         elif rank == 0:
-            tmp = pending.with_suffix(".tmp")
-            tmp.write_text(json.dumps(wanted, indent=2))
-            os.replace(tmp, pending)
+            atomic_write_text(pending, json.dumps(wanted, indent=2))
         num_batches = math.ceil(header.size / batch_size)
         share = math.ceil(num_batches / world_size)
         self.batches = range(min(rank * share, num_batches), min((rank + 1) * share, num_batches))
@@ -306,23 +306,17 @@ class StoreWriter:
         for epoch in range(self.header.epochs):
             final = self.path / epoch_file(epoch)
             if not final.exists():
-                tmp = final.with_suffix(".tmp")
-                with open(tmp, "wb") as out:
-                    for rank in range(self.world_size):
-                        part = self._part(epoch, rank)
-                        if part.exists():
-                            out.write(part.read_bytes())
-                if tmp.stat().st_size != expected:
-                    raise ValueError(f"epoch {epoch}: the parts hold {tmp.stat().st_size} bytes, expected {expected}; "
+                parts = [self._part(epoch, rank) for rank in range(self.world_size)]
+                held = sum(part.stat().st_size for part in parts if part.exists())
+                if held != expected:
+                    raise ValueError(f"epoch {epoch}: the parts hold {held} bytes, expected {expected}; "
                                      "some rank did not finish: run the precompute again")
-                os.replace(tmp, final)
+                atomic_write(final, lambda out: out.write(b"".join(p.read_bytes() for p in parts if p.exists())))
             files.append(dict(name=final.name, epoch=epoch, records=self.header.size, sha256=_sha256(final)))
         manifest = dict(format=FORMAT, version=VERSION, header=self.header.to_dict(),
                         record=dict(bytes=self.header.dtype.itemsize, layout=str(self.header.dtype.descr)),
                         files=files)
-        tmp = self.path / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmp, self.path / MANIFEST)
+        atomic_write_text(self.path / MANIFEST, json.dumps(manifest, indent=2) + "\n")
         for epoch in range(self.header.epochs):
             for rank in range(self.world_size):
                 self._part(epoch, rank).unlink(missing_ok=True)

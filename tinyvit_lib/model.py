@@ -35,6 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .utils import load_checkpoint
+
 __all__ = [
     "TinyViTConfig", "TinyViT", "PRESETS", "tinyvit_5m", "tinyvit_11m", "tinyvit_21m",
     "build_tinyvit", "ConvBN", "PatchEmbed", "MBConv", "PatchMerging", "Mlp", "Attention",
@@ -543,14 +545,16 @@ def _read_checkpoint(source) -> Mapping[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     suffix = path.suffix.lower()
-    try:
-        if suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if suffix in (".pth", ".pt"):
+        return load_checkpoint(path)
+    if suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
             return load_file(str(path), device="cpu")
-        if suffix in (".pth", ".pt"):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, wrong format, or an object that needs pickle to rebuild
-        raise ValueError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+        except SafetensorError as exc:
+            raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
     raise ValueError(f"unsupported checkpoint format {suffix!r} for {path}; use .pth, .pt or .safetensors")
 
 

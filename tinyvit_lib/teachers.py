@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 import torchvision
 
 from .model import PRESETS, build_tinyvit, load_pretrained, state_dict_problems
+from .utils import load_checkpoint
 
 __all__ = ["build_model", "load_weights", "model_names", "describe_model"]
 
@@ -67,13 +67,7 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """
     if hasattr(model, "config") and hasattr(model, "stages"):
         return load_pretrained(model, path)
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    state = load_checkpoint(path)
     state = state.get("model", state) if isinstance(state, dict) else state
     problems = state_dict_problems(model.state_dict(), state) if isinstance(state, dict) else ["not a state dict"]
     if problems:

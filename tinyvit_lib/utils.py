@@ -1,0 +1,133 @@
+"""Plumbing that every other module shares, each piece written once: atomic file writes, checkpoint
+reading with one error policy, the process group (rank and world size under `torchrun`), and
+progress bars.
+
+This is the bottom floor of the package: it imports nothing from `tinyvit_lib`.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "all_reduce_sum",
+    "atomic_write",
+    "atomic_write_text",
+    "init_distributed",
+    "is_main_process",
+    "progress",
+    "rank_world",
+    "load_checkpoint",
+    "save_checkpoint",
+]
+
+# What torch.load raises on a file that is not a checkpoint it may read: truncated or not a zip
+# archive (RuntimeError, BadZipFile), empty (EOFError), some other file (UnpicklingError, KeyError,
+# UnicodeDecodeError), or an object that needs code to rebuild (UnpicklingError under weights_only).
+_NOT_A_CHECKPOINT = (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """Write `path` through `write(file)` into a temporary file in the same folder, flush and fsync
+    it, then rename it over `path`: a kill at any moment leaves either the old file or the new one.
+
+    The folder is created if needed. If `write` (or the disk) fails, the temporary file is removed
+    and the exception propagates; `path` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """`atomic_write` for text (UTF-8)."""
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def save_checkpoint(obj: dict, path: str | Path) -> Path:
+    """`torch.save(obj)` to `path`, atomically (see `atomic_write`)."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_checkpoint(path: str | Path) -> Any:
+    """`torch.load(path, weights_only=True)` on the CPU: tensors and plain values only, never code.
+
+    Raises:
+        FileNotFoundError: no file at `path`.
+        ValueError: the file is not a checkpoint that can be read safely (truncated, empty, another
+            kind of file, or pickled objects that need code to rebuild); the message names the file.
+            Other errors (permissions, memory) propagate as they are.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except _NOT_A_CHECKPOINT as exc:
+        raise ValueError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) unless a process group is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (and when there is no process group): the process that writes shared files."""
+    return rank_world()[0] == 0
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the process group that `torchrun` describes in the environment (WORLD_SIZE > 1); a no-op
+    when running alone or when the group exists. NCCL for CUDA devices, gloo otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sums of `values` over every process (the values themselves when alone)."""
+    if rank_world()[1] == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def progress(iterable: Iterable, *, total: int, desc: str, unit: str = "batch", initial: int = 0,
+             enabled: bool = True) -> Iterable:
+    """A tqdm bar over `iterable` on the main process (tqdm.auto: a widget in Jupyter), or the
+    iterable itself when `enabled` is False or on other ranks. TQDM_DISABLE=1 turns bars off."""
+    if not enabled or not is_main_process():
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit, leave=False)
