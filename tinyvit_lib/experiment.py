@@ -48,6 +48,7 @@ class RunSpec:
     logits_path: str | None = None  # distillation from a logit store
     output_dir: str = "runs"
     data_seed: int = 0  # the data order and augmentation (a replay store fixes it); train.seed: init, drop path
+    verify_files: bool = True  # cifar100: refuse files whose md5 differs from the official release
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
@@ -78,8 +79,8 @@ class PreparedRun:
 def datasets_for(spec: RunSpec) -> tuple[DatasetWithIDs, DatasetWithIDs]:
     """The (training, validation) datasets of a run: transforms, base seed and subsets as the spec says."""
     train_set = get_dataset(spec.dataset, spec.data_root, "train", img_size=spec.img_size,
-                            augment=AUGMENT_PRESETS[spec.augment], base_seed=spec.data_seed)
-    val_set = get_dataset(spec.dataset, spec.data_root, "val", img_size=spec.img_size)
+                            augment=AUGMENT_PRESETS[spec.augment], base_seed=spec.data_seed, verify=spec.verify_files)
+    val_set = get_dataset(spec.dataset, spec.data_root, "val", img_size=spec.img_size, verify=spec.verify_files)
     if spec.max_per_class:
         train_set = per_class_subset(train_set, spec.max_per_class)
     if spec.max_val_per_class:
@@ -178,9 +179,10 @@ def _plain(spec: dict) -> dict:
 def _movable(spec: dict) -> dict:
     """A spec without the places it lives: the run folder is where its checkpoint was found, and the
     store or teacher checkpoint is compared by content (`teacher_identity`), so a project folder that
-    was moved or cloned with its runs still reuses them."""
+    was moved or cloned with its runs still reuses them. Whether data files were checked is not part
+    of what a run is."""
     where = {"output_dir": None, "logits_path": bool(spec.get("logits_path")),
-             "teacher_checkpoint": bool(spec.get("teacher_checkpoint"))}
+             "teacher_checkpoint": bool(spec.get("teacher_checkpoint")), "verify_files": None}
     return {**spec, **where}
 
 
