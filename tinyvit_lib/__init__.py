@@ -36,11 +36,10 @@ from .augment import (
 from .distill import DistillationLoss, FastDistillation, OnlineTeacher, StoredTeacher, precompute, verify_store
 from .logit_store import LogitStore
 from .teachers import build_model, describe_model
-from .trainer import TrainConfig, evaluate, train
+from .trainer import TrainConfig, evaluate
 from .experiment import RunSpec, load_trained, run, run_or_reuse
 
-# `tinyvit_lib.train` is the training function; `python -m tinyvit_lib.train` runs the CLI module
-# of the same name (importing that module by name rebinds this attribute, so library code imports
-# `train` from `tinyvit_lib.trainer`).
+# `tinyvit_lib.train` is the command-line module (`python -m tinyvit_lib.train`), nothing else: the
+# training function is `tinyvit_lib.trainer.train`, and `tinyvit_lib.run(spec)` trains a described run.
 
 __version__ = "0.1.0"

@@ -16,7 +16,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,9 +29,12 @@ from torch.utils.data import DataLoader
 from .augment import AugmentConfig, PairedMix
 from .data import DatasetWithIDs, EpochShuffleSampler
 from .distill import DistillationLoss, Teacher
+from .utils import (all_reduce_sum, atomic_write_text, init_distributed, is_main_process, load_checkpoint,
+                    rank_world, save_checkpoint)
+from .utils import progress as progress_bar
 
-__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "pick_device",
-           "save_checkpoint", "load_checkpoint", "param_groups", "CosineSchedule", "read_log"]
+__all__ = ["TrainConfig", "TrainResult", "TrainParts", "TrainState", "train", "train_one_epoch", "train_step",
+           "CheckpointSaver", "evaluate", "pick_device", "param_groups", "CosineSchedule", "read_log"]
 
 CHECKPOINT_FORMAT = 1
 
@@ -159,61 +162,10 @@ class CosineSchedule:
         self._apply()
 
 
-def save_checkpoint(obj: dict, path: str | Path) -> Path:
-    """torch.save to a temporary file in the same folder, flushed, then renamed over `path`:
-    a kill at any moment leaves either the previous complete file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint written by `save_checkpoint` (tensors and plain values only).
-
-    Raises:
-        FileNotFoundError: no file at `path`.
-        ValueError: the file cannot be read as a checkpoint.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
-
-
 def read_log(run_dir: str | Path) -> list[dict]:
     """The per-epoch records of a run (`log.jsonl`), oldest first."""
     path = Path(run_dir) / "log.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _init_distributed(device: torch.device) -> None:
-    """Join the process group that torchrun describes in the environment (no-op when alone)."""
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-
-
-def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    if _rank_world()[1] == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
 
 # ----------------------------------------------------------------------------- evaluation
 
@@ -226,7 +178,7 @@ def evaluate(model: nn.Module, data: DatasetWithIDs | DataLoader, *, device: tor
     returns the numbers for the whole set.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    rank, world = _rank_world()
+    rank, world = rank_world()
     if isinstance(data, DataLoader):
         loader = data
     else:
@@ -246,12 +198,49 @@ def evaluate(model: nn.Module, data: DatasetWithIDs | DataLoader, *, device: tor
         correct5 += (top == labels[:, None]).any(dim=1).sum().item()
         count += labels.numel()
     model.train(was_training)
-    loss_sum, correct1, correct5, count = _all_reduce_sum([loss_sum, correct1, correct5, count], device)
+    loss_sum, correct1, correct5, count = all_reduce_sum([loss_sum, correct1, correct5, count], device)
     count = max(count, 1)
     return dict(loss=loss_sum / count, top1=100 * correct1 / count, top5=100 * correct5 / count, n=int(count))
 
 
 # ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainParts:
+    """Everything a run builds once and every piece of the loop uses (see `_build`)."""
+
+    model: nn.Module  # the model whose weights are saved
+    forward_model: nn.Module  # what the step calls: the model, wrapped by DDP and/or torch.compile
+    optimizer: torch.optim.Optimizer
+    schedule: CosineSchedule
+    scaler: torch.amp.GradScaler  # a no-op unless autocasting to float16
+    criterion: DistillationLoss
+    mixer: PairedMix | None  # paired Mixup/CutMix, seeded per sample
+    teacher: Teacher | None  # None unless distilling (distill_alpha > 0)
+    sampler: EpochShuffleSampler
+    loader: DataLoader
+    steps_per_epoch: int
+    device: torch.device
+    amp: bool
+    amp_dtype: torch.dtype
+    clip_grad: float  # max gradient norm; 0: no clipping
+    world: int  # processes taking part
+
+
+@dataclass
+class TrainState:
+    """Where a run stands; what a checkpoint saves besides weights and optimizer, and what a resume
+    restores. `batch`, `loss_sum` and `seen` describe the epoch in progress (all 0 at its start), so a
+    run resumed mid-epoch skips the batches it did and logs the same mean loss."""
+
+    epoch: int = 0  # epochs finished
+    batch: int = 0  # batches of the current epoch finished
+    loss_sum: float = 0.0  # sum of per-sample losses over the current epoch so far
+    seen: int = 0  # samples of the current epoch so far
+    history: list[dict] = field(default_factory=list)  # one record per finished epoch
+    best_top1: float = 0.0
+
 
 def train(model: nn.Module, train_set: DatasetWithIDs, val_set: DatasetWithIDs | None, config: TrainConfig, *,
           run_dir: str | Path, teacher: Teacher | None = None, resume: bool = False, progress: bool = True,
@@ -274,23 +263,48 @@ def train(model: nn.Module, train_set: DatasetWithIDs, val_set: DatasetWithIDs |
         A `TrainResult` with the per-epoch history and the best top-1.
 
     Raises:
-        ValueError: distillation asked for without a teacher; resume without a checkpoint or
-            with a different config.
+        ValueError: distillation asked for without a teacher; a batch larger than the data;
+            resume without a readable checkpoint or with a different config.
         FloatingPointError: the loss became NaN or infinite (the message names the step; the
             last good checkpoint stays in place).
     """
     if config.distill_alpha > 0 and teacher is None:
         raise ValueError(f"distill_alpha={config.distill_alpha} needs a teacher (an online model or a logit store)")
     run_dir = Path(run_dir)
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    parts = _build(model, train_set, config, teacher)
+    if resume:
+        state = _restore(parts, config, run_dir / "last.pt")
+        _write_on_main(run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
+    else:
+        state = TrainState()
+        _start_run_dir(run_dir, config, model_config, train_set, parts.world)
+    saver = CheckpointSaver(parts, config, model_config, run_dir)
+    while state.epoch < config.epochs:
+        record = train_one_epoch(parts, state, train_set, config, saver=saver, progress=progress)
+        if val_set is not None:
+            metrics = evaluate(model, val_set, device=parts.device, batch_size=max(config.batch_size, 256),
+                               amp=parts.amp, amp_dtype=parts.amp_dtype)
+            record.update(val_loss=metrics["loss"], top1=metrics["top1"], top5=metrics["top5"])
+        _end_epoch(state, record, saver)
+        if on_epoch is not None and is_main_process():
+            on_epoch(record)
+    if parts.world > 1:
+        dist.barrier()
+    return TrainResult(run_dir=run_dir, history=state.history, best_top1=state.best_top1)
+
+
+def _build(model: nn.Module, train_set: DatasetWithIDs, config: TrainConfig, teacher: Teacher | None) -> TrainParts:
+    """Device, process group, optimizer, schedule, loss, loader: the parts of a run, built in the
+    order that fixes the RNG state (the run's seed, then the model on its device).
+
+    Raises:
+        ValueError: the global batch is larger than the training set.
+    """
     device = pick_device(config.device)
-    _init_distributed(device)
-    rank, world = _rank_world()
-    is_main = rank == 0
+    init_distributed(device)
+    rank, world = rank_world()
     amp = device.type == "cuda" if config.amp is None else config.amp
     amp_dtype = getattr(torch, config.amp_dtype)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)
-
     torch.manual_seed(config.seed)
     model.to(device)
     if teacher is not None:
@@ -311,134 +325,175 @@ def train(model: nn.Module, train_set: DatasetWithIDs, val_set: DatasetWithIDs |
     schedule = CosineSchedule(optimizer, lr=config.lr, min_lr=config.min_lr,
                               warmup_steps=round(config.warmup_epochs * steps_per_epoch),
                               total_steps=config.epochs * steps_per_epoch)
-    criterion = DistillationLoss(config.distill_alpha, config.distill_temp, config.label_smoothing)
-    mixer = PairedMix(train_set.num_classes, _augment_config(train_set)) if config.mix else None
-    result = TrainResult(run_dir=run_dir)
-    start_epoch, start_batch, partial = 0, 0, (0.0, 0)
-
-    if resume:
-        ckpt = load_checkpoint(last_path)
-        if ckpt.get("config") != asdict(config):
-            changed = sorted(k for k, v in asdict(config).items() if ckpt.get("config", {}).get(k) != v)
-            raise ValueError(f"cannot resume {last_path}: the config differs in {changed}")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        schedule.load_state_dict(ckpt["scheduler"])
-        if scaler.is_enabled() and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-        start_epoch, start_batch = ckpt["epoch"], ckpt["batch"]
-        partial = (ckpt["partial_loss_sum"], ckpt["partial_seen"])
-        result.history, result.best_top1 = list(ckpt["history"]), ckpt["best_top1"]
-        if is_main:  # the checkpoint's history is the truth: drop records of epochs not saved
-            (run_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result.history))
-    elif is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "log.jsonl").write_text("")
-        (run_dir / "config.json").write_text(json.dumps(
-            dict(train=asdict(config), model=model_config, train_set=train_set.fingerprint(),
-                 world_size=world), indent=2) + "\n")
-
     forward_model = model
     if world > 1:
         forward_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:
         forward_model = torch.compile(forward_model)
+    return TrainParts(
+        model=model, forward_model=forward_model, optimizer=optimizer, schedule=schedule,
+        scaler=torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16),
+        criterion=DistillationLoss(config.distill_alpha, config.distill_temp, config.label_smoothing),
+        mixer=PairedMix(train_set.num_classes, _augment_config(train_set)) if config.mix else None,
+        teacher=teacher if config.distill_alpha > 0 else None, sampler=sampler, loader=loader,
+        steps_per_epoch=steps_per_epoch, device=device, amp=amp, amp_dtype=amp_dtype,
+        clip_grad=config.clip_grad, world=world)
 
-    def checkpoint(epoch: int, batch: int, partial: tuple[float, int] = (0.0, 0)) -> dict:
-        """`partial`: (loss sum, samples) of the epoch so far, so a resumed epoch logs the same mean."""
-        return dict(format=CHECKPOINT_FORMAT, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                    scheduler=schedule.state_dict(), scaler=scaler.state_dict(), epoch=epoch, batch=batch,
-                    step=schedule.step_count,
-                    partial_loss_sum=partial[0], partial_seen=partial[1],
+
+def train_one_epoch(parts: TrainParts, state: TrainState, train_set: DatasetWithIDs, config: TrainConfig, *,
+                    saver: "CheckpointSaver | None" = None, progress: bool = True) -> dict:
+    """One pass over the training data from where `state` stands (mid-epoch after a resume); updates
+    `state` and returns the epoch's record (train loss, time, images/s), reduced over processes.
+    With `saver` and `config.checkpoint_every`, last.pt is also saved every that many steps."""
+    epoch, start_batch = state.epoch, state.batch
+    train_set.set_epoch(epoch)
+    parts.sampler.skip(start_batch * config.batch_size)
+    parts.model.train()
+    t0, resumed_seen = time.perf_counter(), state.seen
+    batches = progress_bar(parts.loader, total=parts.steps_per_epoch, initial=start_batch, enabled=progress,
+                           desc=f"epoch {epoch + 1}/{config.epochs}")
+    for batch_index, (images, labels, sample_ids) in enumerate(batches, start=start_batch):
+        loss = train_step(parts, images, labels, sample_ids, epoch, train_set)
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss} at step {parts.schedule.step_count} (epoch {epoch + 1}, batch {batch_index}); "
+                f"the last good checkpoint is {saver.last_path if saver else 'not saved'}")
+        state.batch = batch_index + 1
+        state.seen += labels.numel()
+        state.loss_sum += loss * labels.numel()
+        if hasattr(batches, "set_postfix"):
+            rate = (state.seen - resumed_seen) * parts.world / max(time.perf_counter() - t0, 1e-9)
+            batches.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:.0f}")
+        if saver and config.checkpoint_every and parts.schedule.step_count % config.checkpoint_every == 0 \
+                and state.batch < parts.steps_per_epoch:
+            saver.save(state, "last.pt")
+    elapsed = time.perf_counter() - t0
+    loss_sum, seen, timed = all_reduce_sum([state.loss_sum, state.seen, state.seen - resumed_seen], parts.device)
+    state.epoch, state.batch, state.loss_sum, state.seen = epoch + 1, 0, 0.0, 0
+    return dict(epoch=epoch + 1, step=parts.schedule.step_count, lr=parts.optimizer.param_groups[0]["lr"],
+                train_loss=loss_sum / max(seen, 1), epoch_time_s=round(elapsed, 3),
+                images_per_s=round(timed / max(elapsed, 1e-9), 1))
+
+
+def train_step(parts: TrainParts, images: torch.Tensor, labels: torch.Tensor, sample_ids: torch.Tensor,
+               epoch: int, train_set: DatasetWithIDs) -> float:
+    """One optimizer step on a batch (B, C, H, W): mix, ask the teacher, forward, backward, clip,
+    step, advance the schedule. Returns the loss (the step is skipped only by the float16 scaler;
+    a NaN loss is returned for the caller to stop on before anything else is saved)."""
+    images = images.to(parts.device, non_blocking=True)
+    labels = labels.to(parts.device, non_blocking=True)
+    if parts.device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    targets = labels
+    if parts.mixer is not None:
+        seeds = [train_set.seed_for(int(i), epoch) for i in sample_ids]
+        images, targets = parts.mixer(images, labels, seeds)
+    teacher_probs = None
+    if parts.teacher is not None:
+        teacher_probs = parts.teacher.probs(images, sample_ids, epoch, parts.criterion.temperature)
+    with torch.autocast(parts.device.type, dtype=parts.amp_dtype, enabled=parts.amp):
+        logits = parts.forward_model(images)
+    loss = parts.criterion(logits.float(), targets, teacher_probs=teacher_probs)
+    loss_value = loss.item()
+    if not math.isfinite(loss_value):
+        return loss_value
+    parts.optimizer.zero_grad(set_to_none=True)
+    parts.scaler.scale(loss).backward()  # the scaler is a no-op unless training in float16
+    if parts.clip_grad > 0:
+        parts.scaler.unscale_(parts.optimizer)
+        nn.utils.clip_grad_norm_(parts.model.parameters(), parts.clip_grad)
+    parts.scaler.step(parts.optimizer)
+    parts.scaler.update()
+    parts.schedule.step()
+    return loss_value
+
+
+# ----------------------------------------------------------------------------- the run folder
+
+
+class CheckpointSaver:
+    """Writes a run's checkpoints (main process only): weights, optimizer, schedule, scaler, RNG
+    state and the `TrainState`, enough to continue exactly."""
+
+    def __init__(self, parts: TrainParts, config: TrainConfig, model_config: dict | None, run_dir: Path) -> None:
+        self.parts, self.config, self.model_config, self.run_dir = parts, config, model_config, run_dir
+        self.last_path = run_dir / "last.pt"
+
+    def checkpoint(self, state: TrainState) -> dict:
+        parts, device = self.parts, self.parts.device
+        return dict(format=CHECKPOINT_FORMAT, model=parts.model.state_dict(), optimizer=parts.optimizer.state_dict(),
+                    scheduler=parts.schedule.state_dict(), scaler=parts.scaler.state_dict(), epoch=state.epoch,
+                    batch=state.batch, step=parts.schedule.step_count, partial_loss_sum=state.loss_sum,
+                    partial_seen=state.seen,
                     rng=dict(torch=torch.get_rng_state(),
                              cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None),
-                    config=asdict(config), model_config=model_config, history=result.history,
-                    best_top1=result.best_top1)
+                    config=asdict(self.config), model_config=self.model_config, history=state.history,
+                    best_top1=state.best_top1)
 
-    for epoch in range(start_epoch, config.epochs):
-        train_set.set_epoch(epoch)
-        sampler.skip(start_batch * config.batch_size)
-        model.train()
-        t0, (loss_sum, seen) = time.perf_counter(), partial
-        resumed_seen = seen
-        batches = _progress(loader, total=steps_per_epoch, initial=start_batch, enabled=progress and is_main,
-                            desc=f"epoch {epoch + 1}/{config.epochs}")
-        for batch_index, (images, labels, sample_ids) in enumerate(batches, start=start_batch):
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            if device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
-            targets = labels
-            if mixer is not None:
-                seeds = [train_set.seed_for(int(i), epoch) for i in sample_ids]
-                images, targets = mixer(images, labels, seeds)
-            teacher_probs = (teacher.probs(images, sample_ids, epoch, config.distill_temp)
-                             if teacher is not None and config.distill_alpha > 0 else None)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                logits = forward_model(images)
-            loss = criterion(logits.float(), targets, teacher_probs=teacher_probs)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(
-                    f"loss is {loss_value} at step {schedule.step_count} (epoch {epoch + 1}, batch {batch_index}); "
-                    f"the last good checkpoint is {last_path}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()  # the scaler is a no-op unless training in float16
-            if config.clip_grad > 0:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            schedule.step()
-            seen += labels.numel()
-            loss_sum += loss_value * labels.numel()
-            elapsed = time.perf_counter() - t0
-            if hasattr(batches, "set_postfix"):
-                batches.set_postfix(loss=f"{loss_value:.3f}",
-                                    img_s=f"{(seen - resumed_seen) * world / max(elapsed, 1e-9):.0f}")
-            done = batch_index + 1
-            if is_main and config.checkpoint_every and schedule.step_count % config.checkpoint_every == 0 \
-                    and done < steps_per_epoch:
-                save_checkpoint(checkpoint(epoch, done, (loss_sum, seen)), last_path)
-        start_batch, partial = 0, (0.0, 0)
-        elapsed = time.perf_counter() - t0
-        loss_sum, seen, timed = _all_reduce_sum([loss_sum, seen, seen - resumed_seen], device)
-        record = dict(epoch=epoch + 1, step=schedule.step_count, lr=optimizer.param_groups[0]["lr"],
-                      train_loss=loss_sum / max(seen, 1), epoch_time_s=round(elapsed, 3),
-                      images_per_s=round(timed / max(elapsed, 1e-9), 1))
-        if val_set is not None:
-            metrics = evaluate(model, val_set, device=device, batch_size=max(config.batch_size, 256), amp=amp,
-                               amp_dtype=amp_dtype)
-            record.update(val_loss=metrics["loss"], top1=metrics["top1"], top5=metrics["top5"])
-        score = record.get("top1", -record["train_loss"])
-        improved = not result.history or score > max(r.get("top1", -r["train_loss"]) for r in result.history)
-        result.history.append(record)
-        result.best_top1 = max(result.best_top1, record.get("top1", 0.0))
-        if is_main:
-            with open(run_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            state = checkpoint(epoch + 1, 0)
-            if improved:
-                save_checkpoint(state, best_path)
-            save_checkpoint(state, last_path)
-            if on_epoch is not None:
-                on_epoch(record)
-    if world > 1:
-        dist.barrier()
-    return result
+    def save(self, state: TrainState, *names: str) -> None:
+        """Save the checkpoint of `state` under each of `names` (e.g. "best.pt", "last.pt")."""
+        if not is_main_process():
+            return
+        checkpoint = self.checkpoint(state)
+        for name in names:
+            save_checkpoint(checkpoint, self.run_dir / name)
+
+
+def _score(record: dict) -> float:
+    """What "best" means: validation top-1, or (without validation) the lowest training loss."""
+    return record.get("top1", -record["train_loss"])
+
+
+def _end_epoch(state: TrainState, record: dict, saver: CheckpointSaver) -> None:
+    """Add the epoch's record to the history, save best.pt (if it improved) and last.pt, and only
+    then append the record to log.jsonl, so the log never names an epoch whose checkpoint is missing."""
+    improved = not state.history or _score(record) > max(_score(r) for r in state.history)
+    state.history.append(record)
+    state.best_top1 = max(state.best_top1, record.get("top1", 0.0))
+    saver.save(state, *(("best.pt", "last.pt") if improved else ("last.pt",)))
+    if is_main_process():
+        with open(saver.run_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _start_run_dir(run_dir: Path, config: TrainConfig, model_config: dict | None, train_set: DatasetWithIDs,
+                   world: int) -> None:
+    """A new run: its folder, an empty log and config.json (what was asked for, and on what data)."""
+    description = dict(train=asdict(config), model=model_config, train_set=train_set.fingerprint(), world_size=world)
+    _write_on_main(run_dir / "log.jsonl", "")
+    _write_on_main(run_dir / "config.json", json.dumps(description, indent=2) + "\n")
+
+
+def _restore(parts: TrainParts, config: TrainConfig, path: Path) -> TrainState:
+    """Load last.pt into the parts (weights, optimizer, schedule, scaler, RNG) and return where the
+    run stood.
+
+    Raises:
+        FileNotFoundError, ValueError: no readable checkpoint at `path`, or one saved with another config.
+    """
+    ckpt = load_checkpoint(path)
+    saved = ckpt.get("config", {}) if isinstance(ckpt, dict) else {}
+    if saved != asdict(config):
+        changed = sorted(k for k, v in asdict(config).items() if saved.get(k) != v)
+        raise ValueError(f"cannot resume {path}: the config differs in {changed}")
+    parts.model.load_state_dict(ckpt["model"])
+    parts.optimizer.load_state_dict(ckpt["optimizer"])
+    parts.schedule.load_state_dict(ckpt["scheduler"])
+    if parts.scaler.is_enabled() and ckpt.get("scaler"):
+        parts.scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if parts.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], parts.device)
+    return TrainState(epoch=ckpt["epoch"], batch=ckpt["batch"], loss_sum=ckpt["partial_loss_sum"],
+                      seen=ckpt["partial_seen"], history=list(ckpt["history"]), best_top1=ckpt["best_top1"])
+
+
+def _write_on_main(path: Path, text: str) -> None:
+    if is_main_process():
+        atomic_write_text(path, text)
 
 
 def _augment_config(dataset: DatasetWithIDs) -> AugmentConfig:
     config = getattr(dataset.transform, "config", None)
     return config if isinstance(config, AugmentConfig) else AugmentConfig()
-
-
-def _progress(iterable: Iterable, *, total: int, initial: int, enabled: bool, desc: str) -> Iterable:
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-    return tqdm(iterable, total=total, initial=initial, desc=desc, unit="batch", leave=False)
