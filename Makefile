@@ -51,12 +51,7 @@ data:  ## make sure Fashion-MNIST is on this machine (Debian package, installs i
 	fi
 
 run-all: $(VENV)/.ready data  ## execute every notebook in order (PROFILE=default|fast|cifar100|imagenet-subset, or DATASET=...)
-	@mkdir -p $(OUTDIR)
-	@set -e; for nb in $(NOTEBOOKS); do \
-	  echo "== $$nb (profile $(PROFILE))"; \
-	  $(BIN)/papermill --log-level WARNING -k $(KERNEL) -p profile $(PROFILE) \
-	    "$$nb" "$(OUTDIR)/$$(basename $$nb)"; \
-	done
+	@$(BIN)/python scripts/run_notebooks.py --profile $(PROFILE) --kernel $(KERNEL) --out $(OUTDIR) $(NOTEBOOKS)
 
 test: $(VENV)/.ready  ## unit tests, then every notebook under nbval in the fast profile
 	TINYVIT_FAST=1 $(BIN)/python -m pytest tests $(NOTEBOOKS) --nbval-lax --nbval-current-env -p no:cacheprovider

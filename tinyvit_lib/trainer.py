@@ -274,6 +274,7 @@ def train(model: nn.Module, train_set: DatasetWithIDs, val_set: DatasetWithIDs |
     parts = _build(model, train_set, config, teacher)
     if resume:
         state = _restore(parts, config, run_dir / "last.pt")
+        # the checkpoint's history is the truth: drop log records of epochs it did not save
         _write_on_main(run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
     else:
         state = TrainState()
