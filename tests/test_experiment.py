@@ -1,14 +1,25 @@
 """Runs described by values: a finished run is reused only while it is exactly the asked-for run
-(spec, config and teacher); the sweep's results log keeps one row per key across restarts."""
+(spec, config and teacher); the sweep's results log keeps one row per key across restarts, and a
+logged sweep point is reused only while it was measured on the weights now on disk."""
 
 import json
 from dataclasses import replace
 
 import torch
 
+from tinyvit_lib import experiment
+from tinyvit_lib.data import get_dataset
 from tinyvit_lib.distill import precompute
-from tinyvit_lib.experiment import (ResultsLog, RunSpec, datasets_for, prepare_run, run_digest, run_or_reuse,
-                                    teacher_identity)
+from tinyvit_lib.experiment import (
+    ResultsLog,
+    RunSpec,
+    datasets_for,
+    prepare_run,
+    run_digest,
+    run_or_reuse,
+    sweep_point,
+    teacher_identity,
+)
 from tinyvit_lib.teachers import build_model
 from tinyvit_lib.trainer import TrainConfig
 
@@ -68,7 +79,8 @@ def test_a_moved_project_reuses_its_runs(tmp_path):
     assert not run_or_reuse(distilled, progress=False).reused
     digest = run_digest(distilled.run_dir)
     (tmp_path / "before").rename(tmp_path / "after")
-    moved = replace(distilled, output_dir=str(tmp_path / "after" / "runs"), logits_path=str(tmp_path / "after" / "store"))
+    moved = replace(distilled, output_dir=str(tmp_path / "after" / "runs"),
+                    logits_path=str(tmp_path / "after" / "store"))
     again = run_or_reuse(moved, progress=False)
     assert again.reused and run_digest(moved.run_dir) == digest
 
@@ -87,6 +99,35 @@ def test_results_log_keeps_one_row_per_key_across_restarts(tmp_path):
     reopened.retain(["b", "gone"])  # a finished sweep keeps its own points only
     assert list(ResultsLog(path).rows) == ["b"]
     assert not list(path.parent.glob("*.tmp"))
+
+
+def test_a_sweep_point_is_reused_only_while_its_digest_matches_the_run(tmp_path, monkeypatch):
+    spec = _spec(tmp_path)
+    test_set = get_dataset("synthetic", None, "test", img_size=32, num_samples=32)
+    evaluated = []
+    evaluate_run = experiment.evaluate_run
+
+    def counted(*args, **kwargs):
+        evaluated.append(args[0])
+        return evaluate_run(*args, **kwargs)
+
+    monkeypatch.setattr(experiment, "evaluate_run", counted)
+    results = ResultsLog(tmp_path / "sweep.jsonl")
+    row = sweep_point(results, "grid/T=2", spec, test_set, temperature=2.0)
+    assert row["temperature"] == 2.0 and row["run"] == "run" and row["run_digest"] == run_digest(spec.run_dir)
+    assert set(row) == {"key", "temperature", "top1", "top5", "seconds", "run", "run_digest"}
+    # Same run on disk: the logged row comes back as it is, from a fresh log too; nothing is evaluated.
+    assert sweep_point(ResultsLog(tmp_path / "sweep.jsonl"), "grid/T=2", spec, test_set, temperature=2.0) == row
+    assert len(evaluated) == 1
+    # The run is retrained with other weights in the same folder: the row is measured again and replaced.
+    changed = replace(spec, train=replace(spec.train, lr=5e-3))
+    again = sweep_point(results, "grid/T=2", changed, test_set, temperature=2.0)
+    assert len(evaluated) == 2 and again["run_digest"] != row["run_digest"]
+    assert ResultsLog(tmp_path / "sweep.jsonl").rows == {"grid/T=2": again}
+    # A row from another clone (another digest) is not trusted either.
+    results.add("grid/T=2", dict(again, run_digest="0" * 16, top1=99.0))
+    assert sweep_point(results, "grid/T=2", changed, test_set, temperature=2.0) == again
+    assert len(evaluated) == 3
 
 
 def test_the_seed_fixes_the_initial_weights_whatever_the_callers_rng(tmp_path):

@@ -18,13 +18,13 @@ import torch.nn as nn
 
 from .augment import AUGMENT_PRESETS
 from .data import DatasetWithIDs, get_dataset, per_class_subset
-from .teachers import build_model, load_weights
 from .distill import OnlineTeacher, StoredTeacher, Teacher, weights_sha256
+from .teachers import build_model, load_weights
 from .trainer import TrainConfig, TrainResult, evaluate, train
 from .utils import atomic_write_text, load_checkpoint
 
-__all__ = ["RunSpec", "PreparedRun", "datasets_for", "prepare_run", "run", "run_or_reuse", "run_digest", "load_trained", "evaluate_run",
-           "ResultsLog"]
+__all__ = ["RunSpec", "PreparedRun", "datasets_for", "prepare_run", "run", "run_or_reuse", "run_digest", "load_trained",
+           "evaluate_run", "ResultsLog", "sweep_point"]
 
 
 @dataclass(frozen=True)
@@ -244,3 +244,28 @@ class ResultsLog:
 
     def _rewrite(self) -> None:
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows.values()))
+
+
+def sweep_point(results: ResultsLog, key: str, spec: RunSpec, test_set: DatasetWithIDs, *, force: bool = False,
+                **fields) -> dict:
+    """One point of a sweep: train `spec` (or reuse its finished run, see `run_or_reuse`; `force`
+    retrains), evaluate it on `test_set` and log the row under `key` in `results` as soon as it ends.
+
+    A logged row names the weights it was measured on (`run_digest`): it is returned as it is only
+    while those weights are the run on disk, so a row whose run is gone, was retrained or came from
+    another clone is measured again and replaced. The row holds `fields` (the point's coordinates,
+    e.g. temperature=2.0, alpha=0.5), test top-1/top-5, the training seconds, the run name and the
+    digest; a new row is printed.
+
+    Raises:
+        ValueError, FileNotFoundError: the run cannot be prepared or trained (see `prepare_run`, `run`).
+    """
+    result = run_or_reuse(spec, force=force, progress=False)
+    digest = run_digest(spec.run_dir)
+    if key in results and results.rows[key].get("run_digest") == digest:
+        return results.rows[key]
+    test = evaluate_run(spec.run_dir, test_set)
+    row = dict(fields, top1=round(test["top1"], 2), top5=round(test["top5"], 2),
+               seconds=round(sum(r["epoch_time_s"] for r in result.history), 1), run=spec.name, run_digest=digest)
+    print(key, row)
+    return results.add(key, row)

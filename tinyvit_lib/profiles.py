@@ -1,9 +1,13 @@
-"""Run profiles of the course: one table of settings shared by every notebook.
+"""Run profiles of the course: one typed object of settings shared by every notebook.
 
 A notebook's `parameters` cell names a profile (papermill: `-p profile fast`, or
 `make run-all PROFILE=...`); the environment variable TINYVIT_FAST=1 (set by `make test`) selects
 the fast profile, which runs every code path on tiny data in seconds. Every size, budget and
-hyper-parameter of the notebooks lives here, so no literal is scattered across them.
+hyper-parameter of the notebooks lives here, and so does every path a profile implies (teacher
+checkpoint, logit stores, results), so no literal is scattered across them:
+
+    P = resolve_profile("default")
+    P.student.epochs, P.teacher_checkpoint, P.store_path("replay"), P.results_file("03_students.json")
 
 The course's story in every profile: the teacher is trained on the whole training set (it stands
 for a big pretrained model); each student gets a smaller budget (a per-class subset of the
@@ -13,62 +17,209 @@ training images) and learns either from the labels alone or also from the teache
 from __future__ import annotations
 
 import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .augment import AUGMENT_PRESETS
+from .data import DATASETS
 from .experiment import RunSpec
 from .trainer import TrainConfig
 
-__all__ = ["PROFILES", "resolve_profile", "project_root", "run_spec", "distillation_runs"]
+__all__ = ["Budget", "Sweep", "Profile", "PROFILES", "resolve_profile", "project_root", "run_spec",
+           "teacher_spec", "distillation_runs", "sweep_spec"]
 
-# alpha = 1, T = 1 is the paper's recipe: the official code trains the student on the stored teacher
-# probabilities alone (labels only feed the accuracy meters). Notebook 04 sweeps both.
-_COMMON = dict(in_chans=3, augment="light", k=10, alpha=1.0, temperature=1.0, teacher_model="resnet18")
+TEACHER_RUN = "teacher"  # the teacher's run folder under runs_dir: notebook 02 writes it, 03 and 04 read it
+STORE_MODES = ("static", "replay")  # one record per image (un-augmented) / per image and epoch (replayed view)
 
-PROFILES: dict[str, dict] = {
+
+@dataclass(frozen=True)
+class Budget:
+    """What one kind of run may spend: epochs, batch, learning rate and how many images.
+
+    Raises:
+        ValueError: a count below 1 or a learning rate that is not positive.
+    """
+
+    epochs: int  # passes over the (sub)set; warm-up is min(1, epochs / 4) of them
+    batch_size: int
+    lr: float  # peak AdamW learning rate (after warm-up, before the cosine decay)
+    max_per_class: int | None = None  # training images per class (a deterministic subset); None: all
+    max_val_per_class: int | None = None  # validation images per class; None: all
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "max_per_class", "max_val_per_class"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"Budget.{name}={value} must be >= 1")
+        if not self.lr > 0:
+            raise ValueError(f"Budget.lr={self.lr} must be > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sweep:
+    """Notebook 04's grid. The values default to the full grid; a profile sets only the epochs
+    (and the fast profile a smaller grid).
+
+    Raises:
+        ValueError: an empty axis, T <= 0, alpha outside [0, 1], k or epochs below 1.
+    """
+
+    temperatures: tuple[float, ...] = (1.0, 2.0, 4.0)  # distillation temperatures T of the T x alpha grid
+    alphas: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # weights of the teacher's term (0: labels only)
+    ks: tuple[int, ...] = (1, 3, 5, 10)  # top-k ablation: logits kept per record (each <= the profile's k)
+    variants: tuple[str, ...] = ("tinyvit_5m", "tinyvit_11m", "tinyvit_21m")  # students read from one store
+    epochs: int  # every sweep point's epochs (a name gains _e{epochs} when they differ from the student budget's)
+
+    def __post_init__(self) -> None:
+        for name in ("temperatures", "alphas", "ks", "variants"):
+            if not getattr(self, name):
+                raise ValueError(f"Sweep.{name} is empty; give at least one value")
+        checks = (("temperatures", lambda t: t > 0, "> 0"), ("alphas", lambda a: 0 <= a <= 1, "in [0, 1]"),
+                  ("ks", lambda k: k >= 1, ">= 1"))
+        for name, ok, rule in checks:
+            bad = [v for v in getattr(self, name) if not ok(v)]
+            if bad:
+                raise ValueError(f"Sweep.{name} holds {bad}: each must be {rule}")
+        if self.epochs < 1:
+            raise ValueError(f"Sweep.epochs={self.epochs} must be >= 1")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Every setting of one profile, and the paths it implies (computed here, nowhere else).
+
+    Raises:
+        ValueError: an unknown dataset or augmentation, a value out of range, a sweep k above `k`
+            (smaller stores are derived from the k store), or students training more epochs than
+            the replay store holds.
+    """
+
+    name: str  # the key in PROFILES; also the folder under runs/, logits/ and results/
+    dataset: str  # a name of `data.DATASETS`
+    img_size: int  # the course resolution (square), for training and test
+    out_dir: str  # runs/, logits/ and results/ live under it (relative: to the project root)
+    figures_folder: str  # where the notebooks save figures (relative: to the project root)
+    bias_demo: Budget  # notebook 01's one short run that shows a learned attention bias
+    teacher: Budget  # notebook 02's teacher
+    student: Budget  # notebook 03's students, and notebook 04's sweep points (but for their epochs)
+    seeds: tuple[int, ...]  # notebook 03 runs every condition once per seed; notebook 04 uses the first
+    replay_epochs: int  # augmented views per image in the replay store: students may train that many epochs
+    sweep: Sweep  # notebook 04's grid
+    data_root: str | None = None  # where the data lives; None: the dataset's default place
+    data_root_from_env: bool = False  # True: resolve_profile sets data_root from $DATA_ROOT (the GPU profiles)
+    in_chans: int = 3  # input channels of the course's images (1: grayscale)
+    augment: str = "light"  # a key of AUGMENT_PRESETS: the students' and the replay store's views
+    k: int = 10  # logits per record in the stores notebook 02 writes
+    # alpha = 1, T = 1 is the paper's recipe: the official code trains the student on the stored teacher
+    # probabilities alone (labels only feed the accuracy meters). Notebook 04 sweeps both.
+    alpha: float = 1.0  # weight of the teacher's term in notebook 03 (0: labels only)
+    temperature: float = 1.0  # distillation temperature T in notebook 03
+    teacher_model: str = "resnet18"  # the teacher's architecture (a torchvision classifier name)
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"Profile.dataset={self.dataset!r} is unknown; choose one of {', '.join(DATASETS)}")
+        if self.augment not in AUGMENT_PRESETS:
+            raise ValueError(f"Profile.augment={self.augment!r} is unknown; choose one of {sorted(AUGMENT_PRESETS)}")
+        for name in ("img_size", "in_chans", "k", "replay_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Profile.{name}={getattr(self, name)} must be >= 1")
+        if not self.seeds:
+            raise ValueError("Profile.seeds is empty; give at least one seed")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"Profile.alpha={self.alpha} must be in [0, 1]")
+        if not self.temperature > 0:
+            raise ValueError(f"Profile.temperature={self.temperature} must be > 0")
+        if max(self.sweep.ks) > self.k:
+            raise ValueError(f"Profile.sweep.ks={self.sweep.ks} exceeds k={self.k}: smaller stores are derived "
+                             f"from the k={self.k} store, a bigger k needs the teacher again")
+        for what, epochs in (("student.epochs", self.student.epochs), ("sweep.epochs", self.sweep.epochs)):
+            if epochs > self.replay_epochs:
+                raise ValueError(f"Profile.{what}={epochs} exceeds replay_epochs={self.replay_epochs}: the replay "
+                                 f"store holds one view per image and epoch")
+
+    @property
+    def runs_dir(self) -> Path:
+        """Where every run of this profile lives, one folder per run name."""
+        return project_root() / self.out_dir / "runs" / self.name
+
+    @property
+    def logits_dir(self) -> Path:
+        """Where the logit stores of this profile live (see `store_path`)."""
+        return project_root() / self.out_dir / "logits" / self.name
+
+    @property
+    def results_dir(self) -> Path:
+        """Where the notebooks write their result files (see `results_file`)."""
+        return project_root() / self.out_dir / "results" / self.name
+
+    @property
+    def figures_dir(self) -> Path:
+        """Where the notebooks save their figures."""
+        return project_root() / self.figures_folder
+
+    @property
+    def teacher_checkpoint(self) -> Path:
+        """The teacher's best weights, written by notebook 02's run (`teacher_spec`)."""
+        return self.runs_dir / TEACHER_RUN / "best.pt"
+
+    def store_path(self, mode: str, k: int | None = None) -> Path:
+        """The folder of notebook 02's `mode` store ("static" or "replay"), or, for a replay `k` below
+        the profile's, of the smaller store notebook 04 derives from it.
+
+        Raises:
+            ValueError: an unknown mode, a static store with another k, or k outside 1..self.k.
+        """
+        if mode not in STORE_MODES:
+            raise ValueError(f"unknown store mode {mode!r}; choose one of {STORE_MODES}")
+        if k is None or k == self.k:
+            return self.logits_dir / mode
+        if mode == "static" or not 1 <= k < self.k:
+            raise ValueError(f"no {mode} store with k={k}: only replay stores with 1 <= k < {self.k} are derived "
+                             f"from the k={self.k} store")
+        return self.logits_dir / f"replay_k{k}"
+
+    def results_file(self, name: str) -> Path:
+        """A notebook's results file, e.g. results_file("04_sweep.jsonl")."""
+        return self.results_dir / name
+
+
+PROFILES: dict[str, Profile] = {
     # `make test`: every code path on the synthetic dataset, in seconds. Never a result.
-    "fast": dict(
-        _COMMON, dataset="synthetic", data_root=None, img_size=32, out_dir="build/fast",
-        figures_dir="build/fast/figures", k=5,
-        bias_demo=dict(epochs=1, batch_size=32, lr=2e-3, max_per_class=8, max_val_per_class=4),
-        teacher=dict(epochs=1, batch_size=64, lr=2e-3, max_per_class=40),
-        student=dict(epochs=2, batch_size=32, lr=2e-3, max_per_class=12, max_val_per_class=8),
+    "fast": Profile(
+        name="fast", dataset="synthetic", img_size=32, out_dir="build/fast", figures_folder="build/fast/figures", k=5,
+        bias_demo=Budget(epochs=1, batch_size=32, lr=2e-3, max_per_class=8, max_val_per_class=4),
+        teacher=Budget(epochs=1, batch_size=64, lr=2e-3, max_per_class=40),
+        student=Budget(epochs=2, batch_size=32, lr=2e-3, max_per_class=12, max_val_per_class=8),
         seeds=(0,), replay_epochs=2,
-        sweep=dict(temperatures=(1.0,), alphas=(0.5, 1.0), ks=(1, 5), variants=("tinyvit_5m", "tinyvit_11m"),
-                   epochs=2),
+        sweep=Sweep(temperatures=(1.0,), alphas=(0.5, 1.0), ks=(1, 5), variants=("tinyvit_5m", "tinyvit_11m"),
+                    epochs=2),
     ),
     # `make run-all` on a laptop CPU: Fashion-MNIST at 32x32, grayscale.
-    "default": dict(
-        _COMMON, dataset="fashion-mnist", data_root=None, img_size=32, in_chans=1, out_dir=".",
-        figures_dir="figures",
-        bias_demo=dict(epochs=1, batch_size=128, lr=2e-3, max_per_class=1000, max_val_per_class=100),
-        teacher=dict(epochs=2, batch_size=128, lr=2e-3, max_per_class=None),
-        student=dict(epochs=4, batch_size=128, lr=2e-3, max_per_class=300, max_val_per_class=200),
-        seeds=(0, 1, 2), replay_epochs=4,
-        sweep=dict(temperatures=(1.0, 2.0, 4.0), alphas=(0.25, 0.5, 0.75, 1.0), ks=(1, 3, 5, 10),
-                   variants=("tinyvit_5m", "tinyvit_11m", "tinyvit_21m"), epochs=4),
+    "default": Profile(
+        name="default", dataset="fashion-mnist", img_size=32, in_chans=1, out_dir=".", figures_folder="figures",
+        bias_demo=Budget(epochs=1, batch_size=128, lr=2e-3, max_per_class=1000, max_val_per_class=100),
+        teacher=Budget(epochs=2, batch_size=128, lr=2e-3),
+        student=Budget(epochs=4, batch_size=128, lr=2e-3, max_per_class=300, max_val_per_class=200),
+        seeds=(0, 1, 2), replay_epochs=4, sweep=Sweep(epochs=4),
     ),
     # A GPU with CIFAR-100 in DATA_ROOT (or downloadable): 32x32 RGB, the whole training set.
-    "cifar100": dict(
-        _COMMON, dataset="cifar100", data_root=os.environ.get("DATA_ROOT"), img_size=32, out_dir=".",
-        figures_dir="figures/cifar100",
-        bias_demo=dict(epochs=5, batch_size=256, lr=2e-3, max_per_class=None, max_val_per_class=None),
-        teacher=dict(epochs=60, batch_size=256, lr=2e-3, max_per_class=None),
-        student=dict(epochs=100, batch_size=256, lr=2e-3, max_per_class=None, max_val_per_class=None),
-        seeds=(0, 1), replay_epochs=100,
-        sweep=dict(temperatures=(1.0, 2.0, 4.0), alphas=(0.25, 0.5, 0.75, 1.0), ks=(1, 3, 5, 10),
-                   variants=("tinyvit_5m", "tinyvit_11m", "tinyvit_21m"), epochs=100),
+    "cifar100": Profile(
+        name="cifar100", dataset="cifar100", data_root_from_env=True, img_size=32, out_dir=".",
+        figures_folder="figures/cifar100",
+        bias_demo=Budget(epochs=5, batch_size=256, lr=2e-3),
+        teacher=Budget(epochs=60, batch_size=256, lr=2e-3),
+        student=Budget(epochs=100, batch_size=256, lr=2e-3),
+        seeds=(0, 1), replay_epochs=100, sweep=Sweep(epochs=100),
     ),
     # A GPU with an ImageNet-1k tree in DATA_ROOT: the teacher sees everything, students 260 images per class.
-    "imagenet-subset": dict(
-        _COMMON, dataset="imagenet", data_root=os.environ.get("DATA_ROOT"), img_size=224, out_dir=".",
-        figures_dir="figures/imagenet-subset", teacher_model="resnet50",
-        bias_demo=dict(epochs=5, batch_size=128, lr=2e-3, max_per_class=None, max_val_per_class=None),
-        teacher=dict(epochs=90, batch_size=128, lr=2e-3, max_per_class=None),
-        student=dict(epochs=100, batch_size=128, lr=2e-3, max_per_class=260, max_val_per_class=None),
-        seeds=(0,), replay_epochs=100,
-        sweep=dict(temperatures=(1.0, 2.0, 4.0), alphas=(0.25, 0.5, 0.75, 1.0), ks=(1, 3, 5, 10),
-                   variants=("tinyvit_5m", "tinyvit_11m", "tinyvit_21m"), epochs=100),
+    "imagenet-subset": Profile(
+        name="imagenet-subset", dataset="imagenet", data_root_from_env=True, img_size=224, out_dir=".",
+        figures_folder="figures/imagenet-subset", teacher_model="resnet50",
+        bias_demo=Budget(epochs=5, batch_size=128, lr=2e-3),
+        teacher=Budget(epochs=90, batch_size=128, lr=2e-3),
+        student=Budget(epochs=100, batch_size=128, lr=2e-3, max_per_class=260),
+        seeds=(0,), replay_epochs=100, sweep=Sweep(epochs=100),
     ),
 }
 
@@ -78,8 +229,9 @@ def project_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
-def resolve_profile(name: str) -> dict:
-    """The settings of profile `name`, or of "fast" when TINYVIT_FAST=1; paths made absolute.
+def resolve_profile(name: str) -> Profile:
+    """Profile `name`, or "fast" when TINYVIT_FAST=1; a GPU profile's data_root is read from $DATA_ROOT
+    now. Its paths (`runs_dir`, `store_path`, ...) are absolute, under `project_root()`.
 
     Raises:
         ValueError: `name` is not a known profile.
@@ -88,38 +240,46 @@ def resolve_profile(name: str) -> dict:
         name = "fast"
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
-    settings = dict(PROFILES[name], profile=name)
-    root = project_root()
-    settings["figures_dir"] = root / settings["figures_dir"]
-    settings["runs_dir"] = root / settings["out_dir"] / "runs" / name
-    settings["logits_dir"] = root / settings["out_dir"] / "logits" / name
-    settings["results_dir"] = root / settings["out_dir"] / "results" / name
-    return settings
+    profile = PROFILES[name]
+    if profile.data_root_from_env:
+        profile = replace(profile, data_root=os.environ.get("DATA_ROOT"))
+    return profile
 
 
-def run_spec(settings: dict, name: str, *, role: str = "student", seed: int = 0, model: str | None = None,
+def run_spec(profile: Profile, name: str, *, role: str = "student", seed: int = 0, model: str | None = None,
              **train_changes) -> RunSpec:
     """The `RunSpec` of a run of this profile; `role` names its budget ("teacher", "student",
     "bias_demo"); `train_changes` override TrainConfig fields (e.g. distill_alpha=0.5) and `model`
-    the architecture (default: the profile's teacher for the teacher, TinyViT-5M otherwise)."""
-    budget = settings[role]
-    config = TrainConfig(epochs=budget["epochs"], batch_size=budget["batch_size"], lr=budget["lr"],
-                         warmup_epochs=min(1.0, budget["epochs"] / 4), seed=seed)
-    return RunSpec(name=name, dataset=settings["dataset"], data_root=settings["data_root"],
-                   model=model or (settings["teacher_model"] if role == "teacher" else "tinyvit_5m"),
-                   img_size=settings["img_size"], augment=settings["augment"],
-                   max_per_class=budget["max_per_class"], max_val_per_class=budget.get("max_val_per_class"),
-                   output_dir=str(settings["runs_dir"]), train=replace(config, **train_changes))
+    the architecture (default: the profile's teacher for the teacher, TinyViT-5M otherwise).
+
+    Raises:
+        ValueError: an unknown role; TypeError: a train_changes key that is not a TrainConfig field.
+    """
+    if role not in ("teacher", "student", "bias_demo"):
+        raise ValueError(f"unknown role {role!r}; choose one of teacher, student, bias_demo")
+    budget: Budget = getattr(profile, role)
+    config = TrainConfig(epochs=budget.epochs, batch_size=budget.batch_size, lr=budget.lr,
+                         warmup_epochs=min(1.0, budget.epochs / 4), seed=seed)
+    return RunSpec(name=name, dataset=profile.dataset, data_root=profile.data_root,
+                   model=model or (profile.teacher_model if role == "teacher" else "tinyvit_5m"),
+                   img_size=profile.img_size, augment=profile.augment,
+                   max_per_class=budget.max_per_class, max_val_per_class=budget.max_val_per_class,
+                   output_dir=str(profile.runs_dir), train=replace(config, **train_changes))
 
 
-def distillation_runs(settings: dict, seed: int, *, teacher_checkpoint: Path, stores: dict[str, Path],
-                      model: str = "tinyvit_5m", alpha: float | None = None,
+def teacher_spec(profile: Profile) -> RunSpec:
+    """Notebook 02's teacher run, whose best weights are `profile.teacher_checkpoint`."""
+    return run_spec(profile, TEACHER_RUN, role="teacher")
+
+
+def distillation_runs(profile: Profile, seed: int, *, model: str = "tinyvit_5m", alpha: float | None = None,
                       temperature: float | None = None) -> dict[str, RunSpec]:
-    """The student runs of notebook 03 for one seed: no teacher, static store, replay store, online
-    teacher. All share data, budget and seed; only where the teacher's distribution comes from differs."""
-    alpha = settings["alpha"] if alpha is None else alpha
-    temperature = settings["temperature"] if temperature is None else temperature
-    base = run_spec(settings, f"{model}_baseline_s{seed}", seed=seed, model=model)
+    """The student runs of notebook 03 for one seed: "baseline", "static store", "replay store",
+    "online teacher" (the stores and the teacher of notebook 02). All share data, budget and seed; only
+    where the teacher's distribution comes from differs. `alpha`, `temperature`: default the profile's."""
+    alpha = profile.alpha if alpha is None else alpha
+    temperature = profile.temperature if temperature is None else temperature
+    base = run_spec(profile, f"{model}_baseline_s{seed}", seed=seed, model=model)
     kd = dict(distill_alpha=alpha, distill_temp=temperature)
 
     def distilled(kind: str, **where) -> RunSpec:
@@ -128,8 +288,26 @@ def distillation_runs(settings: dict, seed: int, *, teacher_checkpoint: Path, st
 
     return {
         "baseline": base,
-        "static store": distilled("static", logits_path=str(stores["static"])),
-        "replay store": distilled("replay", logits_path=str(stores["replay"])),
-        "online teacher": distilled("online", teacher_model=settings["teacher_model"],
-                                    teacher_checkpoint=str(teacher_checkpoint)),
+        "static store": distilled("static", logits_path=str(profile.store_path("static"))),
+        "replay store": distilled("replay", logits_path=str(profile.store_path("replay"))),
+        "online teacher": distilled("online", teacher_model=profile.teacher_model,
+                                    teacher_checkpoint=str(profile.teacher_checkpoint)),
     }
+
+
+def sweep_spec(profile: Profile, seed: int, *, model: str = "tinyvit_5m", alpha: float | None = None,
+               temperature: float | None = None, k: int | None = None) -> RunSpec:
+    """One point of notebook 04: notebook 03's replay-store student with another model, alpha, T or
+    store k (None: the profile's), trained for `profile.sweep.epochs`. Its name is the replay run's,
+    plus `_k{k}` when k differs from the profile's and `_e{epochs}` when the sweep's epochs differ
+    from the student budget's, so the point with notebook 03's settings *is* its run (and reuses it).
+
+    Raises:
+        ValueError: a k with no replay store (see `Profile.store_path`).
+    """
+    k = profile.k if k is None else k
+    spec = distillation_runs(profile, seed, model=model, alpha=alpha, temperature=temperature)["replay store"]
+    epochs = profile.sweep.epochs
+    name = spec.name + (f"_k{k}" if k != profile.k else "") + (f"_e{epochs}" if epochs != spec.train.epochs else "")
+    return replace(spec, name=name, logits_path=str(profile.store_path("replay", k)),
+                   train=replace(spec.train, epochs=epochs))
