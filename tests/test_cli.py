@@ -1,46 +1,87 @@
-"""The training CLI: the seed's command lines parse, bad values exit 2 before anything is written."""
+"""The two CLIs: the original command lines parse, bad values exit 2 with one line before anything is
+written, `--no-verify-files`, and the precompute CLI's `--verify` (on a complete store: checks it,
+writes nothing, exit 1 beyond the tolerance) and `--inspect`.
 
+Every case runs `main()` in a subprocess: importing `tinyvit_lib.train` by name rebinds the package
+attribute `tinyvit_lib.train` (the training function) in the importing process.
+"""
+
+import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+import torch
+
+from test_data import write_cifar100
+from test_logit_store import edit_a_value_keeping_the_checksum
+from tinyvit_lib.data import get_dataset, per_class_subset
+from tinyvit_lib.distill import precompute
+from tinyvit_lib.teachers import build_model
+
+TRAIN, PRECOMPUTE = "tinyvit_lib.train", "tinyvit_lib.precompute_logits"
 
 # One interpreter runs every case (importing torch once), calling the CLI's main() per argv.
 CASES_SCRIPT = """
     import contextlib, io, json, sys
-    from tinyvit_lib.train import build_parser, main, spec_from_args
+    from {module} import main
     results = []
     for argv in json.loads(sys.argv[1]):
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = main(argv)
-        results.append([code, err.getvalue()])
+        results.append([code, out.getvalue(), err.getvalue()])
     print(json.dumps(results))
 """
 
+# Run before the cases: makes building a teacher or loading data fail loudly (`--inspect` needs neither).
+NO_TEACHER_NO_DATA = """
+    import tinyvit_lib.precompute_logits as cli
+    def refuse(*args, **kwargs):
+        raise AssertionError("--inspect built a teacher or loaded data")
+    cli.build_model = cli.load_weights = cli.get_dataset = refuse
+"""
 
-def run_cases(cases: list[list[str]], cwd: Path) -> list:
-    import json
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(CASES_SCRIPT), json.dumps(cases)], cwd=cwd,
-                         capture_output=True, text=True, timeout=300, env=dict(os.environ, TQDM_DISABLE="1"))
+
+def run_cases(cases: list[list[str]], cwd: Path, module: str = TRAIN, prelude: str = "") -> list:
+    """[exit status, stdout, stderr] of `module`'s main() on each argv, in one fresh interpreter that
+    first runs `prelude`."""
+    script = textwrap.dedent(prelude) + textwrap.dedent(CASES_SCRIPT).format(module=module)
+    out = subprocess.run([sys.executable, "-c", script, json.dumps(cases)], cwd=cwd, capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_seed_command_lines_parse():
-    from tinyvit_lib.train import build_parser, spec_from_args
-    parser = build_parser()
-    base = spec_from_args(parser.parse_args(
-        "--dataset cifar100 --train-data ./data --name tinyvit_5m_baseline".split()))
-    assert base.dataset == "cifar100" and base.data_root == "./data" and base.train.distill_alpha == 0.0
-    distill = spec_from_args(parser.parse_args(
-        ("--dataset cifar100 --train-data ./data --name tinyvit_5m_distill --use-distillation "
-         "--logits-path ./logits/cifar100_logits.pkl --distill-alpha 0.5 --distill-temp 1.0").split()))
-    assert distill.logits_path == "./logits/cifar100_logits.pkl"
-    assert distill.train.distill_alpha == 0.5 and distill.train.distill_temp == 1.0
+def assert_refused(result: list, message: str) -> None:
+    code, _, err = result
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (message, err)
+
+
+# ----------------------------------------------------------------------------- python -m tinyvit_lib.train
+
+def test_original_command_lines_parse(tmp_path):
+    script = textwrap.dedent("""
+        import json
+        from tinyvit_lib.train import build_parser, spec_from_args
+        parser = build_parser()
+        specs = [spec_from_args(parser.parse_args(argv.split())) for argv in (
+            "--dataset cifar100 --train-data ./data --name tinyvit_5m_baseline",
+            "--dataset cifar100 --train-data ./data --name tinyvit_5m_distill --use-distillation "
+            "--logits-path ./logits/cifar100_logits.pkl --distill-alpha 0.5 --distill-temp 1.0",
+            "--dataset cifar100 --train-data ./data --name copy --no-verify-files")]
+        print(json.dumps([[s.dataset, s.data_root, s.logits_path, s.train.distill_alpha, s.train.distill_temp,
+                           s.verify_files] for s in specs]))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    base, distill, copy = json.loads(out.stdout.strip().splitlines()[-1])
+    assert base == ["cifar100", "./data", None, 0.0, 1.0, True]
+    assert distill == ["cifar100", "./data", "./logits/cifar100_logits.pkl", 0.5, 1.0, True]
+    assert copy[-1] is False
 
 
 def test_bad_values_exit_2_with_one_line_and_write_nothing(tmp_path):
@@ -57,7 +98,113 @@ def test_bad_values_exit_2_with_one_line_and_write_nothing(tmp_path):
         "max_per_class=0": ["--max-per-class", "0"],
     }
     results = run_cases([common + argv for argv in cases.values()], tmp_path)
-    for (message, argv), (code, err) in zip(cases.items(), results):
-        assert code == 2, (argv, err)
-        assert message in err and len(err.strip().splitlines()) == 1, (argv, err)
+    for message, result in zip(cases, results):
+        assert_refused(result, message)
     assert not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------- both CLIs: --no-verify-files
+
+def test_a_differing_cifar100_copy_needs_no_verify_files(tmp_path):
+    root = write_cifar100(tmp_path / "cifar")
+    train = ["--dataset", "cifar100", "--train-data", str(root), "--output-dir", str(tmp_path / "runs"),
+             "--name", "copy", "--model", "resnet18", "--epochs", "1", "--batch-size", "5"]
+    precompute = ["--dataset", "cifar100", "--data-root", str(root), "--teacher-model", "resnet18", "--k", "3",
+                  "--output-path", str(tmp_path / "store")]
+    refused, trained = run_cases([train, train + ["--no-verify-files"]], tmp_path)
+    assert_refused(refused, "--no-verify-files")
+    assert trained[0] == 0 and "1 epochs" in trained[1], trained
+    refused, stored = run_cases([precompute, precompute + ["--no-verify-files"]], tmp_path, module=PRECOMPUTE)
+    assert_refused(refused, "--no-verify-files")
+    assert stored[0] == 0 and "10 images x 1 epoch(s)" in stored[1], stored
+
+
+# ----------------------------------------------------------------------------- python -m tinyvit_lib.precompute_logits
+
+def test_precompute_bad_values_exit_2_with_one_line_and_write_nothing(tmp_path):
+    base = ["--dataset", "synthetic", "--max-per-class", "4", "--k", "3"]
+    full = base + ["--teacher-model", "resnet18", "--output-path", str(tmp_path / "store")]
+    cases = {
+        "k=0 must be between 1 and the class count 10": full + ["--k", "0"],
+        "k=11": full + ["--k", "11"],
+        "checkpoint not found": full + ["--teacher-checkpoint", str(tmp_path / "missing.pt")],
+        "unknown model 'nosuchnet'": full + ["--teacher-model", "nosuchnet"],
+        "a static store holds one record per image": full + ["--mode", "static", "--epochs", "3"],
+        "epochs=0 must be >= 1": full + ["--mode", "replay", "--epochs", "0"],
+        "batch_size=0": full + ["--batch-size", "0"],
+        "num_workers=-1": full + ["--num-workers", "-1"],
+        "--output-path required": base + ["--teacher-model", "resnet18"],
+        "--teacher-model and --output-path required": base,
+    }
+    for message, result in zip(cases, run_cases(list(cases.values()), tmp_path, module=PRECOMPUTE)):
+        assert_refused(result, message)
+    assert not (tmp_path / "store").exists()
+
+
+def _teacher_checkpoint(tmp_path: Path) -> str:
+    """A ResNet-18 teacher's weights for synthetic data: the same teacher in every process."""
+    torch.save(build_model("resnet18", num_classes=10, img_size=32).state_dict(), tmp_path / "t.pt")
+    return str(tmp_path / "t.pt")
+
+
+def _snapshot(folder: Path) -> dict:
+    """Every file's bytes and modification time."""
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+def _verify_numbers(out: str) -> tuple[float, float]:
+    """(largest value error, its tolerance) from the CLI's verify line."""
+    match = re.search(r"largest value error (\S+) \(tolerance (\S+)\)", out)
+    assert match, out
+    return float(match.group(1)), float(match.group(2))
+
+
+def test_verify_checks_a_complete_store_writes_nothing_and_exits_1_beyond_the_tolerance(tmp_path):
+    store = tmp_path / "store"
+    make = ["--dataset", "synthetic", "--max-per-class", "8", "--teacher-model", "resnet18", "--k", "3",
+            "--teacher-checkpoint", _teacher_checkpoint(tmp_path), "--output-path", str(store),
+            "--verify", "--verify-samples", "1000"]
+    (code, out, err), = run_cases([make], tmp_path, module=PRECOMPUTE)  # no store yet: precompute, then verify
+    assert code == 0 and "80 images x 1 epoch(s)" in out and "verify: 80 records" in out and out.endswith(": ok\n")
+    before = _snapshot(store)
+
+    again, other_k, other_data = run_cases([make, make + ["--k", "4"], make + ["--max-per-class", "4"]], tmp_path,
+                                           module=PRECOMPUTE)
+    assert again[0] == 0 and again[1].startswith("verify: 80 records") and "tolerance" in again[1], again
+    error, tolerance = _verify_numbers(again[1])
+    assert error <= tolerance < 1e-2 and "index mismatch rate 0.00% (tolerance 1.00%): ok" in again[1]
+    assert_refused(other_k, "was made for something else: k: store 3, asked 4")
+    assert_refused(other_data, "was made for something else: dataset")
+    assert _snapshot(store) == before  # verifying wrote nothing
+
+    edit_a_value_keeping_the_checksum(store, position=5, delta=1.0)
+    edited = _snapshot(store)
+    (code, out, err), = run_cases([make], tmp_path, module=PRECOMPUTE)
+    error, tolerance = _verify_numbers(out)
+    assert code == 1 and out.rstrip().endswith("FAILED") and abs(error - 1.0) < 1e-2 and tolerance < 1e-2, out
+    assert _snapshot(store) == edited
+
+
+def test_inspect_describes_a_store_without_a_teacher_or_data(tmp_path):
+    dataset = per_class_subset(get_dataset("synthetic"), 4)
+    precompute(build_model("resnet18", num_classes=10, img_size=32), dataset, tmp_path / "good", k=3,
+               teacher_name="resnet18", progress=False)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("manifest.json", "epoch-0000.bin"):
+        (bad / name).write_bytes((tmp_path / "good" / name).read_bytes())
+    records = bytearray((bad / "epoch-0000.bin").read_bytes())
+    records[30] ^= 1
+    (bad / "epoch-0000.bin").write_bytes(bytes(records))
+    cases = [["--inspect", str(tmp_path / name)] for name in ("good", "bad", "none")]
+    good, corrupted, missing = run_cases(cases, tmp_path, module=PRECOMPUTE, prelude=NO_TEACHER_NO_DATA)
+    code, out, err = good
+    assert code == 0 and err == "", err
+    for expected in ("teacher  resnet18, 11,181,642 parameters", "dataset  synthetic, split train, 40 images",
+                     "records  static, k=3, 1 epoch(s), base seed 0: 40 records of 24 bytes (official format: 16)",
+                     "layout   seed int64, rest float32, index int16 x 3, value float16 x 3",
+                     "file     epoch-0000.bin, 960 bytes, checksum ok"):
+        assert expected in out, out
+    assert "file     epoch-0000.bin, 960 bytes, BAD" in corrupted[1]
+    assert_refused(corrupted, "checksum mismatch")
+    assert_refused(missing, "no logit store at")

@@ -49,10 +49,11 @@ def fashion_root(tmp_path, no_debian):
     return root
 
 
-@pytest.fixture
-def cifar_root(tmp_path):
+def write_cifar100(root: Path) -> Path:
+    """A small CIFAR-100 copy in the official pickle format under `root` (10 train, 4 test images);
+    its md5 differs from the official release. Returns `root`."""
     rng = np.random.default_rng(1)
-    folder = tmp_path / "cifar" / "cifar-100-python"
+    folder = root / "cifar-100-python"
     folder.mkdir(parents=True)
     for split, count in (("train", 10), ("test", 4)):
         entry = {"filenames": [f"{split}_{i}.png" for i in range(count)], "batch_label": split,
@@ -62,7 +63,12 @@ def cifar_root(tmp_path):
     meta = {"fine_label_names": [f"fine{k}" for k in range(100)],
             "coarse_label_names": [f"coarse{k}" for k in range(20)]}
     (folder / "meta").write_bytes(pickle.dumps(meta))
-    return folder.parent
+    return root
+
+
+@pytest.fixture
+def cifar_root(tmp_path):
+    return write_cifar100(tmp_path / "cifar")
 
 
 @pytest.fixture
@@ -178,8 +184,9 @@ def test_corrupt_idx_file_is_named(fashion_root):
 # ----------------------------------------------------------------------------- CIFAR-100
 
 def test_cifar100_refuses_a_differing_copy_unless_told(cifar_root):
-    with pytest.raises(ValueError, match="verify=False"):
+    with pytest.raises(ValueError, match="differ from the official release") as error:
         get_dataset("cifar100", cifar_root, download=False)
+    assert "verify=False" in str(error.value) and "--no-verify-files" in str(error.value)  # Python and CLI
     train = get_dataset("cifar100", cifar_root, "train", verify=False, download=False)
     test = get_dataset("cifar100", cifar_root, "test", verify=False, download=False)
     assert (len(train), len(test), train.num_classes) == (10, 4, 100)

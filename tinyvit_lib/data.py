@@ -40,8 +40,9 @@ from .augment import AugmentConfig, EvalTransform, TrainTransform, derive_seed, 
 
 __all__ = [
     "DATASETS", "DatasetWithIDs", "ArrayDatasetWithIDs", "FolderDatasetWithIDs", "EpochShuffleSampler",
-    "SubsetWithIDs", "per_class_subset", "get_dataset", "make_loaders", "get_CIFAR_100", "get_ImageNet1K", "get_imagenet_subset_loaders",
-    "FASHION_MNIST_DEBIAN_DIR", "DEFAULT_ROOT",
+    "SubsetWithIDs", "per_class_subset", "get_dataset", "make_loaders", "FASHION_MNIST_DEBIAN_DIR", "DEFAULT_ROOT",
+    # compatibility: the original plan's loaders (see the end of the file)
+    "get_CIFAR_100", "get_ImageNet1K", "get_imagenet_subset_loaders",
 ]
 
 Transform = Callable[[torch.Tensor, int], torch.Tensor]  # (uint8 image (C, H, W), seed) -> tensor
@@ -455,6 +456,13 @@ class _UncheckedCIFAR100(tv_datasets.CIFAR100):
 
 
 def _load_cifar100(root: str | Path | None, split: str, download: bool, verify: bool) -> tv_datasets.CIFAR100:
+    """torchvision's CIFAR-100 `split` from `root/cifar-100-python`, downloaded there if allowed and missing.
+
+    Raises:
+        ValueError: files whose md5 differs from the official release (unless `verify` is False), or
+            files that cannot be read.
+        FileNotFoundError: no files and no download (not allowed, or failed).
+    """
     root = DEFAULT_ROOT if root is None else Path(root)
     reference = tv_datasets.CIFAR100
     folder = root / reference.base_folder
@@ -464,7 +472,8 @@ def _load_cifar100(root: str | Path | None, split: str, download: bool, verify: 
         differ = [filename for filename, md5 in used if verify and not check_integrity(str(folder / filename), md5)]
         if differ:
             raise ValueError(f"CIFAR-100 files {differ} in {folder} differ from the official release (md5); "
-                             "re-download them, or pass verify=False to use this copy anyway")
+                             "re-download them, or use this copy anyway: verify=False in Python, "
+                             "--no-verify-files on the command line")
         try:
             return _UncheckedCIFAR100(str(root), train=split == "train")
         except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as error:
@@ -575,6 +584,11 @@ def make_loaders(train: DatasetWithIDs, held_out: DatasetWithIDs, *, batch_size:
     eval_loader = DataLoader(held_out, batch_size=batch_size, num_workers=num_workers)
     return train_loader, eval_loader
 
+
+# ----------------------------------------------------------------------------- compatibility: the original plan's API
+# The loaders the original plan's command lines and API named, kept so that code written against
+# them keeps working. New code builds each split with `get_dataset` (as `experiment.datasets_for`
+# does) and, where it wants loaders, pairs a training and a held-out split with `make_loaders`.
 
 def get_CIFAR_100(root: str | Path | None = None, *, batch_size: int = 128, img_size: int = 32,
                   augment: AugmentConfig | None = AugmentConfig(), base_seed: int = 0, num_workers: int = 0,

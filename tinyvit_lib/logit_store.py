@@ -40,8 +40,8 @@ import torch
 
 from .utils import atomic_write, atomic_write_text
 
-__all__ = ["FORMAT", "VERSION", "record_dtype", "StoreHeader", "LogitStore", "StoreWriter", "encode_records",
-           "rebuild_logits", "StoreMismatch", "derive_smaller_k"]
+__all__ = ["FORMAT", "VERSION", "record_dtype", "record_layout", "official_record_bytes", "StoreHeader", "LogitStore",
+           "StoreWriter", "encode_records", "rebuild_logits", "StoreMismatch", "derive_smaller_k", "describe_store"]
 
 FORMAT = "tinyvit-logit-store"
 VERSION = 1
@@ -58,9 +58,30 @@ def record_dtype(k: int, num_classes: int) -> np.dtype:
     return np.dtype([("seed", "<i8"), ("rest", "<f4"), ("index", index, (k,)), ("value", "<f2", (k,))])
 
 
+def official_record_bytes(k: int) -> int:
+    """Bytes per record in the official TinyViT format for top-k: a 32-bit seed, k fp16 values and
+    k int16 indices (4 + 4k; ours adds a 64-bit seed and the remainder term)."""
+    return 4 + 4 * k
+
+
+def record_layout(dtype: np.dtype) -> str:
+    """A record layout in words, e.g. 'seed int64, rest float32, index int16 x 10, value float16 x 10'."""
+    fields = []
+    for name in dtype.names:
+        field = dtype.fields[name][0]
+        base, shape = field.subdtype if field.subdtype else (field, ())
+        fields.append(f"{name} {base.name}" + (f" x {int(np.prod(shape))}" if shape else ""))
+    return ", ".join(fields)
+
+
 @dataclass(frozen=True)
 class StoreHeader:
-    """Everything a store promises about its records; compared field by field on open."""
+    """Everything a store promises about its records; compared field by field on open.
+
+    Raises:
+        ValueError: a mode other than 'static'/'replay', k outside [1, num_classes], or epochs < 1
+            (a static store holds exactly one epoch).
+    """
 
     teacher: dict  # name, description, weights_sha256
     dataset: dict  # the dataset fingerprint (name, split, size, ID and content hashes)
@@ -77,8 +98,11 @@ class StoreHeader:
             raise ValueError(f"mode must be 'static' or 'replay', got {self.mode!r}")
         if not 1 <= self.k <= self.num_classes:
             raise ValueError(f"k={self.k} must be between 1 and the class count {self.num_classes}")
-        if self.epochs < 1 or (self.mode == "static" and self.epochs != 1):
-            raise ValueError(f"epochs={self.epochs}: a static store has 1, a replay store >= 1")
+        if self.mode == "static" and self.epochs != 1:
+            raise ValueError(f"epochs={self.epochs}: a static store holds one record per image (epochs=1); "
+                             "use mode 'replay' for several epochs of augmented views")
+        if self.epochs < 1:
+            raise ValueError(f"epochs={self.epochs} must be >= 1")
 
     @property
     def size(self) -> int:
@@ -149,6 +173,50 @@ def rebuild_logits(records: np.ndarray, num_classes: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- reading
 
+def _read_manifest(path: Path) -> tuple[dict, StoreHeader]:
+    """The manifest of the store at `path` and its header.
+
+    Raises:
+        FileNotFoundError: no manifest (no store, or an unfinished precompute).
+        ValueError: a manifest that is not JSON, not of this format/version, or malformed.
+    """
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        partial = " (an unfinished precompute: run it again to complete it)" if path.is_dir() else ""
+        raise FileNotFoundError(f"no logit store at {path}{partial}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{manifest_path} is not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        found = manifest if isinstance(manifest, dict) else {}
+        raise ValueError(f"{path} is not a {FORMAT} v{VERSION} store "
+                         f"(format={found.get('format')!r}, version={found.get('version')!r})")
+    try:
+        header = StoreHeader(**manifest["header"])
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{manifest_path} is malformed: {type(exc).__name__}: {exc}") from exc
+    files = manifest.get("files")
+    if not isinstance(files, list) or not all(isinstance(f, dict) and {"name", "sha256"} <= f.keys() for f in files):
+        raise ValueError(f"{manifest_path} is malformed: 'files' must list the record files with name and sha256")
+    return manifest, header
+
+
+def _file_problem(path: Path, entry: dict, header: StoreHeader, *, verify: bool) -> str | None:
+    """What is wrong with the record file a manifest `entry` names (None: nothing): missing, of the
+    wrong size, or (with `verify`) not matching its checksum."""
+    file_path = path / entry["name"]
+    expected_bytes = header.size * header.dtype.itemsize
+    if not file_path.is_file():
+        return f"logit store file missing: {file_path}"
+    if file_path.stat().st_size != expected_bytes:
+        return (f"{file_path} has {file_path.stat().st_size} bytes, expected {expected_bytes} "
+                f"({header.size} records of {header.dtype.itemsize}): truncated or corrupted")
+    if verify and _sha256(file_path) != entry["sha256"]:
+        return f"{file_path}: checksum mismatch, the file is corrupted"
+    return None
+
+
 class LogitStore:
     """A complete store, opened read-only. `records(epoch, positions)` is an O(1) memory-map slice.
 
@@ -166,32 +234,15 @@ class LogitStore:
     @classmethod
     def open(cls, path: str | Path, *, expect: StoreHeader | None = None, verify: bool = True) -> "LogitStore":
         path = Path(path)
-        manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
-            partial = " (an unfinished precompute: run it again to complete it)" if path.is_dir() else ""
-            raise FileNotFoundError(f"no logit store at {path}{partial}")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{manifest_path} is not valid JSON: {exc}") from exc
-        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-            raise ValueError(f"{path} is not a {FORMAT} v{VERSION} store "
-                             f"(format={manifest.get('format')!r}, version={manifest.get('version')!r})")
-        header = StoreHeader(**manifest["header"])
+        manifest, header = _read_manifest(path)
         if expect is not None:
             diffs = header.differences(expect)
             if diffs:
                 raise StoreMismatch(f"logit store {path} was made for something else: " + "; ".join(diffs))
-        expected_bytes = header.size * header.dtype.itemsize
-        for f in manifest["files"]:
-            file_path = path / f["name"]
-            if not file_path.is_file():
-                raise ValueError(f"logit store file missing: {file_path}")
-            if file_path.stat().st_size != expected_bytes:
-                raise ValueError(f"{file_path} has {file_path.stat().st_size} bytes, expected {expected_bytes} "
-                                 f"({header.size} records of {header.dtype.itemsize}): truncated or corrupted")
-            if verify and _sha256(file_path) != f["sha256"]:
-                raise ValueError(f"{file_path}: checksum mismatch, the file is corrupted")
+        for entry in manifest["files"]:
+            problem = _file_problem(path, entry, header, verify=verify)
+            if problem:
+                raise ValueError(problem)
         return cls(path, header, manifest["files"])
 
     @property
@@ -323,6 +374,39 @@ class StoreWriter:
         (self.path / "pending.json").unlink(missing_ok=True)
         return LogitStore.open(self.path, verify=False)
 
+
+# ----------------------------------------------------------------------------- describing
+
+def describe_store(path: str | Path) -> dict:
+    """What the store at `path` holds, read from its manifest and files alone (no teacher, no data).
+
+    Returns a dict: `path`, `format`, `version`, every `StoreHeader` field (teacher: name,
+    parameters, weights_sha256; dataset: its fingerprint; img_size, transform, mode, k,
+    num_classes, epochs, base_seed), `images` (records per epoch), `records` (in all),
+    `bytes_per_record`, `official_bytes_per_record` (`official_record_bytes(k)`), `layout` (in
+    words), `files` (one dict per record file: name, epoch, bytes on disk or None, sha256 from the
+    manifest, and `problem`, None when the file is there, of the right size and matches its
+    checksum) and `ok` (no file has a problem). Every file is read once to check its checksum.
+
+    Raises:
+        FileNotFoundError: no store at `path` (or an unfinished one).
+        ValueError: a manifest that is not JSON, not of this format/version, or malformed.
+    """
+    path = Path(path)
+    manifest, header = _read_manifest(path)
+    files = []
+    for entry in manifest["files"]:
+        file_path = path / entry["name"]
+        files.append(dict(name=entry["name"], epoch=entry.get("epoch"),
+                          bytes=file_path.stat().st_size if file_path.is_file() else None,
+                          sha256=entry["sha256"], problem=_file_problem(path, entry, header, verify=True)))
+    return dict(path=str(path), format=FORMAT, version=VERSION, **header.to_dict(), images=header.size,
+                records=header.size * header.epochs, bytes_per_record=header.dtype.itemsize,
+                official_bytes_per_record=official_record_bytes(header.k), layout=record_layout(header.dtype),
+                files=files, ok=all(f["problem"] is None for f in files))
+
+
+# ----------------------------------------------------------------------------- deriving
 
 def derive_smaller_k(store: LogitStore, k: int, path: str | Path) -> LogitStore:
     """A store with the top `k` < store.k of every record, derived without running the teacher.

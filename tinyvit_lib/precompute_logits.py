@@ -5,26 +5,38 @@
     python -m tinyvit_lib.precompute_logits --dataset fashion-mnist --teacher-model resnet18 \\
         --teacher-checkpoint runs/teacher/best.pt --k 10 --mode replay --epochs 10 --output-path logits/fm
     torchrun --nproc_per_node=2 -m tinyvit_lib.precompute_logits ...      # sharded: one share per rank
+    python -m tinyvit_lib.precompute_logits ... --verify                   # check the store, made now or before
+    python -m tinyvit_lib.precompute_logits --inspect logits/fm           # what a store holds
 
 The output path names a store folder (manifest + binary records), never a pickle, whatever its
 suffix. Run the same command again after an interruption: it continues where it stopped.
-Bad values print one line on stderr and exit with status 2 before anything is written.
+
+`--verify` re-runs the teacher on `--verify-samples` records (each view replayed from its stored
+seed) and compares with the tolerance `distill.VerifyTolerance` sets. On a path that already holds a
+complete store it writes nothing: it opens the store (checksums, and the same teacher, data and
+settings as the command line describes) and checks it. `--inspect PATH` prints what a store holds
+and checks its files, without a teacher or data.
+
+Exit status: 0 done (and verified, with --verify); 1 the verification found differences beyond the
+tolerance; 2 bad input, one line on stderr, before anything is written.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+from pathlib import Path
 
-import torch.distributed as dist
+import torch
+import torch.nn as nn
 
 from .augment import AUGMENT_PRESETS
-from .data import DATASETS, get_dataset, per_class_subset
-from .distill import precompute, verify_store
-from .logit_store import LogitStore, StoreMismatch
+from .data import DATASETS, DatasetWithIDs, get_dataset, per_class_subset
+from .distill import precompute, store_header, verify_store
+from .logit_store import MANIFEST, LogitStore, describe_store, official_record_bytes
 from .teachers import build_model, load_weights
 from .trainer import pick_device
+from .utils import init_distributed, is_main_process
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,10 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", default="fashion-mnist", choices=DATASETS)
     p.add_argument("--data-root", "--train-data", dest="data_root", default=None)
-    p.add_argument("--teacher-model", required=True, help="a torchvision classifier name or a TinyViT preset")
+    p.add_argument("--no-verify-files", dest="verify_files", action="store_false",
+                   help="cifar100: use a copy whose md5 differs from the official release (md5 checked: %(default)s)")
+    p.add_argument("--teacher-model", default=None,
+                   help="a torchvision classifier name or a TinyViT preset (required unless --inspect)")
     p.add_argument("--teacher-checkpoint", default=None, help="the teacher's weights (without: random weights)")
     p.add_argument("--k", type=int, default=10, help="logits kept per image (1..classes)")
-    p.add_argument("--output-path", required=True, help="the store folder")
+    p.add_argument("--output-path", default=None, help="the store folder (required unless --inspect)")
     p.add_argument("--mode", choices=["static", "replay"], default="static",
                    help="static: one record per image (evaluation view); replay: one per image and epoch")
     p.add_argument("--epochs", type=int, default=1, help="replay mode: epochs of augmented views to store")
@@ -48,58 +63,113 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--verify", action="store_true",
-                   help="re-run the teacher on a sample of records and report the largest error")
+                   help="re-run the teacher on a sample of records and compare (a complete store is checked, "
+                        "not rewritten); exit status 1 beyond the tolerance")
     p.add_argument("--verify-samples", type=int, default=256)
+    p.add_argument("--inspect", metavar="PATH", default=None,
+                   help="print what the store at PATH holds and check its files (needs no other option)")
     return p
 
 
+def load_dataset(args: argparse.Namespace) -> DatasetWithIDs:
+    """The training split as the store sees it: the evaluation view (static) or the student's
+    augmentation from `--seed` (replay), cut to `--max-per-class` (see `get_dataset` for what is raised)."""
+    augment = AUGMENT_PRESETS[args.augment] if args.mode == "replay" else None
+    dataset = get_dataset(args.dataset, args.data_root, "train", img_size=args.img_size, augment=augment,
+                          base_seed=args.seed, verify=args.verify_files)
+    return dataset if args.max_per_class is None else per_class_subset(dataset, args.max_per_class)
+
+
+def load_teacher(args: argparse.Namespace, dataset: DatasetWithIDs) -> nn.Module:
+    """`--teacher-model` for the data's classes, channels and resolution, with `--teacher-checkpoint`
+    loaded (see `build_model` and `load_weights` for what is raised)."""
+    teacher = build_model(args.teacher_model, num_classes=dataset.num_classes, in_chans=dataset.out_chans,
+                          img_size=dataset.transform.img_size)
+    return load_weights(teacher, args.teacher_checkpoint) if args.teacher_checkpoint else teacher
+
+
+def print_description(path: str) -> int:
+    """Print `describe_store(path)`; 0 for a good store, 2 (one line on stderr) if a file is bad.
+
+    Raises:
+        FileNotFoundError, ValueError: no store at `path`, or an unreadable manifest.
+    """
+    info = describe_store(path)
+    teacher, data = info["teacher"], info["dataset"]
+    print(f"logit store {info['path']} ({info['format']} v{info['version']})")
+    print(f"  teacher  {teacher.get('name')}, {teacher.get('parameters', 0):,} parameters, "
+          f"weights sha256 {str(teacher.get('weights_sha256'))[:16]}")
+    print(f"  dataset  {data.get('name')}, split {data.get('split')}, {data.get('size')} images, "
+          f"{info['num_classes']} classes, ids sha256 {str(data.get('ids_sha256'))[:16]}, "
+          f"content sha256 {str(data.get('content_sha256'))[:16]}")
+    print(f"  view     {info['img_size']}x{info['img_size']}, {info['transform']}")
+    print(f"  records  {info['mode']}, k={info['k']}, {info['epochs']} epoch(s), base seed {info['base_seed']}: "
+          f"{info['records']} records of {info['bytes_per_record']} bytes "
+          f"(official format: {info['official_bytes_per_record']})")
+    print(f"  layout   {info['layout']}")
+    for f in info["files"]:
+        size = "missing" if f["bytes"] is None else f"{f['bytes']:,} bytes"
+        print(f"  file     {f['name']}, {size}, {'checksum ok' if f['problem'] is None else 'BAD'}")
+    problems = [f["problem"] for f in info["files"] if f["problem"]]
+    if problems:
+        more = f" (and {len(problems) - 1} more bad file(s))" if len(problems) > 1 else ""
+        print(f"error: {problems[0]}{more}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_precompute(args: argparse.Namespace, teacher: nn.Module, dataset: DatasetWithIDs,
+                   device: torch.device) -> None:
+    """Write (or finish) the store at `--output-path`, in the process group `torchrun` describes,
+    and print a summary on rank 0 (see `precompute` for what is raised)."""
+    init_distributed(device)
+    store, stats = precompute(teacher, dataset, args.output_path, k=args.k, mode=args.mode, epochs=args.epochs,
+                              teacher_name=args.teacher_model, batch_size=args.batch_size, device=device,
+                              in_chans=dataset.out_chans, num_workers=args.num_workers)
+    if is_main_process():
+        print(f"{store.path}: {store.header.size} images x {store.header.epochs} epoch(s), "
+              f"{store.bytes_per_record} bytes per record (official format: {official_record_bytes(args.k)}); "
+              f"{stats.images} images this run at {stats.images_per_s:.0f} images/s")
+        if not args.teacher_checkpoint:
+            print("warning: no --teacher-checkpoint: the store holds a randomly initialised teacher's logits",
+                  file=sys.stderr)
+
+
+def run_verify(store: LogitStore, teacher: nn.Module, dataset: DatasetWithIDs, args: argparse.Namespace,
+               device: torch.device) -> int:
+    """Print `verify_store`'s numbers and tolerances; 0 within the tolerance, 1 beyond it."""
+    report = verify_store(store, teacher, dataset, samples=args.verify_samples, in_chans=dataset.out_chans,
+                          device=device)
+    print(f"verify: {report['records']} records, largest value error {report['max_value_error']:.4g} "
+          f"(tolerance {report['value_tolerance']:.4g}), index mismatch rate {report['index_mismatch_rate']:.2%} "
+          f"(tolerance {report['index_mismatch_tolerance']:.2%}): {'ok' if report['ok'] else 'FAILED'}")
+    return 0 if report["ok"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI on `argv` (default: sys.argv[1:]); returns the exit status (see the module docstring)."""
     args = build_parser().parse_args(argv)
     try:
-        if args.batch_size < 1 or args.epochs < 1 or args.num_workers < 0:
-            raise ValueError(f"--batch-size ({args.batch_size}) and --epochs ({args.epochs}) must be >= 1, "
-                             f"--num-workers ({args.num_workers}) >= 0")
-        if args.mode == "static" and args.epochs != 1:
-            raise ValueError(f"--epochs={args.epochs}: a static store holds one record per image; use --mode replay")
-        augment = AUGMENT_PRESETS[args.augment] if args.mode == "replay" else None
-        dataset = get_dataset(args.dataset, args.data_root, "train", img_size=args.img_size, augment=augment,
-                              base_seed=args.seed)
-        if args.max_per_class is not None:
-            dataset = per_class_subset(dataset, args.max_per_class)
-        if not 1 <= args.k <= dataset.num_classes:
-            raise ValueError(f"--k={args.k} must be between 1 and the class count {dataset.num_classes}")
+        if args.inspect:
+            return print_description(args.inspect)
+        missing = [flag for flag, value in (("--teacher-model", args.teacher_model),
+                                            ("--output-path", args.output_path)) if value is None]
+        if missing:
+            raise ValueError(f"{' and '.join(missing)} required (only --inspect PATH goes without)")
+        dataset = load_dataset(args)
+        teacher = load_teacher(args, dataset)
         device = pick_device(args.device)
-        in_chans = dataset.out_chans  # the teacher is built for the data's channels, as in training
-        teacher = build_model(args.teacher_model, num_classes=dataset.num_classes, in_chans=in_chans,
-                              img_size=dataset.transform.img_size)
-        if args.teacher_checkpoint:
-            load_weights(teacher, args.teacher_checkpoint)
-        else:
-            print("warning: no --teacher-checkpoint: the teacher has random weights", file=sys.stderr)
-        if os.path.isdir(args.output_path) and os.path.exists(os.path.join(args.output_path, "manifest.json")):
-            raise FileExistsError(f"{args.output_path} already holds a complete logit store")
+        if args.verify and (Path(args.output_path) / MANIFEST).is_file():  # check the store, write nothing
+            expected = store_header(teacher, args.teacher_model, dataset, k=args.k, mode=args.mode,
+                                    epochs=args.epochs)
+            store = LogitStore.open(args.output_path, expect=expected)
+            return run_verify(store, teacher, dataset, args, device)
+        run_precompute(args, teacher, dataset, device)
+        if args.verify and is_main_process():
+            return run_verify(LogitStore.open(args.output_path), teacher, dataset, args, device)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    try:
-        store, stats = precompute(teacher, dataset, args.output_path, k=args.k, mode=args.mode, epochs=args.epochs,
-                                  teacher_name=args.teacher_model, batch_size=args.batch_size, device=device,
-                                  in_chans=in_chans, num_workers=args.num_workers)
-    except StoreMismatch as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"{store.path}: {store.header.size} images x {store.header.epochs} epoch(s), "
-              f"{store.bytes_per_record} bytes per record (official format: {4 + 4 * args.k}); "
-              f"{stats.images} images this run at {stats.images_per_s:.0f} images/s")
-        if args.verify:
-            report = verify_store(LogitStore.open(args.output_path), teacher, dataset, samples=args.verify_samples,
-                                  in_chans=in_chans, device=device)
-            print(f"verify: {report['records']} records, largest value error {report['max_value_error']:.4g}, "
-                  f"index mismatch rate {report['index_mismatch_rate']:.4%}")
     return 0
 
 

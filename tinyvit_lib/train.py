@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="train on the first N images of each class (a deterministic subset)")
     data.add_argument("--max-val-per-class", type=int, default=None)
     data.add_argument("--num-workers", type=int, default=0)
+    data.add_argument("--no-verify-files", dest="verify_files", action="store_false",
+                      help="cifar100: use a copy whose md5 differs from the official release "
+                           "(md5 checked: %(default)s)")
 
     model = p.add_argument_group("model")
     model.add_argument("--model", default="tinyvit_5m",
@@ -73,7 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def spec_from_args(args: argparse.Namespace) -> RunSpec:
-    """Turn parsed arguments into a `RunSpec` (raises ValueError on bad combinations)."""
+    """Turn parsed arguments into a `RunSpec`. Values are checked by `TrainConfig` and `RunSpec`.
+
+    Raises:
+        ValueError: a distillation flag without the other (--use-distillation without a teacher, or a
+            teacher without --use-distillation), or a bad value (from `TrainConfig`/`RunSpec`).
+    """
     if args.use_distillation and not (args.logits_path or args.teacher_model):
         raise ValueError("--use-distillation needs --logits-path (stored logits) or --teacher-model (online)")
     if not args.use_distillation and (args.logits_path or args.teacher_model):
@@ -85,16 +93,16 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
         distill_temp=args.distill_temp, mix=args.mix, seed=args.seed, device=args.device,
         amp={"auto": None, "on": True, "off": False}[args.amp], amp_dtype=args.amp_dtype, compile=args.compile,
         num_workers=args.num_workers, checkpoint_every=args.checkpoint_every)
-    if args.use_distillation and not 0 <= args.distill_alpha <= 1:
-        raise ValueError(f"--distill-alpha must be in [0, 1], got {args.distill_alpha}")
     return RunSpec(name=args.name, dataset=args.dataset, data_root=args.data_root, model=args.model,
                    img_size=args.img_size, augment=args.augment, max_per_class=args.max_per_class,
                    max_val_per_class=args.max_val_per_class, teacher_model=args.teacher_model,
                    teacher_checkpoint=args.teacher_checkpoint, logits_path=args.logits_path,
-                   output_dir=args.output_dir, data_seed=args.data_seed, train=config)
+                   output_dir=args.output_dir, data_seed=args.data_seed, verify_files=args.verify_files,
+                   train=config)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI on `argv` (default: sys.argv[1:]); returns the exit status (2: bad input, nothing written)."""
     args = build_parser().parse_args(argv)
     try:
         spec = spec_from_args(args)
