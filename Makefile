@@ -20,13 +20,14 @@ PROFILE ?= $(if $(DATASET),$(PROFILE_OF_$(DATASET)),default)
 OUTDIR  := build/executed
 FASHION_MNIST_DEB_DIR := /usr/share/datasets/fashion-mnist
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+LINTED  := tinyvit_lib tests notebooks scripts
 # Quiet, deterministic headless runs: no progress bars, no stray threads beyond the cores we have.
 export TQDM_DISABLE := 1
 export DATA_ROOT
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run-all test lab bench data clean
+.PHONY: help setup run-all test lab format bench data clean
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -53,11 +54,15 @@ data:  ## make sure Fashion-MNIST is on this machine (Debian package, installs i
 run-all: $(VENV)/.ready data  ## execute every notebook in order (PROFILE=default|fast|cifar100|imagenet-subset, or DATASET=...)
 	@$(BIN)/python scripts/run_notebooks.py --profile $(PROFILE) --kernel $(KERNEL) --out $(OUTDIR) $(NOTEBOOKS)
 
-test: $(VENV)/.ready  ## unit tests, then every notebook under nbval in the fast profile
+test: $(VENV)/.ready  ## lint and format check, unit tests, then every notebook under nbval in the fast profile
+	$(BIN)/ruff check $(LINTED) && $(BIN)/ruff format --check $(LINTED)
 	TINYVIT_FAST=1 $(BIN)/python -m pytest tests $(NOTEBOOKS) --nbval-lax --nbval-current-env -p no:cacheprovider
 
 lab: $(VENV)/.ready  ## open JupyterLab on the project kernel
 	$(BIN)/jupyter lab notebooks
+
+format: $(VENV)/.ready  ## apply ruff's formatting and safe lint fixes (what `make test` checks)
+	$(BIN)/ruff format $(LINTED) && $(BIN)/ruff check --fix $(LINTED)
 
 bench: $(VENV)/.ready  ## training/inference images/s of our TinyViT-5M vs timm's, on this machine
 	$(BIN)/python -m tinyvit_lib.bench

@@ -29,8 +29,14 @@ class IPCKernelManager(AsyncKernelManager):
 def run(notebook: Path, out_dir: Path, *, kernel: str, profile: str) -> float:
     """Execute `notebook` into `out_dir` with the given profile; returns the wall time in seconds."""
     t0 = time.perf_counter()
-    papermill.execute_notebook(str(notebook), str(out_dir / notebook.name), parameters=dict(profile=profile),
-                               kernel_name=kernel, progress_bar=False, kernel_manager_class=IPCKernelManager)
+    papermill.execute_notebook(
+        str(notebook),
+        str(out_dir / notebook.name),
+        parameters=dict(profile=profile),
+        kernel_name=kernel,
+        progress_bar=False,
+        kernel_manager_class=IPCKernelManager,
+    )
     return time.perf_counter() - t0
 
 
@@ -53,8 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             seconds = run(notebook, args.out, kernel=args.kernel, profile=args.profile)
         except papermill.PapermillExecutionError as exc:
-            print(f"{notebook.name}: failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}\n"
-                  f"  see {args.out / notebook.name}", file=sys.stderr)
+            print(
+                f"{notebook.name}: failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}\n"
+                f"  see {args.out / notebook.name}",
+                file=sys.stderr,
+            )
             return 1
         total += seconds
         print(f"{notebook.name:<36} {minutes(seconds):>12}  -> {args.out / notebook.name}", flush=True)

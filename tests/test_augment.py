@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from torchvision.transforms import v2
 
 from tinyvit_lib.augment import AugmentConfig, EvalTransform, PairedMix, TrainTransform, derive_seed, sample_seed
@@ -17,8 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _images(channels: int = 3, count: int = 4, size: int = 28) -> torch.Tensor:
-    return torch.randint(0, 256, (count, channels, size, size), generator=torch.Generator().manual_seed(0),
-                         dtype=torch.uint8)
+    return torch.randint(
+        0, 256, (count, channels, size, size), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+    )
 
 
 def test_seeds_are_pinned_and_separate():
@@ -62,17 +62,23 @@ def test_eval_transform_is_deterministic_and_crops():
 def test_eval_transform_matches_torchvision_per_image_and_per_batch(size, img_size, crop_pct):
     # The transform calls torchvision's kernels directly and skips no-op steps: the result must be
     # bit-identical to the plain v2 pipeline, for one image and for a batch.
-    reference = v2.Compose([
-        v2.Resize(round(img_size / crop_pct), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-        v2.CenterCrop(img_size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+    reference = v2.Compose(
+        [
+            v2.Resize(round(img_size / crop_pct), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(img_size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(MEAN, STD),
+        ]
+    )
     transform = EvalTransform(img_size, MEAN, STD, crop_pct=crop_pct)
     images = torch.randint(0, 256, (5, 3, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     expected = torch.stack([reference(image) for image in images])
     assert expected.shape == (5, 3, img_size, img_size)
     assert torch.equal(torch.stack([transform(image) for image in images]), expected)
     assert torch.equal(transform(images), expected)
-    assert torch.equal(images, torch.randint(0, 256, (5, 3, *size), dtype=torch.uint8,
-                                             generator=torch.Generator().manual_seed(0)))  # input untouched
+    assert torch.equal(
+        images, torch.randint(0, 256, (5, 3, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    )  # input untouched
     with pytest.raises(TypeError, match="uint8"):
         transform(images.float())
 
@@ -81,8 +87,12 @@ def test_eval_transform_description_names_every_setting():
     # A static store records this text as the identity of the view its logits came from.
     base = EvalTransform(24, MEAN, STD)
     assert repr(base) == repr(EvalTransform(24, MEAN, STD))
-    others = [EvalTransform(24, MEAN, STD, crop_pct=0.875), EvalTransform(32, MEAN, STD),
-              EvalTransform(24, (0.5, 0.5, 0.5), STD), EvalTransform(24, MEAN, (0.5, 0.5, 0.5))]
+    others = [
+        EvalTransform(24, MEAN, STD, crop_pct=0.875),
+        EvalTransform(32, MEAN, STD),
+        EvalTransform(24, (0.5, 0.5, 0.5), STD),
+        EvalTransform(24, MEAN, (0.5, 0.5, 0.5)),
+    ]
     assert len({repr(base), *map(repr, others)}) == 5
 
 

@@ -15,7 +15,8 @@ def test_quick_bench_writes_every_number(tmp_path):
     assert main(["--quick", "--sections", "train32,infer32,distill", "--system-malloc", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     assert {(row["section"], row["policy"]) for row in results["models"]} == {
-        (section, policy) for section in ("train32", "infer32") for policy in ("eager", "fast")}
+        (section, policy) for section in ("train32", "infer32") for policy in ("eager", "fast")
+    }
     for row in results["models"]:
         assert set(row["images_per_s"]) == {"ours", "timm_default", "timm_matched"}
         assert min(row["images_per_s"].values()) > 0

@@ -15,9 +15,9 @@ import textwrap
 from pathlib import Path
 
 import torch
-
 from test_data import write_cifar100
 from test_logit_store import edit_a_value_keeping_the_checksum
+
 from tinyvit_lib.data import get_dataset, per_class_subset
 from tinyvit_lib.distill import precompute
 from tinyvit_lib.teachers import build_model
@@ -50,8 +50,14 @@ def run_cases(cases: list[list[str]], cwd: Path, module: str = TRAIN, prelude: s
     """[exit status, stdout, stderr] of `module`'s main() on each argv, in one fresh interpreter that
     first runs `prelude`."""
     script = textwrap.dedent(prelude) + textwrap.dedent(CASES_SCRIPT).format(module=module)
-    out = subprocess.run([sys.executable, "-c", script, json.dumps(cases)], cwd=cwd, capture_output=True, text=True,
-                         timeout=300, env=dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1"))
+    out = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(cases)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1"),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -62,6 +68,7 @@ def assert_refused(result: list, message: str) -> None:
 
 
 # ----------------------------------------------------------------------------- python -m tinyvit_lib.train
+
 
 def test_original_command_lines_parse(tmp_path):
     script = textwrap.dedent("""
@@ -90,8 +97,13 @@ def test_bad_values_exit_2_with_one_line_and_write_nothing(tmp_path):
         "epochs=-1": ["--epochs", "-1"],
         "distill_alpha=1.5": ["--use-distillation", "--teacher-model", "resnet18", "--distill-alpha", "1.5"],
         "unknown model 'resnet9000'": ["--model", "resnet9000"],
-        "checkpoint not found": ["--use-distillation", "--teacher-model", "resnet18",
-                                 "--teacher-checkpoint", str(tmp_path / "none.pt")],
+        "checkpoint not found": [
+            "--use-distillation",
+            "--teacher-model",
+            "resnet18",
+            "--teacher-checkpoint",
+            str(tmp_path / "none.pt"),
+        ],
         "no logit store at": ["--use-distillation", "--logits-path", str(tmp_path / "nostore")],
         "--use-distillation needs": ["--use-distillation"],
         "--resume: no checkpoint": ["--resume"],
@@ -105,12 +117,37 @@ def test_bad_values_exit_2_with_one_line_and_write_nothing(tmp_path):
 
 # ----------------------------------------------------------------------------- both CLIs: --no-verify-files
 
+
 def test_a_differing_cifar100_copy_needs_no_verify_files(tmp_path):
     root = write_cifar100(tmp_path / "cifar")
-    train = ["--dataset", "cifar100", "--train-data", str(root), "--output-dir", str(tmp_path / "runs"),
-             "--name", "copy", "--model", "resnet18", "--epochs", "1", "--batch-size", "5"]
-    precompute = ["--dataset", "cifar100", "--data-root", str(root), "--teacher-model", "resnet18", "--k", "3",
-                  "--output-path", str(tmp_path / "store")]
+    train = [
+        "--dataset",
+        "cifar100",
+        "--train-data",
+        str(root),
+        "--output-dir",
+        str(tmp_path / "runs"),
+        "--name",
+        "copy",
+        "--model",
+        "resnet18",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "5",
+    ]
+    precompute = [
+        "--dataset",
+        "cifar100",
+        "--data-root",
+        str(root),
+        "--teacher-model",
+        "resnet18",
+        "--k",
+        "3",
+        "--output-path",
+        str(tmp_path / "store"),
+    ]
     refused, trained = run_cases([train, train + ["--no-verify-files"]], tmp_path)
     assert_refused(refused, "--no-verify-files")
     assert trained[0] == 0 and "1 epochs" in trained[1], trained
@@ -120,6 +157,7 @@ def test_a_differing_cifar100_copy_needs_no_verify_files(tmp_path):
 
 
 # ----------------------------------------------------------------------------- python -m tinyvit_lib.precompute_logits
+
 
 def test_precompute_bad_values_exit_2_with_one_line_and_write_nothing(tmp_path):
     base = ["--dataset", "synthetic", "--max-per-class", "4", "--k", "3"]
@@ -161,15 +199,30 @@ def _verify_numbers(out: str) -> tuple[float, float]:
 
 def test_verify_checks_a_complete_store_writes_nothing_and_exits_1_beyond_the_tolerance(tmp_path):
     store = tmp_path / "store"
-    make = ["--dataset", "synthetic", "--max-per-class", "8", "--teacher-model", "resnet18", "--k", "3",
-            "--teacher-checkpoint", _teacher_checkpoint(tmp_path), "--output-path", str(store),
-            "--verify", "--verify-samples", "1000"]
-    (code, out, err), = run_cases([make], tmp_path, module=PRECOMPUTE)  # no store yet: precompute, then verify
+    make = [
+        "--dataset",
+        "synthetic",
+        "--max-per-class",
+        "8",
+        "--teacher-model",
+        "resnet18",
+        "--k",
+        "3",
+        "--teacher-checkpoint",
+        _teacher_checkpoint(tmp_path),
+        "--output-path",
+        str(store),
+        "--verify",
+        "--verify-samples",
+        "1000",
+    ]
+    ((code, out, err),) = run_cases([make], tmp_path, module=PRECOMPUTE)  # no store yet: precompute, then verify
     assert code == 0 and "80 images x 1 epoch(s)" in out and "verify: 80 records" in out and out.endswith(": ok\n")
     before = _snapshot(store)
 
-    again, other_k, other_data = run_cases([make, make + ["--k", "4"], make + ["--max-per-class", "4"]], tmp_path,
-                                           module=PRECOMPUTE)
+    again, other_k, other_data = run_cases(
+        [make, make + ["--k", "4"], make + ["--max-per-class", "4"]], tmp_path, module=PRECOMPUTE
+    )
     assert again[0] == 0 and again[1].startswith("verify: 80 records") and "tolerance" in again[1], again
     error, tolerance = _verify_numbers(again[1])
     assert error <= tolerance < 1e-2 and "index mismatch rate 0.00% (tolerance 1.00%): ok" in again[1]
@@ -179,7 +232,7 @@ def test_verify_checks_a_complete_store_writes_nothing_and_exits_1_beyond_the_to
 
     edit_a_value_keeping_the_checksum(store, position=5, delta=1.0)
     edited = _snapshot(store)
-    (code, out, err), = run_cases([make], tmp_path, module=PRECOMPUTE)
+    ((code, out, err),) = run_cases([make], tmp_path, module=PRECOMPUTE)
     error, tolerance = _verify_numbers(out)
     assert code == 1 and out.rstrip().endswith("FAILED") and abs(error - 1.0) < 1e-2 and tolerance < 1e-2, out
     assert _snapshot(store) == edited
@@ -187,8 +240,14 @@ def test_verify_checks_a_complete_store_writes_nothing_and_exits_1_beyond_the_to
 
 def test_inspect_describes_a_store_without_a_teacher_or_data(tmp_path):
     dataset = per_class_subset(get_dataset("synthetic"), 4)
-    precompute(build_model("resnet18", num_classes=10, img_size=32), dataset, tmp_path / "good", k=3,
-               teacher_name="resnet18", progress=False)
+    precompute(
+        build_model("resnet18", num_classes=10, img_size=32),
+        dataset,
+        tmp_path / "good",
+        k=3,
+        teacher_name="resnet18",
+        progress=False,
+    )
     bad = tmp_path / "bad"
     bad.mkdir()
     for name in ("manifest.json", "epoch-0000.bin"):
@@ -200,10 +259,13 @@ def test_inspect_describes_a_store_without_a_teacher_or_data(tmp_path):
     good, corrupted, missing = run_cases(cases, tmp_path, module=PRECOMPUTE, prelude=NO_TEACHER_NO_DATA)
     code, out, err = good
     assert code == 0 and err == "", err
-    for expected in ("teacher  resnet18, 11,181,642 parameters", "dataset  synthetic, split train, 40 images",
-                     "records  static, k=3, 1 epoch(s), base seed 0: 40 records of 24 bytes (official format: 16)",
-                     "layout   seed int64, rest float32, index int16 x 3, value float16 x 3",
-                     "file     epoch-0000.bin, 960 bytes, checksum ok"):
+    for expected in (
+        "teacher  resnet18, 11,181,642 parameters",
+        "dataset  synthetic, split train, 40 images",
+        "records  static, k=3, 1 epoch(s), base seed 0: 40 records of 24 bytes (official format: 16)",
+        "layout   seed int64, rest float32, index int16 x 3, value float16 x 3",
+        "file     epoch-0000.bin, 960 bytes, checksum ok",
+    ):
         assert expected in out, out
     assert "file     epoch-0000.bin, 960 bytes, BAD" in corrupted[1]
     assert_refused(corrupted, "checksum mismatch")

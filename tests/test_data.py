@@ -13,8 +13,14 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import tinyvit_lib.data as data
-from tinyvit_lib import (AugmentConfig, DatasetWithIDs, get_CIFAR_100, get_dataset, get_imagenet_subset_loaders,
-                         make_loaders)
+from tinyvit_lib import (
+    AugmentConfig,
+    DatasetWithIDs,
+    get_CIFAR_100,
+    get_dataset,
+    get_imagenet_subset_loaders,
+    make_loaders,
+)
 
 FASHION_TRAIN, FASHION_TEST = 12, 6
 
@@ -56,12 +62,18 @@ def write_cifar100(root: Path) -> Path:
     folder = root / "cifar-100-python"
     folder.mkdir(parents=True)
     for split, count in (("train", 10), ("test", 4)):
-        entry = {"filenames": [f"{split}_{i}.png" for i in range(count)], "batch_label": split,
-                 "fine_labels": [(7 * i) % 100 for i in range(count)], "coarse_labels": [i % 20 for i in range(count)],
-                 "data": rng.integers(0, 256, (count, 3072), dtype=np.uint8)}
+        entry = {
+            "filenames": [f"{split}_{i}.png" for i in range(count)],
+            "batch_label": split,
+            "fine_labels": [(7 * i) % 100 for i in range(count)],
+            "coarse_labels": [i % 20 for i in range(count)],
+            "data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+        }
         (folder / split).write_bytes(pickle.dumps(entry))
-    meta = {"fine_label_names": [f"fine{k}" for k in range(100)],
-            "coarse_label_names": [f"coarse{k}" for k in range(20)]}
+    meta = {
+        "fine_label_names": [f"fine{k}" for k in range(100)],
+        "coarse_label_names": [f"coarse{k}" for k in range(20)],
+    }
     (folder / "meta").write_bytes(pickle.dumps(meta))
     return root
 
@@ -92,6 +104,7 @@ def _collect(loader: DataLoader) -> dict[int, tuple[torch.Tensor, int]]:
 
 
 # ----------------------------------------------------------------------------- Fashion-MNIST
+
 
 def test_fashion_mnist_lengths_labels_ids(fashion_root):
     train = get_dataset("fashion-mnist", fashion_root, "train")
@@ -136,13 +149,15 @@ def test_ids_and_fingerprint_stable_and_content_sensitive(fashion_root, tmp_path
 def test_batched_fetch_equals_per_sample(fashion_root, in_chans):
     # A DataLoader fetches whole batches through __getitems__ (one transform call per batch for the
     # evaluation transform, one per sample for augmentation): same items as indexing one at a time.
-    for dataset in (get_dataset("fashion-mnist", fashion_root, in_chans=in_chans),
-                    data.per_class_subset(get_dataset("fashion-mnist", fashion_root, in_chans=in_chans), 2),
-                    get_dataset("fashion-mnist", fashion_root, in_chans=in_chans, augment=AugmentConfig())):
+    for dataset in (
+        get_dataset("fashion-mnist", fashion_root, in_chans=in_chans),
+        data.per_class_subset(get_dataset("fashion-mnist", fashion_root, in_chans=in_chans), 2),
+        get_dataset("fashion-mnist", fashion_root, in_chans=in_chans, augment=AugmentConfig()),
+    ):
         indices = [5, 0, 3, 3, len(dataset) - 1]
         batch = dataset.__getitems__(indices)
         assert [sample_id for _, _, sample_id in batch] == indices
-        for (image, label, sample_id), i in zip(batch, indices):
+        for (image, label, _sample_id), i in zip(batch, indices):
             expected = dataset[i]
             assert image.shape == (in_chans, 32, 32) and label == expected[1]
             assert torch.equal(image, expected[0])
@@ -183,6 +198,7 @@ def test_corrupt_idx_file_is_named(fashion_root):
 
 # ----------------------------------------------------------------------------- CIFAR-100
 
+
 def test_cifar100_refuses_a_differing_copy_unless_told(cifar_root):
     with pytest.raises(ValueError, match="differ from the official release") as error:
         get_dataset("cifar100", cifar_root, download=False)
@@ -209,6 +225,7 @@ def test_cifar100_missing_and_loaders(cifar_root, tmp_path):
 
 # ----------------------------------------------------------------------------- image folders
 
+
 def test_image_folder_ids_labels_and_decoding(folder_root):
     train = get_dataset("imagenet", folder_root, "train", img_size=16)
     val = get_dataset("imagenet", folder_root, "test")
@@ -229,23 +246,33 @@ def test_image_folder_ids_labels_and_decoding(folder_root):
 def test_imagenet_subset_is_deterministic(folder_root):
     subset = get_dataset("imagenet-subset", folder_root, num_classes=2, max_per_class=3)
     assert subset.classes == ["ant", "bee"] and subset.targets == [0, 0, 0, 1, 1, 1]
-    assert subset.ids == ["train/ant/img0.png", "train/ant/img1.png", "train/ant/img2.png",
-                          "train/bee/img0.png", "train/bee/img1.png", "train/bee/img2.png"]
+    assert subset.ids == [
+        "train/ant/img0.png",
+        "train/ant/img1.png",
+        "train/ant/img2.png",
+        "train/bee/img0.png",
+        "train/bee/img1.png",
+        "train/bee/img2.png",
+    ]
     full = get_dataset("imagenet", folder_root, augment=AugmentConfig())
     part = get_dataset("imagenet-subset", folder_root, num_classes=2, max_per_class=3, augment=AugmentConfig())
     assert torch.equal(part[3][0], full[4][0])  # seeds follow the string ID, not the position
-    train_loader, val_loader = get_imagenet_subset_loaders(folder_root, num_classes=3, max_per_class=1,
-                                                           batch_size=2, img_size=16)
+    train_loader, val_loader = get_imagenet_subset_loaders(
+        folder_root, num_classes=3, max_per_class=1, batch_size=2, img_size=16
+    )
     assert len(train_loader.dataset) == 3 and len(val_loader.dataset) == 3
 
 
-@pytest.mark.parametrize("options, match", [
-    (dict(num_classes=2, max_per_class=0), "max_per_class=0"),
-    (dict(num_classes=-1, max_per_class=2), "num_classes=-1"),
-    (dict(num_classes=0, max_per_class=2), "num_classes=0"),
-    (dict(num_classes=4, max_per_class=2), "num_classes=4"),
-    (dict(num_classes=2), "max_per_class"),
-])
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(num_classes=2, max_per_class=0), "max_per_class=0"),
+        (dict(num_classes=-1, max_per_class=2), "num_classes=-1"),
+        (dict(num_classes=0, max_per_class=2), "num_classes=0"),
+        (dict(num_classes=4, max_per_class=2), "num_classes=4"),
+        (dict(num_classes=2), "max_per_class"),
+    ],
+)
 def test_imagenet_subset_bad_sizes(folder_root, options, match):
     with pytest.raises(ValueError, match=match):
         get_dataset("imagenet-subset", folder_root, **options)
@@ -263,13 +290,17 @@ def test_image_folder_bad_input(folder_root, tmp_path):
 
 # ----------------------------------------------------------------------------- names, synthetic, loaders
 
-@pytest.mark.parametrize("call, match", [
-    (lambda: get_dataset("mnist"), "name='mnist'"),
-    (lambda: get_dataset("synthetic", split="dev"), "split='dev'"),
-    (lambda: get_dataset("synthetic", max_per_class=3), "max_per_class=3"),
-    (lambda: get_dataset("synthetic", num_samples=0), "num_samples=0"),
-    (lambda: get_dataset("synthetic", augment=AugmentConfig(), transform=lambda x, s: x), "not both"),
-])
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: get_dataset("mnist"), "name='mnist'"),
+        (lambda: get_dataset("synthetic", split="dev"), "split='dev'"),
+        (lambda: get_dataset("synthetic", max_per_class=3), "max_per_class=3"),
+        (lambda: get_dataset("synthetic", num_samples=0), "num_samples=0"),
+        (lambda: get_dataset("synthetic", augment=AugmentConfig(), transform=lambda x, s: x), "not both"),
+    ],
+)
 def test_bad_names_and_options(call, match):
     with pytest.raises(ValueError, match=match):
         call()
@@ -303,8 +334,10 @@ def test_training_order_depends_on_seed_and_epoch_only():
         make_loaders(get_dataset("synthetic", num_samples=4), get_dataset("synthetic", num_samples=4), batch_size=0)
 
 
-@pytest.mark.skipif(not (data.FASHION_MNIST_DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file(),
-                    reason="Debian's dataset-fashion-mnist is not installed")
+@pytest.mark.skipif(
+    not (data.FASHION_MNIST_DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file(),
+    reason="Debian's dataset-fashion-mnist is not installed",
+)
 def test_real_fashion_mnist_from_debian():
     train = get_dataset("fashion-mnist", download=False)
     test = get_dataset("fashion-mnist", split="test", download=False)

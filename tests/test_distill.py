@@ -13,10 +13,12 @@ def test_matches_hand_computation():
     teacher = torch.tensor([[1.0, 1.0, 0.0]])
     label = torch.tensor([0])
     alpha, T = 0.3, 2.0
+
     # By hand: softmax at T=2, KL(teacher || student), the CE of the label, then the blend.
     def softmax(z):
         e = [math.exp(v / T) for v in z]
         return [v / sum(e) for v in e]
+
     p, q = softmax([1.0, 1.0, 0.0]), softmax([2.0, 0.0, -1.0])
     kl = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
     ce = -math.log(math.exp(2.0) / (math.exp(2.0) + math.exp(0.0) + math.exp(-1.0)))
@@ -35,8 +37,9 @@ def test_alpha_one_t_one_is_soft_target_cross_entropy_minus_teacher_entropy():
     torch.manual_seed(0)
     student, teacher = torch.randn(8, 10), torch.randn(8, 10)
     p = teacher.softmax(-1)
-    loss = DistillationLoss(alpha=1.0, temperature=1.0)(student, torch.zeros(8, dtype=torch.long),
-                                                         teacher_logits=teacher)
+    loss = DistillationLoss(alpha=1.0, temperature=1.0)(
+        student, torch.zeros(8, dtype=torch.long), teacher_logits=teacher
+    )
     soft_ce = soft_cross_entropy(student, p)
     entropy = -(p * p.log()).sum(-1).mean()
     assert torch.allclose(loss, soft_ce - entropy, atol=1e-6)
@@ -46,8 +49,9 @@ def test_teacher_probs_equal_teacher_logits():
     torch.manual_seed(0)
     student, teacher, labels = torch.randn(4, 6), torch.randn(4, 6), torch.randint(0, 6, (4,))
     loss = DistillationLoss(0.5, 4.0)
-    assert torch.allclose(loss(student, labels, teacher_logits=teacher),
-                          loss(student, labels, teacher_probs=(teacher / 4.0).softmax(-1)))
+    assert torch.allclose(
+        loss(student, labels, teacher_logits=teacher), loss(student, labels, teacher_probs=(teacher / 4.0).softmax(-1))
+    )
 
 
 def test_zero_when_student_equals_teacher_and_alpha_one():
@@ -64,16 +68,20 @@ def test_sparse_distribution_with_zeros_is_finite():
 def test_soft_labels_for_mixup():
     logits = torch.randn(2, 3)
     onehot = torch.eye(3)[[0, 2]]
-    assert torch.allclose(soft_cross_entropy(logits, onehot),
-                          torch.nn.functional.cross_entropy(logits, torch.tensor([0, 2])))
+    assert torch.allclose(
+        soft_cross_entropy(logits, onehot), torch.nn.functional.cross_entropy(logits, torch.tensor([0, 2]))
+    )
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(alpha=-0.1), "alpha must be in \\[0, 1\\], got -0.1"),
-    (dict(alpha=1.5), "got 1.5"),
-    (dict(temperature=0.0), "temperature must be > 0, got 0.0"),
-    (dict(temperature=-2.0), "got -2.0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(alpha=-0.1), "alpha must be in \\[0, 1\\], got -0.1"),
+        (dict(alpha=1.5), "got 1.5"),
+        (dict(temperature=0.0), "temperature must be > 0, got 0.0"),
+        (dict(temperature=-2.0), "got -2.0"),
+    ],
+)
 def test_bad_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DistillationLoss(**kwargs)

@@ -26,8 +26,19 @@ from tinyvit_lib.trainer import TrainConfig
 
 def _spec(tmp_path, **changes) -> RunSpec:
     config = TrainConfig(epochs=1, batch_size=8, lr=1e-3, warmup_epochs=0.0, seed=0)
-    return replace(RunSpec(name="run", dataset="synthetic", model="tinyvit_5m", img_size=32, max_per_class=4,
-                           max_val_per_class=2, output_dir=str(tmp_path / "runs"), train=config), **changes)
+    return replace(
+        RunSpec(
+            name="run",
+            dataset="synthetic",
+            model="tinyvit_5m",
+            img_size=32,
+            max_per_class=4,
+            max_val_per_class=2,
+            output_dir=str(tmp_path / "runs"),
+            train=config,
+        ),
+        **changes,
+    )
 
 
 def test_run_or_reuse_reuses_only_the_same_run(tmp_path):
@@ -61,8 +72,13 @@ def test_a_run_from_an_older_store_is_not_reused(tmp_path):
         p.unlink()
     store.rmdir()
     torch.manual_seed(1)
-    precompute(build_model("resnet18", num_classes=train_set.num_classes, img_size=32).eval(), train_set, store,
-               k=3, progress=False)
+    precompute(
+        build_model("resnet18", num_classes=train_set.num_classes, img_size=32).eval(),
+        train_set,
+        store,
+        k=3,
+        progress=False,
+    )
     assert teacher_identity(distilled) != identity
     assert not run_or_reuse(distilled, progress=False).reused
 
@@ -74,13 +90,15 @@ def test_a_moved_project_reuses_its_runs(tmp_path):
     train_set, _ = datasets_for(spec)
     teacher = build_model("resnet18", num_classes=train_set.num_classes, img_size=32).eval()
     precompute(teacher, train_set, tmp_path / "before" / "store", k=3, progress=False)
-    distilled = replace(spec, name="kd", logits_path=str(tmp_path / "before" / "store"),
-                        train=replace(spec.train, distill_alpha=0.5))
+    distilled = replace(
+        spec, name="kd", logits_path=str(tmp_path / "before" / "store"), train=replace(spec.train, distill_alpha=0.5)
+    )
     assert not run_or_reuse(distilled, progress=False).reused
     digest = run_digest(distilled.run_dir)
     (tmp_path / "before").rename(tmp_path / "after")
-    moved = replace(distilled, output_dir=str(tmp_path / "after" / "runs"),
-                    logits_path=str(tmp_path / "after" / "store"))
+    moved = replace(
+        distilled, output_dir=str(tmp_path / "after" / "runs"), logits_path=str(tmp_path / "after" / "store")
+    )
     again = run_or_reuse(moved, progress=False)
     assert again.reused and run_digest(moved.run_dir) == digest
 

@@ -15,13 +15,28 @@ ROWS = [  # as notebook 04 writes them: the top-k rows alone have bytes_per_imag
     dict(key="grid/T=1/alpha=0.5", temperature=1.0, alpha=0.5, k=10, top1=75.0, seconds=40.0),
     dict(key="grid/T=2/alpha=0.5", temperature=2.0, alpha=0.5, k=10, top1=76.0, seconds=41.0),
     dict(key="topk/k=1", temperature=2.0, alpha=0.5, k=1, bytes_per_image=16, top1=75.5, seconds=40.5),
-    dict(key="variant/tinyvit_11m", model="tinyvit_11m", temperature=2.0, alpha=0.5, k=10, params_m=11.0,
-         top1=74.0, seconds=52.0),
+    dict(
+        key="variant/tinyvit_11m",
+        model="tinyvit_11m",
+        temperature=2.0,
+        alpha=0.5,
+        k=10,
+        params_m=11.0,
+        top1=74.0,
+        seconds=52.0,
+    ),
 ]
 
 
-@pytest.mark.parametrize("x, metric, group", [("alpha", "top1", "temperature"), ("bytes_per_image", "top1", "k"),
-                                              ("params_m", "seconds", "alpha"), ("seconds", "top1", "bytes_per_image")])
+@pytest.mark.parametrize(
+    "x, metric, group",
+    [
+        ("alpha", "top1", "temperature"),
+        ("bytes_per_image", "top1", "k"),
+        ("params_m", "seconds", "alpha"),
+        ("seconds", "top1", "bytes_per_image"),
+    ],
+)
 def test_sweep_explorer_draws_every_axis_choice(x, metric, group):
     show = sweep_explorer(ROWS)
     options = show.widget.children[0].options  # the x dropdown lists numbers of every row, not only the first
@@ -37,14 +52,27 @@ def test_sweep_explorer_draws_every_axis_choice(x, metric, group):
 
 def test_distribution_explorer_shows_all_three_distributions(tmp_path):
     logits = torch.randn(4, 10)
-    header = StoreHeader(teacher=dict(name="t"), dataset=dict(name="d", size=4), img_size=8,
-                         transform="EvalTransform(img_size=8)", mode="static", k=3, num_classes=10, epochs=1,
-                         base_seed=0)
+    header = StoreHeader(
+        teacher=dict(name="t"),
+        dataset=dict(name="d", size=4),
+        img_size=8,
+        transform="EvalTransform(img_size=8)",
+        mode="static",
+        k=3,
+        num_classes=10,
+        epochs=1,
+        base_seed=0,
+    )
     writer = StoreWriter(tmp_path / "store", header, batch_size=4)
     writer.append(0, encode_records(logits, [-1] * 4, 3))
     store = writer.finish()
-    show = distribution_explorer(store, torch.rand(4, 1, 8, 8), [str(c) for c in range(10)],
-                                 teacher_logits=logits, student_logits=torch.randn(4, 10))
+    show = distribution_explorer(
+        store,
+        torch.rand(4, 1, 8, 8),
+        [str(c) for c in range(10)],
+        teacher_logits=logits,
+        student_logits=torch.randn(4, 10),
+    )
     plt.close("all")
     show(sample=3, temperature=4.0)
     labels = [t.get_text() for t in plt.gcf().axes[0].get_legend().get_texts()]

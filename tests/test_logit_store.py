@@ -17,10 +17,24 @@ import torch
 
 from tinyvit_lib import AugmentConfig, TinyViT, TinyViTConfig, get_dataset
 from tinyvit_lib.data import per_class_subset
-from tinyvit_lib.distill import (DistillationLoss, FastDistillation, OnlineTeacher, StoredTeacher, VerifyTolerance,
-                                 precompute, verify_store)
-from tinyvit_lib.logit_store import (LogitStore, StoreMismatch, describe_store, encode_records, official_record_bytes,
-                                     rebuild_logits, record_dtype)
+from tinyvit_lib.distill import (
+    DistillationLoss,
+    FastDistillation,
+    OnlineTeacher,
+    StoredTeacher,
+    VerifyTolerance,
+    precompute,
+    verify_store,
+)
+from tinyvit_lib.logit_store import (
+    LogitStore,
+    StoreMismatch,
+    describe_store,
+    encode_records,
+    official_record_bytes,
+    rebuild_logits,
+    record_dtype,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 LIGHT = AugmentConfig(randaugment_ops=0, erase_prob=0.0, mixup_alpha=0.0, cutmix_alpha=0.0, scale=(0.5, 1.0))
@@ -28,8 +42,11 @@ LIGHT = AugmentConfig(randaugment_ops=0, erase_prob=0.0, mixup_alpha=0.0, cutmix
 
 def tiny_teacher(seed: int = 0) -> TinyViT:
     torch.manual_seed(seed)
-    model = TinyViT(TinyViTConfig(embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 4),
-                                  num_classes=10, img_size=32))
+    model = TinyViT(
+        TinyViTConfig(
+            embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 4), num_classes=10, img_size=32
+        )
+    )
     with torch.no_grad():  # make the logits spread out, so top-k choices are not ties
         model.head.fc.weight.mul_(50)
     return model.eval()
@@ -152,8 +169,12 @@ def test_replay_store_matches_online_teacher_on_the_same_views(tmp_path):
         ids = torch.tensor([3, 7, 11, 20, 41, 50, 77, 95])
         images = torch.stack([dataset[int(i)][0] for i in ids])  # the views the student sees this epoch
         reference = loss(student, ids, teacher_probs=online.probs(images, ids, epoch, 2.0))
-        full, top3 = (loss(student, ids, teacher_probs=StoredTeacher.open(tmp_path / name, dataset).probs(
-            images, ids, epoch, 2.0)) for name in ("full", "top3"))
+        full, top3 = (
+            loss(
+                student, ids, teacher_probs=StoredTeacher.open(tmp_path / name, dataset).probs(images, ids, epoch, 2.0)
+            )
+            for name in ("full", "top3")
+        )
         assert abs(full - reference) < 2e-3 * reference.abs() + 1e-4
         assert abs(top3 - reference) > abs(full - reference)  # the sparse approximation shows
         assert abs(top3 - reference) < 0.25 * reference.abs()
@@ -242,12 +263,23 @@ def test_sharded_precompute_equals_one_process(tmp_path):
     single = _script(tmp_path, tmp_path / "one", "one.py")
     assert subprocess.run([sys.executable, str(single)], env=_env(), timeout=300).returncode == 0
     sharded = tmp_path / "two.py"
-    sharded.write_text(textwrap.dedent("""
+    sharded.write_text(
+        textwrap.dedent("""
         import torch.distributed as dist
         dist.init_process_group("gloo")
-    """) + textwrap.dedent(PRECOMPUTE_SCRIPT.format(repo=str(REPO), path=str(tmp_path / "two"))))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(29700 + os.getpid() % 200), str(sharded)]
+    """)
+        + textwrap.dedent(PRECOMPUTE_SCRIPT.format(repo=str(REPO), path=str(tmp_path / "two")))
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(29700 + os.getpid() % 200),
+        str(sharded),
+    ]
     out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert _store_bytes(tmp_path / "two") == _store_bytes(tmp_path / "one")
@@ -255,6 +287,7 @@ def test_sharded_precompute_equals_one_process(tmp_path):
 
 def test_deriving_a_smaller_k_equals_precomputing_it(tmp_path):
     from tinyvit_lib.logit_store import derive_smaller_k
+
     teacher, dataset = tiny_teacher(), data(augment=LIGHT)
     replay = dict(mode="replay", epochs=2, batch_size=32, progress=False)
     big, _ = precompute(teacher, dataset, tmp_path / "k10", k=10, **replay)
@@ -271,6 +304,7 @@ def test_deriving_a_smaller_k_equals_precomputing_it(tmp_path):
 
 def test_precompute_or_reuse_rebuilds_a_store_made_by_another_teacher(tmp_path):
     from tinyvit_lib.distill import precompute_or_reuse
+
     dataset = data()
     _, first = precompute_or_reuse(tiny_teacher(0), dataset, tmp_path / "s", k=4, batch_size=32, progress=False)
     store, again = precompute_or_reuse(tiny_teacher(0), dataset, tmp_path / "s", k=4, batch_size=32, progress=False)
@@ -298,8 +332,8 @@ def test_verify_reports_values_beyond_fp16_rounding(tmp_path):
     good = verify_store(LogitStore.open(tmp_path / "s"), teacher, dataset, samples=1000)
     largest = float(np.abs(LogitStore.open(tmp_path / "s").records(0, np.arange(96))["value"]).max())
     assert good["records"] == 96 and good["ok"] and good["index_mismatch_tolerance"] == 0.01
-    assert good["value_tolerance"] == pytest.approx(2.0 ** -10 * largest)  # twice fp16 rounding of the largest
-    assert 0 < good["max_value_error"] <= 2.0 ** -11 * largest * 1.01  # fp16 rounding, nothing more
+    assert good["value_tolerance"] == pytest.approx(2.0**-10 * largest)  # twice fp16 rounding of the largest
+    assert 0 < good["max_value_error"] <= 2.0**-11 * largest * 1.01  # fp16 rounding, nothing more
     edit_a_value_keeping_the_checksum(tmp_path / "s", position=7, delta=0.5 * largest)
     edited = verify_store(LogitStore.open(tmp_path / "s"), teacher, dataset, samples=1000)
     assert not edited["ok"] and edited["max_value_error"] == pytest.approx(0.5 * largest, rel=1e-2)
@@ -309,21 +343,32 @@ def test_verify_reports_values_beyond_fp16_rounding(tmp_path):
 
 def test_verify_tolerance_follows_the_compute_precision():
     fp32, bf16 = VerifyTolerance.for_device("cpu"), VerifyTolerance.for_device("cuda")
-    assert fp32.value_bound(8.0) == 8 * 2.0 ** -10 and fp32.value_bound(0.1) == 2.0 ** -10  # at least |logit| 1
-    assert bf16.value_bound(8.0) == 8 * 2.0 ** -6  # bf16 autocast on CUDA: a few bf16 units
+    assert fp32.value_bound(8.0) == 8 * 2.0**-10 and fp32.value_bound(0.1) == 2.0**-10  # at least |logit| 1
+    assert bf16.value_bound(8.0) == 8 * 2.0**-6  # bf16 autocast on CUDA: a few bf16 units
 
 
 def test_describe_store_reads_the_manifest_and_checks_every_file(tmp_path):
     teacher, dataset = tiny_teacher(), data(augment=LIGHT)
-    precompute(teacher, dataset, tmp_path / "s", k=3, mode="replay", epochs=2, batch_size=32, teacher_name="tiny",
-               progress=False)
+    precompute(
+        teacher,
+        dataset,
+        tmp_path / "s",
+        k=3,
+        mode="replay",
+        epochs=2,
+        batch_size=32,
+        teacher_name="tiny",
+        progress=False,
+    )
     info = describe_store(tmp_path / "s")
     assert (info["mode"], info["k"], info["epochs"], info["images"], info["records"]) == ("replay", 3, 2, 96, 192)
     assert info["teacher"]["name"] == "tiny" and info["dataset"] == dataset.fingerprint()
     assert info["bytes_per_record"] == 24 and info["official_bytes_per_record"] == 16
     assert info["layout"] == "seed int64, rest float32, index int16 x 3, value float16 x 3"
     assert [(f["name"], f["bytes"], f["problem"]) for f in info["files"]] == [
-        ("epoch-0000.bin", 96 * 24, None), ("epoch-0001.bin", 96 * 24, None)]
+        ("epoch-0000.bin", 96 * 24, None),
+        ("epoch-0001.bin", 96 * 24, None),
+    ]
     assert info["ok"]
     records = tmp_path / "s" / "epoch-0001.bin"
     records.write_bytes(records.read_bytes()[:-24])

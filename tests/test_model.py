@@ -5,8 +5,16 @@ import copy
 import pytest
 import torch
 
-from tinyvit_lib import TinyViT, TinyViTConfig, count_flops, fuse_for_inference, load_pretrained
-from tinyvit_lib import tinyvit_5m, tinyvit_11m, tinyvit_21m
+from tinyvit_lib import (
+    TinyViT,
+    TinyViTConfig,
+    count_flops,
+    fuse_for_inference,
+    load_pretrained,
+    tinyvit_5m,
+    tinyvit_11m,
+    tinyvit_21m,
+)
 from tinyvit_lib.model import default_window_sizes, official_to_ours, ours_to_official, stage_resolutions
 
 
@@ -24,13 +32,16 @@ def perturb_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("factory, kwargs, expected", [
-    (tinyvit_5m, {}, 5_392_764),
-    (tinyvit_11m, {}, 10_996_972),
-    (tinyvit_21m, {}, 21_198_568),
-    (tinyvit_21m, {"img_size": 384}, 21_230_488),
-    (tinyvit_21m, {"img_size": 512}, 21_268_120),
-])
+@pytest.mark.parametrize(
+    "factory, kwargs, expected",
+    [
+        (tinyvit_5m, {}, 5_392_764),
+        (tinyvit_11m, {}, 10_996_972),
+        (tinyvit_21m, {}, 21_198_568),
+        (tinyvit_21m, {"img_size": 384}, 21_230_488),
+        (tinyvit_21m, {"img_size": 512}, 21_268_120),
+    ],
+)
 def test_exact_parameter_counts(factory, kwargs, expected):
     assert n_params(factory(**kwargs)) == expected
 
@@ -111,8 +122,9 @@ def test_input_size_other_than_configured_is_handled():
 def test_timm_parity(variant):
     timm = pytest.importorskip("timm")
     theirs = perturb_(timm.create_model(f"tiny_vit_{variant}_224", num_classes=1000)).eval()
-    ours = load_pretrained({"5m": tinyvit_5m, "11m": tinyvit_11m, "21m": tinyvit_21m}[variant](),
-                           theirs.state_dict()).eval()
+    ours = load_pretrained(
+        {"5m": tinyvit_5m, "11m": tinyvit_11m, "21m": tinyvit_21m}[variant](), theirs.state_dict()
+    ).eval()
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         assert (ours(x) - theirs(x)).abs().max() <= 1e-4
@@ -135,6 +147,7 @@ def test_official_naming_round_trip(tmp_path):
 
 def test_safetensors_and_skip_head(tmp_path):
     from safetensors.torch import save_file
+
     src = perturb_(tinyvit_5m(img_size=32, num_classes=1000))
     path = tmp_path / "w.safetensors"
     save_file(src.state_dict(), str(path))
@@ -189,6 +202,7 @@ def test_flops_5m_224():
 
 # ------------------------------------------------------------------ bad input
 
+
 def test_wrong_channel_count_is_refused():
     model = tinyvit_5m(img_size=28, in_chans=1)
     with pytest.raises(ValueError, match="in_chans=1.*3 channels"):
@@ -219,13 +233,16 @@ def test_unloadable_checkpoints_are_refused(tmp_path):
         load_pretrained(model, weird)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"depths": (2, 2, 6)}, "one entry per stage"),
-    ({"embed_dims": (64, 128, 161, 320)}, "not divisible by num_heads"),
-    ({"in_chans": 0}, "in_chans"),
-    ({"drop_path_rate": 1.5}, "drop_path_rate"),
-    ({"local_conv_size": 2}, "local_conv_size"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"depths": (2, 2, 6)}, "one entry per stage"),
+        ({"embed_dims": (64, 128, 161, 320)}, "not divisible by num_heads"),
+        ({"in_chans": 0}, "in_chans"),
+        ({"drop_path_rate": 1.5}, "drop_path_rate"),
+        ({"local_conv_size": 2}, "local_conv_size"),
+    ],
+)
 def test_bad_config_is_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TinyViT(TinyViTConfig(**kwargs))

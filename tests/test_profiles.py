@@ -51,9 +51,14 @@ def test_paths_are_absolute_under_the_project_and_computed_in_one_place(default)
     assert fast.runs_dir == root / "build/fast/runs/fast" and fast.figures_dir == root / "build/fast/figures"
 
 
-@pytest.mark.parametrize("mode, k, message", [("online", None, "unknown store mode 'online'"),
-                                              ("static", 3, "no static store with k=3"),
-                                              ("replay", 11, "no replay store with k=11")])
+@pytest.mark.parametrize(
+    "mode, k, message",
+    [
+        ("online", None, "unknown store mode 'online'"),
+        ("static", 3, "no static store with k=3"),
+        ("replay", 11, "no replay store with k=11"),
+    ],
+)
 def test_a_store_that_cannot_exist_has_no_path(default, mode, k, message):
     with pytest.raises(ValueError, match=message):
         default.store_path(mode, k)
@@ -69,18 +74,21 @@ def test_the_gpu_profiles_read_data_root_when_resolved(monkeypatch):
     assert resolve_profile("imagenet-subset").data_root is None
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: Budget(epochs=0, batch_size=8, lr=1e-3), r"Budget.epochs=0 must be >= 1"),
-    (lambda: Budget(epochs=1, batch_size=8, lr=0.0), r"Budget.lr=0.0 must be > 0"),
-    (lambda: Budget(epochs=1, batch_size=8, lr=1e-3, max_per_class=0), r"Budget.max_per_class=0"),
-    (lambda: Sweep(alphas=(0.5, 1.5), epochs=2), r"Sweep.alphas holds \[1.5\]: each must be in \[0, 1\]"),
-    (lambda: Sweep(temperatures=(), epochs=2), r"Sweep.temperatures is empty"),
-    (lambda: Sweep(epochs=0), r"Sweep.epochs=0"),
-    (lambda: replace(PROFILES["fast"], k=3), r"Profile.sweep.ks=\(1, 5\) exceeds k=3"),
-    (lambda: replace(PROFILES["fast"], replay_epochs=1), r"Profile.student.epochs=2 exceeds replay_epochs=1"),
-    (lambda: replace(PROFILES["fast"], dataset="mnist"), r"Profile.dataset='mnist' is unknown"),
-    (lambda: replace(PROFILES["fast"], seeds=()), r"Profile.seeds is empty"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: Budget(epochs=0, batch_size=8, lr=1e-3), r"Budget.epochs=0 must be >= 1"),
+        (lambda: Budget(epochs=1, batch_size=8, lr=0.0), r"Budget.lr=0.0 must be > 0"),
+        (lambda: Budget(epochs=1, batch_size=8, lr=1e-3, max_per_class=0), r"Budget.max_per_class=0"),
+        (lambda: Sweep(alphas=(0.5, 1.5), epochs=2), r"Sweep.alphas holds \[1.5\]: each must be in \[0, 1\]"),
+        (lambda: Sweep(temperatures=(), epochs=2), r"Sweep.temperatures is empty"),
+        (lambda: Sweep(epochs=0), r"Sweep.epochs=0"),
+        (lambda: replace(PROFILES["fast"], k=3), r"Profile.sweep.ks=\(1, 5\) exceeds k=3"),
+        (lambda: replace(PROFILES["fast"], replay_epochs=1), r"Profile.student.epochs=2 exceeds replay_epochs=1"),
+        (lambda: replace(PROFILES["fast"], dataset="mnist"), r"Profile.dataset='mnist' is unknown"),
+        (lambda: replace(PROFILES["fast"], seeds=()), r"Profile.seeds is empty"),
+    ],
+)
 def test_a_wrong_value_is_refused_by_name(make, message):
     with pytest.raises(ValueError, match=message):
         make()
@@ -94,15 +102,28 @@ def test_every_profile_sweeps_within_its_store():
 def test_the_default_replay_student_is_the_run_it_always_was(default):
     # Pinned field by field: a changed profile or builder would silently retrain every committed result.
     replay = distillation_runs(default, 1)["replay store"]
-    config = TrainConfig(epochs=4, batch_size=128, lr=2e-3, warmup_epochs=1.0, seed=1, distill_alpha=1.0,
-                         distill_temp=1.0)
-    assert replay == RunSpec(name="tinyvit_5m_replay_a1_t1_s1", dataset="fashion-mnist", model="tinyvit_5m",
-                             img_size=32, augment="light", max_per_class=300, max_val_per_class=200,
-                             logits_path=str(project_root() / "logits/default/replay"),
-                             output_dir=str(project_root() / "runs/default"), train=config)
+    config = TrainConfig(
+        epochs=4, batch_size=128, lr=2e-3, warmup_epochs=1.0, seed=1, distill_alpha=1.0, distill_temp=1.0
+    )
+    assert replay == RunSpec(
+        name="tinyvit_5m_replay_a1_t1_s1",
+        dataset="fashion-mnist",
+        model="tinyvit_5m",
+        img_size=32,
+        augment="light",
+        max_per_class=300,
+        max_val_per_class=200,
+        logits_path=str(project_root() / "logits/default/replay"),
+        output_dir=str(project_root() / "runs/default"),
+        train=config,
+    )
     teacher = teacher_spec(default)
-    assert (teacher.model, teacher.max_per_class, teacher.train.epochs, teacher.train.warmup_epochs) == \
-        ("resnet18", None, 2, 0.5)
+    assert (teacher.model, teacher.max_per_class, teacher.train.epochs, teacher.train.warmup_epochs) == (
+        "resnet18",
+        None,
+        2,
+        0.5,
+    )
     online = distillation_runs(default, 0)["online teacher"]
     assert online.teacher_checkpoint == str(default.teacher_checkpoint) and online.logits_path is None
 

@@ -13,20 +13,30 @@ import pytest
 import torch
 
 from tinyvit_lib import AugmentConfig, TinyViT, TinyViTConfig, get_dataset
-from tinyvit_lib.trainer import TrainConfig, evaluate, load_checkpoint, param_groups, read_log, save_checkpoint, train
+from tinyvit_lib.trainer import TrainConfig, evaluate, load_checkpoint, param_groups, read_log, train
 
 REPO = Path(__file__).resolve().parent.parent
 LIGHT = AugmentConfig(randaugment_ops=0, erase_prob=0.0, mixup_alpha=0.0, cutmix_alpha=0.0, scale=(0.5, 1.0))
 
 
 def tiny_model(num_classes: int = 10) -> TinyViT:
-    return TinyViT(TinyViTConfig(embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 4),
-                                 num_classes=num_classes, img_size=32, drop_path_rate=0.1))
+    return TinyViT(
+        TinyViTConfig(
+            embed_dims=(16, 32, 48, 64),
+            depths=(1, 1, 1, 1),
+            num_heads=(1, 2, 3, 4),
+            num_classes=num_classes,
+            img_size=32,
+            drop_path_rate=0.1,
+        )
+    )
 
 
 def synthetic(n_train: int = 256, n_val: int = 128, augment=LIGHT):
-    return (get_dataset("synthetic", split="train", num_samples=n_train, augment=augment),
-            get_dataset("synthetic", split="test", num_samples=n_val))
+    return (
+        get_dataset("synthetic", split="train", num_samples=n_train, augment=augment),
+        get_dataset("synthetic", split="test", num_samples=n_val),
+    )
 
 
 def run_script(body: str, tmp_path: Path, name: str = "script.py", **popen) -> subprocess.Popen:
@@ -41,8 +51,14 @@ def test_short_run_learns(tmp_path):
     train_set, val_set = synthetic(n_train=512)
     model = tiny_model()
     before = evaluate(model, val_set)
-    result = train(model, train_set, val_set, TrainConfig(epochs=3, batch_size=32, lr=3e-3, warmup_epochs=0.5),
-                   run_dir=tmp_path / "run", progress=False)
+    result = train(
+        model,
+        train_set,
+        val_set,
+        TrainConfig(epochs=3, batch_size=32, lr=3e-3, warmup_epochs=0.5),
+        run_dir=tmp_path / "run",
+        progress=False,
+    )
     losses = [r["train_loss"] for r in result.history]
     assert losses[-1] < losses[0]
     assert before["top1"] < 30.0 < result.final["top1"]  # 10 classes: chance is 10%
@@ -76,10 +92,12 @@ TRAIN_SCRIPT = """
 
 
 def test_exact_resume_after_sigkill(tmp_path):
-    reference = run_script(TRAIN_SCRIPT.format(repo=str(REPO), run_dir=str(tmp_path / "ref"), resume=False),
-                           tmp_path, "ref.py")
-    victim = run_script(TRAIN_SCRIPT.format(repo=str(REPO), run_dir=str(tmp_path / "run"), resume=False),
-                        tmp_path, "run.py")
+    reference = run_script(
+        TRAIN_SCRIPT.format(repo=str(REPO), run_dir=str(tmp_path / "ref"), resume=False), tmp_path, "ref.py"
+    )
+    victim = run_script(
+        TRAIN_SCRIPT.format(repo=str(REPO), run_dir=str(tmp_path / "run"), resume=False), tmp_path, "run.py"
+    )
     last = tmp_path / "run" / "last.pt"
     deadline = time.time() + 120
     killed_at = None
@@ -93,20 +111,24 @@ def test_exact_resume_after_sigkill(tmp_path):
                 break
         time.sleep(0.01)
     assert killed_at is not None, "the run finished or stalled before a mid-epoch checkpoint appeared"
-    resumed = run_script(TRAIN_SCRIPT.format(repo=str(REPO), run_dir=str(tmp_path / "run"), resume=True),
-                         tmp_path, "resume.py")
+    resumed = run_script(
+        TRAIN_SCRIPT.format(repo=str(REPO), run_dir=str(tmp_path / "run"), resume=True), tmp_path, "resume.py"
+    )
     assert resumed.wait(timeout=300) == 0 and reference.wait(timeout=300) == 0
     a = load_checkpoint(tmp_path / "ref" / "last.pt")
     b = load_checkpoint(tmp_path / "run" / "last.pt")
     assert a["step"] == b["step"] == 2 * 8
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
-    assert [r["train_loss"] for r in read_log(tmp_path / "ref")] == [r["train_loss"] for r in read_log(tmp_path / "run")]
+    assert [r["train_loss"] for r in read_log(tmp_path / "ref")] == [
+        r["train_loss"] for r in read_log(tmp_path / "run")
+    ]
 
 
 def test_checkpoint_write_is_atomic(tmp_path):
     path = tmp_path / "ckpt.pt"
-    writer = run_script(f"""
+    writer = run_script(
+        f"""
         import sys, torch
         sys.path.insert(0, {str(REPO)!r})
         from tinyvit_lib.trainer import save_checkpoint
@@ -114,7 +136,9 @@ def test_checkpoint_write_is_atomic(tmp_path):
         while True:
             save_checkpoint(dict(i=i, weights=torch.full((1_000_000,), float(i))), {str(path)!r})
             i += 1
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     deadline = time.time() + 60
     while not path.exists() and time.time() < deadline:
         time.sleep(0.01)
@@ -143,16 +167,28 @@ class NaNAfter(torch.nn.Module):
 def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path):
     train_set, val_set = synthetic(n_train=128, n_val=32)
     with pytest.raises(FloatingPointError, match=r"loss is nan at step 6 \(epoch 2, batch 2\)"):
-        train(NaNAfter(calls=6), train_set, val_set, TrainConfig(epochs=3, batch_size=32),
-              run_dir=tmp_path / "run", progress=False)
+        train(
+            NaNAfter(calls=6),
+            train_set,
+            val_set,
+            TrainConfig(epochs=3, batch_size=32),
+            run_dir=tmp_path / "run",
+            progress=False,
+        )
     assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1
 
 
 def test_distillation_needs_a_teacher(tmp_path):
     train_set, val_set = synthetic(n_train=64, n_val=32)
     with pytest.raises(ValueError, match="distill_alpha=0.5 needs a teacher"):
-        train(tiny_model(), train_set, val_set, TrainConfig(epochs=1, batch_size=32, distill_alpha=0.5),
-              run_dir=tmp_path / "run", progress=False)
+        train(
+            tiny_model(),
+            train_set,
+            val_set,
+            TrainConfig(epochs=1, batch_size=32, distill_alpha=0.5),
+            run_dir=tmp_path / "run",
+            progress=False,
+        )
     assert not (tmp_path / "run").exists()
 
 
@@ -183,12 +219,20 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     def run(world: int) -> dict:
         script = tmp_path / f"ddp{world}.py"
         script.write_text(textwrap.dedent(DDP_SCRIPT.format(repo=str(REPO), run_dir=str(tmp_path / f"w{world}"))))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
-               "--master_port", str(29500 + os.getpid() % 1000 + world), str(script)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(world),
+            "--master_port",
+            str(29500 + os.getpid() % 1000 + world),
+            str(script),
+        ]
         env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
-        line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT"))
+        line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT"))
         return json.loads(line.split(" ", 1)[1])
 
     one, two = run(1), run(2)

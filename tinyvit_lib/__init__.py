@@ -1,5 +1,24 @@
 """tinyvit_lib: TinyViT and fast pretraining distillation, as used by the course's notebooks."""
 
+from .augment import (
+    AugmentConfig,
+    EvalTransform,
+    PairedMix,
+    TrainTransform,
+    sample_seed,
+)
+from .data import (
+    DATASETS,
+    DatasetWithIDs,
+    get_CIFAR_100,
+    get_dataset,
+    get_ImageNet1K,
+    get_imagenet_subset_loaders,
+    make_loaders,
+)
+from .distill import DistillationLoss, FastDistillation, OnlineTeacher, StoredTeacher, precompute, verify_store
+from .experiment import RunSpec, load_trained, run, run_or_reuse
+from .logit_store import LogitStore
 from .model import (
     PRESETS,
     Attention,
@@ -17,29 +36,55 @@ from .model import (
     tinyvit_11m,
     tinyvit_21m,
 )
-from .data import (
-    DATASETS,
-    DatasetWithIDs,
-    get_CIFAR_100,
-    get_dataset,
-    get_ImageNet1K,
-    get_imagenet_subset_loaders,
-    make_loaders,
-)
-from .augment import (
-    AugmentConfig,
-    EvalTransform,
-    PairedMix,
-    TrainTransform,
-    sample_seed,
-)
-from .distill import DistillationLoss, FastDistillation, OnlineTeacher, StoredTeacher, precompute, verify_store
-from .logit_store import LogitStore
 from .teachers import build_model, describe_model
 from .trainer import TrainConfig, evaluate
-from .experiment import RunSpec, load_trained, run, run_or_reuse
 
 # `tinyvit_lib.train` is the command-line module (`python -m tinyvit_lib.train`), nothing else: the
 # training function is `tinyvit_lib.trainer.train`, and `tinyvit_lib.run(spec)` trains a described run.
+
+__all__ = [
+    "PRESETS",
+    "Attention",
+    "MBConv",
+    "Mlp",
+    "PatchEmbed",
+    "PatchMerging",
+    "TinyViT",
+    "TinyViTConfig",
+    "TransformerBlock",
+    "count_flops",
+    "fuse_for_inference",
+    "load_pretrained",
+    "tinyvit_5m",
+    "tinyvit_11m",
+    "tinyvit_21m",
+    "DATASETS",
+    "DatasetWithIDs",
+    "get_CIFAR_100",
+    "get_dataset",
+    "get_ImageNet1K",
+    "get_imagenet_subset_loaders",
+    "make_loaders",
+    "AugmentConfig",
+    "EvalTransform",
+    "PairedMix",
+    "TrainTransform",
+    "sample_seed",
+    "DistillationLoss",
+    "FastDistillation",
+    "OnlineTeacher",
+    "StoredTeacher",
+    "precompute",
+    "verify_store",
+    "LogitStore",
+    "build_model",
+    "describe_model",
+    "TrainConfig",
+    "evaluate",
+    "RunSpec",
+    "load_trained",
+    "run",
+    "run_or_reuse",
+]
 
 __version__ = "0.1.0"

@@ -9,8 +9,20 @@ import math
 
 import torch
 
-from .model import (PRESETS, Attention, ClassifierHead, MBConv, Mlp, PatchEmbed, PatchMerging, TinyViT,
-                    TransformerBlock, build_tinyvit, count_flops, stage_resolutions)
+from .model import (
+    PRESETS,
+    Attention,
+    ClassifierHead,
+    MBConv,
+    Mlp,
+    PatchEmbed,
+    PatchMerging,
+    TinyViT,
+    TransformerBlock,
+    build_tinyvit,
+    count_flops,
+    stage_resolutions,
+)
 
 __all__ = ["layer_shapes", "stage_costs", "variant_table", "window_table", "format_table"]
 
@@ -27,9 +39,16 @@ def layer_shapes(model: TinyViT, x: torch.Tensor) -> list[dict]:
             if type(module) in seen:
                 return
             seen.add(type(module))
-            rows.append(dict(block=type(module).__name__, name=name, input=tuple(args[0].shape),
-                             output=tuple(output.shape),
-                             params=sum(p.numel() for p in module.parameters())))
+            rows.append(
+                dict(
+                    block=type(module).__name__,
+                    name=name,
+                    input=tuple(args[0].shape),
+                    output=tuple(output.shape),
+                    params=sum(p.numel() for p in module.parameters()),
+                )
+            )
+
         return record
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, BLOCK_TYPES)]
@@ -50,8 +69,15 @@ def stage_costs(model: TinyViT, img_size: int | None = None) -> list[dict]:
     parts = [("stem", "patch_embed", model.patch_embed, maps[0])]
     parts += [(f"stage {i}", f"stages.{i}", s, maps[i]) for i, s in enumerate(model.stages)]
     parts += [("head", "head", model.head, 1)]
-    return [dict(part=label, map=f"{side}x{side}", params=sum(p.numel() for p in module.parameters()),
-                 flops=per_module.get(name, 0)) for label, name, module, side in parts]
+    return [
+        dict(
+            part=label,
+            map=f"{side}x{side}",
+            params=sum(p.numel() for p in module.parameters()),
+            flops=per_module.get(name, 0),
+        )
+        for label, name, module, side in parts
+    ]
 
 
 def variant_table(img_sizes: tuple[int, ...] = (224, 32), *, num_classes: int = 1000, in_chans: int = 3) -> list[dict]:
@@ -84,9 +110,17 @@ def window_table(model: TinyViT, img_size: int | None = None) -> list[dict]:
         side, ws = maps[i], block.window_size
         wh, ww = block.window_grid(side, side)
         padded = math.ceil(side / ws) * ws
-        rows.append(dict(stage=i, map=f"{side}x{side}", window_size=ws, window_used=f"{wh}x{ww}",
-                         windows=math.ceil(side / wh) * math.ceil(side / ww), tokens=side * side,
-                         tokens_fixed_window=padded * padded))
+        rows.append(
+            dict(
+                stage=i,
+                map=f"{side}x{side}",
+                window_size=ws,
+                window_used=f"{wh}x{ww}",
+                windows=math.ceil(side / wh) * math.ceil(side / ww),
+                tokens=side * side,
+                tokens_fixed_window=padded * padded,
+            )
+        )
     return rows
 
 
@@ -95,9 +129,11 @@ def format_table(rows: list[dict]) -> str:
     if not rows:
         return ""
     cols = list(rows[0])
-    cell = lambda v: f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
+
+    def cell(v) -> str:
+        return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
+
     widths = {c: max(len(c), *(len(cell(r[c])) for r in rows)) for c in cols}
     lines = ["  ".join(c.rjust(widths[c]) for c in cols)]
     lines += ["  ".join(cell(r[c]).rjust(widths[c]) for c in cols) for r in rows]
     return "\n".join(lines)
-

@@ -31,8 +31,14 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 __all__ = [
-    "AugmentConfig", "AUGMENT_PRESETS", "TrainTransform", "EvalTransform", "PairedMix",
-    "derive_seed", "sample_seed", "seeded_rng",
+    "AugmentConfig",
+    "AUGMENT_PRESETS",
+    "TrainTransform",
+    "EvalTransform",
+    "PairedMix",
+    "derive_seed",
+    "sample_seed",
+    "seeded_rng",
 ]
 
 _SEED_BITS = 63  # seeds fit an int64 (the logit store's seed field) and torch.manual_seed
@@ -144,14 +150,20 @@ class TrainTransform:
         ValueError: `img_size` < 1, or `mean`/`std` of different lengths.
     """
 
-    def __init__(self, img_size: int, mean: Sequence[float], std: Sequence[float], *,
-                 config: AugmentConfig = AugmentConfig()) -> None:
+    def __init__(
+        self, img_size: int, mean: Sequence[float], std: Sequence[float], *, config: AugmentConfig = AugmentConfig()
+    ) -> None:
         _check_norm(img_size, mean, std)
         self.img_size = img_size
         self.config = config
         steps: list[v2.Transform] = [
-            v2.RandomResizedCrop(img_size, scale=config.scale, ratio=config.ratio,
-                                 interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.RandomResizedCrop(
+                img_size,
+                scale=config.scale,
+                ratio=config.ratio,
+                interpolation=v2.InterpolationMode.BICUBIC,
+                antialias=True,
+            ),
         ]
         if config.hflip > 0:
             steps.append(v2.RandomHorizontalFlip(config.hflip))
@@ -191,8 +203,7 @@ class EvalTransform:
 
     batched = True
 
-    def __init__(self, img_size: int, mean: Sequence[float], std: Sequence[float], *,
-                 crop_pct: float = 1.0) -> None:
+    def __init__(self, img_size: int, mean: Sequence[float], std: Sequence[float], *, crop_pct: float = 1.0) -> None:
         _check_norm(img_size, mean, std)
         if not 0 < crop_pct <= 1:
             raise ValueError(f"crop_pct={crop_pct} must be in (0, 1]")
@@ -252,8 +263,9 @@ class PairedMix:
         self.mixup = v2.MixUp(alpha=config.mixup_alpha, num_classes=num_classes) if config.mixup_alpha > 0 else None
         self.cutmix = v2.CutMix(alpha=config.cutmix_alpha, num_classes=num_classes) if config.cutmix_alpha > 0 else None
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor,
-                 seeds: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, images: torch.Tensor, labels: torch.Tensor, seeds: Sequence[int] | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mix a batch: float images (B, C, H, W), int labels (B,), one seed per sample.
 
         Returns the mixed images (B, C, H, W) and soft targets (B, num_classes) that sum to 1.
@@ -264,8 +276,9 @@ class PairedMix:
         seeds = [int(s) for s in seeds]
         batch = images.shape[0]
         if not labels.shape[0] == len(seeds) == batch:
-            raise ValueError(f"images ({batch}), labels ({labels.shape[0]}) and seeds ({len(seeds)}) "
-                             "must have one entry per sample")
+            raise ValueError(
+                f"images ({batch}), labels ({labels.shape[0]}) and seeds ({len(seeds)}) must have one entry per sample"
+            )
         if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes:
             raise ValueError(f"labels must be in [0, {self.num_classes}), got {labels.tolist()}")
         targets = F.one_hot(labels.long(), self.num_classes).to(images.dtype)  # (B, K)
@@ -278,8 +291,9 @@ class PairedMix:
             mixed_images[pair], mixed_targets[pair] = pair_images, pair_targets
         return mixed_images, mixed_targets
 
-    def _mix_pair(self, images: torch.Tensor, targets: torch.Tensor, seed_a: int,
-                  seed_b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mix_pair(
+        self, images: torch.Tensor, targets: torch.Tensor, seed_a: int, seed_b: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """images (2, C, H, W), targets (2, K) -> the same, mixed with each other."""
         config = self.config
         with seeded_rng(derive_seed("pair", min(seed_a, seed_b), max(seed_a, seed_b))):

@@ -89,6 +89,7 @@ DEFAULT_POLICIES = ("eager", "fast")
 
 # ----------------------------------------------------------------------------- machine
 
+
 def keep_freed_memory() -> bool:
     """Make glibc keep freed memory for reuse instead of handing large blocks back to the OS.
 
@@ -117,9 +118,16 @@ def machine() -> dict:
     except OSError:
         pass
     import timm
-    return dict(cpu=cpu, cores=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
-                timm=timm.__version__, python=platform.python_version(),
-                cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+
+    return dict(
+        cpu=cpu,
+        cores=os.cpu_count(),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        timm=timm.__version__,
+        python=platform.python_version(),
+        cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    )
 
 
 def _others_cpu_seconds() -> float:
@@ -134,6 +142,7 @@ def _others_cpu_seconds() -> float:
 
 # ----------------------------------------------------------------------------- contenders
 
+
 def matched_window_sizes(img_size: int) -> tuple[int, ...]:
     """The windows our model attends at this size: the official ones clipped to each stage's map."""
     return tuple(min(w, r) for w, r in zip(default_window_sizes(img_size), stage_resolutions(img_size)))
@@ -147,7 +156,8 @@ def contenders(timm, img_size: int) -> dict[str, Callable[[], nn.Module]]:
     }
     if matched_window_sizes(img_size) != default_window_sizes(224):
         builders["timm_matched"] = lambda: timm.create_model(
-            "tiny_vit_5m_224", num_classes=NUM_CLASSES, window_sizes=list(matched_window_sizes(img_size)))
+            "tiny_vit_5m_224", num_classes=NUM_CLASSES, window_sizes=list(matched_window_sizes(img_size))
+        )
     return builders
 
 
@@ -165,8 +175,9 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return folded
 
 
-def make_step(model: nn.Module, task: str, policy: Policy, img_size: int, batch: int,
-              device: torch.device) -> Callable[[], None]:
+def make_step(
+    model: nn.Module, task: str, policy: Policy, img_size: int, batch: int, device: torch.device
+) -> Callable[[], None]:
     """One training step (forward, cross-entropy, backward, AdamW) or one inference batch."""
     memory_format = torch.channels_last if policy.channels_last else torch.contiguous_format
     model = model.to(device).train(task == "train")
@@ -179,9 +190,11 @@ def make_step(model: nn.Module, task: str, policy: Policy, img_size: int, batch:
     if policy.compile:  # for inference, freezing bakes the weights in so conv, bias and GELU fuse
         model = torch.compile(model, options={"freezing": task == "infer"})
     if task == "infer":
+
         def infer() -> None:
             with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 model(images)
+
         return infer
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=policy.fused_adamw or None)
@@ -192,10 +205,12 @@ def make_step(model: nn.Module, task: str, policy: Policy, img_size: int, batch:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+
     return train
 
 
 # ----------------------------------------------------------------------------- timing
+
 
 def _timed(step: Callable[[], None], device: torch.device, times: int = 1) -> tuple[float, float]:
     """(seconds per step, other processes' CPU use in cores) of `times` steps in a row."""
@@ -210,8 +225,9 @@ def _timed(step: Callable[[], None], device: torch.device, times: int = 1) -> tu
     return seconds / times, (_others_cpu_seconds() - others) / seconds
 
 
-def time_in_turns(steps: dict[str, Callable[[], None]], *, warmup: int, repeats: int,
-                  device: torch.device) -> tuple[dict[str, float], dict[str, float], int]:
+def time_in_turns(
+    steps: dict[str, Callable[[], None]], *, warmup: int, repeats: int, device: torch.device
+) -> tuple[dict[str, float], dict[str, float], int]:
     """Median seconds per step of each contender, timed in turns, one sample each per round.
 
     A sample is as many steps as fill SAMPLE_S (at least one), judged from the last warm-up step.
@@ -231,7 +247,7 @@ def time_in_turns(steps: dict[str, Callable[[], None]], *, warmup: int, repeats:
     for round_ in range(3 * repeats):
         if min(len(v) for v in clean.values()) >= repeats:
             break
-        for name in names[round_ % len(names):] + names[:round_ % len(names)]:  # who goes first rotates
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:  # who goes first rotates
             seconds, others = _timed(steps[name], device, per_sample[name])
             every[name].append(seconds)
             if others <= CONTENDED_SHARE:
@@ -242,8 +258,9 @@ def time_in_turns(steps: dict[str, Callable[[], None]], *, warmup: int, repeats:
     return medians, warmup_s, contended
 
 
-def measure(timm, section: str, policy: Policy, *, device: torch.device, warmup: int, repeats: int,
-            batch: int | None = None) -> dict:
+def measure(
+    timm, section: str, policy: Policy, *, device: torch.device, warmup: int, repeats: int, batch: int | None = None
+) -> dict:
     """One row: images/s of every contender for a section under a policy, and ours' ratios."""
     task, img_size, default_batch = SECTIONS[section]
     batch = batch or default_batch
@@ -254,14 +271,23 @@ def measure(timm, section: str, policy: Policy, *, device: torch.device, warmup:
     seconds, warmup_s, contended = time_in_turns(steps, warmup=warmup, repeats=repeats, device=device)
     speed = {name: batch / s for name, s in seconds.items()}
     speed.setdefault("timm_matched", speed["timm_default"])  # 224: the matched windows are the default ones
-    return dict(section=section, task=task, img_size=img_size, batch=batch, policy=policy.name,
-                bf16=policy.bf16(img_size), images_per_s=speed,
-                ours_vs_timm_default=speed["ours"] / speed["timm_default"],
-                ours_vs_timm_matched=speed["ours"] / speed["timm_matched"],
-                warmup_s=warmup_s, contended_samples=contended)
+    return dict(
+        section=section,
+        task=task,
+        img_size=img_size,
+        batch=batch,
+        policy=policy.name,
+        bf16=policy.bf16(img_size),
+        images_per_s=speed,
+        ours_vs_timm_default=speed["ours"] / speed["timm_default"],
+        ours_vs_timm_matched=speed["ours"] / speed["timm_matched"],
+        warmup_s=warmup_s,
+        contended_samples=contended,
+    )
 
 
 # ----------------------------------------------------------------------------- distillation
+
 
 def distill_section(*, device, warmup: int, repeats: int, batch: int = 128, samples: int = 4096) -> dict:
     """Step cost of the 5M student at 32x32 (10 classes): labels only, from a store, online; and the
@@ -306,28 +332,43 @@ def distill_section(*, device, warmup: int, repeats: int, batch: int = 128, samp
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+
             return run
 
         times, _, contended = time_in_turns(
             {"cross-entropy": step(None), "from store": step(stored), "online teacher": step(online)},
-            warmup=warmup, repeats=repeats, device=device)
-    result = dict(step_s=times, store_vs_ce=times["from store"] / times["cross-entropy"],
-                  online_vs_ce=times["online teacher"] / times["cross-entropy"], contended_samples=contended,
-                  precompute_images_per_s=samples / precompute_s, teacher_infer_images_per_s=teacher_infer,
-                  precompute_vs_inference=samples / precompute_s / teacher_infer)
+            warmup=warmup,
+            repeats=repeats,
+            device=device,
+        )
+    result = dict(
+        step_s=times,
+        store_vs_ce=times["from store"] / times["cross-entropy"],
+        online_vs_ce=times["online teacher"] / times["cross-entropy"],
+        contended_samples=contended,
+        precompute_images_per_s=samples / precompute_s,
+        teacher_infer_images_per_s=teacher_infer,
+        precompute_vs_inference=samples / precompute_s / teacher_infer,
+    )
     note = f" ({contended} contended samples retimed)" if contended else ""
-    print(f"distillation step (TinyViT-5M, 32x32, batch {batch}): plain CE {times['cross-entropy'] * 1e3:.1f} ms, "
-          f"from store {result['store_vs_ce']:.3f}x, online ResNet-18 teacher {result['online_vs_ce']:.3f}x{note}")
-    print(f"precompute of {samples} images: {result['precompute_images_per_s']:.0f} images/s = "
-          f"{result['precompute_vs_inference']:.0%} of the teacher's bare inference ({teacher_infer:.0f} images/s), "
-          f"including data loading and writing")
+    print(
+        f"distillation step (TinyViT-5M, 32x32, batch {batch}): plain CE {times['cross-entropy'] * 1e3:.1f} ms, "
+        f"from store {result['store_vs_ce']:.3f}x, online ResNet-18 teacher {result['online_vs_ce']:.3f}x{note}"
+    )
+    print(
+        f"precompute of {samples} images: {result['precompute_images_per_s']:.0f} images/s = "
+        f"{result['precompute_vs_inference']:.0%} of the teacher's bare inference ({teacher_infer:.0f} images/s), "
+        f"including data loading and writing"
+    )
     return result
 
 
 # ----------------------------------------------------------------------------- report
 
-HEADER = (f"{'section':<9}{'policy':<14}{'batch':>5}  {'ours':>8}  {'timm-default':>12}  {'timm-matched':>12}"
-          f"  {'ours/default':>12}  {'ours/matched':>12}   warm-up s (ours/timm)")
+HEADER = (
+    f"{'section':<9}{'policy':<14}{'batch':>5}  {'ours':>8}  {'timm-default':>12}  {'timm-matched':>12}"
+    f"  {'ours/default':>12}  {'ours/matched':>12}   warm-up s (ours/timm)"
+)
 
 
 def format_row(row: dict) -> str:
@@ -335,9 +376,11 @@ def format_row(row: dict) -> str:
     matched = "= default" if "timm_matched" not in warmup_s else f"{speed['timm_matched']:.1f}"
     warmups = "/".join(f"{s:.1f}" for s in warmup_s.values())
     note = f"  ({row['contended_samples']} contended samples retimed)" if row["contended_samples"] else ""
-    return (f"{row['section']:<9}{row['policy'] + (' bf16' if row['bf16'] else ''):<14}{row['batch']:>5}  "
-            f"{speed['ours']:>8.1f}  {speed['timm_default']:>12.1f}  {matched:>12}  "
-            f"{row['ours_vs_timm_default']:>11.2f}x  {row['ours_vs_timm_matched']:>11.2f}x   {warmups}{note}")
+    return (
+        f"{row['section']:<9}{row['policy'] + (' bf16' if row['bf16'] else ''):<14}{row['batch']:>5}  "
+        f"{speed['ours']:>8.1f}  {speed['timm_default']:>12.1f}  {matched:>12}  "
+        f"{row['ours_vs_timm_default']:>11.2f}x  {row['ours_vs_timm_matched']:>11.2f}x   {warmups}{note}"
+    )
 
 
 def ours_vs_timm_eager(rows: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
@@ -349,16 +392,25 @@ def ours_vs_timm_eager(rows: list[dict]) -> dict[str, dict[str, dict[str, float]
         if timm and row["policy"] != "eager":
             ours = row["images_per_s"]["ours"]
             out.setdefault(row["section"], {})[row["policy"]] = dict(
-                vs_timm_default=ours / timm["timm_default"], vs_timm_matched=ours / timm["timm_matched"])
+                vs_timm_default=ours / timm["timm_default"], vs_timm_matched=ours / timm["timm_matched"]
+            )
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tinyvit_lib.bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--sections", default=",".join([*SECTIONS, "distill"]),
-                   help=f"comma-separated, from {', '.join([*SECTIONS, 'distill'])}")
-    p.add_argument("--policies", default=",".join(DEFAULT_POLICIES), help=f"comma-separated, from {', '.join(POLICIES)}")
+    p = argparse.ArgumentParser(
+        prog="python -m tinyvit_lib.bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--sections",
+        default=",".join([*SECTIONS, "distill"]),
+        help=f"comma-separated, from {', '.join([*SECTIONS, 'distill'])}",
+    )
+    p.add_argument(
+        "--policies", default=",".join(DEFAULT_POLICIES), help=f"comma-separated, from {', '.join(POLICIES)}"
+    )
     p.add_argument("--quick", action="store_true", help="batch 4, two warm-up steps and one timed sample: a smoke run")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per contender before timing")
     p.add_argument("--repeats", type=int, default=5, help="timed samples per contender (median)")
@@ -385,14 +437,24 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     info = machine()
     info["malloc_keeps_freed_memory"] = False if args.system_malloc else keep_freed_memory()
-    print(f"machine: {info['cpu']}, {info['cores']} cores, {info['threads']} torch threads, torch {info['torch']}, "
-          f"timm {info['timm']}, device {device}, glibc keeps freed memory: {info['malloc_keeps_freed_memory']}")
-    results: dict = dict(machine=info, device=str(device), quick=args.quick,
-                         policies={name: asdict(POLICIES[name]) for name in policies}, models=[])
+    print(
+        f"machine: {info['cpu']}, {info['cores']} cores, {info['threads']} torch threads, torch {info['torch']}, "
+        f"timm {info['timm']}, device {device}, glibc keeps freed memory: {info['malloc_keeps_freed_memory']}"
+    )
+    results: dict = dict(
+        machine=info,
+        device=str(device),
+        quick=args.quick,
+        policies={name: asdict(POLICIES[name]) for name in policies},
+        models=[],
+    )
     model_sections = [s for s in SECTIONS if s in sections]
     if model_sections:
-        print(f"images/s, median of {repeats} timed samples (>= {SAMPLE_S} s each) after {warmup} warm-up steps; "
-              "ratios are ours over timm under the same policy\n" + HEADER, flush=True)
+        print(
+            f"images/s, median of {repeats} timed samples (>= {SAMPLE_S} s each) after {warmup} warm-up steps; "
+            "ratios are ours over timm under the same policy\n" + HEADER,
+            flush=True,
+        )
     for section in model_sections:
         for name in policies:
             row = measure(timm, section, POLICIES[name], device=device, warmup=warmup, repeats=repeats, batch=batch)
@@ -401,11 +463,18 @@ def main(argv: list[str] | None = None) -> int:
     results["ours_vs_timm_eager"] = ours_vs_timm_eager(results["models"])
     for section, by_policy in results["ours_vs_timm_eager"].items():
         for name, ratios in by_policy.items():
-            print(f"{section:<9}ours {name} / timm eager: {ratios['vs_timm_default']:.2f}x timm-default, "
-                  f"{ratios['vs_timm_matched']:.2f}x timm-matched")
+            print(
+                f"{section:<9}ours {name} / timm eager: {ratios['vs_timm_default']:.2f}x timm-default, "
+                f"{ratios['vs_timm_matched']:.2f}x timm-matched"
+            )
     if "distill" in sections:
-        results["distill"] = distill_section(device=device, warmup=warmup, repeats=max(repeats, 3),
-                                             batch=16 if args.quick else 128, samples=64 if args.quick else 4096)
+        results["distill"] = distill_section(
+            device=device,
+            warmup=warmup,
+            repeats=max(repeats, 3),
+            batch=16 if args.quick else 128,
+            samples=64 if args.quick else 4096,
+        )
     results["wall_s"] = round(time.perf_counter() - started, 1)
     print(f"total wall time {results['wall_s']} s")
     if args.out:

@@ -39,10 +39,21 @@ from torchvision.datasets.utils import check_integrity
 from .augment import AugmentConfig, EvalTransform, TrainTransform, derive_seed, sample_seed
 
 __all__ = [
-    "DATASETS", "DatasetWithIDs", "ArrayDatasetWithIDs", "FolderDatasetWithIDs", "EpochShuffleSampler",
-    "SubsetWithIDs", "per_class_subset", "get_dataset", "make_loaders", "FASHION_MNIST_DEBIAN_DIR", "DEFAULT_ROOT",
+    "DATASETS",
+    "DatasetWithIDs",
+    "ArrayDatasetWithIDs",
+    "FolderDatasetWithIDs",
+    "EpochShuffleSampler",
+    "SubsetWithIDs",
+    "per_class_subset",
+    "get_dataset",
+    "make_loaders",
+    "FASHION_MNIST_DEBIAN_DIR",
+    "DEFAULT_ROOT",
     # compatibility: the original plan's loaders (see the end of the file)
-    "get_CIFAR_100", "get_ImageNet1K", "get_imagenet_subset_loaders",
+    "get_CIFAR_100",
+    "get_ImageNet1K",
+    "get_imagenet_subset_loaders",
 ]
 
 Transform = Callable[[torch.Tensor, int], torch.Tensor]  # (uint8 image (C, H, W), seed) -> tensor
@@ -89,8 +100,18 @@ class DatasetWithIDs(Dataset):
     Subclasses provide `load_image(index)` and `_hash_content(digest)`.
     """
 
-    def __init__(self, *, name: str, split: str, ids: list[str], targets: list[int], classes: list[str],
-                 transform: Transform, out_chans: int, base_seed: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        name: str,
+        split: str,
+        ids: list[str],
+        targets: list[int],
+        classes: list[str],
+        transform: Transform,
+        out_chans: int,
+        base_seed: int = 0,
+    ) -> None:
         if len(ids) != len(targets):
             raise ValueError(f"{len(ids)} ids but {len(targets)} labels")
         if len(set(ids)) != len(ids):
@@ -182,24 +203,43 @@ class DatasetWithIDs(Dataset):
             "content_sha256": content.hexdigest(),
         }
 
-    def _hash_content(self, digest: "hashlib._Hash") -> None:
+    def _hash_content(self, digest: hashlib._Hash) -> None:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}({self.name!r}, split={self.split!r}, size={len(self)}, "
-                f"transform={self.transform})")
+        return (
+            f"{type(self).__name__}({self.name!r}, split={self.split!r}, size={len(self)}, transform={self.transform})"
+        )
 
 
 class ArrayDatasetWithIDs(DatasetWithIDs):
     """Images held in memory as one uint8 tensor (N, C, H, W); IDs are "{split}/{index:06d}"."""
 
-    def __init__(self, images: torch.Tensor, targets: list[int], *, name: str, split: str, classes: list[str],
-                 transform: Transform, out_chans: int, base_seed: int = 0) -> None:
+    def __init__(
+        self,
+        images: torch.Tensor,
+        targets: list[int],
+        *,
+        name: str,
+        split: str,
+        classes: list[str],
+        transform: Transform,
+        out_chans: int,
+        base_seed: int = 0,
+    ) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         ids = [f"{split}/{i:06d}" for i in range(images.shape[0])]
-        super().__init__(name=name, split=split, ids=ids, targets=targets, classes=classes,
-                         transform=transform, out_chans=out_chans, base_seed=base_seed)
+        super().__init__(
+            name=name,
+            split=split,
+            ids=ids,
+            targets=targets,
+            classes=classes,
+            transform=transform,
+            out_chans=out_chans,
+            base_seed=base_seed,
+        )
         self.images = images.contiguous()
 
     def load_image(self, index: int) -> torch.Tensor:
@@ -208,7 +248,7 @@ class ArrayDatasetWithIDs(DatasetWithIDs):
     def load_images(self, indices: list[int]) -> torch.Tensor:
         return self.images[indices]  # (B, C, H, W)
 
-    def _hash_content(self, digest: "hashlib._Hash") -> None:
+    def _hash_content(self, digest: hashlib._Hash) -> None:
         digest.update(memoryview(self.images.numpy()))
 
 
@@ -216,10 +256,29 @@ class FolderDatasetWithIDs(DatasetWithIDs):
     """Image files under `root`, decoded on access as RGB by Pillow (as torchvision's ImageFolder
     does); IDs are paths relative to `root`."""
 
-    def __init__(self, root: Path, ids: list[str], targets: list[int], *, name: str, split: str,
-                 classes: list[str], transform: Transform, out_chans: int, base_seed: int = 0) -> None:
-        super().__init__(name=name, split=split, ids=ids, targets=targets, classes=classes,
-                         transform=transform, out_chans=out_chans, base_seed=base_seed)
+    def __init__(
+        self,
+        root: Path,
+        ids: list[str],
+        targets: list[int],
+        *,
+        name: str,
+        split: str,
+        classes: list[str],
+        transform: Transform,
+        out_chans: int,
+        base_seed: int = 0,
+    ) -> None:
+        super().__init__(
+            name=name,
+            split=split,
+            ids=ids,
+            targets=targets,
+            classes=classes,
+            transform=transform,
+            out_chans=out_chans,
+            base_seed=base_seed,
+        )
         self.root = root
 
     def load_image(self, index: int) -> torch.Tensor:
@@ -239,7 +298,7 @@ class FolderDatasetWithIDs(DatasetWithIDs):
             raise ValueError(f"cannot decode image file {path}: {error}") from error
         return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
-    def _hash_content(self, digest: "hashlib._Hash") -> None:
+    def _hash_content(self, digest: hashlib._Hash) -> None:
         sizes = [(self.root / sample_id).stat().st_size for sample_id in self.ids]
         digest.update(np.asarray(sizes, dtype="<i8").tobytes())
 
@@ -250,9 +309,16 @@ class SubsetWithIDs(DatasetWithIDs):
     position in this subset, and `ids[sample_id]` the parent's permanent string."""
 
     def __init__(self, parent: DatasetWithIDs, indices: list[int]) -> None:
-        super().__init__(name=parent.name, split=parent.split, ids=[parent.ids[i] for i in indices],
-                         targets=[parent.targets[i] for i in indices], classes=parent.classes,
-                         transform=parent.transform, out_chans=parent.out_chans, base_seed=parent.base_seed)
+        super().__init__(
+            name=parent.name,
+            split=parent.split,
+            ids=[parent.ids[i] for i in indices],
+            targets=[parent.targets[i] for i in indices],
+            classes=parent.classes,
+            transform=parent.transform,
+            out_chans=parent.out_chans,
+            base_seed=parent.base_seed,
+        )
         self.parent, self.indices = parent, list(indices)
 
     def load_image(self, index: int) -> torch.Tensor:
@@ -261,7 +327,7 @@ class SubsetWithIDs(DatasetWithIDs):
     def load_images(self, indices: list[int]) -> torch.Tensor | None:
         return self.parent.load_images([self.indices[i] for i in indices])
 
-    def _hash_content(self, digest: "hashlib._Hash") -> None:
+    def _hash_content(self, digest: hashlib._Hash) -> None:
         digest.update(self.parent.fingerprint()["content_sha256"].encode())
         digest.update(np.asarray(self.indices, dtype="<i8").tobytes())
 
@@ -283,12 +349,22 @@ def per_class_subset(dataset: DatasetWithIDs, max_per_class: int) -> SubsetWithI
     return SubsetWithIDs(dataset, indices)
 
 
-def get_dataset(name: str, root: str | Path | None = None, split: str = "train", *,
-                img_size: int | None = None, in_chans: int | None = None,
-                augment: AugmentConfig | None = None, transform: Transform | None = None,
-                base_seed: int = 0, download: bool = True, verify: bool = True,
-                num_classes: int | None = None, max_per_class: int | None = None,
-                num_samples: int | None = None) -> DatasetWithIDs:
+def get_dataset(
+    name: str,
+    root: str | Path | None = None,
+    split: str = "train",
+    *,
+    img_size: int | None = None,
+    in_chans: int | None = None,
+    augment: AugmentConfig | None = None,
+    transform: Transform | None = None,
+    base_seed: int = 0,
+    download: bool = True,
+    verify: bool = True,
+    num_classes: int | None = None,
+    max_per_class: int | None = None,
+    num_samples: int | None = None,
+) -> DatasetWithIDs:
     """Build one split of one of the course's datasets (`DATASETS`).
 
     Args:
@@ -381,6 +457,7 @@ def _default_transform(facts: _Facts, img_size: int, augment: AugmentConfig | No
 
 # ----------------------------------------------------------------------------- Fashion-MNIST
 
+
 def _load_fashion_mnist(root: str | Path | None, split: str, download: bool) -> tuple[torch.Tensor, list[int]]:
     """(N, 1, 28, 28) uint8 images and labels from the first place that has both files."""
     prefix = _FASHION_MNIST_PREFIX[split]
@@ -392,19 +469,24 @@ def _load_fashion_mnist(root: str | Path | None, split: str, download: bool) -> 
         if images_file and labels_file:
             return _read_fashion_mnist(images_file, labels_file)
     target = Path(root) if root is not None else DEFAULT_ROOT
-    how = (f"Install Debian's package (sudo apt-get install dataset-fashion-mnist, files in "
-           f"{FASHION_MNIST_DEBIAN_DIR}), or let torchvision download it: get_dataset('fashion-mnist', "
-           f"root=..., download=True) on a machine with a network")
+    how = (
+        f"Install Debian's package (sudo apt-get install dataset-fashion-mnist, files in "
+        f"{FASHION_MNIST_DEBIAN_DIR}), or let torchvision download it: get_dataset('fashion-mnist', "
+        f"root=..., download=True) on a machine with a network"
+    )
     if not download:
         raise FileNotFoundError(f"Fashion-MNIST {split} files not found in {[str(p) for p in places]}. {how}.")
     try:
         tv_datasets.FashionMNIST(str(target), train=split == "train", download=True)
     except (RuntimeError, OSError) as error:
-        raise FileNotFoundError(f"Fashion-MNIST not found in {[str(p) for p in places]} and the download into "
-                                f"{target} failed ({error}). {how}.") from error
+        raise FileNotFoundError(
+            f"Fashion-MNIST not found in {[str(p) for p in places]} and the download into "
+            f"{target} failed ({error}). {how}."
+        ) from error
     raw = target / "FashionMNIST" / "raw"
-    return _read_fashion_mnist(_find_idx(raw, f"{prefix}-images-idx3-ubyte"),
-                               _find_idx(raw, f"{prefix}-labels-idx1-ubyte"))
+    return _read_fashion_mnist(
+        _find_idx(raw, f"{prefix}-images-idx3-ubyte"), _find_idx(raw, f"{prefix}-labels-idx1-ubyte")
+    )
 
 
 def _find_idx(folder: Path, stem: str) -> Path | None:
@@ -446,6 +528,7 @@ def _read_idx(path: Path, ndim: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- CIFAR-100
 
+
 class _UncheckedCIFAR100(tv_datasets.CIFAR100):
     """torchvision's CIFAR-100 reader without its md5 checks: `_load_cifar100` runs them itself
     (unless verify=False) so that a differing copy gets a clear error instead of a re-download."""
@@ -471,16 +554,19 @@ def _load_cifar100(root: str | Path | None, split: str, download: bool, verify: 
         used = (reference.train_list if split == "train" else reference.test_list) + meta
         differ = [filename for filename, md5 in used if verify and not check_integrity(str(folder / filename), md5)]
         if differ:
-            raise ValueError(f"CIFAR-100 files {differ} in {folder} differ from the official release (md5); "
-                             "re-download them, or use this copy anyway: verify=False in Python, "
-                             "--no-verify-files on the command line")
+            raise ValueError(
+                f"CIFAR-100 files {differ} in {folder} differ from the official release (md5); "
+                "re-download them, or use this copy anyway: verify=False in Python, "
+                "--no-verify-files on the command line"
+            )
         try:
             return _UncheckedCIFAR100(str(root), train=split == "train")
         except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as error:
             raise ValueError(f"CIFAR-100 files in {folder} cannot be read: {error!r}") from error
     if not download:
-        raise FileNotFoundError(f"CIFAR-100 not found in {folder} (root={str(root)!r}); "
-                                "pass download=True on a machine with a network")
+        raise FileNotFoundError(
+            f"CIFAR-100 not found in {folder} (root={str(root)!r}); pass download=True on a machine with a network"
+        )
     try:
         return reference(str(root), train=split == "train", download=True)
     except (RuntimeError, OSError) as error:
@@ -489,8 +575,10 @@ def _load_cifar100(root: str | Path | None, split: str, download: bool, verify: 
 
 # ----------------------------------------------------------------------------- image folders
 
-def _scan_folder(root: Path, split: str, max_classes: int | None,
-                 max_per_class: int | None) -> tuple[list[str], list[int], list[str]]:
+
+def _scan_folder(
+    root: Path, split: str, max_classes: int | None, max_per_class: int | None
+) -> tuple[list[str], list[int], list[str]]:
     """IDs "{split}/{class}/{file}", labels and class names: class folders sorted, files sorted
     within each class (walking subfolders), first `max_classes` classes, first `max_per_class` files."""
     split_dir = root / split
@@ -509,7 +597,8 @@ def _scan_folder(root: Path, split: str, max_classes: int | None,
         files = sorted(
             Path(folder, filename).relative_to(class_dir).as_posix()
             for folder, _, filenames in os.walk(class_dir, followlinks=True)
-            for filename in filenames if filename.lower().endswith(IMG_EXTENSIONS)
+            for filename in filenames
+            if filename.lower().endswith(IMG_EXTENSIONS)
         )
         if not files:
             raise FileNotFoundError(f"class folder {class_dir} holds no images ({', '.join(IMG_EXTENSIONS)})")
@@ -520,6 +609,7 @@ def _scan_folder(root: Path, split: str, max_classes: int | None,
 
 
 # ----------------------------------------------------------------------------- synthetic
+
 
 def _make_synthetic(split: str, num_samples: int, num_classes: int) -> tuple[torch.Tensor, list[int]]:
     """(N, 3, 32, 32) uint8 images, labels 0, 1, ..., K-1, 0, 1, ...: one fixed 4x4 colour layout per
@@ -536,6 +626,7 @@ def _make_synthetic(split: str, num_samples: int, num_classes: int) -> tuple[tor
 
 
 # ----------------------------------------------------------------------------- loaders
+
 
 class EpochShuffleSampler(Sampler[int]):
     """A shuffled order that depends only on the dataset's `base_seed` and current epoch, so the
@@ -564,13 +655,14 @@ class EpochShuffleSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         seed = derive_seed("order", self.dataset.base_seed, self.dataset.epoch)
         order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(seed))
-        mine = order[: len(self) * self.world_size][self.rank::self.world_size]
+        mine = order[: len(self) * self.world_size][self.rank :: self.world_size]
         start, self._skip = self._skip, 0
         return iter(mine[start:].tolist())
 
 
-def make_loaders(train: DatasetWithIDs, held_out: DatasetWithIDs, *, batch_size: int,
-                 num_workers: int = 0) -> tuple[DataLoader, DataLoader]:
+def make_loaders(
+    train: DatasetWithIDs, held_out: DatasetWithIDs, *, batch_size: int, num_workers: int = 0
+) -> tuple[DataLoader, DataLoader]:
     """A training loader (seeded per-epoch shuffle, full batches only, so Mixup pairs are complete)
     and an evaluation loader (file order). Call `train.set_epoch(e)` before each epoch.
 
@@ -579,8 +671,14 @@ def make_loaders(train: DatasetWithIDs, held_out: DatasetWithIDs, *, batch_size:
     """
     if batch_size < 1 or num_workers < 0:
         raise ValueError(f"batch_size={batch_size} must be >= 1 and num_workers={num_workers} >= 0")
-    train_loader = DataLoader(train, batch_size=batch_size, sampler=EpochShuffleSampler(train), drop_last=True,
-                              num_workers=num_workers, persistent_workers=num_workers > 0)
+    train_loader = DataLoader(
+        train,
+        batch_size=batch_size,
+        sampler=EpochShuffleSampler(train),
+        drop_last=True,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )
     eval_loader = DataLoader(held_out, batch_size=batch_size, num_workers=num_workers)
     return train_loader, eval_loader
 
@@ -590,30 +688,60 @@ def make_loaders(train: DatasetWithIDs, held_out: DatasetWithIDs, *, batch_size:
 # them keeps working. New code builds each split with `get_dataset` (as `experiment.datasets_for`
 # does) and, where it wants loaders, pairs a training and a held-out split with `make_loaders`.
 
-def get_CIFAR_100(root: str | Path | None = None, *, batch_size: int = 128, img_size: int = 32,
-                  augment: AugmentConfig | None = AugmentConfig(), base_seed: int = 0, num_workers: int = 0,
-                  download: bool = True, verify: bool = True) -> tuple[DataLoader, DataLoader]:
+
+def get_CIFAR_100(
+    root: str | Path | None = None,
+    *,
+    batch_size: int = 128,
+    img_size: int = 32,
+    augment: AugmentConfig | None = AugmentConfig(),
+    base_seed: int = 0,
+    num_workers: int = 0,
+    download: bool = True,
+    verify: bool = True,
+) -> tuple[DataLoader, DataLoader]:
     """(train, test) loaders for CIFAR-100; see `get_dataset` and `make_loaders` for the arguments
     and what is raised."""
-    train = get_dataset("cifar100", root, "train", img_size=img_size, augment=augment, base_seed=base_seed,
-                        download=download, verify=verify)
+    train = get_dataset(
+        "cifar100",
+        root,
+        "train",
+        img_size=img_size,
+        augment=augment,
+        base_seed=base_seed,
+        download=download,
+        verify=verify,
+    )
     test = get_dataset("cifar100", root, "test", img_size=img_size, download=download, verify=verify)
     return make_loaders(train, test, batch_size=batch_size, num_workers=num_workers)
 
 
-def get_ImageNet1K(root: str | Path, *, batch_size: int = 128, img_size: int = 224,
-                   augment: AugmentConfig | None = AugmentConfig(), base_seed: int = 0,
-                   num_workers: int = 0) -> tuple[DataLoader, DataLoader]:
+def get_ImageNet1K(
+    root: str | Path,
+    *,
+    batch_size: int = 128,
+    img_size: int = 224,
+    augment: AugmentConfig | None = AugmentConfig(),
+    base_seed: int = 0,
+    num_workers: int = 0,
+) -> tuple[DataLoader, DataLoader]:
     """(train, val) loaders for an ImageNet-1k ImageFolder tree under `root`; see `get_dataset`."""
     train = get_dataset("imagenet", root, "train", img_size=img_size, augment=augment, base_seed=base_seed)
     val = get_dataset("imagenet", root, "val", img_size=img_size)
     return make_loaders(train, val, batch_size=batch_size, num_workers=num_workers)
 
 
-def get_imagenet_subset_loaders(root: str | Path, *, num_classes: int, max_per_class: int,
-                                batch_size: int = 128, img_size: int = 224,
-                                augment: AugmentConfig | None = AugmentConfig(), base_seed: int = 0,
-                                num_workers: int = 0) -> tuple[DataLoader, DataLoader]:
+def get_imagenet_subset_loaders(
+    root: str | Path,
+    *,
+    num_classes: int,
+    max_per_class: int,
+    batch_size: int = 128,
+    img_size: int = 224,
+    augment: AugmentConfig | None = AugmentConfig(),
+    base_seed: int = 0,
+    num_workers: int = 0,
+) -> tuple[DataLoader, DataLoader]:
     """(train, val) loaders for the first `num_classes` classes of an ImageNet tree, at most
     `max_per_class` images per class in each split; see `get_dataset`."""
     subset = dict(num_classes=num_classes, max_per_class=max_per_class, img_size=img_size)

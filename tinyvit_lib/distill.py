@@ -31,14 +31,35 @@ from torch.utils.data import DataLoader
 
 from .augment import TrainTransform
 from .data import DatasetWithIDs, SubsetWithIDs
-from .logit_store import (LogitStore, StoreHeader, StoreMismatch, StoreWriter, encode_records, official_record_bytes,
-                          rebuild_logits)
+from .logit_store import (
+    LogitStore,
+    StoreHeader,
+    StoreMismatch,
+    StoreWriter,
+    encode_records,
+    official_record_bytes,
+    rebuild_logits,
+)
 from .utils import progress as progress_bar
 from .utils import rank_world
 
-__all__ = ["DistillationLoss", "soft_cross_entropy", "Teacher", "OnlineTeacher", "StoredTeacher", "precompute",
-           "verify_store", "VerifyTolerance", "store_header", "weights_sha256", "FastDistillation", "PrecomputeStats",
-           "topk_mass", "precompute_or_reuse", "storage_comparison"]
+__all__ = [
+    "DistillationLoss",
+    "soft_cross_entropy",
+    "Teacher",
+    "OnlineTeacher",
+    "StoredTeacher",
+    "precompute",
+    "verify_store",
+    "VerifyTolerance",
+    "store_header",
+    "weights_sha256",
+    "FastDistillation",
+    "PrecomputeStats",
+    "topk_mass",
+    "precompute_or_reuse",
+    "storage_comparison",
+]
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -90,9 +111,14 @@ class DistillationLoss(nn.Module):
         kl = (torch.xlogy(teacher_probs, teacher_probs) - teacher_probs * log_student).sum(-1)
         return kl.mean() * T * T
 
-    def forward(self, student_logits: torch.Tensor, labels: torch.Tensor, *,
-                teacher_logits: torch.Tensor | None = None,
-                teacher_probs: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        teacher_logits: torch.Tensor | None = None,
+        teacher_probs: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if teacher_logits is not None and teacher_probs is not None:
             raise ValueError("give the teacher as teacher_logits or teacher_probs, not both")
         if teacher_logits is not None:
@@ -103,13 +129,16 @@ class DistillationLoss(nn.Module):
         if teacher_probs is None:
             raise ValueError(f"alpha={self.alpha} needs a teacher (teacher_logits or teacher_probs)")
         if teacher_probs.shape != student_logits.shape:
-            raise ValueError(f"teacher shape {tuple(teacher_probs.shape)} does not match "
-                             f"the student's logits {tuple(student_logits.shape)}")
+            raise ValueError(
+                f"teacher shape {tuple(teacher_probs.shape)} does not match "
+                f"the student's logits {tuple(student_logits.shape)}"
+            )
         soft = self.soft_term(student_logits, teacher_probs)
         return soft if hard is None else (1 - self.alpha) * hard + self.alpha * soft
 
 
 # ----------------------------------------------------------------------------- where the teacher comes from
+
 
 class Teacher:
     """Where the teacher's distribution for a training batch comes from."""
@@ -118,7 +147,7 @@ class Teacher:
         """The teacher's distribution at `temperature`, (B, num_classes), on images.device."""
         raise NotImplementedError
 
-    def to(self, device: torch.device) -> "Teacher":
+    def to(self, device: torch.device) -> Teacher:
         return self
 
 
@@ -130,7 +159,7 @@ class OnlineTeacher(Teacher):
         self.model = model.eval().requires_grad_(False)
         self.in_chans = in_chans
 
-    def to(self, device: torch.device) -> "OnlineTeacher":
+    def to(self, device: torch.device) -> OnlineTeacher:
         self.model.to(device)
         return self
 
@@ -166,8 +195,11 @@ class StoredTeacher(Teacher):
             self.positions = None
         else:
             fp = dataset.fingerprint()
-            problems += [f"dataset {key}: store {header.dataset.get(key)!r}, data {fp.get(key)!r}"
-                         for key in fp if fp.get(key) != header.dataset.get(key)]
+            problems += [
+                f"dataset {key}: store {header.dataset.get(key)!r}, data {fp.get(key)!r}"
+                for key in fp
+                if fp.get(key) != header.dataset.get(key)
+            ]
         img_size = getattr(dataset.transform, "img_size", None)
         if img_size != header.img_size:
             problems.append(f"img_size: store {header.img_size}, data {img_size}")
@@ -181,14 +213,15 @@ class StoredTeacher(Teacher):
         self.store, self.dataset = store, dataset
 
     @classmethod
-    def open(cls, path: str | Path, dataset: DatasetWithIDs, *, verify: bool = True) -> "StoredTeacher":
+    def open(cls, path: str | Path, dataset: DatasetWithIDs, *, verify: bool = True) -> StoredTeacher:
         return cls(LogitStore.open(path, verify=verify), dataset)
 
     def probs(self, images, sample_ids, epoch, temperature):
         return self.probs_for_ids(sample_ids, epoch, temperature, images.device)
 
-    def probs_for_ids(self, sample_ids: torch.Tensor, epoch: int, temperature: float,
-                      device: torch.device | str = "cpu") -> torch.Tensor:
+    def probs_for_ids(
+        self, sample_ids: torch.Tensor, epoch: int, temperature: float, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
         """The stored distribution at `temperature` of the samples `sample_ids` (B,) in `epoch`,
         (B, num_classes) on `device`: no images needed, the IDs locate the records.
 
@@ -204,13 +237,16 @@ class StoredTeacher(Teacher):
         if self.store.header.mode == "replay":
             expected = [self.dataset.seed_for(int(i), epoch) for i in ids]
             if records["seed"].tolist() != expected:
-                raise ValueError(f"epoch {epoch}: the data loader's augmentation seeds differ from the stored views "
-                                 f"(store {self.store.path}); the student would not see what the teacher saw")
+                raise ValueError(
+                    f"epoch {epoch}: the data loader's augmentation seeds differ from the stored views "
+                    f"(store {self.store.path}); the student would not see what the teacher saw"
+                )
         logits = rebuild_logits(records, self.store.header.num_classes).to(device)
         return F.softmax(logits / temperature, dim=-1)
 
 
 # ----------------------------------------------------------------------------- precompute and verify
+
 
 def weights_sha256(weights: nn.Module | dict[str, torch.Tensor]) -> str:
     """A hash of a model's weights (its state dict, or a state dict, in key order): names the teacher
@@ -223,15 +259,25 @@ def weights_sha256(weights: nn.Module | dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def store_header(teacher: nn.Module, teacher_name: str, dataset: DatasetWithIDs, *, k: int, mode: str,
-                 epochs: int = 1) -> StoreHeader:
+def store_header(
+    teacher: nn.Module, teacher_name: str, dataset: DatasetWithIDs, *, k: int, mode: str, epochs: int = 1
+) -> StoreHeader:
     """What a store of this teacher on this dataset promises (compared when it is reopened)."""
     return StoreHeader(
-        teacher=dict(name=teacher_name, parameters=sum(p.numel() for p in teacher.parameters()),
-                     weights_sha256=weights_sha256(teacher)),
-        dataset=dataset.fingerprint(), img_size=int(getattr(dataset.transform, "img_size", 0)),
-        transform=repr(dataset.transform), mode=mode, k=k, num_classes=dataset.num_classes, epochs=epochs,
-        base_seed=dataset.base_seed)
+        teacher=dict(
+            name=teacher_name,
+            parameters=sum(p.numel() for p in teacher.parameters()),
+            weights_sha256=weights_sha256(teacher),
+        ),
+        dataset=dataset.fingerprint(),
+        img_size=int(getattr(dataset.transform, "img_size", 0)),
+        transform=repr(dataset.transform),
+        mode=mode,
+        k=k,
+        num_classes=dataset.num_classes,
+        epochs=epochs,
+        base_seed=dataset.base_seed,
+    )
 
 
 @dataclass
@@ -244,10 +290,21 @@ class PrecomputeStats:
         return self.images / max(self.seconds, 1e-9)
 
 
-def precompute(teacher: nn.Module, dataset: DatasetWithIDs, path: str | Path, *, k: int, mode: str = "static",
-               epochs: int = 1, teacher_name: str = "teacher", batch_size: int = 256,
-               device: torch.device | str = "cpu", in_chans: int = 3, num_workers: int = 0,
-               progress: bool = True) -> tuple[LogitStore, PrecomputeStats]:
+def precompute(
+    teacher: nn.Module,
+    dataset: DatasetWithIDs,
+    path: str | Path,
+    *,
+    k: int,
+    mode: str = "static",
+    epochs: int = 1,
+    teacher_name: str = "teacher",
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    in_chans: int = 3,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> tuple[LogitStore, PrecomputeStats]:
     """Run the teacher once over `dataset` and store its top-k logits at `path`.
 
     static: one record per sample, from the dataset's evaluation transform. replay: one record per
@@ -274,8 +331,10 @@ def precompute(teacher: nn.Module, dataset: DatasetWithIDs, path: str | Path, *,
     if mode == "replay" and not augmented:
         raise ValueError("a replay store records augmented views: build the dataset with an augment config")
     if mode == "replay" and dataset.transform.config.mixing:
-        raise ValueError("replay stores of Mixup/CutMix views are not supported: use an augment config "
-                         "without mixing (the student mixes pairs itself)")
+        raise ValueError(
+            "replay stores of Mixup/CutMix views are not supported: use an augment config "
+            "without mixing (the student mixes pairs itself)"
+        )
     device = torch.device(device)
     rank, world = rank_world()
     header = store_header(teacher, teacher_name, dataset, k=k, mode=mode, epochs=epochs)  # checks k, mode, epochs
@@ -285,11 +344,16 @@ def precompute(teacher: nn.Module, dataset: DatasetWithIDs, path: str | Path, *,
     for epoch in range(header.epochs):
         dataset.set_epoch(epoch)
         todo = writer.todo(epoch)
-        loader = DataLoader(dataset, batch_sampler=[list(writer.positions(b)) for b in todo],
-                            num_workers=num_workers, pin_memory=device.type == "cuda")
-        loader = progress_bar(loader, total=len(todo), desc=f"teacher logits, epoch {epoch + 1}/{header.epochs}",
-                              enabled=progress)
-        for images, labels, sample_ids in loader:
+        loader = DataLoader(
+            dataset,
+            batch_sampler=[list(writer.positions(b)) for b in todo],
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+        )
+        loader = progress_bar(
+            loader, total=len(todo), desc=f"teacher logits, epoch {epoch + 1}/{header.epochs}", enabled=progress
+        )
+        for images, _labels, sample_ids in loader:
             logits = online.logits(images.to(device, non_blocking=True))
             if logits.shape[1] != header.num_classes:
                 raise ValueError(f"the teacher outputs {logits.shape[1]} classes, the dataset has {header.num_classes}")
@@ -319,13 +383,13 @@ class VerifyTolerance:
     rounding, so `index_mismatch_rate` (of all stored indices checked) stays near 0.
     """
 
-    relative: float = 2.0 ** -10
+    relative: float = 2.0**-10
     index_mismatch_rate: float = 0.01
 
     @classmethod
-    def for_device(cls, device: torch.device | str) -> "VerifyTolerance":
+    def for_device(cls, device: torch.device | str) -> VerifyTolerance:
         """The tolerance for a teacher run on `device` (bf16 autocast on CUDA, fp32 elsewhere)."""
-        return cls(relative=2.0 ** -6) if torch.device(device).type == "cuda" else cls()
+        return cls(relative=2.0**-6) if torch.device(device).type == "cuda" else cls()
 
     def value_bound(self, largest_logit: float) -> float:
         """The largest |stored - fresh| logit allowed when the largest |logit| checked is `largest_logit`."""
@@ -333,9 +397,17 @@ class VerifyTolerance:
 
 
 @torch.no_grad()
-def verify_store(store: LogitStore, teacher: nn.Module, dataset: DatasetWithIDs, *, samples: int = 256,
-                 in_chans: int = 3, device: torch.device | str = "cpu", seed: int = 0,
-                 tolerance: VerifyTolerance | None = None) -> dict:
+def verify_store(
+    store: LogitStore,
+    teacher: nn.Module,
+    dataset: DatasetWithIDs,
+    *,
+    samples: int = 256,
+    in_chans: int = 3,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    tolerance: VerifyTolerance | None = None,
+) -> dict:
     """Re-run the teacher on `samples` stored records (drawn with random seed `seed`), replaying
     each record's view from its stored augmentation seed, and compare. Reads the store, writes nothing.
 
@@ -363,8 +435,9 @@ def verify_store(store: LogitStore, teacher: nn.Module, dataset: DatasetWithIDs,
         views = []
         for position, record in zip(positions.tolist(), records):
             image = dataset.load_image(position)
-            views.append(dataset.transform(image, int(record["seed"])) if header.mode == "replay"
-                         else dataset.transform(image))
+            views.append(
+                dataset.transform(image, int(record["seed"])) if header.mode == "replay" else dataset.transform(image)
+            )
         fresh = online.logits(torch.stack(views).to(device)).cpu()  # (b, C)
         stored_index = torch.from_numpy(records["index"].astype(np.int64))  # (b, k)
         stored_value = torch.from_numpy(records["value"].astype(np.float32))
@@ -373,12 +446,18 @@ def verify_store(store: LogitStore, teacher: nn.Module, dataset: DatasetWithIDs,
         mismatched += int((fresh.topk(header.k, dim=1).indices != stored_index).sum())
     value_tolerance = tolerance.value_bound(largest)
     mismatch_rate = mismatched / max(count * header.k, 1)
-    return dict(records=count, max_value_error=worst, value_tolerance=value_tolerance,
-                index_mismatch_rate=mismatch_rate, index_mismatch_tolerance=tolerance.index_mismatch_rate,
-                ok=worst <= value_tolerance and mismatch_rate <= tolerance.index_mismatch_rate)
+    return dict(
+        records=count,
+        max_value_error=worst,
+        value_tolerance=value_tolerance,
+        index_mismatch_rate=mismatch_rate,
+        index_mismatch_tolerance=tolerance.index_mismatch_rate,
+        ok=worst <= value_tolerance and mismatch_rate <= tolerance.index_mismatch_rate,
+    )
 
 
 # ----------------------------------------------------------------------------- what a store holds
+
 
 def topk_mass(logits: torch.Tensor, ks: list[int], temperature: float = 1.0) -> list[float]:
     """Mean probability held by the k largest classes, for each k, at `temperature`. logits: (N, C)."""
@@ -400,23 +479,37 @@ def storage_comparison(store: LogitStore, *, sample: int = 2000) -> list[dict]:
     header = store.header
     n = min(sample, header.size)
     records = store.records(0, np.arange(n))
-    original_layout = {f"{header.dataset['split']}/{i:06d}": (records["value"][i].astype(float).tolist(),
-                                                              records["index"][i].astype(int).tolist())
-                       for i in range(n)}
+    original_layout = {
+        f"{header.dataset['split']}/{i:06d}": (
+            records["value"][i].astype(float).tolist(),
+            records["index"][i].astype(int).tolist(),
+        )
+        for i in range(n)
+    }
     on_disk = sum((store.path / f"epoch-{e:04d}.bin").stat().st_size for e in range(header.epochs))
     return [
-        dict(format="this store (top-k logits + remainder + seed)",
-             bytes_per_image=on_disk / (header.size * header.epochs)),
+        dict(
+            format="this store (top-k logits + remainder + seed)",
+            bytes_per_image=on_disk / (header.size * header.epochs),
+        ),
         dict(format=f"official record (4 + 4k, k={header.k})", bytes_per_image=official_record_bytes(header.k)),
         dict(format=f"dense fp32 logits ({header.num_classes} classes)", bytes_per_image=4 * header.num_classes),
-        dict(format="original plan's pickle of top-k lists",
-             bytes_per_image=len(pickle.dumps(original_layout)) / n),
+        dict(format="original plan's pickle of top-k lists", bytes_per_image=len(pickle.dumps(original_layout)) / n),
     ]
 
 
-def precompute_or_reuse(teacher: nn.Module, dataset: DatasetWithIDs, path: str | Path, *, k: int, mode: str = "static",
-                        epochs: int = 1, teacher_name: str = "teacher", force: bool = False,
-                        **kwargs) -> tuple[LogitStore, PrecomputeStats | None]:
+def precompute_or_reuse(
+    teacher: nn.Module,
+    dataset: DatasetWithIDs,
+    path: str | Path,
+    *,
+    k: int,
+    mode: str = "static",
+    epochs: int = 1,
+    teacher_name: str = "teacher",
+    force: bool = False,
+    **kwargs,
+) -> tuple[LogitStore, PrecomputeStats | None]:
     """The store at `path` if it was made by this teacher, on this data, with these settings;
     otherwise (or with `force`) it is removed and computed again. Stats are None when reused."""
     path = Path(path)
@@ -439,6 +532,7 @@ def precompute_or_reuse(teacher: nn.Module, dataset: DatasetWithIDs, path: str |
 # trainer and the notebooks do: `precompute` (or `precompute_or_reuse`), `StoredTeacher` and
 # `DistillationLoss`.
 
+
 class FastDistillation:
     """The fast-distillation workflow in one object: precompute a teacher's sparse logits once,
     then compute the distillation loss of any student batch from them.
@@ -452,27 +546,28 @@ class FastDistillation:
         ValueError: as `DistillationLoss` for alpha/temperature; `compute_loss` before `load`.
     """
 
-    def __init__(self, k: int = 10, temperature: float = 1.0, alpha: float = 0.5,
-                 label_smoothing: float = 0.0) -> None:
+    def __init__(self, k: int = 10, temperature: float = 1.0, alpha: float = 0.5, label_smoothing: float = 0.0) -> None:
         if k < 1:
             raise ValueError(f"k={k} must be >= 1")
         self.k = k
         self.loss = DistillationLoss(alpha, temperature, label_smoothing)
         self.teacher: StoredTeacher | None = None
 
-    def precompute_logits(self, teacher: nn.Module, dataset: DatasetWithIDs, path: str | Path, *,
-                          mode: str = "static", **kwargs) -> LogitStore:
+    def precompute_logits(
+        self, teacher: nn.Module, dataset: DatasetWithIDs, path: str | Path, *, mode: str = "static", **kwargs
+    ) -> LogitStore:
         """Write the store at `path` (see `precompute` for the options and what is raised)."""
         store, _ = precompute(teacher, dataset, path, k=self.k, mode=mode, **kwargs)
         return store
 
-    def load(self, path: str | Path, dataset: DatasetWithIDs) -> "FastDistillation":
+    def load(self, path: str | Path, dataset: DatasetWithIDs) -> FastDistillation:
         """Open the store at `path` for training on `dataset` (checked against the store)."""
         self.teacher = StoredTeacher.open(path, dataset)
         return self
 
-    def compute_loss(self, student_logits: torch.Tensor, sample_ids: torch.Tensor, labels: torch.Tensor,
-                     epoch: int = 0) -> torch.Tensor:
+    def compute_loss(
+        self, student_logits: torch.Tensor, sample_ids: torch.Tensor, labels: torch.Tensor, epoch: int = 0
+    ) -> torch.Tensor:
         """The distillation loss of a student batch: `student_logits` (B, C), the batch's `sample_ids`
         and `labels` (B,), and the `epoch` whose stored views the batch shows (replay stores).
 

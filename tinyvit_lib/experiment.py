@@ -23,8 +23,19 @@ from .teachers import build_model, load_weights
 from .trainer import TrainConfig, TrainResult, evaluate, train
 from .utils import atomic_write_text, load_checkpoint
 
-__all__ = ["RunSpec", "PreparedRun", "datasets_for", "prepare_run", "run", "run_or_reuse", "run_digest", "load_trained",
-           "evaluate_run", "ResultsLog", "sweep_point"]
+__all__ = [
+    "RunSpec",
+    "PreparedRun",
+    "datasets_for",
+    "prepare_run",
+    "run",
+    "run_or_reuse",
+    "run_digest",
+    "load_trained",
+    "evaluate_run",
+    "ResultsLog",
+    "sweep_point",
+]
 
 
 @dataclass(frozen=True)
@@ -78,8 +89,15 @@ class PreparedRun:
 
 def datasets_for(spec: RunSpec) -> tuple[DatasetWithIDs, DatasetWithIDs]:
     """The (training, validation) datasets of a run: transforms, base seed and subsets as the spec says."""
-    train_set = get_dataset(spec.dataset, spec.data_root, "train", img_size=spec.img_size,
-                            augment=AUGMENT_PRESETS[spec.augment], base_seed=spec.data_seed, verify=spec.verify_files)
+    train_set = get_dataset(
+        spec.dataset,
+        spec.data_root,
+        "train",
+        img_size=spec.img_size,
+        augment=AUGMENT_PRESETS[spec.augment],
+        base_seed=spec.data_seed,
+        verify=spec.verify_files,
+    )
     val_set = get_dataset(spec.dataset, spec.data_root, "val", img_size=spec.img_size, verify=spec.verify_files)
     if spec.max_per_class:
         train_set = per_class_subset(train_set, spec.max_per_class)
@@ -111,8 +129,9 @@ def prepare_run(spec: RunSpec) -> PreparedRun:
         model = build_model(**model_config)
     teacher: Teacher | None = None
     if spec.teacher_model:
-        teacher_net = build_model(spec.teacher_model, num_classes=train_set.num_classes, in_chans=in_chans,
-                                  img_size=img_size)
+        teacher_net = build_model(
+            spec.teacher_model, num_classes=train_set.num_classes, in_chans=in_chans, img_size=img_size
+        )
         if spec.teacher_checkpoint:
             load_weights(teacher_net, spec.teacher_checkpoint)
         teacher = OnlineTeacher(teacher_net, in_chans=in_chans)
@@ -130,9 +149,18 @@ def run(spec: RunSpec | PreparedRun, *, resume: bool = False, progress: bool = T
     spec = prepared.spec
     if resume and not (spec.run_dir / "last.pt").is_file():
         raise FileNotFoundError(f"cannot resume: no checkpoint at {spec.run_dir / 'last.pt'}")
-    return train(prepared.model, prepared.train_set, prepared.val_set, spec.train, run_dir=spec.run_dir,
-                 teacher=prepared.teacher, resume=resume, progress=progress, on_epoch=on_epoch,
-                 model_config=dict(prepared.model_config, spec=_plain(asdict(spec)), teacher=teacher_identity(spec)))
+    return train(
+        prepared.model,
+        prepared.train_set,
+        prepared.val_set,
+        spec.train,
+        run_dir=spec.run_dir,
+        teacher=prepared.teacher,
+        resume=resume,
+        progress=progress,
+        on_epoch=on_epoch,
+        model_config=dict(prepared.model_config, spec=_plain(asdict(spec)), teacher=teacher_identity(spec)),
+    )
 
 
 def teacher_identity(spec: RunSpec) -> str | None:
@@ -152,11 +180,15 @@ def run_or_reuse(spec: RunSpec, *, force: bool = False, progress: bool = True, o
     if last.is_file() and not force:
         ckpt = load_checkpoint(last)
         saved = ckpt.get("model_config") or {}
-        same = ckpt.get("config") == asdict(spec.train) and saved.get("teacher") == teacher_identity(spec) and \
-            _movable(saved.get("spec") or {}) == _movable(_plain(asdict(spec)))
+        same = (
+            ckpt.get("config") == asdict(spec.train)
+            and saved.get("teacher") == teacher_identity(spec)
+            and _movable(saved.get("spec") or {}) == _movable(_plain(asdict(spec)))
+        )
         if same and ckpt["epoch"] >= spec.train.epochs:
-            return TrainResult(run_dir=spec.run_dir, history=list(ckpt["history"]), best_top1=ckpt["best_top1"],
-                               reused=True)
+            return TrainResult(
+                run_dir=spec.run_dir, history=list(ckpt["history"]), best_top1=ckpt["best_top1"], reused=True
+            )
         if same:
             return run(spec, resume=True, progress=progress, on_epoch=on_epoch)
     return run(spec, progress=progress, on_epoch=on_epoch)
@@ -181,8 +213,12 @@ def _movable(spec: dict) -> dict:
     store or teacher checkpoint is compared by content (`teacher_identity`), so a project folder that
     was moved or cloned with its runs still reuses them. Whether data files were checked is not part
     of what a run is."""
-    where = {"output_dir": None, "logits_path": bool(spec.get("logits_path")),
-             "teacher_checkpoint": bool(spec.get("teacher_checkpoint")), "verify_files": None}
+    where = {
+        "output_dir": None,
+        "logits_path": bool(spec.get("logits_path")),
+        "teacher_checkpoint": bool(spec.get("teacher_checkpoint")),
+        "verify_files": None,
+    }
     return {**spec, **where}
 
 
@@ -196,8 +232,9 @@ def load_trained(path: str | Path) -> nn.Module:
     config = ckpt.get("model_config") or {}
     if "name" not in config:
         raise ValueError(f"{path} does not say which model it holds (no model_config)")
-    model = build_model(config["name"], num_classes=config["num_classes"], in_chans=config["in_chans"],
-                        img_size=config["img_size"])
+    model = build_model(
+        config["name"], num_classes=config["num_classes"], in_chans=config["in_chans"], img_size=config["img_size"]
+    )
     return load_weights(model, path).eval()
 
 
@@ -246,8 +283,9 @@ class ResultsLog:
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows.values()))
 
 
-def sweep_point(results: ResultsLog, key: str, spec: RunSpec, test_set: DatasetWithIDs, *, force: bool = False,
-                **fields) -> dict:
+def sweep_point(
+    results: ResultsLog, key: str, spec: RunSpec, test_set: DatasetWithIDs, *, force: bool = False, **fields
+) -> dict:
     """One point of a sweep: train `spec` (or reuse its finished run, see `run_or_reuse`; `force`
     retrains), evaluate it on `test_set` and log the row under `key` in `results` as soon as it ends.
 
@@ -265,7 +303,13 @@ def sweep_point(results: ResultsLog, key: str, spec: RunSpec, test_set: DatasetW
     if key in results and results.rows[key].get("run_digest") == digest:
         return results.rows[key]
     test = evaluate_run(spec.run_dir, test_set)
-    row = dict(fields, top1=round(test["top1"], 2), top5=round(test["top5"], 2),
-               seconds=round(sum(r["epoch_time_s"] for r in result.history), 1), run=spec.name, run_digest=digest)
+    row = dict(
+        fields,
+        top1=round(test["top1"], 2),
+        top5=round(test["top5"], 2),
+        seconds=round(sum(r["epoch_time_s"] for r in result.history), 1),
+        run=spec.name,
+        run_digest=digest,
+    )
     print(key, row)
     return results.add(key, row)

@@ -14,9 +14,15 @@ from .plots import plot_distributions
 __all__ = ["distribution_explorer", "sweep_explorer"]
 
 
-def distribution_explorer(store: LogitStore, images: torch.Tensor, classes: list[str], *,
-                          teacher_logits: torch.Tensor | None = None, student_logits: torch.Tensor | None = None,
-                          epoch: int = 0):
+def distribution_explorer(
+    store: LogitStore,
+    images: torch.Tensor,
+    classes: list[str],
+    *,
+    teacher_logits: torch.Tensor | None = None,
+    student_logits: torch.Tensor | None = None,
+    epoch: int = 0,
+):
     """A temperature slider and a sample picker: for one stored image, the teacher's full distribution
     (when given), the one rebuilt from its top-k record, and the student's, at that temperature.
 
@@ -34,13 +40,16 @@ def distribution_explorer(store: LogitStore, images: torch.Tensor, classes: list
         fig = plot_distributions(series, classes, title=f"sample {sample}, T = {temperature:g}")
         inset = fig.add_axes([0.80, 0.55, 0.16, 0.35])
         image = images[sample].float()
-        inset.imshow(((image - image.min()) / (image.max() - image.min() + 1e-8)).permute(1, 2, 0).squeeze(-1).cpu().numpy(),
-                     cmap="gray")
+        shown = (image - image.min()) / (image.max() - image.min() + 1e-8)  # (C, H, W) in [0, 1]
+        inset.imshow(shown.permute(1, 2, 0).squeeze(-1).cpu().numpy(), cmap="gray")
         inset.axis("off")
         plt.show()
 
-    return widgets.interact(show, sample=widgets.IntSlider(0, 0, images.shape[0] - 1),
-                            temperature=widgets.FloatLogSlider(value=1.0, base=2, min=-2, max=3, step=0.25))
+    return widgets.interact(
+        show,
+        sample=widgets.IntSlider(0, 0, images.shape[0] - 1),
+        temperature=widgets.FloatLogSlider(value=1.0, base=2, min=-2, max=3, step=0.25),
+    )
 
 
 def sweep_explorer(rows: list[dict]):
@@ -61,7 +70,10 @@ def sweep_explorer(rows: list[dict]):
         ax.grid(alpha=0.3)
         plt.show()
 
-    return widgets.interact(show, x=widgets.Dropdown(options=numeric, value="alpha" if "alpha" in numeric else numeric[0]),
-                            metric=widgets.Dropdown(options=numeric, value="top1" if "top1" in numeric else numeric[0]),
-                            group=widgets.Dropdown(options=numeric, value="temperature" if "temperature" in numeric
-                                                   else numeric[0]))
+    x_axis = widgets.Dropdown(options=numeric, value="alpha" if "alpha" in numeric else numeric[0])
+    return widgets.interact(
+        show,
+        x=x_axis,
+        metric=widgets.Dropdown(options=numeric, value="top1" if "top1" in numeric else numeric[0]),
+        group=widgets.Dropdown(options=numeric, value="temperature" if "temperature" in numeric else numeric[0]),
+    )

@@ -40,8 +40,21 @@ import torch
 
 from .utils import atomic_write, atomic_write_text
 
-__all__ = ["FORMAT", "VERSION", "record_dtype", "record_layout", "official_record_bytes", "StoreHeader", "LogitStore",
-           "StoreWriter", "encode_records", "rebuild_logits", "StoreMismatch", "derive_smaller_k", "describe_store"]
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "record_dtype",
+    "record_layout",
+    "official_record_bytes",
+    "StoreHeader",
+    "LogitStore",
+    "StoreWriter",
+    "encode_records",
+    "rebuild_logits",
+    "StoreMismatch",
+    "derive_smaller_k",
+    "describe_store",
+]
 
 FORMAT = "tinyvit-logit-store"
 VERSION = 1
@@ -99,8 +112,10 @@ class StoreHeader:
         if not 1 <= self.k <= self.num_classes:
             raise ValueError(f"k={self.k} must be between 1 and the class count {self.num_classes}")
         if self.mode == "static" and self.epochs != 1:
-            raise ValueError(f"epochs={self.epochs}: a static store holds one record per image (epochs=1); "
-                             "use mode 'replay' for several epochs of augmented views")
+            raise ValueError(
+                f"epochs={self.epochs}: a static store holds one record per image (epochs=1); "
+                "use mode 'replay' for several epochs of augmented views"
+            )
         if self.epochs < 1:
             raise ValueError(f"epochs={self.epochs} must be >= 1")
 
@@ -113,11 +128,19 @@ class StoreHeader:
         return record_dtype(self.k, self.num_classes)
 
     def to_dict(self) -> dict:
-        return dict(teacher=self.teacher, dataset=self.dataset, img_size=self.img_size, transform=self.transform,
-                    mode=self.mode, k=self.k, num_classes=self.num_classes, epochs=self.epochs,
-                    base_seed=self.base_seed)
+        return dict(
+            teacher=self.teacher,
+            dataset=self.dataset,
+            img_size=self.img_size,
+            transform=self.transform,
+            mode=self.mode,
+            k=self.k,
+            num_classes=self.num_classes,
+            epochs=self.epochs,
+            base_seed=self.base_seed,
+        )
 
-    def differences(self, other: "StoreHeader") -> list[str]:
+    def differences(self, other: StoreHeader) -> list[str]:
         """Human-readable differences, e.g. ["k: store 10, asked 5"]."""
         ours, theirs = self.to_dict(), other.to_dict()
         return [f"{key}: store {ours[key]!r}, asked {theirs[key]!r}" for key in ours if ours[key] != theirs[key]]
@@ -136,6 +159,7 @@ def _sha256(path: Path) -> str:
 
 
 # ----------------------------------------------------------------------------- encode / decode
+
 
 def encode_records(logits: torch.Tensor, seeds: torch.Tensor | list[int], k: int) -> np.ndarray:
     """Records for a batch of dense logits (B, C): top-k logits and indices, the remainder, the seeds."""
@@ -173,6 +197,7 @@ def rebuild_logits(records: np.ndarray, num_classes: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- reading
 
+
 def _read_manifest(path: Path) -> tuple[dict, StoreHeader]:
     """The manifest of the store at `path` and its header.
 
@@ -190,8 +215,10 @@ def _read_manifest(path: Path) -> tuple[dict, StoreHeader]:
         raise ValueError(f"{manifest_path} is not valid JSON: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         found = manifest if isinstance(manifest, dict) else {}
-        raise ValueError(f"{path} is not a {FORMAT} v{VERSION} store "
-                         f"(format={found.get('format')!r}, version={found.get('version')!r})")
+        raise ValueError(
+            f"{path} is not a {FORMAT} v{VERSION} store "
+            f"(format={found.get('format')!r}, version={found.get('version')!r})"
+        )
     try:
         header = StoreHeader(**manifest["header"])
     except (KeyError, TypeError) as exc:
@@ -210,8 +237,10 @@ def _file_problem(path: Path, entry: dict, header: StoreHeader, *, verify: bool)
     if not file_path.is_file():
         return f"logit store file missing: {file_path}"
     if file_path.stat().st_size != expected_bytes:
-        return (f"{file_path} has {file_path.stat().st_size} bytes, expected {expected_bytes} "
-                f"({header.size} records of {header.dtype.itemsize}): truncated or corrupted")
+        return (
+            f"{file_path} has {file_path.stat().st_size} bytes, expected {expected_bytes} "
+            f"({header.size} records of {header.dtype.itemsize}): truncated or corrupted"
+        )
     if verify and _sha256(file_path) != entry["sha256"]:
         return f"{file_path}: checksum mismatch, the file is corrupted"
     return None
@@ -232,7 +261,7 @@ class LogitStore:
         self._maps = [np.memmap(path / f["name"], dtype=header.dtype, mode="r", shape=(header.size,)) for f in files]
 
     @classmethod
-    def open(cls, path: str | Path, *, expect: StoreHeader | None = None, verify: bool = True) -> "LogitStore":
+    def open(cls, path: str | Path, *, expect: StoreHeader | None = None, verify: bool = True) -> LogitStore:
         path = Path(path)
         manifest, header = _read_manifest(path)
         if expect is not None:
@@ -259,13 +288,16 @@ class LogitStore:
         if self.header.mode == "static":
             epoch = 0
         elif not 0 <= epoch < self.header.epochs:
-            raise ValueError(f"replay store {self.path} holds epochs 0..{self.header.epochs - 1}, asked {epoch}: "
-                             f"precompute at least as many epochs as you train")
+            raise ValueError(
+                f"replay store {self.path} holds epochs 0..{self.header.epochs - 1}, asked {epoch}: "
+                f"precompute at least as many epochs as you train"
+            )
         positions = np.asarray(positions, dtype=np.int64)
         bad = positions[(positions < 0) | (positions >= self.header.size)]
         if bad.size:
-            raise IndexError(f"sample id(s) {bad[:5].tolist()} not in logit store {self.path} "
-                             f"({self.header.size} samples)")
+            raise IndexError(
+                f"sample id(s) {bad[:5].tolist()} not in logit store {self.path} ({self.header.size} samples)"
+            )
         return np.asarray(self._maps[epoch][positions])
 
     def logits(self, epoch: int, positions) -> torch.Tensor:
@@ -274,6 +306,7 @@ class LogitStore:
 
 
 # ----------------------------------------------------------------------------- writing
+
 
 class StoreWriter:
     """Writes one store, resumably, in whole batches; one writer per rank when sharded.
@@ -286,8 +319,9 @@ class StoreWriter:
     and writes the manifest last.
     """
 
-    def __init__(self, path: str | Path, header: StoreHeader, *, batch_size: int, rank: int = 0,
-                 world_size: int = 1) -> None:
+    def __init__(
+        self, path: str | Path, header: StoreHeader, *, batch_size: int, rank: int = 0, world_size: int = 1
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         self.path, self.header, self.batch_size = Path(path), header, batch_size
@@ -301,8 +335,10 @@ class StoreWriter:
             found = json.loads(pending.read_text())
             if found != wanted:
                 diffs = [k for k in wanted if found.get(k) != wanted[k]]
-                raise StoreMismatch(f"{self.path} holds an unfinished precompute with other settings ({diffs}); "
-                                    "remove it or finish it with the same settings")
+                raise StoreMismatch(
+                    f"{self.path} holds an unfinished precompute with other settings ({diffs}); "
+                    "remove it or finish it with the same settings"
+                )
         elif rank == 0:
             atomic_write_text(pending, json.dumps(wanted, indent=2))
         num_batches = math.ceil(header.size / batch_size)
@@ -360,13 +396,20 @@ class StoreWriter:
                 parts = [self._part(epoch, rank) for rank in range(self.world_size)]
                 held = sum(part.stat().st_size for part in parts if part.exists())
                 if held != expected:
-                    raise ValueError(f"epoch {epoch}: the parts hold {held} bytes, expected {expected}; "
-                                     "some rank did not finish: run the precompute again")
-                atomic_write(final, lambda out: out.write(b"".join(p.read_bytes() for p in parts if p.exists())))
+                    raise ValueError(
+                        f"epoch {epoch}: the parts hold {held} bytes, expected {expected}; "
+                        "some rank did not finish: run the precompute again"
+                    )
+                data = b"".join(part.read_bytes() for part in parts if part.exists())
+                atomic_write(final, lambda out, data=data: out.write(data))
             files.append(dict(name=final.name, epoch=epoch, records=self.header.size, sha256=_sha256(final)))
-        manifest = dict(format=FORMAT, version=VERSION, header=self.header.to_dict(),
-                        record=dict(bytes=self.header.dtype.itemsize, layout=str(self.header.dtype.descr)),
-                        files=files)
+        manifest = dict(
+            format=FORMAT,
+            version=VERSION,
+            header=self.header.to_dict(),
+            record=dict(bytes=self.header.dtype.itemsize, layout=str(self.header.dtype.descr)),
+            files=files,
+        )
         atomic_write_text(self.path / MANIFEST, json.dumps(manifest, indent=2) + "\n")
         for epoch in range(self.header.epochs):
             for rank in range(self.world_size):
@@ -376,6 +419,7 @@ class StoreWriter:
 
 
 # ----------------------------------------------------------------------------- describing
+
 
 def describe_store(path: str | Path) -> dict:
     """What the store at `path` holds, read from its manifest and files alone (no teacher, no data).
@@ -397,16 +441,32 @@ def describe_store(path: str | Path) -> dict:
     files = []
     for entry in manifest["files"]:
         file_path = path / entry["name"]
-        files.append(dict(name=entry["name"], epoch=entry.get("epoch"),
-                          bytes=file_path.stat().st_size if file_path.is_file() else None,
-                          sha256=entry["sha256"], problem=_file_problem(path, entry, header, verify=True)))
-    return dict(path=str(path), format=FORMAT, version=VERSION, **header.to_dict(), images=header.size,
-                records=header.size * header.epochs, bytes_per_record=header.dtype.itemsize,
-                official_bytes_per_record=official_record_bytes(header.k), layout=record_layout(header.dtype),
-                files=files, ok=all(f["problem"] is None for f in files))
+        files.append(
+            dict(
+                name=entry["name"],
+                epoch=entry.get("epoch"),
+                bytes=file_path.stat().st_size if file_path.is_file() else None,
+                sha256=entry["sha256"],
+                problem=_file_problem(path, entry, header, verify=True),
+            )
+        )
+    return dict(
+        path=str(path),
+        format=FORMAT,
+        version=VERSION,
+        **header.to_dict(),
+        images=header.size,
+        records=header.size * header.epochs,
+        bytes_per_record=header.dtype.itemsize,
+        official_bytes_per_record=official_record_bytes(header.k),
+        layout=record_layout(header.dtype),
+        files=files,
+        ok=all(f["problem"] is None for f in files),
+    )
 
 
 # ----------------------------------------------------------------------------- deriving
+
 
 def derive_smaller_k(store: LogitStore, k: int, path: str | Path) -> LogitStore:
     """A store with the top `k` < store.k of every record, derived without running the teacher.

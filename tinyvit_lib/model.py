@@ -38,14 +38,33 @@ import torch.nn.functional as F
 from .utils import load_checkpoint
 
 __all__ = [
-    "TinyViTConfig", "TinyViT", "PRESETS", "tinyvit_5m", "tinyvit_11m", "tinyvit_21m",
-    "build_tinyvit", "ConvBN", "PatchEmbed", "MBConv", "PatchMerging", "Mlp", "Attention",
-    "TransformerBlock", "load_pretrained", "official_to_ours", "ours_to_official",
-    "default_window_sizes", "stage_resolutions", "count_flops", "fuse_for_inference", "state_dict_problems",
+    "TinyViTConfig",
+    "TinyViT",
+    "PRESETS",
+    "tinyvit_5m",
+    "tinyvit_11m",
+    "tinyvit_21m",
+    "build_tinyvit",
+    "ConvBN",
+    "PatchEmbed",
+    "MBConv",
+    "PatchMerging",
+    "Mlp",
+    "Attention",
+    "TransformerBlock",
+    "load_pretrained",
+    "official_to_ours",
+    "ours_to_official",
+    "default_window_sizes",
+    "stage_resolutions",
+    "count_flops",
+    "fuse_for_inference",
+    "state_dict_problems",
 ]
 
 
 # ----------------------------------------------------------------------------- config
+
 
 @dataclass(frozen=True)
 class TinyViTConfig:
@@ -82,14 +101,16 @@ class TinyViTConfig:
         for i in range(1, n):
             if self.embed_dims[i] % self.num_heads[i]:
                 raise ValueError(
-                    f"stage {i}: embed_dim {self.embed_dims[i]} is not divisible by num_heads {self.num_heads[i]}")
+                    f"stage {i}: embed_dim {self.embed_dims[i]} is not divisible by num_heads {self.num_heads[i]}"
+                )
         if self.local_conv_size < 1 or self.local_conv_size % 2 == 0:
             raise ValueError(f"local_conv_size must be a positive odd integer, got {self.local_conv_size}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         if self.mlp_ratio <= 0 or self.mbconv_expand_ratio <= 0:
-            raise ValueError(f"mlp_ratio ({self.mlp_ratio}) and mbconv_expand_ratio "
-                             f"({self.mbconv_expand_ratio}) must be positive")
+            raise ValueError(
+                f"mlp_ratio ({self.mlp_ratio}) and mbconv_expand_ratio ({self.mbconv_expand_ratio}) must be positive"
+            )
         if self.in_chans < 1:
             raise ValueError(f"in_chans must be >= 1, got {self.in_chans}")
         if self.num_classes < 0:
@@ -122,7 +143,7 @@ def default_window_sizes(img_size: int) -> tuple[int, int, int, int]:
     return (base, base, 2 * base, base)
 
 
-def build_tinyvit(preset: str, **overrides) -> "TinyViT":
+def build_tinyvit(preset: str, **overrides) -> TinyViT:
     """Build a preset ("tinyvit_5m", "tinyvit_11m", "tinyvit_21m") with config fields overridden.
 
     Raises:
@@ -139,17 +160,17 @@ def build_tinyvit(preset: str, **overrides) -> "TinyViT":
     return TinyViT(TinyViTConfig(**kwargs))
 
 
-def tinyvit_5m(**overrides) -> "TinyViT":
+def tinyvit_5m(**overrides) -> TinyViT:
     """TinyViT-5M (keyword arguments override `TinyViTConfig` fields, e.g. num_classes, img_size)."""
     return build_tinyvit("tinyvit_5m", **overrides)
 
 
-def tinyvit_11m(**overrides) -> "TinyViT":
+def tinyvit_11m(**overrides) -> TinyViT:
     """TinyViT-11M (keyword arguments override `TinyViTConfig` fields)."""
     return build_tinyvit("tinyvit_11m", **overrides)
 
 
-def tinyvit_21m(**overrides) -> "TinyViT":
+def tinyvit_21m(**overrides) -> TinyViT:
     """TinyViT-21M (keyword arguments override `TinyViTConfig` fields)."""
     return build_tinyvit("tinyvit_21m", **overrides)
 
@@ -169,6 +190,7 @@ def stage_resolutions(img_size: int, num_stages: int = 4) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- blocks
+
 
 class DropPath(nn.Module):
     """Stochastic depth: drop the whole residual branch for a random subset of samples."""
@@ -191,11 +213,18 @@ class DropPath(nn.Module):
 class ConvBN(nn.Sequential):
     """Convolution without bias followed by BatchNorm ('same' padding for odd kernels)."""
 
-    def __init__(self, in_chans: int, out_chans: int, kernel_size: int = 1, *, stride: int = 1,
-                 groups: int = 1, bn_weight_init: float = 1.0) -> None:
+    def __init__(
+        self,
+        in_chans: int,
+        out_chans: int,
+        kernel_size: int = 1,
+        *,
+        stride: int = 1,
+        groups: int = 1,
+        bn_weight_init: float = 1.0,
+    ) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_chans, out_chans, kernel_size, stride, kernel_size // 2,
-                              groups=groups, bias=False)
+        self.conv = nn.Conv2d(in_chans, out_chans, kernel_size, stride, kernel_size // 2, groups=groups, bias=False)
         self.bn = nn.BatchNorm2d(out_chans)
         nn.init.constant_(self.bn.weight, bn_weight_init)
         nn.init.zeros_(self.bn.bias)
@@ -205,8 +234,15 @@ class ConvBN(nn.Sequential):
         """One Conv2d computing the same as this module in eval mode (BN folded into the conv)."""
         conv, bn = self.conv, self.bn
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                          conv.padding, groups=conv.groups, bias=True).to(conv.weight)
+        fused = nn.Conv2d(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            groups=conv.groups,
+            bias=True,
+        ).to(conv.weight)
         fused.weight.copy_(conv.weight * scale[:, None, None, None])
         fused.bias.copy_(bn.bias - bn.running_mean * scale)
         return fused
@@ -280,15 +316,13 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(self.norm(x))))
 
 
-def relative_bias_index(grid_h: int, grid_w: int, table_side: int,
-                        device: torch.device | None = None) -> torch.Tensor:
+def relative_bias_index(grid_h: int, grid_w: int, table_side: int, device: torch.device | None = None) -> torch.Tensor:
     """(N, N) indices into a bias table of table_side**2 offsets, for a grid_h x grid_w window.
 
     Token i at (y_i, x_i) attending to token j reads entry |y_i - y_j| * table_side + |x_i - x_j|:
     one learned value per absolute offset (the offset order of the official implementation).
     """
-    ys, xs = torch.meshgrid(torch.arange(grid_h, device=device), torch.arange(grid_w, device=device),
-                            indexing="ij")
+    ys, xs = torch.meshgrid(torch.arange(grid_h, device=device), torch.arange(grid_w, device=device), indexing="ij")
     ys, xs = ys.flatten(), xs.flatten()  # (N,)
     dy = (ys[:, None] - ys[None, :]).abs()
     dx = (xs[:, None] - xs[None, :]).abs()
@@ -321,8 +355,11 @@ class Attention(nn.Module):
 
     def attention_bias(self, grid: tuple[int, int]) -> torch.Tensor:
         """(num_heads, N, N) bias for a grid_h x grid_w window."""
-        index = self.bias_index if grid == self.grid else relative_bias_index(
-            *grid, self.window_size, device=self.attention_biases.device)
+        index = (
+            self.bias_index
+            if grid == self.grid
+            else relative_bias_index(*grid, self.window_size, device=self.attention_biases.device)
+        )
         return self.attention_biases[:, index]
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
@@ -343,8 +380,17 @@ class TransformerBlock(nn.Module):
     window is zero-padded to one, as in the official implementation.
     """
 
-    def __init__(self, dim: int, num_heads: int, window_size: int, *, mlp_ratio: float = 4.0,
-                 local_conv_size: int = 3, drop_path: float = 0.0, resolution: int | None = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int,
+        *,
+        mlp_ratio: float = 4.0,
+        local_conv_size: int = 3,
+        drop_path: float = 0.0,
+        resolution: int | None = None,
+    ) -> None:
         super().__init__()
         self.window_size = window_size
         grid = None if resolution is None else self.window_grid(resolution, resolution)
@@ -387,14 +433,35 @@ class ConvStage(nn.Module):
 class TransformerStage(nn.Module):
     """PatchMerging, then TransformerBlocks. (B, in_dim, H, W) -> (B, dim, H/2, W/2)."""
 
-    def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, window_size: int, *,
-                 mlp_ratio: float, local_conv_size: int, drop_paths: list[float], resolution: int) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        window_size: int,
+        *,
+        mlp_ratio: float,
+        local_conv_size: int,
+        drop_paths: list[float],
+        resolution: int,
+    ) -> None:
         super().__init__()
         self.downsample = PatchMerging(in_dim, dim)
-        self.blocks = nn.Sequential(*(
-            TransformerBlock(dim, num_heads, window_size, mlp_ratio=mlp_ratio,
-                             local_conv_size=local_conv_size, drop_path=p, resolution=resolution)
-            for p in drop_paths[:depth]))
+        self.blocks = nn.Sequential(
+            *(
+                TransformerBlock(
+                    dim,
+                    num_heads,
+                    window_size,
+                    mlp_ratio=mlp_ratio,
+                    local_conv_size=local_conv_size,
+                    drop_path=p,
+                    resolution=resolution,
+                )
+                for p in drop_paths[:depth]
+            )
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x).permute(0, 2, 3, 1)  # (B, H, W, C): the blocks work channels-last
@@ -416,6 +483,7 @@ class ClassifierHead(nn.Module):
 
 # ----------------------------------------------------------------------------- model
 
+
 class TinyViT(nn.Module):
     """TinyViT built from one `TinyViTConfig` (see the module docstring for the layout)."""
 
@@ -428,13 +496,23 @@ class TinyViT(nn.Module):
         resolutions = stage_resolutions(cfg.img_size, len(cfg.depths))
 
         self.patch_embed = PatchEmbed(cfg.in_chans, cfg.embed_dims[0])
-        stages: list[nn.Module] = [ConvStage(cfg.embed_dims[0], cfg.depths[0], cfg.mbconv_expand_ratio,
-                                             rates[: cfg.depths[0]])]
+        stages: list[nn.Module] = [
+            ConvStage(cfg.embed_dims[0], cfg.depths[0], cfg.mbconv_expand_ratio, rates[: cfg.depths[0]])
+        ]
         for i in range(1, len(cfg.depths)):
-            stages.append(TransformerStage(
-                cfg.embed_dims[i - 1], cfg.embed_dims[i], cfg.depths[i], cfg.num_heads[i], cfg.window_sizes[i],
-                mlp_ratio=cfg.mlp_ratio, local_conv_size=cfg.local_conv_size,
-                drop_paths=rates[starts[i]:], resolution=resolutions[i]))
+            stages.append(
+                TransformerStage(
+                    cfg.embed_dims[i - 1],
+                    cfg.embed_dims[i],
+                    cfg.depths[i],
+                    cfg.num_heads[i],
+                    cfg.window_sizes[i],
+                    mlp_ratio=cfg.mlp_ratio,
+                    local_conv_size=cfg.local_conv_size,
+                    drop_paths=rates[starts[i] :],
+                    resolution=resolutions[i],
+                )
+            )
         self.stages = nn.Sequential(*stages)
         self.num_features = cfg.embed_dims[-1]
         self.head = ClassifierHead(self.num_features, cfg.num_classes)
@@ -470,7 +548,8 @@ class TinyViT(nn.Module):
         if x.shape[1] != self.config.in_chans:
             raise ValueError(
                 f"TinyViT was built for in_chans={self.config.in_chans} but the input has {x.shape[1]} "
-                f"channels (shape {tuple(x.shape)}); build it with in_chans={x.shape[1]} or convert the images")
+                f"channels (shape {tuple(x.shape)}); build it with in_chans={x.shape[1]} or convert the images"
+            )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> (B, embed_dims[-1], H/32, W/32)."""
@@ -489,6 +568,7 @@ class TinyViT(nn.Module):
 
 
 # ----------------------------------------------------------------------------- weights
+
 
 def official_to_ours(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename an official (microsoft/Cream) TinyViT state dict to this model's (= timm's) keys.
@@ -603,8 +683,9 @@ def load_pretrained(model: TinyViT, source, *, skip_head: bool = False) -> TinyV
         raise ValueError("checkpoint is not a state dict of tensors")
     if any(k.startswith(("layers.", "norm_head.")) for k in state):
         state = official_to_ours(state)
-    state = {k: v for k, v in state.items()
-             if not k.endswith(("attention_bias_idxs", "bias_index", "attention_bias_cache"))}
+    state = {
+        k: v for k, v in state.items() if not k.endswith(("attention_bias_idxs", "bias_index", "attention_bias_cache"))
+    }
     target = model.state_dict()
     if skip_head:
         state = {k: v for k, v in state.items() if not k.startswith("head.fc.")}
@@ -618,17 +699,21 @@ def load_pretrained(model: TinyViT, source, *, skip_head: bool = False) -> TinyV
     if problems:
         if any(p.startswith("head.fc.") for p in problems):
             problems.append("pass skip_head=True to keep the model's new head")
-        raise ValueError("checkpoint does not fit this TinyViT "
-                         f"(embed_dims={model.config.embed_dims}, depths={model.config.depths}, "
-                         f"num_classes={model.config.num_classes}): " + "; ".join(problems))
+        raise ValueError(
+            "checkpoint does not fit this TinyViT "
+            f"(embed_dims={model.config.embed_dims}, depths={model.config.depths}, "
+            f"num_classes={model.config.num_classes}): " + "; ".join(problems)
+        )
     model.load_state_dict(state, strict=True)
     return model
 
 
 # ----------------------------------------------------------------------------- analysis
 
-def count_flops(model: nn.Module, img_size: int | None = None, *, in_chans: int | None = None,
-                per_module: bool = False):
+
+def count_flops(
+    model: nn.Module, img_size: int | None = None, *, in_chans: int | None = None, per_module: bool = False
+):
     """Forward FLOPs for one image (multiply-adds count 2; MACs = FLOPs / 2).
 
     With `per_module=True` also returns {module name: FLOPs} for every submodule.
@@ -651,8 +736,9 @@ def count_flops(model: nn.Module, img_size: int | None = None, *, in_chans: int 
     if not per_module:
         return total
     # The counter names modules "<RootClass>.<path>"; strip the root to get state-dict style names.
-    per_module = {name.partition(".")[2]: sum(ops.values()) for name, ops in counter.get_flop_counts().items()
-                  if "." in name}
+    per_module = {
+        name.partition(".")[2]: sum(ops.values()) for name, ops in counter.get_flop_counts().items() if "." in name
+    }
     return total, per_module
 
 
@@ -662,7 +748,7 @@ def fuse_for_inference(model: TinyViT) -> nn.Module:
     Outputs equal the original's in eval mode (up to float rounding); the copy cannot train.
     """
     fused = copy.deepcopy(model).eval()
-    for name, module in list(fused.named_modules()):
+    for _name, module in list(fused.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, ConvBN):
                 setattr(module, child_name, child.fused())

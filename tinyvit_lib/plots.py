@@ -12,9 +12,19 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 
-__all__ = ["save_figure", "plot_stage_costs", "plot_attention_biases", "plot_bias_index", "plot_curves",
-           "plot_topk_mass", "plot_storage", "plot_views_with_predictions", "plot_sweep_heatmap", "plot_xy",
-           "plot_distributions"]
+__all__ = [
+    "save_figure",
+    "plot_stage_costs",
+    "plot_attention_biases",
+    "plot_bias_index",
+    "plot_curves",
+    "plot_topk_mass",
+    "plot_storage",
+    "plot_views_with_predictions",
+    "plot_sweep_heatmap",
+    "plot_xy",
+    "plot_distributions",
+]
 
 
 def save_figure(fig: plt.Figure, path: str | Path, *, dpi: int = 120) -> Path:
@@ -89,8 +99,9 @@ def plot_bias_index(index: torch.Tensor, grid: tuple[int, int], title: str = "")
     axes[0].set_title(f"bias-table entry per pair ({index.shape[0]} tokens)")
     centre = (grid[0] // 2) * grid[1] + grid[1] // 2
     im = axes[1].imshow(index[centre].view(*grid).cpu(), cmap="viridis")
-    for (y, x), v in zip(torch.cartesian_prod(torch.arange(grid[0]), torch.arange(grid[1])).tolist(),
-                         index[centre].tolist()):
+    for (y, x), v in zip(
+        torch.cartesian_prod(torch.arange(grid[0]), torch.arange(grid[1])).tolist(), index[centre].tolist()
+    ):
         axes[1].text(x, y, str(v), ha="center", va="center", fontsize=7, color="white")
     axes[1].set_title(f"entries read by the centre token ({centre}), on the grid")
     fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.04)
@@ -148,8 +159,9 @@ def plot_storage(rows: list[dict]) -> plt.Figure:
     return fig
 
 
-def plot_views_with_predictions(images: torch.Tensor, probs: torch.Tensor, classes: list[str],
-                                labels: list[int], titles: list[str] | None = None) -> plt.Figure:
+def plot_views_with_predictions(
+    images: torch.Tensor, probs: torch.Tensor, classes: list[str], labels: list[int], titles: list[str] | None = None
+) -> plt.Figure:
     """Each image (as the student sees it, normalised values rescaled) beside the teacher's distribution."""
     n = images.shape[0]
     fig, axes = plt.subplots(n, 2, figsize=(8, 1.9 * n), gridspec_kw=dict(width_ratios=[1, 2.2]), squeeze=False)
@@ -169,8 +181,14 @@ def plot_views_with_predictions(images: torch.Tensor, probs: torch.Tensor, class
     return fig
 
 
-def plot_sweep_heatmap(rows: list[dict], temperatures: list[float], alphas: list[float], *,
-                       baseline: float | None = None, metric: str = "top1") -> plt.Figure:
+def plot_sweep_heatmap(
+    rows: list[dict],
+    temperatures: list[float],
+    alphas: list[float],
+    *,
+    baseline: float | None = None,
+    metric: str = "top1",
+) -> plt.Figure:
     """Top-1 for each (temperature, alpha) cell; the baseline's value marked in the colour bar."""
     grid = torch.full((len(temperatures), len(alphas)), float("nan"))
     for r in rows:
@@ -185,7 +203,8 @@ def plot_sweep_heatmap(rows: list[dict], temperatures: list[float], alphas: list
     for i in range(len(temperatures)):
         for j in range(len(alphas)):
             value = grid[i, j].item()
-            label = "" if value != value else f"{value:.2f}" + ("" if baseline is None else f"\n({value - baseline:+.2f})")
+            versus = "" if baseline is None else f"\n({value - baseline:+.2f})"
+            label = "" if value != value else f"{value:.2f}" + versus
             bright = value == value and (value - low) / max(high - low, 1e-9) > 0.6  # viridis turns yellow
             ax.text(j, i, label, ha="center", va="center", fontsize=8, color="black" if bright else "white")
     ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
@@ -201,8 +220,18 @@ def plot_sweep_heatmap(rows: list[dict], temperatures: list[float], alphas: list
     return fig
 
 
-def plot_xy(rows: list[dict], x: str, y: str, *, label: str | None = None, baseline: float | None = None,
-            xlabel: str | None = None, ylabel: str | None = None, logx: bool = False, title: str = "") -> plt.Figure:
+def plot_xy(
+    rows: list[dict],
+    x: str,
+    y: str,
+    *,
+    label: str | None = None,
+    baseline: float | None = None,
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+    logx: bool = False,
+    title: str = "",
+) -> plt.Figure:
     """One point per row (y against x), annotated with `label`; an optional horizontal baseline."""
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     ax.plot([r[x] for r in rows], [r[y] for r in rows], marker="o")
@@ -228,8 +257,12 @@ def plot_distributions(series: dict[str, torch.Tensor], classes: list[str], titl
     fig, ax = plt.subplots(figsize=(8, 3.4))
     width = 0.8 / max(len(series), 1)
     for i, (name, probs) in enumerate(series.items()):
-        ax.bar([c + (i - (len(series) - 1) / 2) * width for c in range(len(classes))],
-               probs.detach().float().cpu().numpy(), width, label=name)
+        ax.bar(
+            [c + (i - (len(series) - 1) / 2) * width for c in range(len(classes))],
+            probs.detach().float().cpu().numpy(),
+            width,
+            label=name,
+        )
     ax.set_xticks(range(len(classes)), [c[:10] for c in classes], rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("probability")
     ax.set_ylim(0, 1)

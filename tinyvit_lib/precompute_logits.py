@@ -40,34 +40,59 @@ from .utils import init_distributed, is_main_process
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tinyvit_lib.precompute_logits", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m tinyvit_lib.precompute_logits",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--dataset", default="fashion-mnist", choices=DATASETS)
     p.add_argument("--data-root", "--train-data", dest="data_root", default=None)
-    p.add_argument("--no-verify-files", dest="verify_files", action="store_false",
-                   help="cifar100: use a copy whose md5 differs from the official release (md5 checked: %(default)s)")
-    p.add_argument("--teacher-model", default=None,
-                   help="a torchvision classifier name or a TinyViT preset (required unless --inspect)")
+    p.add_argument(
+        "--no-verify-files",
+        dest="verify_files",
+        action="store_false",
+        help="cifar100: use a copy whose md5 differs from the official release (md5 checked: %(default)s)",
+    )
+    p.add_argument(
+        "--teacher-model",
+        default=None,
+        help="a torchvision classifier name or a TinyViT preset (required unless --inspect)",
+    )
     p.add_argument("--teacher-checkpoint", default=None, help="the teacher's weights (without: random weights)")
     p.add_argument("--k", type=int, default=10, help="logits kept per image (1..classes)")
     p.add_argument("--output-path", default=None, help="the store folder (required unless --inspect)")
-    p.add_argument("--mode", choices=["static", "replay"], default="static",
-                   help="static: one record per image (evaluation view); replay: one per image and epoch")
+    p.add_argument(
+        "--mode",
+        choices=["static", "replay"],
+        default="static",
+        help="static: one record per image (evaluation view); replay: one per image and epoch",
+    )
     p.add_argument("--epochs", type=int, default=1, help="replay mode: epochs of augmented views to store")
-    p.add_argument("--augment", default="light", choices=[a for a in AUGMENT_PRESETS if a != "none"],
-                   help="replay mode: the augmentation the student will train with")
+    p.add_argument(
+        "--augment",
+        default="light",
+        choices=[a for a in AUGMENT_PRESETS if a != "none"],
+        help="replay mode: the augmentation the student will train with",
+    )
     p.add_argument("--seed", type=int, default=0, help="replay mode: the base seed of the augmentation")
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--max-per-class", type=int, default=None, help="a deterministic per-class subset")
     p.add_argument("--device", default="auto")
     p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--verify", action="store_true",
-                   help="re-run the teacher on a sample of records and compare (a complete store is checked, "
-                        "not rewritten); exit status 1 beyond the tolerance")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="re-run the teacher on a sample of records and compare (a complete store is checked, "
+        "not rewritten); exit status 1 beyond the tolerance",
+    )
     p.add_argument("--verify-samples", type=int, default=256)
-    p.add_argument("--inspect", metavar="PATH", default=None,
-                   help="print what the store at PATH holds and check its files (needs no other option)")
+    p.add_argument(
+        "--inspect",
+        metavar="PATH",
+        default=None,
+        help="print what the store at PATH holds and check its files (needs no other option)",
+    )
     return p
 
 
@@ -75,16 +100,27 @@ def load_dataset(args: argparse.Namespace) -> DatasetWithIDs:
     """The training split as the store sees it: the evaluation view (static) or the student's
     augmentation from `--seed` (replay), cut to `--max-per-class` (see `get_dataset` for what is raised)."""
     augment = AUGMENT_PRESETS[args.augment] if args.mode == "replay" else None
-    dataset = get_dataset(args.dataset, args.data_root, "train", img_size=args.img_size, augment=augment,
-                          base_seed=args.seed, verify=args.verify_files)
+    dataset = get_dataset(
+        args.dataset,
+        args.data_root,
+        "train",
+        img_size=args.img_size,
+        augment=augment,
+        base_seed=args.seed,
+        verify=args.verify_files,
+    )
     return dataset if args.max_per_class is None else per_class_subset(dataset, args.max_per_class)
 
 
 def load_teacher(args: argparse.Namespace, dataset: DatasetWithIDs) -> nn.Module:
     """`--teacher-model` for the data's classes, channels and resolution, with `--teacher-checkpoint`
     loaded (see `build_model` and `load_weights` for what is raised)."""
-    teacher = build_model(args.teacher_model, num_classes=dataset.num_classes, in_chans=dataset.out_chans,
-                          img_size=dataset.transform.img_size)
+    teacher = build_model(
+        args.teacher_model,
+        num_classes=dataset.num_classes,
+        in_chans=dataset.out_chans,
+        img_size=dataset.transform.img_size,
+    )
     return load_weights(teacher, args.teacher_checkpoint) if args.teacher_checkpoint else teacher
 
 
@@ -97,15 +133,21 @@ def print_description(path: str) -> int:
     info = describe_store(path)
     teacher, data = info["teacher"], info["dataset"]
     print(f"logit store {info['path']} ({info['format']} v{info['version']})")
-    print(f"  teacher  {teacher.get('name')}, {teacher.get('parameters', 0):,} parameters, "
-          f"weights sha256 {str(teacher.get('weights_sha256'))[:16]}")
-    print(f"  dataset  {data.get('name')}, split {data.get('split')}, {data.get('size')} images, "
-          f"{info['num_classes']} classes, ids sha256 {str(data.get('ids_sha256'))[:16]}, "
-          f"content sha256 {str(data.get('content_sha256'))[:16]}")
+    print(
+        f"  teacher  {teacher.get('name')}, {teacher.get('parameters', 0):,} parameters, "
+        f"weights sha256 {str(teacher.get('weights_sha256'))[:16]}"
+    )
+    print(
+        f"  dataset  {data.get('name')}, split {data.get('split')}, {data.get('size')} images, "
+        f"{info['num_classes']} classes, ids sha256 {str(data.get('ids_sha256'))[:16]}, "
+        f"content sha256 {str(data.get('content_sha256'))[:16]}"
+    )
     print(f"  view     {info['img_size']}x{info['img_size']}, {info['transform']}")
-    print(f"  records  {info['mode']}, k={info['k']}, {info['epochs']} epoch(s), base seed {info['base_seed']}: "
-          f"{info['records']} records of {info['bytes_per_record']} bytes "
-          f"(official format: {info['official_bytes_per_record']})")
+    print(
+        f"  records  {info['mode']}, k={info['k']}, {info['epochs']} epoch(s), base seed {info['base_seed']}: "
+        f"{info['records']} records of {info['bytes_per_record']} bytes "
+        f"(official format: {info['official_bytes_per_record']})"
+    )
     print(f"  layout   {info['layout']}")
     for f in info["files"]:
         size = "missing" if f["bytes"] is None else f"{f['bytes']:,} bytes"
@@ -118,31 +160,48 @@ def print_description(path: str) -> int:
     return 0
 
 
-def run_precompute(args: argparse.Namespace, teacher: nn.Module, dataset: DatasetWithIDs,
-                   device: torch.device) -> None:
+def run_precompute(args: argparse.Namespace, teacher: nn.Module, dataset: DatasetWithIDs, device: torch.device) -> None:
     """Write (or finish) the store at `--output-path`, in the process group `torchrun` describes,
     and print a summary on rank 0 (see `precompute` for what is raised)."""
     init_distributed(device)
-    store, stats = precompute(teacher, dataset, args.output_path, k=args.k, mode=args.mode, epochs=args.epochs,
-                              teacher_name=args.teacher_model, batch_size=args.batch_size, device=device,
-                              in_chans=dataset.out_chans, num_workers=args.num_workers)
+    store, stats = precompute(
+        teacher,
+        dataset,
+        args.output_path,
+        k=args.k,
+        mode=args.mode,
+        epochs=args.epochs,
+        teacher_name=args.teacher_model,
+        batch_size=args.batch_size,
+        device=device,
+        in_chans=dataset.out_chans,
+        num_workers=args.num_workers,
+    )
     if is_main_process():
-        print(f"{store.path}: {store.header.size} images x {store.header.epochs} epoch(s), "
-              f"{store.bytes_per_record} bytes per record (official format: {official_record_bytes(args.k)}); "
-              f"{stats.images} images this run at {stats.images_per_s:.0f} images/s")
+        print(
+            f"{store.path}: {store.header.size} images x {store.header.epochs} epoch(s), "
+            f"{store.bytes_per_record} bytes per record (official format: {official_record_bytes(args.k)}); "
+            f"{stats.images} images this run at {stats.images_per_s:.0f} images/s"
+        )
         if not args.teacher_checkpoint:
-            print("warning: no --teacher-checkpoint: the store holds a randomly initialised teacher's logits",
-                  file=sys.stderr)
+            print(
+                "warning: no --teacher-checkpoint: the store holds a randomly initialised teacher's logits",
+                file=sys.stderr,
+            )
 
 
-def run_verify(store: LogitStore, teacher: nn.Module, dataset: DatasetWithIDs, args: argparse.Namespace,
-               device: torch.device) -> int:
+def run_verify(
+    store: LogitStore, teacher: nn.Module, dataset: DatasetWithIDs, args: argparse.Namespace, device: torch.device
+) -> int:
     """Print `verify_store`'s numbers and tolerances; 0 within the tolerance, 1 beyond it."""
-    report = verify_store(store, teacher, dataset, samples=args.verify_samples, in_chans=dataset.out_chans,
-                          device=device)
-    print(f"verify: {report['records']} records, largest value error {report['max_value_error']:.4g} "
-          f"(tolerance {report['value_tolerance']:.4g}), index mismatch rate {report['index_mismatch_rate']:.2%} "
-          f"(tolerance {report['index_mismatch_tolerance']:.2%}): {'ok' if report['ok'] else 'FAILED'}")
+    report = verify_store(
+        store, teacher, dataset, samples=args.verify_samples, in_chans=dataset.out_chans, device=device
+    )
+    print(
+        f"verify: {report['records']} records, largest value error {report['max_value_error']:.4g} "
+        f"(tolerance {report['value_tolerance']:.4g}), index mismatch rate {report['index_mismatch_rate']:.2%} "
+        f"(tolerance {report['index_mismatch_tolerance']:.2%}): {'ok' if report['ok'] else 'FAILED'}"
+    )
     return 0 if report["ok"] else 1
 
 
@@ -152,16 +211,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.inspect:
             return print_description(args.inspect)
-        missing = [flag for flag, value in (("--teacher-model", args.teacher_model),
-                                            ("--output-path", args.output_path)) if value is None]
+        missing = [
+            flag
+            for flag, value in (("--teacher-model", args.teacher_model), ("--output-path", args.output_path))
+            if value is None
+        ]
         if missing:
             raise ValueError(f"{' and '.join(missing)} required (only --inspect PATH goes without)")
         dataset = load_dataset(args)
         teacher = load_teacher(args, dataset)
         device = pick_device(args.device)
         if args.verify and (Path(args.output_path) / MANIFEST).is_file():  # check the store, write nothing
-            expected = store_header(teacher, args.teacher_model, dataset, k=args.k, mode=args.mode,
-                                    epochs=args.epochs)
+            expected = store_header(teacher, args.teacher_model, dataset, k=args.k, mode=args.mode, epochs=args.epochs)
             store = LogitStore.open(args.output_path, expect=expected)
             return run_verify(store, teacher, dataset, args, device)
         run_precompute(args, teacher, dataset, device)

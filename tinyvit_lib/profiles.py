@@ -25,8 +25,18 @@ from .data import DATASETS
 from .experiment import RunSpec
 from .trainer import TrainConfig
 
-__all__ = ["Budget", "Sweep", "Profile", "PROFILES", "resolve_profile", "project_root", "run_spec",
-           "teacher_spec", "distillation_runs", "sweep_spec"]
+__all__ = [
+    "Budget",
+    "Sweep",
+    "Profile",
+    "PROFILES",
+    "resolve_profile",
+    "project_root",
+    "run_spec",
+    "teacher_spec",
+    "distillation_runs",
+    "sweep_spec",
+]
 
 TEACHER_RUN = "teacher"  # the teacher's run folder under runs_dir: notebook 02 writes it, 03 and 04 read it
 STORE_MODES = ("static", "replay")  # one record per image (un-augmented) / per image and epoch (replayed view)
@@ -74,8 +84,11 @@ class Sweep:
         for name in ("temperatures", "alphas", "ks", "variants"):
             if not getattr(self, name):
                 raise ValueError(f"Sweep.{name} is empty; give at least one value")
-        checks = (("temperatures", lambda t: t > 0, "> 0"), ("alphas", lambda a: 0 <= a <= 1, "in [0, 1]"),
-                  ("ks", lambda k: k >= 1, ">= 1"))
+        checks = (
+            ("temperatures", lambda t: t > 0, "> 0"),
+            ("alphas", lambda a: 0 <= a <= 1, "in [0, 1]"),
+            ("ks", lambda k: k >= 1, ">= 1"),
+        )
         for name, ok, rule in checks:
             bad = [v for v in getattr(self, name) if not ok(v)]
             if bad:
@@ -131,12 +144,16 @@ class Profile:
         if not self.temperature > 0:
             raise ValueError(f"Profile.temperature={self.temperature} must be > 0")
         if max(self.sweep.ks) > self.k:
-            raise ValueError(f"Profile.sweep.ks={self.sweep.ks} exceeds k={self.k}: smaller stores are derived "
-                             f"from the k={self.k} store, a bigger k needs the teacher again")
+            raise ValueError(
+                f"Profile.sweep.ks={self.sweep.ks} exceeds k={self.k}: smaller stores are derived "
+                f"from the k={self.k} store, a bigger k needs the teacher again"
+            )
         for what, epochs in (("student.epochs", self.student.epochs), ("sweep.epochs", self.sweep.epochs)):
             if epochs > self.replay_epochs:
-                raise ValueError(f"Profile.{what}={epochs} exceeds replay_epochs={self.replay_epochs}: the replay "
-                                 f"store holds one view per image and epoch")
+                raise ValueError(
+                    f"Profile.{what}={epochs} exceeds replay_epochs={self.replay_epochs}: the replay "
+                    f"store holds one view per image and epoch"
+                )
 
     @property
     def runs_dir(self) -> Path:
@@ -175,8 +192,10 @@ class Profile:
         if k is None or k == self.k:
             return self.logits_dir / mode
         if mode == "static" or not 1 <= k < self.k:
-            raise ValueError(f"no {mode} store with k={k}: only replay stores with 1 <= k < {self.k} are derived "
-                             f"from the k={self.k} store")
+            raise ValueError(
+                f"no {mode} store with k={k}: only replay stores with 1 <= k < {self.k} are derived "
+                f"from the k={self.k} store"
+            )
         return self.logits_dir / f"replay_k{k}"
 
     def results_file(self, name: str) -> Path:
@@ -187,39 +206,66 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     # `make test`: every code path on the synthetic dataset, in seconds. Never a result.
     "fast": Profile(
-        name="fast", dataset="synthetic", img_size=32, out_dir="build/fast", figures_folder="build/fast/figures", k=5,
+        name="fast",
+        dataset="synthetic",
+        img_size=32,
+        out_dir="build/fast",
+        figures_folder="build/fast/figures",
+        k=5,
         bias_demo=Budget(epochs=1, batch_size=32, lr=2e-3, max_per_class=8, max_val_per_class=4),
         teacher=Budget(epochs=1, batch_size=64, lr=2e-3, max_per_class=40),
         student=Budget(epochs=2, batch_size=32, lr=2e-3, max_per_class=12, max_val_per_class=8),
-        seeds=(0,), replay_epochs=2,
-        sweep=Sweep(temperatures=(1.0,), alphas=(0.5, 1.0), ks=(1, 5), variants=("tinyvit_5m", "tinyvit_11m"),
-                    epochs=2),
+        seeds=(0,),
+        replay_epochs=2,
+        sweep=Sweep(
+            temperatures=(1.0,), alphas=(0.5, 1.0), ks=(1, 5), variants=("tinyvit_5m", "tinyvit_11m"), epochs=2
+        ),
     ),
     # `make run-all` on a laptop CPU: Fashion-MNIST at 32x32, grayscale.
     "default": Profile(
-        name="default", dataset="fashion-mnist", img_size=32, in_chans=1, out_dir=".", figures_folder="figures",
+        name="default",
+        dataset="fashion-mnist",
+        img_size=32,
+        in_chans=1,
+        out_dir=".",
+        figures_folder="figures",
         bias_demo=Budget(epochs=1, batch_size=128, lr=2e-3, max_per_class=1000, max_val_per_class=100),
         teacher=Budget(epochs=2, batch_size=128, lr=2e-3),
         student=Budget(epochs=4, batch_size=128, lr=2e-3, max_per_class=300, max_val_per_class=200),
-        seeds=(0, 1, 2), replay_epochs=4, sweep=Sweep(epochs=4),
+        seeds=(0, 1, 2),
+        replay_epochs=4,
+        sweep=Sweep(epochs=4),
     ),
     # A GPU with CIFAR-100 in DATA_ROOT (or downloadable): 32x32 RGB, the whole training set.
     "cifar100": Profile(
-        name="cifar100", dataset="cifar100", data_root_from_env=True, img_size=32, out_dir=".",
+        name="cifar100",
+        dataset="cifar100",
+        data_root_from_env=True,
+        img_size=32,
+        out_dir=".",
         figures_folder="figures/cifar100",
         bias_demo=Budget(epochs=5, batch_size=256, lr=2e-3),
         teacher=Budget(epochs=60, batch_size=256, lr=2e-3),
         student=Budget(epochs=100, batch_size=256, lr=2e-3),
-        seeds=(0, 1), replay_epochs=100, sweep=Sweep(epochs=100),
+        seeds=(0, 1),
+        replay_epochs=100,
+        sweep=Sweep(epochs=100),
     ),
     # A GPU with an ImageNet-1k tree in DATA_ROOT: the teacher sees everything, students 260 images per class.
     "imagenet-subset": Profile(
-        name="imagenet-subset", dataset="imagenet", data_root_from_env=True, img_size=224, out_dir=".",
-        figures_folder="figures/imagenet-subset", teacher_model="resnet50",
+        name="imagenet-subset",
+        dataset="imagenet",
+        data_root_from_env=True,
+        img_size=224,
+        out_dir=".",
+        figures_folder="figures/imagenet-subset",
+        teacher_model="resnet50",
         bias_demo=Budget(epochs=5, batch_size=128, lr=2e-3),
         teacher=Budget(epochs=90, batch_size=128, lr=2e-3),
         student=Budget(epochs=100, batch_size=128, lr=2e-3, max_per_class=260),
-        seeds=(0,), replay_epochs=100, sweep=Sweep(epochs=100),
+        seeds=(0,),
+        replay_epochs=100,
+        sweep=Sweep(epochs=100),
     ),
 }
 
@@ -246,8 +292,9 @@ def resolve_profile(name: str) -> Profile:
     return profile
 
 
-def run_spec(profile: Profile, name: str, *, role: str = "student", seed: int = 0, model: str | None = None,
-             **train_changes) -> RunSpec:
+def run_spec(
+    profile: Profile, name: str, *, role: str = "student", seed: int = 0, model: str | None = None, **train_changes
+) -> RunSpec:
     """The `RunSpec` of a run of this profile; `role` names its budget ("teacher", "student",
     "bias_demo"); `train_changes` override TrainConfig fields (e.g. distill_alpha=0.5) and `model`
     the architecture (default: the profile's teacher for the teacher, TinyViT-5M otherwise).
@@ -258,13 +305,25 @@ def run_spec(profile: Profile, name: str, *, role: str = "student", seed: int = 
     if role not in ("teacher", "student", "bias_demo"):
         raise ValueError(f"unknown role {role!r}; choose one of teacher, student, bias_demo")
     budget: Budget = getattr(profile, role)
-    config = TrainConfig(epochs=budget.epochs, batch_size=budget.batch_size, lr=budget.lr,
-                         warmup_epochs=min(1.0, budget.epochs / 4), seed=seed)
-    return RunSpec(name=name, dataset=profile.dataset, data_root=profile.data_root,
-                   model=model or (profile.teacher_model if role == "teacher" else "tinyvit_5m"),
-                   img_size=profile.img_size, augment=profile.augment,
-                   max_per_class=budget.max_per_class, max_val_per_class=budget.max_val_per_class,
-                   output_dir=str(profile.runs_dir), train=replace(config, **train_changes))
+    config = TrainConfig(
+        epochs=budget.epochs,
+        batch_size=budget.batch_size,
+        lr=budget.lr,
+        warmup_epochs=min(1.0, budget.epochs / 4),
+        seed=seed,
+    )
+    return RunSpec(
+        name=name,
+        dataset=profile.dataset,
+        data_root=profile.data_root,
+        model=model or (profile.teacher_model if role == "teacher" else "tinyvit_5m"),
+        img_size=profile.img_size,
+        augment=profile.augment,
+        max_per_class=budget.max_per_class,
+        max_val_per_class=budget.max_val_per_class,
+        output_dir=str(profile.runs_dir),
+        train=replace(config, **train_changes),
+    )
 
 
 def teacher_spec(profile: Profile) -> RunSpec:
@@ -272,8 +331,14 @@ def teacher_spec(profile: Profile) -> RunSpec:
     return run_spec(profile, TEACHER_RUN, role="teacher")
 
 
-def distillation_runs(profile: Profile, seed: int, *, model: str = "tinyvit_5m", alpha: float | None = None,
-                      temperature: float | None = None) -> dict[str, RunSpec]:
+def distillation_runs(
+    profile: Profile,
+    seed: int,
+    *,
+    model: str = "tinyvit_5m",
+    alpha: float | None = None,
+    temperature: float | None = None,
+) -> dict[str, RunSpec]:
     """The student runs of notebook 03 for one seed: "baseline", "static store", "replay store",
     "online teacher" (the stores and the teacher of notebook 02). All share data, budget and seed; only
     where the teacher's distribution comes from differs. `alpha`, `temperature`: default the profile's."""
@@ -283,20 +348,29 @@ def distillation_runs(profile: Profile, seed: int, *, model: str = "tinyvit_5m",
     kd = dict(distill_alpha=alpha, distill_temp=temperature)
 
     def distilled(kind: str, **where) -> RunSpec:
-        return replace(base, name=f"{model}_{kind}_a{alpha:g}_t{temperature:g}_s{seed}",
-                       train=replace(base.train, **kd), **where)
+        return replace(
+            base, name=f"{model}_{kind}_a{alpha:g}_t{temperature:g}_s{seed}", train=replace(base.train, **kd), **where
+        )
 
     return {
         "baseline": base,
         "static store": distilled("static", logits_path=str(profile.store_path("static"))),
         "replay store": distilled("replay", logits_path=str(profile.store_path("replay"))),
-        "online teacher": distilled("online", teacher_model=profile.teacher_model,
-                                    teacher_checkpoint=str(profile.teacher_checkpoint)),
+        "online teacher": distilled(
+            "online", teacher_model=profile.teacher_model, teacher_checkpoint=str(profile.teacher_checkpoint)
+        ),
     }
 
 
-def sweep_spec(profile: Profile, seed: int, *, model: str = "tinyvit_5m", alpha: float | None = None,
-               temperature: float | None = None, k: int | None = None) -> RunSpec:
+def sweep_spec(
+    profile: Profile,
+    seed: int,
+    *,
+    model: str = "tinyvit_5m",
+    alpha: float | None = None,
+    temperature: float | None = None,
+    k: int | None = None,
+) -> RunSpec:
     """One point of notebook 04: notebook 03's replay-store student with another model, alpha, T or
     store k (None: the profile's), trained for `profile.sweep.epochs`. Its name is the replay run's,
     plus `_k{k}` when k differs from the profile's and `_e{epochs}` when the sweep's epochs differ
@@ -309,5 +383,6 @@ def sweep_spec(profile: Profile, seed: int, *, model: str = "tinyvit_5m", alpha:
     spec = distillation_runs(profile, seed, model=model, alpha=alpha, temperature=temperature)["replay store"]
     epochs = profile.sweep.epochs
     name = spec.name + (f"_k{k}" if k != profile.k else "") + (f"_e{epochs}" if epochs != spec.train.epochs else "")
-    return replace(spec, name=name, logits_path=str(profile.store_path("replay", k)),
-                   train=replace(spec.train, epochs=epochs))
+    return replace(
+        spec, name=name, logits_path=str(profile.store_path("replay", k)), train=replace(spec.train, epochs=epochs)
+    )

@@ -17,14 +17,16 @@ from .utils import load_checkpoint
 
 __all__ = ["build_model", "load_weights", "model_names", "describe_model"]
 
+
 def model_names() -> list[str]:
     """TinyViT presets and torchvision's classification models."""
     return sorted(PRESETS) + sorted(torchvision.models.list_models(module=torchvision.models))
 
 
 def _first_conv_for(conv: nn.Conv2d, in_chans: int) -> nn.Conv2d:
-    return nn.Conv2d(in_chans, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                     bias=conv.bias is not None)
+    return nn.Conv2d(
+        in_chans, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None
+    )
 
 
 def build_model(name: str, *, num_classes: int, in_chans: int = 3, img_size: int = 224, **overrides) -> nn.Module:
@@ -39,8 +41,10 @@ def build_model(name: str, *, num_classes: int, in_chans: int = 3, img_size: int
     if name in PRESETS:
         return build_tinyvit(name, num_classes=num_classes, in_chans=in_chans, img_size=img_size, **overrides)
     if name not in torchvision.models.list_models(module=torchvision.models):
-        raise ValueError(f"unknown model {name!r}: use one of {sorted(PRESETS)} or a torchvision "
-                         f"classifier such as resnet18 (see torchvision.models.list_models())")
+        raise ValueError(
+            f"unknown model {name!r}: use one of {sorted(PRESETS)} or a torchvision "
+            f"classifier such as resnet18 (see torchvision.models.list_models())"
+        )
     if overrides:
         raise ValueError(f"options {sorted(overrides)} apply to TinyViT models only, not {name}")
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)

@@ -21,26 +21,44 @@ from .trainer import TrainConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tinyvit_lib.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m tinyvit_lib.train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     data = p.add_argument_group("data")
     data.add_argument("--dataset", default="fashion-mnist", choices=DATASETS)
-    data.add_argument("--train-data", "--data-root", dest="data_root", default=None,
-                      help="dataset root (default: Debian's Fashion-MNIST, or ~/.cache/tinyvit_lib for downloads)")
+    data.add_argument(
+        "--train-data",
+        "--data-root",
+        dest="data_root",
+        default=None,
+        help="dataset root (default: Debian's Fashion-MNIST, or ~/.cache/tinyvit_lib for downloads)",
+    )
     data.add_argument("--img-size", type=int, default=None, help="resolution (default: the dataset's, 32 or 224)")
     data.add_argument("--augment", default="light", choices=sorted(AUGMENT_PRESETS))
     data.add_argument("--mix", action="store_true", help="paired Mixup/CutMix (the 'full' preset's settings)")
-    data.add_argument("--max-per-class", type=int, default=None,
-                      help="train on the first N images of each class (a deterministic subset)")
+    data.add_argument(
+        "--max-per-class",
+        type=int,
+        default=None,
+        help="train on the first N images of each class (a deterministic subset)",
+    )
     data.add_argument("--max-val-per-class", type=int, default=None)
     data.add_argument("--num-workers", type=int, default=0)
-    data.add_argument("--no-verify-files", dest="verify_files", action="store_false",
-                      help="cifar100: use a copy whose md5 differs from the official release "
-                           "(md5 checked: %(default)s)")
+    data.add_argument(
+        "--no-verify-files",
+        dest="verify_files",
+        action="store_false",
+        help="cifar100: use a copy whose md5 differs from the official release (md5 checked: %(default)s)",
+    )
 
     model = p.add_argument_group("model")
-    model.add_argument("--model", default="tinyvit_5m",
-                       help="tinyvit_5m, tinyvit_11m, tinyvit_21m, or a torchvision classifier (e.g. resnet18)")
+    model.add_argument(
+        "--model",
+        default="tinyvit_5m",
+        help="tinyvit_5m, tinyvit_11m, tinyvit_21m, or a torchvision classifier (e.g. resnet18)",
+    )
     model.add_argument("--name", required=True, help="run name: the run folder is OUTPUT_DIR/NAME")
     model.add_argument("--output-dir", default="runs")
     model.add_argument("--resume", action="store_true", help="continue OUTPUT_DIR/NAME/last.pt exactly")
@@ -56,12 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
     opt.add_argument("--clip-grad", type=float, default=defaults.clip_grad)
     opt.add_argument("--seed", type=int, default=defaults.seed, help="initialisation and drop path")
-    opt.add_argument("--data-seed", type=int, default=0,
-                     help="data order and augmentation (must match a replay store's --seed)")
+    opt.add_argument(
+        "--data-seed", type=int, default=0, help="data order and augmentation (must match a replay store's --seed)"
+    )
     opt.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     opt.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help="autocast (auto: CUDA only)")
-    opt.add_argument("--amp-dtype", choices=["bfloat16", "float16"], default="bfloat16",
-                     help="float16 for GPUs without bf16 (adds loss scaling)")
+    opt.add_argument(
+        "--amp-dtype",
+        choices=["bfloat16", "float16"],
+        default="bfloat16",
+        help="float16 for GPUs without bf16 (adds loss scaling)",
+    )
     opt.add_argument("--compile", action="store_true", help="torch.compile the model")
     opt.add_argument("--checkpoint-every", type=int, default=0, help="also save last.pt every N steps")
 
@@ -87,18 +110,42 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
     if not args.use_distillation and (args.logits_path or args.teacher_model):
         raise ValueError("--logits-path/--teacher-model are used only with --use-distillation")
     config = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, min_lr=min(args.min_lr, args.lr),
-        warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
-        clip_grad=args.clip_grad, distill_alpha=args.distill_alpha if args.use_distillation else 0.0,
-        distill_temp=args.distill_temp, mix=args.mix, seed=args.seed, device=args.device,
-        amp={"auto": None, "on": True, "off": False}[args.amp], amp_dtype=args.amp_dtype, compile=args.compile,
-        num_workers=args.num_workers, checkpoint_every=args.checkpoint_every)
-    return RunSpec(name=args.name, dataset=args.dataset, data_root=args.data_root, model=args.model,
-                   img_size=args.img_size, augment=args.augment, max_per_class=args.max_per_class,
-                   max_val_per_class=args.max_val_per_class, teacher_model=args.teacher_model,
-                   teacher_checkpoint=args.teacher_checkpoint, logits_path=args.logits_path,
-                   output_dir=args.output_dir, data_seed=args.data_seed, verify_files=args.verify_files,
-                   train=config)
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        min_lr=min(args.min_lr, args.lr),
+        warmup_epochs=args.warmup_epochs,
+        weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing,
+        clip_grad=args.clip_grad,
+        distill_alpha=args.distill_alpha if args.use_distillation else 0.0,
+        distill_temp=args.distill_temp,
+        mix=args.mix,
+        seed=args.seed,
+        device=args.device,
+        amp={"auto": None, "on": True, "off": False}[args.amp],
+        amp_dtype=args.amp_dtype,
+        compile=args.compile,
+        num_workers=args.num_workers,
+        checkpoint_every=args.checkpoint_every,
+    )
+    return RunSpec(
+        name=args.name,
+        dataset=args.dataset,
+        data_root=args.data_root,
+        model=args.model,
+        img_size=args.img_size,
+        augment=args.augment,
+        max_per_class=args.max_per_class,
+        max_val_per_class=args.max_val_per_class,
+        teacher_model=args.teacher_model,
+        teacher_checkpoint=args.teacher_checkpoint,
+        logits_path=args.logits_path,
+        output_dir=args.output_dir,
+        data_seed=args.data_seed,
+        verify_files=args.verify_files,
+        train=config,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,8 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     result = run(prepared, resume=args.resume)
     final = result.final
-    print(f"{spec.run_dir}: {len(result.history)} epochs, final top-1 {final.get('top1', float('nan')):.2f}%, "
-          f"best top-1 {result.best_top1:.2f}%")
+    print(
+        f"{spec.run_dir}: {len(result.history)} epochs, final top-1 {final.get('top1', float('nan')):.2f}%, "
+        f"best top-1 {result.best_top1:.2f}%"
+    )
     return 0
 
 

@@ -29,12 +29,32 @@ from torch.utils.data import DataLoader
 from .augment import AugmentConfig, PairedMix
 from .data import DatasetWithIDs, EpochShuffleSampler
 from .distill import DistillationLoss, Teacher
-from .utils import (all_reduce_sum, atomic_write_text, init_distributed, is_main_process, load_checkpoint,
-                    rank_world, save_checkpoint)
+from .utils import (
+    all_reduce_sum,
+    atomic_write_text,
+    init_distributed,
+    is_main_process,
+    load_checkpoint,
+    rank_world,
+    save_checkpoint,
+)
 from .utils import progress as progress_bar
 
-__all__ = ["TrainConfig", "TrainResult", "TrainParts", "TrainState", "train", "train_one_epoch", "train_step",
-           "CheckpointSaver", "evaluate", "pick_device", "param_groups", "CosineSchedule", "read_log"]
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "TrainParts",
+    "TrainState",
+    "train",
+    "train_one_epoch",
+    "train_step",
+    "CheckpointSaver",
+    "evaluate",
+    "pick_device",
+    "param_groups",
+    "CosineSchedule",
+    "read_log",
+]
 
 CHECKPOINT_FORMAT = 1
 
@@ -69,12 +89,19 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            "epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
-            "min_lr": 0 <= self.min_lr <= self.lr, "warmup_epochs": self.warmup_epochs >= 0,
-            "weight_decay": self.weight_decay >= 0, "label_smoothing": 0 <= self.label_smoothing < 1,
-            "clip_grad": self.clip_grad >= 0, "distill_alpha": 0 <= self.distill_alpha <= 1,
-            "distill_temp": self.distill_temp > 0, "num_workers": self.num_workers >= 0,
-            "checkpoint_every": self.checkpoint_every >= 0, "amp_dtype": self.amp_dtype in ("bfloat16", "float16"),
+            "epochs": self.epochs >= 1,
+            "batch_size": self.batch_size >= 1,
+            "lr": self.lr > 0,
+            "min_lr": 0 <= self.min_lr <= self.lr,
+            "warmup_epochs": self.warmup_epochs >= 0,
+            "weight_decay": self.weight_decay >= 0,
+            "label_smoothing": 0 <= self.label_smoothing < 1,
+            "clip_grad": self.clip_grad >= 0,
+            "distill_alpha": 0 <= self.distill_alpha <= 1,
+            "distill_temp": self.distill_temp > 0,
+            "num_workers": self.num_workers >= 0,
+            "checkpoint_every": self.checkpoint_every >= 0,
+            "amp_dtype": self.amp_dtype in ("bfloat16", "float16"),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -95,8 +122,9 @@ class TrainResult:
 
 # ----------------------------------------------------------------------------- pieces
 
+
 def pick_device(name: str = "auto") -> torch.device:
-    """"auto" picks CUDA, then Apple's MPS, then the CPU; anything else is passed to torch.device.
+    """ "auto" picks CUDA, then Apple's MPS, then the CPU; anything else is passed to torch.device.
 
     Raises:
         ValueError: an unknown device string, or CUDA/MPS asked for where there is none.
@@ -132,8 +160,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 class CosineSchedule:
     """Per-step learning rate: linear warmup from 0 to `lr`, then cosine down to `min_lr`."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, lr: float, min_lr: float, warmup_steps: int,
-                 total_steps: int) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, *, lr: float, min_lr: float, warmup_steps: int, total_steps: int
+    ) -> None:
         self.optimizer, self.lr, self.min_lr = optimizer, lr, min_lr
         self.warmup_steps, self.total_steps = warmup_steps, max(total_steps, 1)
         self.step_count = 0
@@ -154,8 +183,13 @@ class CosineSchedule:
         self._apply()
 
     def state_dict(self) -> dict:
-        return dict(step_count=self.step_count, lr=self.lr, min_lr=self.min_lr, warmup_steps=self.warmup_steps,
-                    total_steps=self.total_steps)
+        return dict(
+            step_count=self.step_count,
+            lr=self.lr,
+            min_lr=self.min_lr,
+            warmup_steps=self.warmup_steps,
+            total_steps=self.total_steps,
+        )
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count = state["step_count"]
@@ -167,11 +201,20 @@ def read_log(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "log.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
+
 # ----------------------------------------------------------------------------- evaluation
 
+
 @torch.no_grad()
-def evaluate(model: nn.Module, data: DatasetWithIDs | DataLoader, *, device: torch.device | str | None = None,
-             batch_size: int = 256, amp: bool = False, amp_dtype: torch.dtype = torch.bfloat16) -> dict:
+def evaluate(
+    model: nn.Module,
+    data: DatasetWithIDs | DataLoader,
+    *,
+    device: torch.device | str | None = None,
+    batch_size: int = 256,
+    amp: bool = False,
+    amp_dtype: torch.dtype = torch.bfloat16,
+) -> dict:
     """Top-1 and top-5 accuracy (percent) and mean cross-entropy over `data`.
 
     Under DDP each rank evaluates its share of a dataset and the sums are reduced, so every rank
@@ -183,8 +226,9 @@ def evaluate(model: nn.Module, data: DatasetWithIDs | DataLoader, *, device: tor
         loader = data
     else:
         indices = list(range(rank, len(data), world))
-        loader = DataLoader(torch.utils.data.Subset(data, indices), batch_size=batch_size,
-                            generator=torch.Generator())  # leaves the global RNG untouched
+        loader = DataLoader(
+            torch.utils.data.Subset(data, indices), batch_size=batch_size, generator=torch.Generator()
+        )  # leaves the global RNG untouched
     was_training = model.training
     model.eval()
     loss_sum = correct1 = correct5 = count = 0.0
@@ -242,9 +286,19 @@ class TrainState:
     best_top1: float = 0.0
 
 
-def train(model: nn.Module, train_set: DatasetWithIDs, val_set: DatasetWithIDs | None, config: TrainConfig, *,
-          run_dir: str | Path, teacher: Teacher | None = None, resume: bool = False, progress: bool = True,
-          model_config: dict | None = None, on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+def train(
+    model: nn.Module,
+    train_set: DatasetWithIDs,
+    val_set: DatasetWithIDs | None,
+    config: TrainConfig,
+    *,
+    run_dir: str | Path,
+    teacher: Teacher | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    model_config: dict | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> TrainResult:
     """Train `model` on `train_set`, evaluating on `val_set` after every epoch.
 
     Args:
@@ -283,8 +337,14 @@ def train(model: nn.Module, train_set: DatasetWithIDs, val_set: DatasetWithIDs |
     while state.epoch < config.epochs:
         record = train_one_epoch(parts, state, train_set, config, saver=saver, progress=progress)
         if val_set is not None:
-            metrics = evaluate(model, val_set, device=parts.device, batch_size=max(config.batch_size, 256),
-                               amp=parts.amp, amp_dtype=parts.amp_dtype)
+            metrics = evaluate(
+                model,
+                val_set,
+                device=parts.device,
+                batch_size=max(config.batch_size, 256),
+                amp=parts.amp,
+                amp_dtype=parts.amp_dtype,
+            )
             record.update(val_loss=metrics["loss"], top1=metrics["top1"], top5=metrics["top5"])
         _end_epoch(state, record, saver)
         if on_epoch is not None and is_main_process():
@@ -316,34 +376,64 @@ def _build(model: nn.Module, train_set: DatasetWithIDs, config: TrainConfig, tea
     sampler = EpochShuffleSampler(train_set, rank=rank, world_size=world)
     # The loader gets its own generator: creating an iterator must not draw from the global RNG,
     # whose saved state is what makes a resumed run exact (augmentations are seeded per sample).
-    loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, drop_last=True,
-                        num_workers=config.num_workers, persistent_workers=config.num_workers > 0,
-                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(config.seed))
+    loader = DataLoader(
+        train_set,
+        batch_size=config.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=config.num_workers,
+        persistent_workers=config.num_workers > 0,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(config.seed),
+    )
     steps_per_epoch = len(sampler) // config.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"batch_size={config.batch_size} x {world} process(es) is larger than the "
-                         f"{len(train_set)} training samples")
-    schedule = CosineSchedule(optimizer, lr=config.lr, min_lr=config.min_lr,
-                              warmup_steps=round(config.warmup_epochs * steps_per_epoch),
-                              total_steps=config.epochs * steps_per_epoch)
+        raise ValueError(
+            f"batch_size={config.batch_size} x {world} process(es) is larger than the {len(train_set)} training samples"
+        )
+    schedule = CosineSchedule(
+        optimizer,
+        lr=config.lr,
+        min_lr=config.min_lr,
+        warmup_steps=round(config.warmup_epochs * steps_per_epoch),
+        total_steps=config.epochs * steps_per_epoch,
+    )
     forward_model = model
     if world > 1:
         forward_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     if config.compile:
         forward_model = torch.compile(forward_model)
     return TrainParts(
-        model=model, forward_model=forward_model, optimizer=optimizer, schedule=schedule,
+        model=model,
+        forward_model=forward_model,
+        optimizer=optimizer,
+        schedule=schedule,
         scaler=torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16),
         criterion=DistillationLoss(config.distill_alpha, config.distill_temp, config.label_smoothing),
         mixer=PairedMix(train_set.num_classes, _augment_config(train_set)) if config.mix else None,
-        teacher=teacher if config.distill_alpha > 0 else None, sampler=sampler, loader=loader,
-        steps_per_epoch=steps_per_epoch, device=device, amp=amp, amp_dtype=amp_dtype,
-        clip_grad=config.clip_grad, world=world)
+        teacher=teacher if config.distill_alpha > 0 else None,
+        sampler=sampler,
+        loader=loader,
+        steps_per_epoch=steps_per_epoch,
+        device=device,
+        amp=amp,
+        amp_dtype=amp_dtype,
+        clip_grad=config.clip_grad,
+        world=world,
+    )
 
 
-def train_one_epoch(parts: TrainParts, state: TrainState, train_set: DatasetWithIDs, config: TrainConfig, *,
-                    saver: "CheckpointSaver | None" = None, progress: bool = True) -> dict:
+def train_one_epoch(
+    parts: TrainParts,
+    state: TrainState,
+    train_set: DatasetWithIDs,
+    config: TrainConfig,
+    *,
+    saver: CheckpointSaver | None = None,
+    progress: bool = True,
+) -> dict:
     """One pass over the training data from where `state` stands (mid-epoch after a resume); updates
     `state` and returns the epoch's record (train loss, time, images/s), reduced over processes.
     With `saver` and `config.checkpoint_every`, last.pt is also saved every that many steps."""
@@ -352,33 +442,54 @@ def train_one_epoch(parts: TrainParts, state: TrainState, train_set: DatasetWith
     parts.sampler.skip(start_batch * config.batch_size)
     parts.model.train()
     t0, resumed_seen = time.perf_counter(), state.seen
-    batches = progress_bar(parts.loader, total=parts.steps_per_epoch, initial=start_batch, enabled=progress,
-                           desc=f"epoch {epoch + 1}/{config.epochs}")
+    batches = progress_bar(
+        parts.loader,
+        total=parts.steps_per_epoch,
+        initial=start_batch,
+        enabled=progress,
+        desc=f"epoch {epoch + 1}/{config.epochs}",
+    )
     for batch_index, (images, labels, sample_ids) in enumerate(batches, start=start_batch):
         loss = train_step(parts, images, labels, sample_ids, epoch, train_set)
         if not math.isfinite(loss):
             raise FloatingPointError(
                 f"loss is {loss} at step {parts.schedule.step_count} (epoch {epoch + 1}, batch {batch_index}); "
-                f"the last good checkpoint is {saver.last_path if saver else 'not saved'}")
+                f"the last good checkpoint is {saver.last_path if saver else 'not saved'}"
+            )
         state.batch = batch_index + 1
         state.seen += labels.numel()
         state.loss_sum += loss * labels.numel()
         if hasattr(batches, "set_postfix"):
             rate = (state.seen - resumed_seen) * parts.world / max(time.perf_counter() - t0, 1e-9)
             batches.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:.0f}")
-        if saver and config.checkpoint_every and parts.schedule.step_count % config.checkpoint_every == 0 \
-                and state.batch < parts.steps_per_epoch:
+        if (
+            saver
+            and config.checkpoint_every
+            and parts.schedule.step_count % config.checkpoint_every == 0
+            and state.batch < parts.steps_per_epoch
+        ):
             saver.save(state, "last.pt")
     elapsed = time.perf_counter() - t0
     loss_sum, seen, timed = all_reduce_sum([state.loss_sum, state.seen, state.seen - resumed_seen], parts.device)
     state.epoch, state.batch, state.loss_sum, state.seen = epoch + 1, 0, 0.0, 0
-    return dict(epoch=epoch + 1, step=parts.schedule.step_count, lr=parts.optimizer.param_groups[0]["lr"],
-                train_loss=loss_sum / max(seen, 1), epoch_time_s=round(elapsed, 3),
-                images_per_s=round(timed / max(elapsed, 1e-9), 1))
+    return dict(
+        epoch=epoch + 1,
+        step=parts.schedule.step_count,
+        lr=parts.optimizer.param_groups[0]["lr"],
+        train_loss=loss_sum / max(seen, 1),
+        epoch_time_s=round(elapsed, 3),
+        images_per_s=round(timed / max(elapsed, 1e-9), 1),
+    )
 
 
-def train_step(parts: TrainParts, images: torch.Tensor, labels: torch.Tensor, sample_ids: torch.Tensor,
-               epoch: int, train_set: DatasetWithIDs) -> float:
+def train_step(
+    parts: TrainParts,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    sample_ids: torch.Tensor,
+    epoch: int,
+    train_set: DatasetWithIDs,
+) -> float:
     """One optimizer step on a batch (B, C, H, W): mix, ask the teacher, forward, backward, clip,
     step, advance the schedule. Returns the loss (the step is skipped only by the float16 scaler;
     a NaN loss is returned for the caller to stop on before anything else is saved)."""
@@ -423,14 +534,25 @@ class CheckpointSaver:
 
     def checkpoint(self, state: TrainState) -> dict:
         parts, device = self.parts, self.parts.device
-        return dict(format=CHECKPOINT_FORMAT, model=parts.model.state_dict(), optimizer=parts.optimizer.state_dict(),
-                    scheduler=parts.schedule.state_dict(), scaler=parts.scaler.state_dict(), epoch=state.epoch,
-                    batch=state.batch, step=parts.schedule.step_count, partial_loss_sum=state.loss_sum,
-                    partial_seen=state.seen,
-                    rng=dict(torch=torch.get_rng_state(),
-                             cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None),
-                    config=asdict(self.config), model_config=self.model_config, history=state.history,
-                    best_top1=state.best_top1)
+        return dict(
+            format=CHECKPOINT_FORMAT,
+            model=parts.model.state_dict(),
+            optimizer=parts.optimizer.state_dict(),
+            scheduler=parts.schedule.state_dict(),
+            scaler=parts.scaler.state_dict(),
+            epoch=state.epoch,
+            batch=state.batch,
+            step=parts.schedule.step_count,
+            partial_loss_sum=state.loss_sum,
+            partial_seen=state.seen,
+            rng=dict(
+                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+            ),
+            config=asdict(self.config),
+            model_config=self.model_config,
+            history=state.history,
+            best_top1=state.best_top1,
+        )
 
     def save(self, state: TrainState, *names: str) -> None:
         """Save the checkpoint of `state` under each of `names` (e.g. "best.pt", "last.pt")."""
@@ -458,8 +580,9 @@ def _end_epoch(state: TrainState, record: dict, saver: CheckpointSaver) -> None:
             f.write(json.dumps(record) + "\n")
 
 
-def _start_run_dir(run_dir: Path, config: TrainConfig, model_config: dict | None, train_set: DatasetWithIDs,
-                   world: int) -> None:
+def _start_run_dir(
+    run_dir: Path, config: TrainConfig, model_config: dict | None, train_set: DatasetWithIDs, world: int
+) -> None:
     """A new run: its folder, an empty log and config.json (what was asked for, and on what data)."""
     description = dict(train=asdict(config), model=model_config, train_set=train_set.fingerprint(), world_size=world)
     _write_on_main(run_dir / "log.jsonl", "")
@@ -486,8 +609,14 @@ def _restore(parts: TrainParts, config: TrainConfig, path: Path) -> TrainState:
     torch.set_rng_state(ckpt["rng"]["torch"])
     if parts.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"], parts.device)
-    return TrainState(epoch=ckpt["epoch"], batch=ckpt["batch"], loss_sum=ckpt["partial_loss_sum"],
-                      seen=ckpt["partial_seen"], history=list(ckpt["history"]), best_top1=ckpt["best_top1"])
+    return TrainState(
+        epoch=ckpt["epoch"],
+        batch=ckpt["batch"],
+        loss_sum=ckpt["partial_loss_sum"],
+        seen=ckpt["partial_seen"],
+        history=list(ckpt["history"]),
+        best_top1=ckpt["best_top1"],
+    )
 
 
 def _write_on_main(path: Path, text: str) -> None:

@@ -122,8 +122,9 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 # ----------------------------------------------------------------------------- progress
 
 
-def progress(iterable: Iterable, *, total: int, desc: str, unit: str = "batch", initial: int = 0,
-             enabled: bool = True) -> Iterable:
+def progress(
+    iterable: Iterable, *, total: int, desc: str, unit: str = "batch", initial: int = 0, enabled: bool = True
+) -> Iterable:
     """A tqdm bar over `iterable` on the main process (tqdm.auto: a widget in Jupyter), or the
     iterable itself when `enabled` is False or on other ranks. TQDM_DISABLE=1 turns bars off."""
     if not enabled or not is_main_process():
