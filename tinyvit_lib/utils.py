@@ -1,14 +1,16 @@
 """Plumbing that every other module shares, each piece written once: atomic file writes, checkpoint
-reading with one error policy, the process group (rank and world size under `torchrun`), and
-progress bars.
+reading with one error policy, a lock that gives one writer at a time, the process group (rank and
+world size under `torchrun`), and progress bars.
 
 This is the bottom floor of the package: it imports nothing from `tinyvit_lib`.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pickle
+import socket
 import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -18,6 +20,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "FileLock",
+    "LockHeld",
     "all_reduce_sum",
     "atomic_write",
     "atomic_write_text",
@@ -86,6 +90,64 @@ def load_checkpoint(path: str | Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except _NOT_A_CHECKPOINT as exc:
         raise ValueError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+
+
+class LockHeld(RuntimeError):
+    """Another live process holds the lock (the message names its PID and host)."""
+
+
+class FileLock:
+    """An exclusive lock on the file `path` for one writer at a time (a store, a run folder).
+
+    The lock is `fcntl.flock` on the file, which the operating system releases when the holder exits
+    or dies: a lock file left by a killed process is simply taken over, never mistaken for a live
+    one. The holder writes its PID and host into the file, so a second process is told who holds
+    it. The file stays in place after release. `flock` protects processes on one machine; several
+    machines writing one network folder are not protected (see README, "Known limits").
+
+        with FileLock(run_dir / ".lock", what=f"run {run_dir}"):
+            ...
+
+    Raises (from `acquire`):
+        LockHeld: another process holds the lock.
+    """
+
+    def __init__(self, path: str | Path, *, what: str) -> None:
+        self.path, self.what = Path(path), what
+        self._file: IO[str] | None = None
+
+    def acquire(self) -> FileLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        file = open(self.path, "a+")  # stays open while the lock is held
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip() or "another process"
+            file.close()
+            raise LockHeld(f"{self.what} is in use by {holder}: wait for it to finish, or stop it") from None
+        file.seek(0)
+        file.truncate()
+        file.write(f"process {os.getpid()} on host {socket.gethostname()}\n")
+        file.flush()
+        self._file = file
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+    @property
+    def held(self) -> bool:
+        return self._file is not None
+
+    def __enter__(self) -> FileLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 # ----------------------------------------------------------------------------- processes
