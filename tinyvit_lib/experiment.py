@@ -21,7 +21,7 @@ from .data import DatasetWithIDs, get_dataset, per_class_subset
 from .distill import OnlineTeacher, StoredTeacher, Teacher, weights_sha256
 from .teachers import build_model, load_weights
 from .trainer import TrainConfig, TrainResult, evaluate, train
-from .utils import atomic_write_text, load_checkpoint
+from .utils import atomic_write_text, check_writable_folder, load_checkpoint
 
 __all__ = [
     "RunSpec",
@@ -30,6 +30,8 @@ __all__ = [
     "prepare_run",
     "run",
     "run_or_reuse",
+    "run_differences",
+    "check_resumable",
     "run_digest",
     "load_trained",
     "evaluate_run",
@@ -112,14 +114,15 @@ def prepare_run(spec: RunSpec) -> PreparedRun:
 
     Raises:
         ValueError, FileNotFoundError: bad names, missing data or checkpoints (see `get_dataset`,
-            `build_model`, `load_weights`), distillation without a teacher, resuming a run that
-            has no checkpoint.
+            `build_model`, `load_weights`), distillation without a teacher, a run folder that
+            cannot be created or written.
     """
     config = spec.train
     if config.distill_alpha > 0 and not (spec.teacher_model or spec.logits_path):
         raise ValueError(f"distill_alpha={config.distill_alpha} needs a teacher: a teacher model or a logits path")
     if spec.teacher_checkpoint and not spec.teacher_model:
         raise ValueError("teacher_checkpoint needs teacher_model (the architecture to load it into)")
+    check_writable_folder(spec.run_dir, what="run folder")
     train_set, val_set = datasets_for(spec)
     img_size = train_set.transform.img_size
     in_chans = train_set.out_chans
@@ -147,8 +150,8 @@ def run(spec: RunSpec | PreparedRun, *, resume: bool = False, progress: bool = T
     for what is raised)."""
     prepared = spec if isinstance(spec, PreparedRun) else prepare_run(spec)
     spec = prepared.spec
-    if resume and not (spec.run_dir / "last.pt").is_file():
-        raise FileNotFoundError(f"cannot resume: no checkpoint at {spec.run_dir / 'last.pt'}")
+    if resume:
+        check_resumable(spec)
     return train(
         prepared.model,
         prepared.train_set,
@@ -179,12 +182,7 @@ def run_or_reuse(spec: RunSpec, *, force: bool = False, progress: bool = True, o
     last = spec.run_dir / "last.pt"
     if last.is_file() and not force:
         ckpt = load_checkpoint(last)
-        saved = ckpt.get("model_config") or {}
-        same = (
-            ckpt.get("config") == asdict(spec.train)
-            and saved.get("teacher") == teacher_identity(spec)
-            and _movable(saved.get("spec") or {}) == _movable(_plain(asdict(spec)))
-        )
+        same = not run_differences(spec, ckpt)
         if same and ckpt["epoch"] >= spec.train.epochs:
             return TrainResult(
                 run_dir=spec.run_dir, history=list(ckpt["history"]), best_top1=ckpt["best_top1"], reused=True
@@ -192,6 +190,42 @@ def run_or_reuse(spec: RunSpec, *, force: bool = False, progress: bool = True, o
         if same:
             return run(spec, resume=True, progress=progress, on_epoch=on_epoch)
     return run(spec, progress=progress, on_epoch=on_epoch)
+
+
+def run_differences(spec: RunSpec, checkpoint: dict) -> list[str]:
+    """What differs between `spec` and the run saved in `checkpoint` (written by `run`): one
+    "field: run X, asked Y" line per field of the data, model, optimisation or teacher (the teacher
+    by content: `teacher_identity`); empty when the checkpoint is a run of exactly this spec. Where
+    the run, its store and its teacher's checkpoint live is not compared (see `_movable`)."""
+    saved = checkpoint.get("model_config") if isinstance(checkpoint.get("model_config"), dict) else {}
+    ran = _flat(checkpoint.get("config") or {}, saved.get("spec") or {}, saved.get("teacher"))
+    asked = _flat(asdict(spec.train), _plain(asdict(spec)), teacher_identity(spec))
+    return [
+        f"{key}: run {ran.get(key)!r}, asked {asked.get(key)!r}"
+        for key in sorted(ran.keys() | asked.keys())
+        if ran.get(key) != asked.get(key)
+    ]
+
+
+def _flat(train: dict, spec: dict, teacher: str | None) -> dict:
+    return {**{f"train.{k}": v for k, v in train.items()}, **_movable(spec), "teacher (content hash)": teacher}
+
+
+def check_resumable(spec: RunSpec) -> None:
+    """Check, before anything is loaded or written, that `spec.run_dir/last.pt` continues this spec.
+
+    Raises:
+        FileNotFoundError: no checkpoint to resume from.
+        ValueError: the checkpoint cannot be read, or was saved by a run with other data, model,
+            optimisation or teacher (every differing field is listed).
+    """
+    last = spec.run_dir / "last.pt"
+    if not last.is_file():
+        raise FileNotFoundError(f"cannot resume: no checkpoint at {last}")
+    checkpoint = load_checkpoint(last)
+    differences = run_differences(spec, checkpoint) if isinstance(checkpoint, dict) else ["not a run's checkpoint"]
+    if differences:
+        raise ValueError(f"cannot resume {last}: it is a run of another spec ({'; '.join(differences)})")
 
 
 def run_digest(run_dir: str | Path, checkpoint: str = "last.pt") -> str:

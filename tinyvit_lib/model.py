@@ -638,6 +638,10 @@ def _read_checkpoint(source) -> Mapping[str, torch.Tensor]:
     raise ValueError(f"unsupported checkpoint format {suffix!r} for {path}; use .pth, .pt or .safetensors")
 
 
+def _name(source) -> str:
+    return "(in memory)" if isinstance(source, Mapping) else str(source)
+
+
 def _unwrap(obj: Mapping) -> Mapping[str, torch.Tensor]:
     for wrapper in ("model", "state_dict", "model_state"):
         if wrapper in obj and isinstance(obj[wrapper], Mapping):
@@ -678,9 +682,10 @@ def load_pretrained(model: TinyViT, source, *, skip_head: bool = False) -> TinyV
             unexpected keys, other shapes: e.g. a checkpoint of another variant). Nothing is
             loaded in that case.
     """
-    state = _unwrap(_read_checkpoint(source))
-    if not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError("checkpoint is not a state dict of tensors")
+    loaded = _read_checkpoint(source)
+    state = _unwrap(loaded) if isinstance(loaded, Mapping) else None
+    if state is None or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"checkpoint {_name(source)} holds a {type(loaded).__name__}, not a state dict of tensors")
     if any(k.startswith(("layers.", "norm_head.")) for k in state):
         state = official_to_ours(state)
     state = {

@@ -16,8 +16,9 @@ import sys
 
 from .augment import AUGMENT_PRESETS
 from .data import DATASETS
-from .experiment import RunSpec, prepare_run, run
+from .experiment import RunSpec, check_resumable, prepare_run, run
 from .trainer import TrainConfig
+from .utils import LockHeld
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,17 +150,24 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI on `argv` (default: sys.argv[1:]); returns the exit status (2: bad input, nothing written)."""
+    """Run the CLI on `argv` (default: sys.argv[1:]). Returns the exit status: 0 done; 2 bad input or a
+    run folder in use by another process (one line on stderr, nothing written); 1 a run that failed
+    on its way (a full disk, a NaN loss: one line, and last.pt holds the last epoch saved)."""
     args = build_parser().parse_args(argv)
     try:
         spec = spec_from_args(args)
         if args.resume and not (spec.run_dir / "last.pt").is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {spec.run_dir / 'last.pt'}")
+        if args.resume:
+            check_resumable(spec)  # the same data, model, optimisation and teacher, before anything loads
         prepared = prepare_run(spec)  # every input checked before the run folder is created
-    except (ValueError, FileNotFoundError) as exc:
+        result = run(prepared, resume=args.resume)
+    except (ValueError, FileNotFoundError, LockHeld) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    result = run(prepared, resume=args.resume)
+    except (OSError, FloatingPointError) as exc:  # e.g. a full disk: last.pt holds the last epoch saved
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     final = result.final
     print(
         f"{spec.run_dir}: {len(result.history)} epochs, final top-1 {final.get('top1', float('nan')):.2f}%, "

@@ -12,11 +12,12 @@ only other randomness (drop path) comes from the saved generator state.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from .augment import AugmentConfig, PairedMix
 from .data import DatasetWithIDs, EpochShuffleSampler
 from .distill import DistillationLoss, Teacher
 from .utils import (
+    FileLock,
     all_reduce_sum,
     atomic_write_text,
     init_distributed,
@@ -103,7 +105,9 @@ class TrainConfig:
             "checkpoint_every": self.checkpoint_every >= 0,
             "amp_dtype": self.amp_dtype in ("bfloat16", "float16"),
         }
+        floats = ("lr", "min_lr", "warmup_epochs", "weight_decay", "clip_grad", "distill_temp")
         bad = [name for name, ok in checks.items() if not ok]
+        bad += [name for name in floats if name not in bad and not math.isfinite(getattr(self, name))]
         if bad:
             raise ValueError("invalid training config: " + ", ".join(f"{n}={getattr(self, n)}" for n in bad))
 
@@ -321,37 +325,72 @@ def train(
             resume without a readable checkpoint or with a different config.
         FloatingPointError: the loss became NaN or infinite (the message names the step; the
             last good checkpoint stays in place).
+        LockHeld: another process is training in `run_dir` (one writer per run).
+        OSError: a checkpoint could not be written (e.g. a full disk); no temporary file is left
+            and log.jsonl has no record of the epoch that was not saved.
     """
     if config.distill_alpha > 0 and teacher is None:
         raise ValueError(f"distill_alpha={config.distill_alpha} needs a teacher (an online model or a logit store)")
     run_dir = Path(run_dir)
     parts = _build(model, train_set, config, teacher)
-    if resume:
-        state = _restore(parts, config, run_dir / "last.pt")
-        # the checkpoint's history is the truth: drop log records of epochs it did not save
-        _write_on_main(run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
-    else:
-        state = TrainState()
-        _start_run_dir(run_dir, config, model_config, train_set, parts.world)
-    saver = CheckpointSaver(parts, config, model_config, run_dir)
-    while state.epoch < config.epochs:
-        record = train_one_epoch(parts, state, train_set, config, saver=saver, progress=progress)
-        if val_set is not None:
-            metrics = evaluate(
-                model,
-                val_set,
-                device=parts.device,
-                batch_size=max(config.batch_size, 256),
-                amp=parts.amp,
-                amp_dtype=parts.amp_dtype,
-            )
-            record.update(val_loss=metrics["loss"], top1=metrics["top1"], top5=metrics["top5"])
-        _end_epoch(state, record, saver)
-        if on_epoch is not None and is_main_process():
-            on_epoch(record)
+    with _one_writer(run_dir):
+        state = _open_run_dir(run_dir, parts, config, model_config, train_set, resume=resume)
+        saver = CheckpointSaver(parts, config, model_config, run_dir)
+        while state.epoch < config.epochs:
+            record = train_one_epoch(parts, state, train_set, config, saver=saver, progress=progress)
+            if val_set is not None:
+                metrics = evaluate(
+                    model,
+                    val_set,
+                    device=parts.device,
+                    batch_size=max(config.batch_size, 256),
+                    amp=parts.amp,
+                    amp_dtype=parts.amp_dtype,
+                )
+                record.update(val_loss=metrics["loss"], top1=metrics["top1"], top5=metrics["top5"])
+            _end_epoch(state, record, saver)
+            if on_epoch is not None and is_main_process():
+                on_epoch(record)
     if parts.world > 1:
         dist.barrier()
     return TrainResult(run_dir=run_dir, history=state.history, best_top1=state.best_top1)
+
+
+@contextlib.contextmanager
+def _one_writer(run_dir: Path) -> Iterator[None]:
+    """Hold the run folder's lock on the main process (the one that writes), for the whole run.
+
+    Raises:
+        LockHeld: another process is training this run (the message names it).
+    """
+    if not is_main_process():
+        yield
+        return
+    with FileLock(run_dir / ".lock", what=f"run {run_dir}"):
+        yield
+
+
+def _open_run_dir(
+    run_dir: Path,
+    parts: TrainParts,
+    config: TrainConfig,
+    model_config: dict | None,
+    train_set: DatasetWithIDs,
+    *,
+    resume: bool,
+) -> TrainState:
+    """A resumed run: restore last.pt and cut the log back to the epochs it saved. A new run: its
+    folder, an empty log and config.json (what was asked for, and on what data)."""
+    if resume:
+        state = _restore(parts, config, run_dir / "last.pt")
+        _write_on_main(run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
+        return state
+    description = dict(
+        train=asdict(config), model=model_config, train_set=train_set.fingerprint(), world_size=parts.world
+    )
+    _write_on_main(run_dir / "log.jsonl", "")
+    _write_on_main(run_dir / "config.json", json.dumps(description, indent=2) + "\n")
+    return TrainState()
 
 
 def _build(model: nn.Module, train_set: DatasetWithIDs, config: TrainConfig, teacher: Teacher | None) -> TrainParts:
@@ -373,6 +412,42 @@ def _build(model: nn.Module, train_set: DatasetWithIDs, config: TrainConfig, tea
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
+    sampler, loader, steps_per_epoch = _training_loader(train_set, config, device, rank=rank, world=world)
+    schedule = CosineSchedule(
+        optimizer,
+        lr=config.lr,
+        min_lr=config.min_lr,
+        warmup_steps=round(config.warmup_epochs * steps_per_epoch),
+        total_steps=config.epochs * steps_per_epoch,
+    )
+    return TrainParts(
+        model=model,
+        forward_model=_forward_model(model, config, device, world=world),
+        optimizer=optimizer,
+        schedule=schedule,
+        scaler=torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16),
+        criterion=DistillationLoss(config.distill_alpha, config.distill_temp, config.label_smoothing),
+        mixer=PairedMix(train_set.num_classes, _augment_config(train_set)) if config.mix else None,
+        teacher=teacher if config.distill_alpha > 0 else None,
+        sampler=sampler,
+        loader=loader,
+        steps_per_epoch=steps_per_epoch,
+        device=device,
+        amp=amp,
+        amp_dtype=amp_dtype,
+        clip_grad=config.clip_grad,
+        world=world,
+    )
+
+
+def _training_loader(
+    train_set: DatasetWithIDs, config: TrainConfig, device: torch.device, *, rank: int, world: int
+) -> tuple[EpochShuffleSampler, DataLoader, int]:
+    """This process's share of the training data, in the epoch's order: (sampler, loader, steps per epoch).
+
+    Raises:
+        ValueError: the global batch is larger than the training set.
+    """
     sampler = EpochShuffleSampler(train_set, rank=rank, world_size=world)
     # The loader gets its own generator: creating an iterator must not draw from the global RNG,
     # whose saved state is what makes a resumed run exact (augmentations are seeded per sample).
@@ -391,38 +466,14 @@ def _build(model: nn.Module, train_set: DatasetWithIDs, config: TrainConfig, tea
         raise ValueError(
             f"batch_size={config.batch_size} x {world} process(es) is larger than the {len(train_set)} training samples"
         )
-    schedule = CosineSchedule(
-        optimizer,
-        lr=config.lr,
-        min_lr=config.min_lr,
-        warmup_steps=round(config.warmup_epochs * steps_per_epoch),
-        total_steps=config.epochs * steps_per_epoch,
-    )
-    forward_model = model
+    return sampler, loader, steps_per_epoch
+
+
+def _forward_model(model: nn.Module, config: TrainConfig, device: torch.device, *, world: int) -> nn.Module:
+    """What the training step calls: the model, wrapped by DDP over `world` processes and/or torch.compile."""
     if world > 1:
-        forward_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    if config.compile:
-        forward_model = torch.compile(forward_model)
-    return TrainParts(
-        model=model,
-        forward_model=forward_model,
-        optimizer=optimizer,
-        schedule=schedule,
-        scaler=torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16),
-        criterion=DistillationLoss(config.distill_alpha, config.distill_temp, config.label_smoothing),
-        mixer=PairedMix(train_set.num_classes, _augment_config(train_set)) if config.mix else None,
-        teacher=teacher if config.distill_alpha > 0 else None,
-        sampler=sampler,
-        loader=loader,
-        steps_per_epoch=steps_per_epoch,
-        device=device,
-        amp=amp,
-        amp_dtype=amp_dtype,
-        clip_grad=config.clip_grad,
-        world=world,
-    )
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(model) if config.compile else model
 
 
 def train_one_epoch(
@@ -578,15 +629,6 @@ def _end_epoch(state: TrainState, record: dict, saver: CheckpointSaver) -> None:
     if is_main_process():
         with open(saver.run_dir / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-
-
-def _start_run_dir(
-    run_dir: Path, config: TrainConfig, model_config: dict | None, train_set: DatasetWithIDs, world: int
-) -> None:
-    """A new run: its folder, an empty log and config.json (what was asked for, and on what data)."""
-    description = dict(train=asdict(config), model=model_config, train_set=train_set.fingerprint(), world_size=world)
-    _write_on_main(run_dir / "log.jsonl", "")
-    _write_on_main(run_dir / "config.json", json.dumps(description, indent=2) + "\n")
 
 
 def _restore(parts: TrainParts, config: TrainConfig, path: Path) -> TrainState:

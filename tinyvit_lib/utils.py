@@ -8,6 +8,7 @@ This is the bottom floor of the package: it imports nothing from `tinyvit_lib`.
 from __future__ import annotations
 
 import fcntl
+import io
 import os
 import pickle
 import socket
@@ -25,6 +26,7 @@ __all__ = [
     "all_reduce_sum",
     "atomic_write",
     "atomic_write_text",
+    "check_writable_folder",
     "init_distributed",
     "is_main_process",
     "progress",
@@ -69,9 +71,32 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
+def check_writable_folder(path: str | Path, *, what: str) -> None:
+    """Check, writing nothing, that folder `path` exists or can be created, and can be written in.
+
+    Raises:
+        ValueError: `path`, or the nearest of its parents that exists, is a file, or is on a
+            read-only file system or not writable by this user (the message names `what` and both paths).
+    """
+    path = Path(path).absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what} {path} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path} cannot be written: {existing} is read-only (file system or permissions)")
+
+
 def save_checkpoint(obj: dict, path: str | Path) -> Path:
-    """`torch.save(obj)` to `path`, atomically (see `atomic_write`)."""
-    return atomic_write(path, lambda f: torch.save(obj, f))
+    """`torch.save(obj)` to `path`, atomically (see `atomic_write`).
+
+    The checkpoint is serialised in memory first: torch.save streaming into a file that hits a full
+    disk reports a confusing RuntimeError, while a plain write raises OSError (ENOSPC) naming the cause.
+    """
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def load_checkpoint(path: str | Path) -> Any:

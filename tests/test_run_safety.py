@@ -1,0 +1,114 @@
+"""One writer per run, a resume that continues only the same run, and one line (never a traceback)
+when the training CLI cannot go on: bad floats, an output folder it cannot write, a full disk."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from test_cli import TRAIN, assert_refused, run_cases
+
+from tinyvit_lib import tinyvit_5m
+from tinyvit_lib.model import load_pretrained
+
+TINY_RUN = ["--dataset", "synthetic", "--max-per-class", "2", "--max-val-per-class", "2", "--batch-size", "8"]
+
+
+def train_cli(*argv: str, cwd: Path) -> subprocess.Popen:
+    env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", TRAIN, *argv], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+
+
+@contextmanager
+def tmpfs(path: Path, *options: str):
+    """A small tmpfs at `path` (root on Linux only; the test is skipped elsewhere)."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs", str(path)],
+                             capture_output=True)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def test_a_second_process_training_the_same_run_is_refused(tmp_path):
+    args = [*TINY_RUN, "--max-per-class", "40", "--epochs", "50", "--output-dir", "runs", "--name", "x"]
+    first = train_cli(*args, cwd=tmp_path)
+    lock = tmp_path / "runs" / "x" / ".lock"
+    deadline = time.time() + 120
+    while f"process {first.pid} " not in (lock.read_text() if lock.exists() else "") and time.time() < deadline:
+        assert first.poll() is None, first.communicate()
+        time.sleep(0.05)
+    log_before = (tmp_path / "runs" / "x" / "log.jsonl").read_text()
+    second = train_cli(*args, cwd=tmp_path)
+    _, err = second.communicate(timeout=300)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert second.returncode == 2 and f"in use by process {first.pid}" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert (tmp_path / "runs" / "x" / "log.jsonl").read_text().startswith(log_before)  # not truncated
+
+
+def test_resume_refuses_another_run_naming_the_fields_and_changes_nothing(tmp_path):
+    common = [*TINY_RUN, "--epochs", "1", "--output-dir", str(tmp_path / "runs"), "--name", "r"]
+    (done,) = run_cases([common], tmp_path)
+    assert done[0] == 0, done
+    run_dir = tmp_path / "runs" / "r"
+    files = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    cases = {
+        "max_per_class: run 2, asked 1": ["--max-per-class", "1"],
+        "train.lr: run 0.001, asked 0.002": ["--lr", "0.002"],
+        "model: run 'tinyvit_5m', asked 'tinyvit_11m'": ["--model", "tinyvit_11m"],
+    }
+    results = run_cases([[*common, "--resume", *argv] for argv in cases.values()], tmp_path)
+    for message, result in zip(cases, results):
+        assert_refused(result, message)
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == files
+
+    last = run_dir / "last.pt"
+    last.write_bytes(files["last.pt"][: len(files["last.pt"]) // 2])
+    (truncated,) = run_cases([[*common, "--resume"]], tmp_path)
+    assert_refused(truncated, f"cannot read checkpoint {last}")
+
+
+def test_infinite_floats_are_refused(tmp_path):
+    common = [*TINY_RUN, "--output-dir", str(tmp_path / "runs"), "--name", "x"]
+    distill = ["--use-distillation", "--teacher-model", "resnet18"]
+    results = run_cases([[*common, "--lr", "inf"], [*common, *distill, "--distill-temp", "inf"]], tmp_path)
+    assert_refused(results[0], "lr=inf")
+    assert_refused(results[1], "distill_temp=inf")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    (result,) = run_cases([[*TINY_RUN, "--output-dir", str(tmp_path / "a_file" / "runs"), "--name", "x"]], tmp_path)
+    assert_refused(result, "is a file, not a folder")
+    with tmpfs(tmp_path / "ro", "ro", "size=64k") as read_only:
+        (result,) = run_cases([[*TINY_RUN, "--output-dir", str(read_only / "runs"), "--name", "x"]], tmp_path)
+        assert_refused(result, "is read-only")
+
+
+def test_a_full_disk_stops_with_one_line_and_leaves_no_temporary_file(tmp_path):
+    with tmpfs(tmp_path / "small", "size=256k") as small:
+        (result,) = run_cases([[*TINY_RUN, "--epochs", "1", "--output-dir", str(small), "--name", "x"]], tmp_path)
+        code, _, err = result
+        assert code == 1 and "No space left on device" in err and len(err.strip().splitlines()) == 1, err
+        run_dir = small / "x"
+        assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "config.json", "log.jsonl"]
+        assert (run_dir / "log.jsonl").read_text() == ""  # no record of the epoch whose checkpoint failed
+
+
+def test_load_pretrained_refuses_a_file_that_is_not_a_state_dict(tmp_path):
+    path = tmp_path / "list.pt"
+    torch.save([torch.zeros(1)], path)
+    with pytest.raises(ValueError, match=r"list.pt holds a list, not a state dict of tensors"):
+        load_pretrained(tinyvit_5m(), path)
