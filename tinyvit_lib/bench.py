@@ -300,47 +300,17 @@ def distill_section(*, device, warmup: int, repeats: int, batch: int = 128, samp
     """
     dataset = get_dataset("synthetic", split="train", num_samples=samples, in_chans=3)
     teacher = build_model("resnet18", num_classes=10, img_size=32).to(device).eval()
-    teacher_batch = torch.stack([dataset[i][0] for i in range(min(256, samples))]).to(device)  # (256, 3, 32, 32)
-
-    def teacher_step() -> None:
-        with torch.no_grad():
-            teacher(teacher_batch)
-
-    for _ in range(max(warmup, 1)):
-        teacher_step()
-    bare = [_timed(teacher_step, device)[0] for _ in range(repeats)]
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        precompute(teacher, dataset, Path(tmp) / "store", k=10, batch_size=256, device=device, progress=False)
-        precompute_s = time.perf_counter() - t0
-        bare += [_timed(teacher_step, device)[0] for _ in range(repeats)]
-        teacher_infer = len(teacher_batch) / statistics.median(bare)
-
-        stored = StoredTeacher.open(Path(tmp) / "store", dataset)
-        online = OnlineTeacher(teacher).to(device)
-        images = torch.stack([dataset[i][0] for i in range(batch)]).to(device)
-        labels = torch.tensor([dataset.targets[i] for i in range(batch)], device=device)
-        ids = torch.arange(batch)
-        student = tinyvit_5m(img_size=32, num_classes=10).to(device).train()
-        optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
-        ce, kd = DistillationLoss(alpha=0.0), DistillationLoss(alpha=0.5, temperature=1.0)
-
-        def step(source) -> Callable[[], None]:
-            def run() -> None:
-                probs = None if source is None else source.probs(images, ids, 0, 1.0)
-                loss = (ce if source is None else kd)(student(images), labels, teacher_probs=probs)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-
-            return run
-
-        times, _, contended = time_in_turns(
-            {"cross-entropy": step(None), "from store": step(stored), "online teacher": step(online)},
-            warmup=warmup,
-            repeats=repeats,
-            device=device,
+        store = Path(tmp) / "store"
+        precompute_s, teacher_infer = _precompute_and_bare_inference(
+            teacher, dataset, store, device=device, warmup=warmup, repeats=repeats
         )
+        sources = {
+            "cross-entropy": None,
+            "from store": StoredTeacher.open(store, dataset),
+            "online teacher": OnlineTeacher(teacher).to(device),
+        }
+        times, contended = _distill_steps(sources, dataset, device=device, warmup=warmup, repeats=repeats, batch=batch)
     result = dict(
         step_s=times,
         store_vs_ce=times["from store"] / times["cross-entropy"],
@@ -361,6 +331,53 @@ def distill_section(*, device, warmup: int, repeats: int, batch: int = 128, samp
         f"including data loading and writing"
     )
     return result
+
+
+def _precompute_and_bare_inference(
+    teacher: nn.Module, dataset, store: Path, *, device, warmup: int, repeats: int
+) -> tuple[float, float]:
+    """(seconds of a whole precompute into `store`, the teacher's bare images/s on batches of 256)."""
+    teacher_batch = torch.stack([dataset[i][0] for i in range(min(256, len(dataset)))]).to(device)  # (256, 3, 32, 32)
+
+    def teacher_step() -> None:
+        with torch.no_grad():
+            teacher(teacher_batch)
+
+    for _ in range(max(warmup, 1)):
+        teacher_step()
+    bare = [_timed(teacher_step, device)[0] for _ in range(repeats)]
+    t0 = time.perf_counter()
+    precompute(teacher, dataset, store, k=10, batch_size=256, device=device, progress=False)
+    precompute_s = time.perf_counter() - t0
+    bare += [_timed(teacher_step, device)[0] for _ in range(repeats)]
+    return precompute_s, len(teacher_batch) / statistics.median(bare)
+
+
+def _distill_steps(
+    sources: dict, dataset, *, device, warmup: int, repeats: int, batch: int
+) -> tuple[dict[str, float], int]:
+    """Seconds per TinyViT-5M training step with each teacher source (None: labels only), timed in
+    turns; and how many contended samples were retimed."""
+    images = torch.stack([dataset[i][0] for i in range(batch)]).to(device)
+    labels = torch.tensor([dataset.targets[i] for i in range(batch)], device=device)
+    ids = torch.arange(batch)
+    student = tinyvit_5m(img_size=32, num_classes=10).to(device).train()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    ce, kd = DistillationLoss(alpha=0.0), DistillationLoss(alpha=0.5, temperature=1.0)
+
+    def step(source) -> Callable[[], None]:
+        def run() -> None:
+            probs = None if source is None else source.probs(images, ids, 0, 1.0)
+            loss = (ce if source is None else kd)(student(images), labels, teacher_probs=probs)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        return run
+
+    steps = {name: step(source) for name, source in sources.items()}
+    times, _, contended = time_in_turns(steps, warmup=warmup, repeats=repeats, device=device)
+    return times, contended
 
 
 # ----------------------------------------------------------------------------- report
@@ -397,7 +414,7 @@ def ours_vs_timm_eager(rows: list[dict]) -> dict[str, dict[str, dict[str, float]
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m tinyvit_lib.bench",
         description=__doc__.split("\n\n")[0],
@@ -418,7 +435,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--system-malloc", action="store_true", help="leave glibc's allocator at its defaults")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
-    args = p.parse_args(argv)
+    return p
+
+
+def model_sections(
+    timm, sections: list[str], policies: list[str], *, device, warmup: int, repeats: int, batch: int | None
+) -> list[dict]:
+    """One row per (section, policy): ours against timm, printed as it is measured."""
+    sections = [s for s in SECTIONS if s in sections]
+    if sections:
+        print(
+            f"images/s, median of {repeats} timed samples (>= {SAMPLE_S} s each) after {warmup} warm-up steps; "
+            "ratios are ours over timm under the same policy\n" + HEADER,
+            flush=True,
+        )
+    rows = []
+    for section in sections:
+        for name in policies:
+            rows.append(
+                measure(timm, section, POLICIES[name], device=device, warmup=warmup, repeats=repeats, batch=batch)
+            )
+            print(format_row(rows[-1]), flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     sections = [s for s in args.sections.split(",") if s]
     policies = [s for s in args.policies.split(",") if s]
     unknown = sorted(set(sections) - {*SECTIONS, "distill"}) + sorted(set(policies) - set(POLICIES))
@@ -442,24 +484,11 @@ def main(argv: list[str] | None = None) -> int:
         f"timm {info['timm']}, device {device}, glibc keeps freed memory: {info['malloc_keeps_freed_memory']}"
     )
     results: dict = dict(
-        machine=info,
-        device=str(device),
-        quick=args.quick,
-        policies={name: asdict(POLICIES[name]) for name in policies},
-        models=[],
+        machine=info, device=str(device), quick=args.quick, policies={name: asdict(POLICIES[name]) for name in policies}
     )
-    model_sections = [s for s in SECTIONS if s in sections]
-    if model_sections:
-        print(
-            f"images/s, median of {repeats} timed samples (>= {SAMPLE_S} s each) after {warmup} warm-up steps; "
-            "ratios are ours over timm under the same policy\n" + HEADER,
-            flush=True,
-        )
-    for section in model_sections:
-        for name in policies:
-            row = measure(timm, section, POLICIES[name], device=device, warmup=warmup, repeats=repeats, batch=batch)
-            results["models"].append(row)
-            print(format_row(row), flush=True)
+    results["models"] = model_sections(
+        timm, sections, policies, device=device, warmup=warmup, repeats=repeats, batch=batch
+    )
     results["ours_vs_timm_eager"] = ours_vs_timm_eager(results["models"])
     for section, by_policy in results["ours_vs_timm_eager"].items():
         for name, ratios in by_policy.items():
