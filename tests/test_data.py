@@ -3,6 +3,7 @@ an ImageFolder tree of PNGs), and on Debian's Fashion-MNIST when it is installed
 
 import gzip
 import pickle
+import shutil
 import struct
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from tinyvit_lib import (
     get_imagenet_subset_loaders,
     make_loaders,
 )
+from tinyvit_lib.model import stage_resolutions
 
 FASHION_TRAIN, FASHION_TEST = 12, 6
 
@@ -42,10 +44,10 @@ def no_debian(monkeypatch, tmp_path):
     monkeypatch.setattr(data.tv_datasets.FashionMNIST, "download", offline)
 
 
-@pytest.fixture
-def fashion_root(tmp_path, no_debian):
+def write_fashion_mnist(root: Path) -> Path:
+    """A small Fashion-MNIST copy in the official IDX .gz format in `root` (12 train, 6 test images,
+    two of them identical). Returns `root`."""
     rng = np.random.default_rng(0)
-    root = tmp_path / "fashion"
     root.mkdir()
     for prefix, count in (("train", FASHION_TRAIN), ("t10k", FASHION_TEST)):
         images = rng.integers(0, 256, (count, 28, 28))
@@ -53,6 +55,11 @@ def fashion_root(tmp_path, no_debian):
         _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
         _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(count) % 10)
     return root
+
+
+@pytest.fixture
+def fashion_root(tmp_path, no_debian):
+    return write_fashion_mnist(tmp_path / "fashion")
 
 
 def write_cifar100(root: Path) -> Path:
@@ -190,6 +197,26 @@ def test_missing_fashion_mnist_says_both_ways(tmp_path, no_debian):
         assert "download=True" in str(error.value) and "empty" in str(error.value)
 
 
+def test_a_given_fashion_mnist_root_without_the_files_is_an_error_never_another_copy(tmp_path, monkeypatch, no_debian):
+    monkeypatch.setattr(data, "FASHION_MNIST_DEBIAN_DIR", write_fashion_mnist(tmp_path / "debian"))
+    assert len(get_dataset("fashion-mnist", download=False)) == FASHION_TRAIN  # no root: Debian's copy
+    a_file, empty = tmp_path / "a_file", tmp_path / "empty"
+    a_file.write_text("not a folder")
+    empty.mkdir()
+    for root, download, says in (
+        (tmp_path / "nope", True, "does not exist"),
+        (a_file, True, "is not a folder"),
+        (empty, False, "not found in"),
+        (empty, True, "the download into"),  # an existing folder is a download target; the tests are offline
+    ):
+        with pytest.raises(FileNotFoundError) as error:
+            get_dataset("fashion-mnist", root, download=download)
+        message = str(error.value)
+        assert str(root) in message and says in message, message
+        assert "train-images-idx3-ubyte" in message and "train-labels-idx1-ubyte" in message
+    assert not (tmp_path / "nope").exists() and list(empty.iterdir()) == []  # nothing written
+
+
 def test_corrupt_idx_file_is_named(fashion_root):
     (fashion_root / "train-images-idx3-ubyte.gz").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz"):
@@ -288,6 +315,87 @@ def test_image_folder_bad_input(folder_root, tmp_path):
         get_dataset("imagenet", None)
 
 
+def test_image_folder_links_are_followed_except_loops_and_no_image_counts_twice(folder_root, tmp_path):
+    train = folder_root / "train"
+    before = get_dataset("imagenet", folder_root)
+    (train / "cat" / "loop").symlink_to(".")  # a loop: its images used to be counted over and over
+    (train / "bee" / "up").symlink_to("..")  # a loop through the split folder
+    (train / "bee" / "self").symlink_to("self")  # a link that leads nowhere (ELOOP): not a folder, not an image
+    looped = get_dataset("imagenet", folder_root)
+    assert (looped.ids, looped.targets, looped.fingerprint()) == (before.ids, before.targets, before.fingerprint())
+    more_ants = tmp_path / "more_ants"  # a link to a folder elsewhere is followed
+    more_ants.mkdir()
+    shutil.copy(train / "ant" / "img0.png", more_ants / "extra.png")
+    (train / "ant" / "more").symlink_to(more_ants)
+    linked = get_dataset("imagenet", folder_root)
+    assert len(linked) == 13 and linked.targets[linked.ids.index("train/ant/more/extra.png")] == 0
+    for link, target, first in (
+        (train / "ant" / "bees", "../bee", train / "bee"),  # another class's folder: its images labelled "ant"
+        (train / "ant" / "stolen.png", "../cat/img0.png", train / "cat" / "img0.png"),  # another class's image
+        (train / "cat" / "ants.png", more_ants / "extra.png", train / "ant" / "more" / "extra.png"),  # reached twice
+        (train / "dog", more_ants, train / "ant" / "more"),  # two class folders leading to one place
+    ):
+        link.symlink_to(target)
+        with pytest.raises(ValueError, match="counted twice") as error:
+            get_dataset("imagenet", folder_root)
+        assert str(link) in str(error.value) and str(first) in str(error.value), str(error.value)
+        link.unlink()
+
+
+def test_class_folders_may_be_links(folder_root, tmp_path):
+    farm = tmp_path / "farm"
+    for split in ("train", "val"):
+        (farm / split).mkdir(parents=True)
+        for name in ("ant", "bee", "cat"):
+            (farm / split / name).symlink_to(folder_root / split / name)
+    for split in ("train", "val"):
+        real, linked = get_dataset("imagenet", folder_root, split), get_dataset("imagenet", farm, split)
+        assert (linked.ids, linked.targets) == (real.ids, real.targets)
+        assert torch.equal(linked.load_image(3), real.load_image(3))
+
+
+def test_val_class_folders_must_match_train(folder_root):
+    shutil.rmtree(folder_root / "val" / "bee")  # labels of cat in val would become bee's
+    for name, options in (("imagenet", {}), ("imagenet-subset", dict(num_classes=2, max_per_class=1))):
+        with pytest.raises(ValueError, match="missing from val: bee; extra in val: none"):
+            get_dataset(name, folder_root, "val", **options)
+    (folder_root / "val" / "bee").mkdir()
+    shutil.copy(folder_root / "train" / "bee" / "img0.png", folder_root / "val" / "bee")
+    (folder_root / "val" / "dog").mkdir()  # would fail with an IndexError after a whole epoch
+    shutil.copy(folder_root / "train" / "bee" / "img0.png", folder_root / "val" / "dog")
+    with pytest.raises(ValueError, match="missing from val: none; extra in val: dog"):
+        get_dataset("imagenet", folder_root, "test")
+    assert len(get_dataset("imagenet", folder_root, "train")) == 12  # the training split is not compared
+    shutil.rmtree(folder_root / "train")
+    assert get_dataset("imagenet", folder_root, "val").classes == ["ant", "bee", "cat", "dog"]  # nothing to compare
+
+
+def test_undecodable_images_are_named_when_the_dataset_is_built(folder_root):
+    train = folder_root / "train"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(train / "ant" / "photo.jpg")  # a real JPEG passes
+    (train / "bee" / "empty.png").write_bytes(b"")
+    (train / "cat" / "text.png").write_text("not an image")
+    (train / "cat" / "gone.png").symlink_to("nowhere.png")
+    with pytest.raises(ValueError, match=r"3 of 16 image files") as error:
+        get_dataset("imagenet", folder_root)
+    message = str(error.value)
+    assert "train/bee/empty.png (empty file)" in message and "train/cat/text.png (not a JPEG" in message
+    assert "train/cat/gone.png (cannot be read: No such file" in message
+    assert len(get_dataset("imagenet", folder_root, check_images="off")) == 16
+    for bad in (train / "bee" / "empty.png", train / "cat" / "text.png", train / "cat" / "gone.png"):
+        bad.unlink()
+    (train / "cat" / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"cut short")  # a valid header only
+    assert len(get_dataset("imagenet", folder_root)) == 14
+    with pytest.raises(ValueError, match=r"1 of 14 .*train/cat/cut\.png"):
+        get_dataset("imagenet", folder_root, check_images="decode")
+    for i in range(12):
+        (folder_root / "val" / "ant" / f"bad{i:02d}.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"val/ant/bad09\.png \(empty file\) and 2 more"):
+        get_dataset("imagenet", folder_root, "val")
+    with pytest.raises(ValueError, match="check_images='fast'"):
+        get_dataset("imagenet", folder_root, check_images="fast")
+
+
 # ----------------------------------------------------------------------------- names, synthetic, loaders
 
 
@@ -304,6 +412,19 @@ def test_image_folder_bad_input(folder_root, tmp_path):
 def test_bad_names_and_options(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("img_size", [0, data.MIN_IMG_SIZE - 1, data.MAX_IMG_SIZE + 1, 10_000])
+def test_img_size_outside_the_supported_range_is_refused(img_size):
+    with pytest.raises(ValueError, match=rf"img_size={img_size} is outside \[16, 1024\]"):
+        get_dataset("synthetic", img_size=img_size, num_samples=2)
+
+
+def test_img_size_bounds_are_taken_and_the_minimum_follows_the_model():
+    for img_size in (data.MIN_IMG_SIZE, data.MAX_IMG_SIZE):
+        assert get_dataset("synthetic", img_size=img_size, num_samples=1)[0][0].shape == (3, img_size, img_size)
+    # The first attention stage still sees 2x2 tokens at the minimum; at half of it, a single one.
+    assert stage_resolutions(data.MIN_IMG_SIZE)[1] == 2 and stage_resolutions(data.MIN_IMG_SIZE // 2)[1] == 1
 
 
 def test_synthetic_is_fixed_and_learnable():

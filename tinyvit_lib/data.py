@@ -16,6 +16,16 @@ the content. IDs are positions or paths, so they are unique even where images ar
 
 Augmentation seeds come from the string ID (`augment.sample_seed(base_seed, epoch, ids[i])`), so a
 sample gets the same view whether it is read from the full dataset or from a subset.
+
+Where the data lives (`get_dataset`'s `root`):
+
+    fashion-mnist        a given root is the only place looked in: the IDX files in it or in
+                         root/FashionMNIST/raw; it must be an existing folder, downloads go there.
+                         No root: Debian's FASHION_MNIST_DEBIAN_DIR, else a download into DEFAULT_ROOT
+    cifar100             root/cifar-100-python, downloaded there (root defaults to DEFAULT_ROOT)
+    imagenet(-subset)    root/train/<class>/... and root/val/<class>/... with the same class folders
+                         (root required); links are followed except into a folder that contains
+                         them (a loop), and an image reached by two paths is refused (`_scan_folder`)
 """
 
 from __future__ import annotations
@@ -50,6 +60,9 @@ __all__ = [
     "make_loaders",
     "FASHION_MNIST_DEBIAN_DIR",
     "DEFAULT_ROOT",
+    "MIN_IMG_SIZE",
+    "MAX_IMG_SIZE",
+    "CHECK_IMAGES",
     # compatibility: the original plan's loaders (see the end of the file)
     "get_CIFAR_100",
     "get_ImageNet1K",
@@ -60,6 +73,14 @@ Transform = Callable[[torch.Tensor, int], torch.Tensor]  # (uint8 image (C, H, W
 
 FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 DEFAULT_ROOT = Path.home() / ".cache" / "tinyvit_lib"  # where downloads go when no root is given
+# TinyViT's stem and three patch merges shrink the side 32x (224 -> stage maps 56, 28, 14, 7). 16 is the
+# smallest power of two at which its first attention stage still mixes more than one token (maps 4, 2,
+# 1, 1; at 8 they are 2, 1, 1, 1), and it admits Fashion-MNIST's own 28.
+MIN_IMG_SIZE = 16
+# The paper's largest is 512. At 1024 one float32 batch of 128 RGB images takes 1.6 GB; at 10,000 it
+# would take 154 GB before the model runs: refused before anything is allocated.
+MAX_IMG_SIZE = 1024
+CHECK_IMAGES = ("header", "decode", "off")  # get_dataset's check of image files, from cheap to none
 
 
 @dataclass(frozen=True)
@@ -86,6 +107,19 @@ DATASETS = tuple(_FACTS)
 _SPLIT_ALIASES = {"val": "test", "test": "val"}  # the held-out split answers to either name
 _FASHION_MNIST_PREFIX = {"train": "train", "test": "t10k"}
 _SYNTHETIC_SEED = 20220725  # fixed: the synthetic dataset is the same everywhere
+_FOLDER_DATASETS = ("imagenet", "imagenet-subset")
+_MAX_NAMED = 10  # names listed in one error message before "and N more"
+# How the files of each format Pillow decodes among torchvision's IMG_EXTENSIONS begin, as Pillow's own
+# `_accept` tests them (plus GIF: Pillow decodes it under any file name). WebP is matched apart.
+_IMAGE_MAGIC = {
+    "JPEG": (b"\xff\xd8\xff",),
+    "PNG": (b"\x89PNG\r\n\x1a\n",),
+    "GIF": (b"GIF87a", b"GIF89a"),
+    "BMP": (b"BM",),
+    "TIFF": (b"MM\x00*", b"II*\x00", b"MM*\x00", b"II\x00*", b"MM\x00+", b"II+\x00"),
+    "PPM/PGM": tuple(b"P" + bytes([kind]) for kind in b"0123456fy"),
+}
+_IMAGE_PREFIXES = tuple(prefix for prefixes in _IMAGE_MAGIC.values() for prefix in prefixes)
 
 
 class DatasetWithIDs(Dataset):
@@ -288,14 +322,7 @@ class FolderDatasetWithIDs(DatasetWithIDs):
             FileNotFoundError: the file is gone.
             ValueError: the file cannot be decoded; the message names it.
         """
-        path = self.root / self.ids[index]
-        try:
-            with Image.open(path) as image:
-                pixels = np.asarray(image.convert("RGB"))  # (H, W, 3)
-        except FileNotFoundError:
-            raise
-        except (OSError, ValueError, Image.DecompressionBombError) as error:  # UnidentifiedImageError is an OSError
-            raise ValueError(f"cannot decode image file {path}: {error}") from error
+        pixels = _read_rgb(self.root / self.ids[index])  # (H, W, 3)
         return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
     def _hash_content(self, digest: hashlib._Hash) -> None:
@@ -364,17 +391,18 @@ def get_dataset(
     num_classes: int | None = None,
     max_per_class: int | None = None,
     num_samples: int | None = None,
+    check_images: str = "header",
 ) -> DatasetWithIDs:
-    """Build one split of one of the course's datasets (`DATASETS`).
+    """Build one split of one of the course's datasets (`DATASETS`). Arguments are checked, and image
+    folders scanned, before anything is allocated; nothing is written except by a download.
 
     Args:
         name: "fashion-mnist", "cifar100", "imagenet", "imagenet-subset" or "synthetic".
-        root: where the data lives. fashion-mnist: the IDX files in `root` or `root/FashionMNIST/raw`,
-            else Debian's `FASHION_MNIST_DEBIAN_DIR`, else a torchvision download into `root`
-            (default `DEFAULT_ROOT`). cifar100: `root/cifar-100-python` (download into `root`).
-            imagenet(-subset): `root/train/<class>/...` and `root/val/<class>/...` (required).
+        root: where the data lives (see the module docstring); fashion-mnist never looks past a given
+            root. Image folders: links are followed except into a folder that contains them (a loop);
+            an image reached by two paths is refused.
         split: "train", or the held-out split under either name, "val" or "test".
-        img_size: output resolution (default: the dataset's course default, 32 or 224).
+        img_size: output resolution in [MIN_IMG_SIZE, MAX_IMG_SIZE] (default: the dataset's, 32 or 224).
         in_chans: 1 or 3 output channels (default: the data's own); 3 on a grayscale dataset repeats it.
         augment: training augmentation (`TrainTransform`); None gives the deterministic `EvalTransform`.
             Horizontal flips are switched off where a mirror image changes the class (synthetic).
@@ -385,47 +413,57 @@ def get_dataset(
         num_classes: imagenet-subset: the first N classes in sorted order; synthetic: the class count (10).
         max_per_class: imagenet-subset: at most M images per class, in sorted file order.
         num_samples: synthetic: the number of images (default 1024 train / 256 test).
+        check_images: image folders: "header" (each file non-empty and starting like a JPEG, PNG, GIF,
+            BMP, TIFF, PPM/PGM or WebP file: a few ms per 1,000 files), "decode" (in full, slow) or "off".
 
     Raises:
-        ValueError: an unknown name or split, a bad in_chans/img_size/N/M, an option the dataset does
-            not take, both `augment` and `transform`, or cifar100 files that fail the md5 check.
-        FileNotFoundError: the data is not there (the message says how to get it), a missing root or
-            split folder, or a class folder without images.
+        ValueError: an unknown name, split or check_images, a bad in_chans/N/M, img_size outside
+            [MIN_IMG_SIZE, MAX_IMG_SIZE], an option the dataset does not take, both `augment` and
+            `transform`, cifar100 files failing the md5 check; image folders: val class folders that
+            differ from train's (names them), an image reached twice, files failing `check_images`.
+        FileNotFoundError: the data is not there (the message says how to get it), a missing root or a
+            root that is not a folder, a missing split folder, or a class folder without images.
+    """
+    facts, split, chans = _check_request(name, split, img_size=img_size, in_chans=in_chans, check_images=check_images)
+    _check_options(name, num_classes=num_classes, max_per_class=max_per_class, num_samples=num_samples)
+    transform = _pick_transform(facts, img_size, augment=augment, transform=transform)
+    common = dict(name=name, split=split, transform=transform, out_chans=chans, base_seed=base_seed)
+    if name in _FOLDER_DATASETS:
+        ids, targets, classes, root = _find_folder_samples(
+            name, root, split, num_classes=num_classes, max_per_class=max_per_class, check_images=check_images
+        )
+        return FolderDatasetWithIDs(root, ids, targets, classes=classes, **common)
+    images, targets, classes = _load_arrays(
+        name, root, split, download=download, verify=verify, num_classes=num_classes, num_samples=num_samples
+    )
+    return ArrayDatasetWithIDs(images, targets, classes=classes, **common)
+
+
+def _check_request(
+    name: str, split: str, *, img_size: int | None, in_chans: int | None, check_images: str
+) -> tuple[_Facts, str, int]:
+    """The dataset's facts, its canonical split name and its output channel count, once `get_dataset`'s
+    name, split, img_size, in_chans and check_images have been checked.
+
+    Raises:
+        ValueError: see `get_dataset`.
     """
     if name not in _FACTS:
         raise ValueError(f"unknown dataset name={name!r}; choose one of {', '.join(DATASETS)}")
     facts = _FACTS[name]
     split = _canonical_split(name, split, facts)
-    _check_options(name, num_classes=num_classes, max_per_class=max_per_class, num_samples=num_samples)
-    if augment is not None and transform is not None:
-        raise ValueError("pass either augment (a config) or transform (a callable), not both")
-    if transform is None:
-        transform = _default_transform(facts, facts.img_size if img_size is None else img_size, augment)
+    if img_size is not None and not MIN_IMG_SIZE <= img_size <= MAX_IMG_SIZE:
+        raise ValueError(
+            f"img_size={img_size} is outside [{MIN_IMG_SIZE}, {MAX_IMG_SIZE}], the sizes the course supports "
+            "(MIN_IMG_SIZE and MAX_IMG_SIZE in tinyvit_lib/data.py say why); pick one in that range"
+        )
+    if check_images not in CHECK_IMAGES:
+        raise ValueError(f"check_images={check_images!r}; choose one of {', '.join(map(repr, CHECK_IMAGES))}")
     native_chans = len(facts.mean)
     out_chans = native_chans if in_chans is None else in_chans
     if out_chans not in (native_chans, 3):
         raise ValueError(f"in_chans={in_chans} is not available for {name} (its images have {native_chans} channel(s))")
-    common = dict(name=name, split=split, transform=transform, out_chans=out_chans, base_seed=base_seed)
-
-    if name == "fashion-mnist":
-        images, targets = _load_fashion_mnist(root, split, download)
-        return ArrayDatasetWithIDs(images, targets, classes=list(tv_datasets.FashionMNIST.classes), **common)
-    if name == "cifar100":
-        cifar = _load_cifar100(root, split, download, verify)
-        images = torch.from_numpy(cifar.data).permute(0, 3, 1, 2)  # (N, 32, 32, 3) -> (N, 3, 32, 32)
-        return ArrayDatasetWithIDs(images, list(cifar.targets), classes=list(cifar.classes), **common)
-    if name == "synthetic":
-        num_samples = (1024 if split == "train" else 256) if num_samples is None else num_samples
-        num_classes = 10 if num_classes is None else num_classes
-        images, targets = _make_synthetic(split, num_samples, num_classes)
-        return ArrayDatasetWithIDs(images, targets, classes=[f"pattern {k}" for k in range(num_classes)], **common)
-    if root is None:
-        raise ValueError(f"{name} needs root, the folder holding train/ and val/")
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{name} root={str(root)!r} is not a folder")
-    ids, targets, classes = _scan_folder(root, split, num_classes, max_per_class)
-    return FolderDatasetWithIDs(root, ids, targets, classes=classes, **common)
+    return facts, split, out_chans
 
 
 def _canonical_split(name: str, split: str, facts: _Facts) -> str:
@@ -448,45 +486,98 @@ def _check_options(name: str, **options: int | None) -> None:
             raise ValueError(f"{option}={value} must be >= 1")
 
 
-def _default_transform(facts: _Facts, img_size: int, augment: AugmentConfig | None) -> Transform:
+def _pick_transform(
+    facts: _Facts, img_size: int | None, *, augment: AugmentConfig | None, transform: Transform | None
+) -> Transform:
+    """`transform`, else the dataset's evaluation or (given `augment`) training transform at `img_size`.
+
+    Raises:
+        ValueError: both `augment` and `transform`.
+    """
+    if augment is not None and transform is not None:
+        raise ValueError("pass either augment (a config) or transform (a callable), not both")
+    if transform is not None:
+        return transform
+    img_size = facts.img_size if img_size is None else img_size
     if augment is None:
         return EvalTransform(img_size, facts.mean, facts.std, crop_pct=facts.eval_crop_pct)
     config = augment if facts.hflip else replace(augment, hflip=0.0)
     return TrainTransform(img_size, facts.mean, facts.std, config=config)
 
 
+def _load_arrays(
+    name: str,
+    root: str | Path | None,
+    split: str,
+    *,
+    download: bool,
+    verify: bool,
+    num_classes: int | None,
+    num_samples: int | None,
+) -> tuple[torch.Tensor, list[int], list[str]]:
+    """(N, C, H, W) uint8 images, labels and class names of an array dataset (all but the image folders)."""
+    if name == "fashion-mnist":
+        images, targets = _load_fashion_mnist(root, split, download)
+        return images, targets, list(tv_datasets.FashionMNIST.classes)
+    if name == "cifar100":
+        cifar = _load_cifar100(root, split, download, verify)
+        images = torch.from_numpy(cifar.data).permute(0, 3, 1, 2)  # (N, 32, 32, 3) -> (N, 3, 32, 32)
+        return images, list(cifar.targets), list(cifar.classes)
+    num_samples = (1024 if split == "train" else 256) if num_samples is None else num_samples
+    num_classes = 10 if num_classes is None else num_classes
+    images, targets = _make_synthetic(split, num_samples, num_classes)
+    return images, targets, [f"pattern {k}" for k in range(num_classes)]
+
+
 # ----------------------------------------------------------------------------- Fashion-MNIST
 
 
 def _load_fashion_mnist(root: str | Path | None, split: str, download: bool) -> tuple[torch.Tensor, list[int]]:
-    """(N, 1, 28, 28) uint8 images and labels from the first place that has both files."""
+    """(N, 1, 28, 28) uint8 images and labels. A given root is the only place looked in (it and
+    `root/FashionMNIST/raw`) and the only download target: it must be an existing folder, and no other
+    copy stands in for it. Without a root: Debian's copy, else a download into `DEFAULT_ROOT`.
+
+    Raises:
+        FileNotFoundError: a root that does not exist or is not a folder; the files not found and no
+            download (not allowed, or failed). The message names the root, the files and how to get them.
+        ValueError: a file that is not an IDX file of the expected shape (names it).
+    """
     prefix = _FASHION_MNIST_PREFIX[split]
-    places = [] if root is None else [Path(root), Path(root) / "FashionMNIST" / "raw"]
-    places.append(FASHION_MNIST_DEBIAN_DIR)
-    for place in places:
-        images_file = _find_idx(place, f"{prefix}-images-idx3-ubyte")
-        labels_file = _find_idx(place, f"{prefix}-labels-idx1-ubyte")
-        if images_file and labels_file:
-            return _read_fashion_mnist(images_file, labels_file)
-    target = Path(root) if root is not None else DEFAULT_ROOT
+    stems = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
+    wanted = " and ".join(f"{stem}[.gz]" for stem in stems)
     how = (
         f"Install Debian's package (sudo apt-get install dataset-fashion-mnist, files in "
-        f"{FASHION_MNIST_DEBIAN_DIR}), or let torchvision download it: get_dataset('fashion-mnist', "
-        f"root=..., download=True) on a machine with a network"
+        f"{FASHION_MNIST_DEBIAN_DIR}) and pass no root, or let torchvision download it: get_dataset("
+        f"'fashion-mnist', root=<an existing folder>, download=True) on a machine with a network"
     )
+    if root is None:
+        places, target = [FASHION_MNIST_DEBIAN_DIR], DEFAULT_ROOT
+    else:
+        target = Path(root)
+        places = [target, target / "FashionMNIST" / "raw"]
+        if not target.is_dir():
+            state = "is not a folder" if target.exists() else "does not exist"
+            raise FileNotFoundError(f"Fashion-MNIST root={str(target)!r} {state}; it should hold {wanted}. {how}.")
+    found = _find_fashion_mnist(places, stems)
+    if found:
+        return _read_fashion_mnist(*found)
+    missing = f"Fashion-MNIST {split} files {wanted} not found in {[str(p) for p in places]}"
     if not download:
-        raise FileNotFoundError(f"Fashion-MNIST {split} files not found in {[str(p) for p in places]}. {how}.")
+        raise FileNotFoundError(f"{missing}. {how}.")
     try:
         tv_datasets.FashionMNIST(str(target), train=split == "train", download=True)
     except (RuntimeError, OSError) as error:
-        raise FileNotFoundError(
-            f"Fashion-MNIST not found in {[str(p) for p in places]} and the download into "
-            f"{target} failed ({error}). {how}."
-        ) from error
-    raw = target / "FashionMNIST" / "raw"
-    return _read_fashion_mnist(
-        _find_idx(raw, f"{prefix}-images-idx3-ubyte"), _find_idx(raw, f"{prefix}-labels-idx1-ubyte")
-    )
+        raise FileNotFoundError(f"{missing}, and the download into {target} failed ({error}). {how}.") from error
+    return _read_fashion_mnist(*_find_fashion_mnist([target / "FashionMNIST" / "raw"], stems))
+
+
+def _find_fashion_mnist(places: list[Path], stems: tuple[str, str]) -> tuple[Path, Path] | None:
+    """(images file, labels file) from the first place that holds both, gzip-compressed or not."""
+    for place in places:
+        images_file, labels_file = (_find_idx(place, stem) for stem in stems)
+        if images_file and labels_file:
+            return images_file, labels_file
+    return None
 
 
 def _find_idx(folder: Path, stem: str) -> Path | None:
@@ -576,36 +667,248 @@ def _load_cifar100(root: str | Path | None, split: str, download: bool, verify: 
 # ----------------------------------------------------------------------------- image folders
 
 
+def _find_folder_samples(
+    name: str,
+    root: str | Path | None,
+    split: str,
+    *,
+    num_classes: int | None,
+    max_per_class: int | None,
+    check_images: str,
+) -> tuple[list[str], list[int], list[str], Path]:
+    """IDs, labels, class names and root of an image-folder split, with the checks of `get_dataset`
+    done: the held-out split's class folders equal train's, no image reached twice, files checked."""
+    if root is None:
+        raise ValueError(f"{name} needs root, the folder holding train/ and val/")
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{name} root={str(root)!r} is not a folder")
+    if split != "train" and (root / "train").is_dir():
+        _check_same_classes(root / "train", root / split)
+    ids, targets, classes = _scan_folder(root, split, num_classes, max_per_class)
+    _check_image_files(root, ids, check_images)
+    return ids, targets, classes, root
+
+
+def _class_folders(split_dir: Path) -> list[str]:
+    """The names of the class folders (or links to folders) in `split_dir`, sorted.
+
+    Raises:
+        FileNotFoundError: `split_dir` is not a folder, or holds no folders.
+    """
+    if not split_dir.is_dir():
+        raise FileNotFoundError(f"no {split_dir.name} folder {split_dir}")
+    classes = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+    if not classes:
+        raise FileNotFoundError(f"{split_dir} has no class folders")
+    return classes
+
+
+def _check_same_classes(train_dir: Path, held_out_dir: Path) -> None:
+    """Raises ValueError (naming the missing and extra classes) where the two folders hold different
+    class folders: labels are positions in the sorted class list, so they would not match."""
+    train, held_out = _class_folders(train_dir), _class_folders(held_out_dir)
+    if train != held_out:
+        missing = sorted(set(train) - set(held_out))
+        extra = sorted(set(held_out) - set(train))
+        raise ValueError(
+            f"{held_out_dir} and {train_dir} hold different class folders, so their labels would not match: "
+            f"missing from {held_out_dir.name}: {_named(missing)}; extra in {held_out_dir.name}: {_named(extra)}. "
+            "Give both splits the same class folders"
+        )
+
+
 def _scan_folder(
     root: Path, split: str, max_classes: int | None, max_per_class: int | None
 ) -> tuple[list[str], list[int], list[str]]:
     """IDs "{split}/{class}/{file}", labels and class names: class folders sorted, files sorted
-    within each class (walking subfolders), first `max_classes` classes, first `max_per_class` files."""
+    within each class (walking subfolders), first `max_classes` classes, first `max_per_class` files.
+
+    Links: a class folder may be a link, and links inside a class folder, to files or folders, are
+    followed, except a link to a folder that contains it or a folder on the way to it (a loop such
+    as `ln -s . loop`), which is skipped. No image is counted twice: a folder holding images or an
+    image file that two paths reach (a link to another class's folder or to one of its images, two
+    class folders linking to one place) is refused, naming both paths. Hard links are separate files.
+
+    Raises:
+        FileNotFoundError: no split folder, no class folders, or a class folder without images.
+        ValueError: max_classes above the number of class folders, an image reached by two paths, or a
+            folder that cannot be listed.
+    """
     split_dir = root / split
-    if not split_dir.is_dir():
-        raise FileNotFoundError(f"no {split} folder {split_dir}")
-    classes = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
-    if not classes:
-        raise FileNotFoundError(f"{split_dir} has no class folders")
+    classes = _class_folders(split_dir)
     if max_classes is not None:
         if max_classes > len(classes):
             raise ValueError(f"num_classes={max_classes} but {split_dir} has only {len(classes)} class folders")
         classes = classes[:max_classes]
+    walk = _ImageWalk(split_dir)
     ids, targets = [], []
     for label, class_name in enumerate(classes):
-        class_dir = split_dir / class_name
-        files = sorted(
-            Path(folder, filename).relative_to(class_dir).as_posix()
-            for folder, _, filenames in os.walk(class_dir, followlinks=True)
-            for filename in filenames
-            if filename.lower().endswith(IMG_EXTENSIONS)
-        )
+        files = walk.class_images(class_name)
         if not files:
-            raise FileNotFoundError(f"class folder {class_dir} holds no images ({', '.join(IMG_EXTENSIONS)})")
+            raise FileNotFoundError(
+                f"class folder {split_dir / class_name} holds no images ({', '.join(IMG_EXTENSIONS)})"
+            )
         files = files[:max_per_class]
-        ids += [f"{split}/{class_name}/{file}" for file in files]
+        ids += [f"{split}/{file}" for file in files]
         targets += [label] * len(files)
+    walk.check_linked_files()
     return ids, targets, classes
+
+
+class _ImageWalk:
+    """The image files under the class folders of one split folder, following links as `_scan_folder`
+    says. Paths are relative to the split folder ("{class}/{file}"); real paths have no links."""
+
+    def __init__(self, split_dir: Path) -> None:
+        self.split_dir = split_dir
+        self.real_split_dir = os.path.realpath(split_dir)
+        self.folders: dict[str, tuple[str, int]] = {}  # real path -> (first path to it, images in and below it)
+        self.linked_files: list[tuple[str, str]] = []  # (path, real path) of each image file that is a link
+        self.found: list[str] = []  # every image file's path, in walk order
+
+    def class_images(self, class_name: str) -> list[str]:
+        """The sorted paths of the images of one class folder.
+
+        Raises:
+            ValueError: a folder holding images reached again, or a folder that cannot be listed.
+        """
+        start = len(self.found)
+        self._enter(class_name, os.path.realpath(self.split_dir / class_name), (self.real_split_dir,))
+        return sorted(self.found[start:])
+
+    def check_linked_files(self) -> None:
+        """Raises ValueError where an image file that is a link leads to an image already counted."""
+        if not self.linked_files:
+            return
+        counted = set(self.found)
+        first_path: dict[str, str] = {}
+        for path, real in self.linked_files:
+            folder, name = os.path.split(real)
+            plain = f"{self.folders[folder][0]}/{name}" if folder in self.folders else None
+            first = first_path.get(real, plain if plain in counted and plain != path else None)  # not a link loop
+            if first is not None:
+                raise ValueError(
+                    f"{self.split_dir / path} is a link to {real}, also counted as {self.split_dir / first}: "
+                    "one image would be counted twice. Remove the link"
+                )
+            first_path[real] = path
+
+    def _enter(self, path: str, real: str, above: tuple[str, ...]) -> int:
+        """Walk folder `path` unless another path walked it; the number of images in and below it."""
+        if real in self.folders:
+            first, count = self.folders[real]
+            if count:
+                raise ValueError(
+                    f"{self.split_dir / path} and {self.split_dir / first} are one folder ({real}) holding {count} "
+                    "images: they would be counted twice. Remove the link that leads there twice"
+                )
+            return 0
+        self.folders[real] = (path, 0)
+        count = self._walk(path, real, (*above, real))
+        self.folders[real] = (path, count)
+        return count
+
+    def _walk(self, path: str, real: str, above: tuple[str, ...]) -> int:
+        try:
+            entries = sorted(os.scandir(self.split_dir / path), key=lambda entry: entry.name)
+        except OSError as error:
+            raise ValueError(f"cannot list folder {self.split_dir / path}: {error}") from error
+        count = 0
+        for entry in entries:
+            entry_path = f"{path}/{entry.name}"
+            if _is_folder(entry):
+                target = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real, entry.name)
+                if not any(_contains(target, folder) for folder in above):  # else a loop: skipped
+                    count += self._enter(entry_path, target, above)
+            elif entry.name.lower().endswith(IMG_EXTENSIONS):
+                self.found.append(entry_path)
+                if entry.is_symlink():
+                    self.linked_files.append((entry_path, os.path.realpath(entry.path)))
+                count += 1
+        return count
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    """Whether `entry` is a folder or a link to one; a link that leads nowhere (ELOOP) is not (as in os.walk)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _contains(folder: str, path: str) -> bool:
+    """Whether real path `path` is `folder` or lies below it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _check_image_files(root: Path, ids: list[str], mode: str) -> None:
+    """Check the files `root/{id}` as `mode` ("header", "decode" or "off") says; see `get_dataset`.
+
+    Raises:
+        ValueError: names every file that fails (the first `_MAX_NAMED`, then how many more).
+    """
+    if mode == "off":
+        return
+    problem_of, folder = (_header_problem if mode == "header" else _decode_problem), str(root)
+    bad = [f"{sample_id} ({problem})" for sample_id in ids if (problem := problem_of(f"{folder}/{sample_id}"))]
+    if bad:
+        raise ValueError(
+            f"{len(bad)} of {len(ids)} image files under {root} are not readable images "
+            f"(check_images={mode!r}): {_named(bad)}. Remove or replace them, or skip this check with "
+            "check_images='off'"
+        )
+
+
+def _header_problem(path: str) -> str | None:
+    """What is wrong with the file at `path` judged by its first 16 bytes, or None: see `_IMAGE_MAGIC`."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            header = os.read(descriptor, 16)
+        finally:
+            os.close(descriptor)
+    except OSError as error:
+        return f"cannot be read: {error.strerror}"
+    if not header:
+        return "empty file"
+    is_webp = header.startswith(b"RIFF") and header[8:12] == b"WEBP"
+    if not is_webp and not header.startswith(_IMAGE_PREFIXES):
+        return f"not a {', '.join(_IMAGE_MAGIC)} or WebP file: starts with {header[:8]!r}"
+    return None
+
+
+def _decode_problem(path: str) -> str | None:
+    """Why the file at `path` cannot be decoded as training decodes it, or None."""
+    try:
+        _read_rgb(Path(path))
+    except (FileNotFoundError, ValueError) as error:
+        return str(error.__cause__ or error)
+    return None
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    """The image file's pixels as uint8 RGB (H, W, 3), decoded by Pillow as torchvision's ImageFolder does.
+
+    Raises:
+        FileNotFoundError: the file is gone.
+        ValueError: the file cannot be decoded; the message names it.
+    """
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))  # (H, W, 3)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError) as error:  # UnidentifiedImageError is an OSError
+        raise ValueError(f"cannot decode image file {path}: {error}") from error
+
+
+def _named(names: list[str]) -> str:
+    """`names` joined with commas, the first `_MAX_NAMED` of them and then how many more; "none" if empty."""
+    if not names:
+        return "none"
+    shown = ", ".join(names[:_MAX_NAMED])
+    return shown if len(names) <= _MAX_NAMED else f"{shown} and {len(names) - _MAX_NAMED} more"
 
 
 # ----------------------------------------------------------------------------- synthetic
