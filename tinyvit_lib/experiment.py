@@ -62,6 +62,7 @@ class RunSpec:
     output_dir: str = "runs"
     data_seed: int = 0  # the data order and augmentation (a replay store fixes it); train.seed: init, drop path
     verify_files: bool = True  # cifar100: refuse files whose md5 differs from the official release
+    check_images: str = "header"  # image folders: check files when the dataset is built ("decode", "off")
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
@@ -91,6 +92,7 @@ class PreparedRun:
 
 def datasets_for(spec: RunSpec) -> tuple[DatasetWithIDs, DatasetWithIDs]:
     """The (training, validation) datasets of a run: transforms, base seed and subsets as the spec says."""
+    checks = dict(verify=spec.verify_files, check_images=spec.check_images)  # how files are checked on the way in
     train_set = get_dataset(
         spec.dataset,
         spec.data_root,
@@ -98,9 +100,9 @@ def datasets_for(spec: RunSpec) -> tuple[DatasetWithIDs, DatasetWithIDs]:
         img_size=spec.img_size,
         augment=AUGMENT_PRESETS[spec.augment],
         base_seed=spec.data_seed,
-        verify=spec.verify_files,
+        **checks,
     )
-    val_set = get_dataset(spec.dataset, spec.data_root, "val", img_size=spec.img_size, verify=spec.verify_files)
+    val_set = get_dataset(spec.dataset, spec.data_root, "val", img_size=spec.img_size, **checks)
     if spec.max_per_class:
         train_set = per_class_subset(train_set, spec.max_per_class)
     if spec.max_val_per_class:
@@ -252,6 +254,7 @@ def _movable(spec: dict) -> dict:
         "logits_path": bool(spec.get("logits_path")),
         "teacher_checkpoint": bool(spec.get("teacher_checkpoint")),
         "verify_files": None,
+        "check_images": None,
     }
     return {**spec, **where}
 

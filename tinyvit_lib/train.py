@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from .augment import AUGMENT_PRESETS
-from .data import DATASETS
+from .data import CHECK_IMAGES, DATASETS
 from .experiment import RunSpec, check_resumable, prepare_run, run
 from .trainer import TrainConfig
 from .utils import LockHeld
@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
         dest="verify_files",
         action="store_false",
         help="cifar100: use a copy whose md5 differs from the official release (md5 checked: %(default)s)",
+    )
+    data.add_argument(
+        "--check-images",
+        choices=CHECK_IMAGES,
+        default="header",
+        help="image folders: check every file when the data is loaded (header: cheap; decode: thorough)",
     )
 
     model = p.add_argument_group("model")
@@ -145,6 +151,7 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
         output_dir=args.output_dir,
         data_seed=args.data_seed,
         verify_files=args.verify_files,
+        check_images=args.check_images,
         train=config,
     )
 
