@@ -1,6 +1,7 @@
 """The two CLIs: the original command lines parse, bad values exit 2 with one line before anything is
-written, `--no-verify-files`, and the precompute CLI's `--verify` (on a complete store: checks it,
-writes nothing, exit 1 beyond the tolerance) and `--inspect`.
+written, `--no-verify-files`, the precompute CLI's `--verify` (on a complete store: checks it,
+writes nothing, exit 1 beyond the tolerance) and `--inspect`, and its refusal of an output path that
+cannot be written or that another precompute holds.
 
 Every case runs `main()` in a subprocess: importing `tinyvit_lib.train` by name rebinds the package
 attribute `tinyvit_lib.train` (the training function) in the importing process.
@@ -9,6 +10,7 @@ attribute `tinyvit_lib.train` (the training function) in the importing process.
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -21,6 +23,7 @@ from test_logit_store import edit_a_value_keeping_the_checksum
 from tinyvit_lib.data import get_dataset, per_class_subset
 from tinyvit_lib.distill import precompute
 from tinyvit_lib.teachers import build_model
+from tinyvit_lib.utils import FileLock
 
 TRAIN, PRECOMPUTE = "tinyvit_lib.train", "tinyvit_lib.precompute_logits"
 
@@ -179,6 +182,25 @@ def test_precompute_bad_values_exit_2_with_one_line_and_write_nothing(tmp_path):
     assert not (tmp_path / "store").exists()
 
 
+def test_precompute_refuses_an_unwritable_or_busy_output_path_with_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    busy = tmp_path / "busy"
+    cases = {
+        f"cannot write a logit store at {tmp_path / 'file'}: it is a file, not a folder": tmp_path / "file",
+        f"cannot write a logit store at {tmp_path / 'file' / 'store'}: Not a directory": tmp_path / "file" / "store",
+        "cannot write a logit store at /proc/version/store: Not a directory": Path("/proc/version/store"),
+        "cannot write a logit store at /sys/tinyvit-logit-store: ": Path("/sys/tinyvit-logit-store"),  # read-only
+        f"logit store {busy} is in use by process {os.getpid()} on host {socket.gethostname()}": busy,
+    }
+    common = ["--dataset", "synthetic", "--max-per-class", "2", "--teacher-model", "resnet18", "--k", "3"]
+    with FileLock(busy / ".lock-rank-000", what="this test"):  # another precompute writing `busy`
+        results = run_cases([common + ["--output-path", str(path)] for path in cases.values()], tmp_path, PRECOMPUTE)
+    for message, result in zip(cases, results):
+        assert_refused(result, message)
+    assert (tmp_path / "file").read_text() == "x" and [p.name for p in busy.iterdir()] == [".lock-rank-000"]
+    assert not Path("/sys/tinyvit-logit-store").exists()
+
+
 def _teacher_checkpoint(tmp_path: Path) -> str:
     """A ResNet-18 teacher's weights for synthetic data: the same teacher in every process."""
     torch.save(build_model("resnet18", num_classes=10, img_size=32).state_dict(), tmp_path / "t.pt")
@@ -255,8 +277,9 @@ def test_inspect_describes_a_store_without_a_teacher_or_data(tmp_path):
     records = bytearray((bad / "epoch-0000.bin").read_bytes())
     records[30] ^= 1
     (bad / "epoch-0000.bin").write_bytes(bytes(records))
-    cases = [["--inspect", str(tmp_path / name)] for name in ("good", "bad", "none")]
-    good, corrupted, missing = run_cases(cases, tmp_path, module=PRECOMPUTE, prelude=NO_TEACHER_NO_DATA)
+    (tmp_path / "empty").mkdir()
+    cases = [["--inspect", str(tmp_path / name)] for name in ("good", "bad", "none", "empty")]
+    good, corrupted, missing, empty = run_cases(cases, tmp_path, module=PRECOMPUTE, prelude=NO_TEACHER_NO_DATA)
     code, out, err = good
     assert code == 0 and err == "", err
     for expected in (
@@ -270,3 +293,4 @@ def test_inspect_describes_a_store_without_a_teacher_or_data(tmp_path):
     assert "file     epoch-0000.bin, 960 bytes, BAD" in corrupted[1]
     assert_refused(corrupted, "checksum mismatch")
     assert_refused(missing, "no logit store at")
+    assert_refused(empty, f"no logit store at {tmp_path / 'empty'} (the folder is empty)")

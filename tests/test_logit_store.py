@@ -4,11 +4,14 @@ describe, the loss from stored logits (and the original plan's `FastDistillation
 import hashlib
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +26,17 @@ from tinyvit_lib.distill import (
     OnlineTeacher,
     StoredTeacher,
     VerifyTolerance,
+    dataset_seeds,
     precompute,
     verify_store,
 )
 from tinyvit_lib.logit_store import (
     LogitStore,
     StoreMismatch,
+    StoreWriter,
     describe_store,
     encode_records,
+    manifest_digest,
     official_record_bytes,
     rebuild_logits,
     record_dtype,
@@ -222,15 +228,30 @@ PRECOMPUTE_SCRIPT = """
     torch.set_num_threads(1)
     from tests.test_logit_store import tiny_teacher, data, LIGHT
     from tinyvit_lib.distill import precompute
+    {setup}
     precompute(tiny_teacher(), data(augment=LIGHT, n=256), {path!r}, k=4, mode="replay", epochs=2,
                batch_size=8, progress=False)
 """
 
 
-def _script(tmp_path: Path, path: Path, name: str) -> Path:
+def _script(tmp_path: Path, path: Path, name: str, setup: str = "") -> Path:
+    """A script that runs the replay precompute into `path` after the one-line statement `setup`."""
     script = tmp_path / name
-    script.write_text(textwrap.dedent(PRECOMPUTE_SCRIPT.format(repo=str(REPO), path=str(path))))
+    script.write_text(textwrap.dedent(PRECOMPUTE_SCRIPT.format(repo=str(REPO), path=str(path), setup=setup)))
     return script
+
+
+def wait_after_each_batch_until(release: str) -> None:
+    """Make every `StoreWriter` of this process wait after each batch it appends until the file
+    `release` exists: a precompute held in the middle of its write."""
+    append = StoreWriter.append
+
+    def append_then_wait(self: StoreWriter, epoch: int, records: np.ndarray) -> None:
+        append(self, epoch, records)
+        while not Path(release).exists():
+            time.sleep(0.01)
+
+    StoreWriter.append = append_then_wait
 
 
 def _env() -> dict:
@@ -268,7 +289,7 @@ def test_sharded_precompute_equals_one_process(tmp_path):
         import torch.distributed as dist
         dist.init_process_group("gloo")
     """)
-        + textwrap.dedent(PRECOMPUTE_SCRIPT.format(repo=str(REPO), path=str(tmp_path / "two")))
+        + textwrap.dedent(PRECOMPUTE_SCRIPT.format(repo=str(REPO), path=str(tmp_path / "two"), setup=""))
     )
     cmd = [
         sys.executable,
@@ -314,16 +335,27 @@ def test_precompute_or_reuse_rebuilds_a_store_made_by_another_teacher(tmp_path):
     assert rebuilt is not None and verify_store(store, other, dataset, samples=16)["index_mismatch_rate"] == 0
 
 
-def edit_a_value_keeping_the_checksum(store: Path, position: int, delta: float) -> None:
-    """Move the top logit of one record of epoch 0 by `delta` and write the file's new checksum into
-    the manifest: a store whose files are intact but whose values are wrong."""
+def rewrite_records_keeping_the_checksums(store: Path, edit: Callable[[np.ndarray], None]) -> None:
+    """Apply `edit` to the records of epoch 0 in place, then write the file's new checksum into the
+    manifest and seal the manifest again: a store whose files and manifest are intact but whose
+    records are wrong."""
     manifest = json.loads((store / "manifest.json").read_text())
     records_file = store / manifest["files"][0]["name"]
     records = np.fromfile(records_file, dtype=record_dtype(manifest["header"]["k"], manifest["header"]["num_classes"]))
-    records["value"][position, 0] += np.float16(delta)
+    edit(records)
     records_file.write_bytes(records.tobytes())
     manifest["files"][0]["sha256"] = hashlib.sha256(records_file.read_bytes()).hexdigest()
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     (store / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+def edit_a_value_keeping_the_checksum(store: Path, position: int, delta: float) -> None:
+    """Move the top logit of one record of epoch 0 by `delta`, keeping every checksum valid."""
+
+    def move(records: np.ndarray) -> None:
+        records["value"][position, 0] += np.float16(delta)
+
+    rewrite_records_keeping_the_checksums(store, move)
 
 
 def test_verify_reports_values_beyond_fp16_rounding(tmp_path):
@@ -379,3 +411,205 @@ def test_describe_store_reads_the_manifest_and_checks_every_file(tmp_path):
     (tmp_path / "s" / "manifest.json").write_text("{")
     with pytest.raises(ValueError, match="not valid JSON"):
         describe_store(tmp_path / "s")
+
+
+# ----------------------------------------------------------------------------- reliability (issue 12)
+
+
+def test_a_second_precompute_on_the_same_path_is_refused_while_the_first_writes(tmp_path):
+    """Two writers on one part used to interleave their batches; now the second is refused at once,
+    writes nothing, and the first finishes a store identical to an undisturbed run's."""
+    release = tmp_path / "release"
+    reference = subprocess.Popen([sys.executable, str(_script(tmp_path, tmp_path / "ref", "ref.py"))], env=_env())
+    hold = (
+        f"from tests.test_logit_store import wait_after_each_batch_until; wait_after_each_batch_until({str(release)!r})"
+    )
+    first = subprocess.Popen([sys.executable, str(_script(tmp_path, tmp_path / "run", "first.py", hold))], env=_env())
+    try:
+        part = tmp_path / "run" / "epoch-0000.part-000"
+        deadline = time.time() + 120
+        while time.time() < deadline and first.poll() is None and not (part.exists() and part.stat().st_size > 0):
+            time.sleep(0.01)
+        second_script = _script(tmp_path, tmp_path / "run", "second.py")
+        second = subprocess.run(
+            [sys.executable, str(second_script)], env=_env(), capture_output=True, text=True, timeout=300
+        )
+        assert first.poll() is None, "the first precompute stopped before the second started"
+    finally:
+        release.touch()  # the first goes on (and ends) whatever happened
+    holder = f"process {first.pid} on host {socket.gethostname()}"
+    assert second.returncode != 0 and f"LockHeld: logit store {tmp_path / 'run'} is in use by {holder}" in second.stderr
+    assert first.wait(timeout=300) == 0 and reference.wait(timeout=300) == 0
+    assert _store_bytes(tmp_path / "run") == _store_bytes(tmp_path / "ref")  # every record once, in order
+    with pytest.raises(FileExistsError, match="already holds a complete logit store"):  # and once more
+        precompute(tiny_teacher(), data(augment=LIGHT, n=256), tmp_path / "run", k=4, mode="replay", epochs=2)
+    assert _store_bytes(tmp_path / "run") == _store_bytes(tmp_path / "ref")  # no lock file left behind
+
+
+def test_a_resume_keeps_only_batches_whose_records_are_their_samples_views(tmp_path):
+    """A replay part holding batches 0, 0, 1 (what two writers on one part left behind): `finish`
+    refuses it, a resume keeps batch 0, computes the rest again and ends byte-identical."""
+    teacher, dataset = tiny_teacher(), data(augment=LIGHT)
+    replay = dict(k=4, mode="replay", epochs=2, batch_size=32, progress=False)
+    reference, _ = precompute(teacher, dataset, tmp_path / "ref", **replay)
+    with StoreWriter(tmp_path / "run", reference.header, batch_size=32, seeds=dataset_seeds(dataset)) as writer:
+        for batch in (0, 0, 1):
+            writer.append(0, reference.records(0, np.arange(32 * batch, 32 * batch + 32)))
+        with pytest.raises(ValueError, match=r"position 32 in epoch 0 carries seed \d+, expected \d+: not the view"):
+            writer.finish()
+    assert not (tmp_path / "run" / "manifest.json").exists()
+    with pytest.warns(UserWarning, match=r"position 32 in epoch 0 carries seed .* keeping the 1 batch\(es\) before it"):
+        _, stats = precompute(teacher, dataset, tmp_path / "run", **replay)
+    assert stats.images == 2 * 96 - 32
+    assert _store_bytes(tmp_path / "run") == _store_bytes(tmp_path / "ref")
+
+
+def test_a_static_part_with_a_seed_or_a_class_index_out_of_place_is_not_assembled(tmp_path):
+    teacher, dataset = tiny_teacher(), data()
+    reference, _ = precompute(teacher, dataset, tmp_path / "ref", k=4, batch_size=32, progress=False)
+    good = reference.records(0, np.arange(96))
+    part = tmp_path / "run" / "epoch-0000.part-000"
+    with StoreWriter(tmp_path / "run", reference.header, batch_size=32) as writer:
+        for field, position, value, message in (
+            ("seed", 40, 7, "position 40 in epoch 0 carries seed 7, expected -1"),
+            ("index", 75, 10, r"position 75 in epoch 0 holds a class index outside \[0, 10\)"),
+        ):
+            bad = good.copy()
+            bad[field][position] = value
+            part.write_bytes(bad.tobytes())
+            with pytest.raises(ValueError, match=message):
+                writer.finish()
+    with pytest.warns(UserWarning, match=r"position 75 .* keeping the 2 batch\(es\)"):
+        precompute(teacher, dataset, tmp_path / "run", k=4, batch_size=32, progress=False)
+    assert _store_bytes(tmp_path / "run") == _store_bytes(tmp_path / "ref")
+
+
+def test_verify_finds_duplicated_records_that_every_checksum_accepts(tmp_path):
+    teacher, dataset = tiny_teacher(), data()
+    precompute(teacher, dataset, tmp_path / "s", k=4, batch_size=32, progress=False)
+
+    def duplicate_the_first_batch(records: np.ndarray) -> None:
+        records[32:64] = records[0:32]
+
+    rewrite_records_keeping_the_checksums(tmp_path / "s", duplicate_the_first_batch)
+    report = verify_store(LogitStore.open(tmp_path / "s"), teacher, dataset, samples=1000)
+    assert not report["ok"] and report["index_mismatch_rate"] > 0.2
+
+
+def test_every_single_bit_flip_of_the_manifest_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "s"
+    precompute(tiny_teacher(), data(n=8), path, k=3, batch_size=8, progress=False)
+    original = (path / "manifest.json").read_bytes()
+    store = LogitStore.open(path)
+    expected = (store.header, store.records(0, np.arange(8)).tobytes())
+    refused = 0
+    for bit in range(8 * len(original)):
+        flipped = bytearray(original)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        (path / "manifest.json").write_bytes(bytes(flipped))
+        try:
+            opened = LogitStore.open(path)
+        except Exception as exc:  # which exceptions come out is what is tested
+            assert type(exc) in (ValueError, StoreMismatch, FileNotFoundError), (bit, type(exc), exc)
+            assert len(str(exc).splitlines()) == 1, (bit, str(exc))
+            refused += 1
+        else:
+            assert (opened.header, opened.records(0, np.arange(8)).tobytes()) == expected, bit
+    assert refused == 8 * len(original)  # no single flipped bit leaves a manifest that opens
+
+
+def test_manifest_fields_are_checked_by_name_and_older_manifests_still_open(tmp_path):
+    path = tmp_path / "s"
+    store, _ = precompute(tiny_teacher(), data(), path, k=4, batch_size=32, progress=False)
+    written = json.loads((path / "manifest.json").read_text())
+
+    def write(edit: Callable[[dict], None], *, seal: bool) -> None:
+        manifest = json.loads(json.dumps(written))
+        del manifest["manifest_sha256"]
+        edit(manifest)
+        if seal:  # as a tool that re-seals what it edits would
+            manifest["manifest_sha256"] = manifest_digest(manifest)
+        (path / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+    write(lambda m: None, seal=False)  # written before manifest_sha256 existed: checked field by field
+    assert LogitStore.open(path).header == store.header
+    cases = [
+        (
+            lambda m: m["header"].update(num_classes=11),
+            "header num_classes=11 differs from the dataset's num_classes 10",
+        ),
+        (
+            lambda m: m["header"].update(k=5),
+            "record bytes 28 do not fit the header: k=5 of num_classes=10 make records of 32",
+        ),
+        (lambda m: m["header"].update(k="4"), "header k must be of type int, got '4'"),
+        (lambda m: m["header"].update(epochs=True), "header epochs must be of type int, got True"),
+        (
+            lambda m: m["header"]["dataset"].update(size=95),
+            "files[0] must be {'name': 'epoch-0000.bin', 'epoch': 0, 'records': 95}",
+        ),
+        (lambda m: m["header"].pop("mode"), "header: missing field(s) ['mode'], unknown field(s) []"),
+        (lambda m: m["files"][0].update(name="../other.bin"), "files[0] must be"),
+        (lambda m: m["files"].append(m["files"][0]), "'files' must list 1 record file(s), one per epoch"),
+        (
+            lambda m: m.update(version="1"),
+            "is not a tinyvit-logit-store v1 store (format='tinyvit-logit-store', version='1')",
+        ),
+        (lambda m: m.update(extra=1), "missing field(s) [], unknown field(s) ['extra']"),
+        (lambda m: m.update(record=[28]), "'record' must hold bytes and layout, got [28]"),
+    ]
+    for edit, message in cases:
+        for seal in (True, False):
+            write(edit, seal=seal)
+            with pytest.raises(ValueError, match=re.escape(message)):
+                LogitStore.open(path)
+    write(lambda m: m["header"]["teacher"].update(name="another"), seal=False)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["manifest_sha256"] = written["manifest_sha256"]  # a valid edit under the original seal
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="was changed after it was written: its manifest_sha256 does not match"):
+        LogitStore.open(path)
+
+
+def test_a_replay_store_of_fewer_epochs_than_the_run_trains_is_refused_on_open(tmp_path):
+    teacher, augmented = tiny_teacher(), data(augment=LIGHT)
+    precompute(teacher, augmented, tmp_path / "replay", k=4, mode="replay", epochs=2, batch_size=32, progress=False)
+    with pytest.raises(StoreMismatch, match=r"the replay store holds 2 epoch\(s\) of views, the run trains 3"):
+        StoredTeacher.open(tmp_path / "replay", augmented, epochs=3)
+    assert StoredTeacher.open(tmp_path / "replay", augmented, epochs=2).store.header.epochs == 2
+    assert StoredTeacher.open(tmp_path / "replay", augmented).store.header.epochs == 2  # default: not checked
+    precompute(teacher, data(), tmp_path / "static", k=4, batch_size=32, progress=False)
+    assert StoredTeacher.open(tmp_path / "static", data(), epochs=100).store.header.mode == "static"
+
+
+def test_no_store_is_told_apart_as_missing_a_file_an_empty_folder_or_an_unfinished_precompute(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    (tmp_path / "pending").mkdir()
+    (tmp_path / "pending" / "pending.json").write_text("{}")
+    cases = {
+        "missing": "",
+        "file": " (it is a file, not a store folder)",
+        "empty": " (the folder is empty)",
+        "other": " (the folder holds 1 other file(s), such as ['notes.txt'], and no manifest.json)",
+        "pending": " (an unfinished precompute: run it again to complete it)",
+    }
+    for name, why in cases.items():
+        with pytest.raises(FileNotFoundError) as refused:
+            LogitStore.open(tmp_path / name)
+        assert str(refused.value) == f"no logit store at {tmp_path / name}{why}"
+
+
+def test_an_output_path_that_cannot_be_written_is_refused_naming_the_reason(tmp_path):
+    (tmp_path / "file").write_text("x")
+    cases = {
+        tmp_path / "file": "it is a file, not a folder",
+        tmp_path / "file" / "store": "Not a directory",
+        Path("/proc/version/store"): "Not a directory",  # refused to root too
+    }
+    for path, reason in cases.items():
+        with pytest.raises(ValueError, match=re.escape(f"cannot write a logit store at {path}: {reason}")):
+            precompute(tiny_teacher(), data(), path, k=4, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["file"] and (tmp_path / "file").read_text() == "x"

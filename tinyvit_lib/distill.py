@@ -19,6 +19,7 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,7 @@ __all__ = [
     "topk_mass",
     "precompute_or_reuse",
     "storage_comparison",
+    "dataset_seeds",
 ]
 
 
@@ -182,13 +184,23 @@ class StoredTeacher(Teacher):
     exactly the view the teacher saw (same augmentation seed), so a mismatched pipeline fails
     loudly instead of distilling from the wrong image.
 
-    Raises (from `open`):
-        StoreMismatch: the store was made for another dataset, resolution or augmentation.
+    `epochs`, the number of epochs the student will train (None: not checked), refuses a replay
+    store that holds fewer epochs of views before training starts; a static store serves any number.
+
+    Raises (from the constructor and `open`):
+        StoreMismatch: the store was made for another dataset, resolution or augmentation, or is a
+            replay store of fewer epochs than `epochs` (both numbers are named).
+        FileNotFoundError, ValueError (from `open`): as `LogitStore.open`.
     """
 
-    def __init__(self, store: LogitStore, dataset: DatasetWithIDs) -> None:
+    def __init__(self, store: LogitStore, dataset: DatasetWithIDs, *, epochs: int | None = None) -> None:
         header = store.header
         problems = []
+        if epochs is not None and header.mode == "replay" and header.epochs < epochs:
+            problems.append(
+                f"epochs: the replay store holds {header.epochs} epoch(s) of views, the run trains {epochs} "
+                f"(precompute --mode replay --epochs {epochs} or more)"
+            )
         if isinstance(dataset, SubsetWithIDs) and dataset.parent.fingerprint() == header.dataset:
             self.positions = torch.tensor(dataset.indices, dtype=torch.long)  # subset position -> store position
         elif dataset.fingerprint() == header.dataset:
@@ -213,8 +225,12 @@ class StoredTeacher(Teacher):
         self.store, self.dataset = store, dataset
 
     @classmethod
-    def open(cls, path: str | Path, dataset: DatasetWithIDs, *, verify: bool = True) -> StoredTeacher:
-        return cls(LogitStore.open(path, verify=verify), dataset)
+    def open(
+        cls, path: str | Path, dataset: DatasetWithIDs, *, verify: bool = True, epochs: int | None = None
+    ) -> StoredTeacher:
+        """The store at `path` for training on `dataset` for `epochs` epochs (None: not checked);
+        `verify` checks the record files' checksums (see the class docstring for what is raised)."""
+        return cls(LogitStore.open(path, verify=verify), dataset, epochs=epochs)
 
     def probs(self, images, sample_ids, epoch, temperature):
         return self.probs_for_ids(sample_ids, epoch, temperature, images.device)
@@ -290,6 +306,72 @@ class PrecomputeStats:
         return self.images / max(self.seconds, 1e-9)
 
 
+def dataset_seeds(dataset: DatasetWithIDs) -> Callable[[int, np.ndarray], np.ndarray]:
+    """`seeds(epoch, positions)`: the augmentation seeds of the samples at `positions` of `dataset`
+    in `epoch`, an int64 array (what a replay store's records carry, see `StoreWriter`)."""
+
+    def seeds(epoch: int, positions: np.ndarray) -> np.ndarray:
+        return np.array([dataset.seed_for(int(p), epoch) for p in positions], dtype=np.int64)
+
+    return seeds
+
+
+def _check_precompute_arguments(dataset: DatasetWithIDs, mode: str, num_workers: int) -> None:
+    """Raises ValueError: num_workers < 0, a static store of an augmented dataset, or a replay store
+    of an unaugmented or mixing one."""
+    if num_workers < 0:
+        raise ValueError(f"num_workers={num_workers} must be >= 0")
+    augmented = isinstance(dataset.transform, TrainTransform)
+    if mode == "static" and augmented:
+        raise ValueError("a static store records the evaluation view: build the dataset without augment")
+    if mode == "replay" and not augmented:
+        raise ValueError("a replay store records augmented views: build the dataset with an augment config")
+    if mode == "replay" and dataset.transform.config.mixing:
+        raise ValueError(
+            "replay stores of Mixup/CutMix views are not supported: use an augment config "
+            "without mixing (the student mixes pairs itself)"
+        )
+
+
+def _write_epoch(
+    writer: StoreWriter,
+    online: OnlineTeacher,
+    dataset: DatasetWithIDs,
+    epoch: int,
+    *,
+    device: torch.device,
+    num_workers: int,
+    progress: bool,
+) -> int:
+    """Run the teacher on this rank's batches of `epoch` still to do and append their records; the
+    number of images run.
+
+    Raises:
+        ValueError: a teacher whose class count differs from the store's.
+    """
+    header = writer.header
+    dataset.set_epoch(epoch)
+    todo = writer.todo(epoch)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=[list(writer.positions(b)) for b in todo],
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    loader = progress_bar(
+        loader, total=len(todo), desc=f"teacher logits, epoch {epoch + 1}/{header.epochs}", enabled=progress
+    )
+    images_done = 0
+    for images, _labels, sample_ids in loader:
+        logits = online.logits(images.to(device, non_blocking=True))
+        if logits.shape[1] != header.num_classes:
+            raise ValueError(f"the teacher outputs {logits.shape[1]} classes, the dataset has {header.num_classes}")
+        seeds = writer.seeds(epoch, sample_ids.numpy()) if header.mode == "replay" else [-1] * len(sample_ids)
+        writer.append(epoch, encode_records(logits, seeds, header.k))
+        images_done += len(sample_ids)
+    return images_done
+
+
 def precompute(
     teacher: nn.Module,
     dataset: DatasetWithIDs,
@@ -309,8 +391,9 @@ def precompute(
 
     static: one record per sample, from the dataset's evaluation transform. replay: one record per
     sample and epoch, from the augmented view of that epoch (its seed stored), for `epochs` epochs.
-    Resumable (run it again after a kill: complete batches are kept, the result is byte-identical)
-    and sharded under torchrun (each rank writes its share; rank 0 assembles the store).
+    Resumable (run it again after a kill: complete batches whose records carry their views' seeds
+    are kept, the result is byte-identical) and sharded under torchrun (each rank writes its share;
+    rank 0 assembles the store). One precompute per path at a time (see `StoreWriter`).
 
     The arguments are checked before anything is written (the teacher's class count once it has run
     on the first batch).
@@ -319,55 +402,31 @@ def precompute(
         ValueError: k outside [1, classes], epochs < 1 (or != 1 for a static store), an unknown mode,
             batch_size < 1 or num_workers < 0 (from `StoreHeader`, `StoreWriter` and here); a static
             store asked of an augmented dataset or a replay store of an unaugmented (or mixing) one;
-            a teacher whose class count differs.
+            a teacher whose class count differs; a `path` that cannot be written (a file, read-only:
+            the OS's reason is named); records that fail the check when the store is assembled.
         StoreMismatch: an unfinished precompute with other settings is at `path`.
         FileExistsError: a complete store is already at `path`.
+        LockHeld: another precompute is writing `path` (the message names its process and host).
     """
-    if num_workers < 0:
-        raise ValueError(f"num_workers={num_workers} must be >= 0")
-    augmented = isinstance(dataset.transform, TrainTransform)
-    if mode == "static" and augmented:
-        raise ValueError("a static store records the evaluation view: build the dataset without augment")
-    if mode == "replay" and not augmented:
-        raise ValueError("a replay store records augmented views: build the dataset with an augment config")
-    if mode == "replay" and dataset.transform.config.mixing:
-        raise ValueError(
-            "replay stores of Mixup/CutMix views are not supported: use an augment config "
-            "without mixing (the student mixes pairs itself)"
-        )
+    _check_precompute_arguments(dataset, mode, num_workers)
     device = torch.device(device)
     rank, world = rank_world()
     header = store_header(teacher, teacher_name, dataset, k=k, mode=mode, epochs=epochs)  # checks k, mode, epochs
-    writer = StoreWriter(path, header, batch_size=batch_size, rank=rank, world_size=world)
-    online = OnlineTeacher(teacher, in_chans=in_chans).to(device)
-    images_done, t0 = 0, time.perf_counter()
-    for epoch in range(header.epochs):
-        dataset.set_epoch(epoch)
-        todo = writer.todo(epoch)
-        loader = DataLoader(
-            dataset,
-            batch_sampler=[list(writer.positions(b)) for b in todo],
-            num_workers=num_workers,
-            pin_memory=device.type == "cuda",
-        )
-        loader = progress_bar(
-            loader, total=len(todo), desc=f"teacher logits, epoch {epoch + 1}/{header.epochs}", enabled=progress
-        )
-        for images, _labels, sample_ids in loader:
-            logits = online.logits(images.to(device, non_blocking=True))
-            if logits.shape[1] != header.num_classes:
-                raise ValueError(f"the teacher outputs {logits.shape[1]} classes, the dataset has {header.num_classes}")
-            seeds = [dataset.seed_for(int(i), epoch) if header.mode == "replay" else -1 for i in sample_ids]
-            writer.append(epoch, encode_records(logits, seeds, k))
-            images_done += len(sample_ids)
-    seconds = time.perf_counter() - t0
-    if world > 1:
-        dist.barrier()
-    store = writer.finish() if rank == 0 else None
-    if world > 1:
-        dist.barrier()
-        store = store or LogitStore.open(path, verify=False)
-    return store, PrecomputeStats(images_done, seconds)
+    seeds = dataset_seeds(dataset) if mode == "replay" else None
+    with StoreWriter(path, header, batch_size=batch_size, rank=rank, world_size=world, seeds=seeds) as writer:
+        online = OnlineTeacher(teacher, in_chans=in_chans).to(device)
+        images_done, t0 = 0, time.perf_counter()
+        for epoch in range(header.epochs):
+            images_done += _write_epoch(
+                writer, online, dataset, epoch, device=device, num_workers=num_workers, progress=progress
+            )
+        seconds = time.perf_counter() - t0
+        if world > 1:
+            dist.barrier()
+        store = writer.finish() if rank == 0 else None
+        if world > 1:
+            dist.barrier()  # every rank keeps its lock until the store is complete
+    return store or LogitStore.open(path, verify=False), PrecomputeStats(images_done, seconds)
 
 
 @dataclass(frozen=True)

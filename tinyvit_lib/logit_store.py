@@ -19,11 +19,18 @@ top k keep their logits, every other class gets `rest` (the remainder spread uni
 official implementation does), exact at T = 1 in total mass and exact everywhere when k equals the
 class count.
 
+The manifest is checked field by field on open (types, ranges, the record layout that k and
+num_classes make, one file per epoch) and carries `manifest_sha256`, the SHA-256 of its own
+canonical JSON without that field (`manifest_digest`), so an edit or a flipped bit is refused
+(manifests written before the field existed are checked field by field only).
+
 Reads go through `numpy.memmap`: a lookup by sample position is one slice, O(1). Writing is
-append-only in whole batches (`StoreWriter`), so an interrupted precompute resumes by truncating
-to the last complete batch; per-rank part files make sharded writes concatenate into exactly the
-single-process file. This module knows records, not models or datasets: it receives their
-descriptions as values and compares them.
+append-only in whole batches (`StoreWriter`), one writer per folder and rank at a time (a lock
+file, `.lock-rank-RRR`, removed once the store is complete), so an interrupted precompute resumes
+by truncating to the last complete batch whose records pass a check (each record carries the seed
+of its view and class indices below num_classes); per-rank part files make sharded writes
+concatenate into exactly the single-process file. This module knows records, not models or
+datasets: it receives their descriptions as values and compares them.
 """
 
 from __future__ import annotations
@@ -32,13 +39,15 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .utils import atomic_write, atomic_write_text
+from .utils import FileLock, atomic_write, atomic_write_text
 
 __all__ = [
     "FORMAT",
@@ -54,15 +63,28 @@ __all__ = [
     "StoreMismatch",
     "derive_smaller_k",
     "describe_store",
+    "manifest_digest",
 ]
 
 FORMAT = "tinyvit-logit-store"
 VERSION = 1
 MANIFEST = "manifest.json"
+PENDING = "pending.json"
 
 
 class StoreMismatch(ValueError):
     """A store that exists but was made for something else (teacher, data, resolution, k)."""
+
+
+def _is_int(value: object) -> bool:
+    """An int and not a bool (JSON's true must not pass for 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value: object) -> str:
+    """`repr(value)`, cut to 60 characters for an error message."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def record_dtype(k: int, num_classes: int) -> np.dtype:
@@ -92,8 +114,10 @@ class StoreHeader:
     """Everything a store promises about its records; compared field by field on open.
 
     Raises:
-        ValueError: a mode other than 'static'/'replay', k outside [1, num_classes], or epochs < 1
-            (a static store holds exactly one epoch).
+        ValueError: a field of another type than its annotation (an int field given a bool too), a
+            dataset without an int `size` >= 0, img_size < 0, a mode other than 'static'/'replay',
+            k outside [1, num_classes], epochs < 1 (a static store holds exactly one epoch), or a
+            num_classes that differs from the dataset's own `num_classes` (when it has one).
     """
 
     teacher: dict  # name, description, weights_sha256
@@ -107,6 +131,21 @@ class StoreHeader:
     base_seed: int
 
     def __post_init__(self) -> None:
+        kinds = {"dict": dict, "int": int, "str": str}
+        for field in fields(self):
+            value, kind = getattr(self, field.name), kinds[field.type]
+            if not isinstance(value, kind) or (kind is int and not _is_int(value)):
+                raise ValueError(f"{field.name} must be of type {kind.__name__}, got {_short(value)}")
+        size = self.dataset.get("size")
+        if not _is_int(size) or size < 0:
+            raise ValueError(f"dataset size must be an int >= 0, got {_short(size)}")
+        if self.img_size < 0:
+            raise ValueError(f"img_size={self.img_size} must be >= 0")
+        if self.dataset.get("num_classes", self.num_classes) != self.num_classes:
+            raise ValueError(
+                f"num_classes={self.num_classes} differs from the dataset's num_classes "
+                f"{_short(self.dataset['num_classes'])}"
+            )
         if self.mode not in ("static", "replay"):
             raise ValueError(f"mode must be 'static' or 'replay', got {self.mode!r}")
         if not 1 <= self.k <= self.num_classes:
@@ -198,34 +237,134 @@ def rebuild_logits(records: np.ndarray, num_classes: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- reading
 
 
-def _read_manifest(path: Path) -> tuple[dict, StoreHeader]:
-    """The manifest of the store at `path` and its header.
+def manifest_digest(manifest: dict) -> str:
+    """The SHA-256 of a manifest's canonical JSON (sorted keys, no spaces, ASCII) without its own
+    `manifest_sha256` field: what a store writes into that field and compares on open."""
+    rest = {key: value for key, value in manifest.items() if key != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode("ascii")).hexdigest()
+
+
+def _why_no_store(path: Path) -> str:
+    """Why there is no store at `path`, to follow 'no logit store at PATH' ('' if nothing is there)."""
+    if not path.exists():
+        return ""
+    if not path.is_dir():
+        return " (it is a file, not a store folder)"
+    names = sorted(entry.name for entry in path.iterdir())
+    if not names:
+        return " (the folder is empty)"
+    if any(name == PENDING or ".part-" in name or name.startswith(".lock-rank-") for name in names):
+        return " (an unfinished precompute: run it again to complete it)"
+    return f" (the folder holds {len(names)} other file(s), such as {names[:3]}, and no {MANIFEST})"
+
+
+def _load_manifest(manifest_path: Path) -> dict:
+    """The JSON object in `manifest_path`.
 
     Raises:
-        FileNotFoundError: no manifest (no store, or an unfinished precompute).
-        ValueError: a manifest that is not JSON, not of this format/version, or malformed.
+        ValueError: the file is not UTF-8, not JSON, or not a JSON object.
+    """
+    try:
+        manifest = json.loads(manifest_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{manifest_path} is not UTF-8 text (byte {exc.start}): it is corrupted") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{manifest_path} is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{manifest_path} is not a JSON object: it is corrupted")
+    return manifest
+
+
+def _manifest_header(manifest: dict, path: Path) -> StoreHeader:
+    """The header of the manifest of the store at `path`, every field checked.
+
+    Raises:
+        ValueError: another format or version, a top-level field missing or unknown, or a header
+            whose fields are not exactly `StoreHeader`'s or fail its checks (the field is named).
+    """
+    version = manifest.get("version")
+    if manifest.get("format") != FORMAT or not _is_int(version) or version != VERSION:
+        raise ValueError(
+            f"{path} is not a {FORMAT} v{VERSION} store "
+            f"(format={_short(manifest.get('format'))}, version={_short(version)})"
+        )
+    expected = {"format", "version", "header", "record", "files", "manifest_sha256"}
+    missing, unknown = sorted(expected - {"manifest_sha256"} - manifest.keys()), sorted(manifest.keys() - expected)
+    if missing or unknown:
+        raise ValueError(f"{path / MANIFEST}: missing field(s) {missing}, unknown field(s) {unknown}")
+    header, names = manifest["header"], {field.name for field in fields(StoreHeader)}
+    if not isinstance(header, dict):
+        raise ValueError(f"{path / MANIFEST}: the header must be a JSON object, got {_short(header)}")
+    if header.keys() != names:
+        missing, unknown = sorted(names - header.keys()), sorted(header.keys() - names)
+        raise ValueError(f"{path / MANIFEST}: header: missing field(s) {missing}, unknown field(s) {unknown}")
+    try:
+        return StoreHeader(**header)
+    except ValueError as exc:
+        raise ValueError(f"{path / MANIFEST}: header {exc}") from None
+
+
+def _check_record_and_files(manifest: dict, header: StoreHeader, manifest_path: Path) -> None:
+    """Check that the manifest's record description and file list are the ones `header` makes.
+
+    Raises:
+        ValueError: record bytes or layout other than k and num_classes make, or a file list that is
+            not one entry (name, epoch, records, sha256) per epoch, in order, each of `size` records.
+    """
+    record, dtype = manifest["record"], header.dtype
+    if not isinstance(record, dict) or record.keys() != {"bytes", "layout"}:
+        raise ValueError(f"{manifest_path}: 'record' must hold bytes and layout, got {_short(record)}")
+    if not _is_int(record["bytes"]) or record["bytes"] != dtype.itemsize:
+        raise ValueError(
+            f"{manifest_path}: record bytes {_short(record['bytes'])} do not fit the header: "
+            f"k={header.k} of num_classes={header.num_classes} make records of {dtype.itemsize} bytes"
+        )
+    if record["layout"] != str(dtype.descr):
+        raise ValueError(f"{manifest_path}: record layout {_short(record['layout'])} is not {str(dtype.descr)!r}")
+    files = manifest["files"]
+    if not isinstance(files, list) or len(files) != header.epochs:
+        raise ValueError(f"{manifest_path}: 'files' must list {header.epochs} record file(s), one per epoch")
+    for epoch, entry in enumerate(files):
+        expected = dict(name=epoch_file(epoch), epoch=epoch, records=header.size)
+        if not _is_file_entry(entry, expected):
+            raise ValueError(f"{manifest_path}: files[{epoch}] must be {expected} and a sha256, got {_short(entry)}")
+
+
+def _is_file_entry(entry: object, expected: dict) -> bool:
+    """Whether a manifest's `files` entry is `expected` (name, epoch, records) plus a hex SHA-256."""
+    if not isinstance(entry, dict) or entry.keys() != {*expected, "sha256"}:
+        return False
+    digest = entry["sha256"]
+    return (
+        all(entry[key] == value and type(entry[key]) is type(value) for key, value in expected.items())
+        and isinstance(digest, str)
+        and len(digest) == 64
+        and set(digest) <= set("0123456789abcdef")
+    )
+
+
+def _read_manifest(path: Path) -> tuple[dict, StoreHeader]:
+    """The manifest of the store at `path` and its header, checked field by field and against its
+    own `manifest_sha256` (a manifest written before that field existed is checked field by field).
+
+    Raises:
+        FileNotFoundError: no manifest; the message says whether `path` is missing, a file, an
+            empty folder, an unfinished precompute or a folder of other files.
+        ValueError: a manifest that is not UTF-8 JSON, not of this format/version, malformed (the
+            field is named: see `_manifest_header` and `_check_record_and_files`), or changed after
+            it was written.
     """
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
-        partial = " (an unfinished precompute: run it again to complete it)" if path.is_dir() else ""
-        raise FileNotFoundError(f"no logit store at {path}{partial}")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{manifest_path} is not valid JSON: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        found = manifest if isinstance(manifest, dict) else {}
+        raise FileNotFoundError(f"no logit store at {path}{_why_no_store(path)}")
+    manifest = _load_manifest(manifest_path)
+    header = _manifest_header(manifest, path)
+    _check_record_and_files(manifest, header, manifest_path)
+    if "manifest_sha256" in manifest and manifest["manifest_sha256"] != manifest_digest(manifest):
         raise ValueError(
-            f"{path} is not a {FORMAT} v{VERSION} store "
-            f"(format={found.get('format')!r}, version={found.get('version')!r})"
+            f"{manifest_path} was changed after it was written: its manifest_sha256 does not match its "
+            "contents (write the store again rather than editing it)"
         )
-    try:
-        header = StoreHeader(**manifest["header"])
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"{manifest_path} is malformed: {type(exc).__name__}: {exc}") from exc
-    files = manifest.get("files")
-    if not isinstance(files, list) or not all(isinstance(f, dict) and {"name", "sha256"} <= f.keys() for f in files):
-        raise ValueError(f"{manifest_path} is malformed: 'files' must list the record files with name and sha256")
     return manifest, header
 
 
@@ -250,8 +389,11 @@ class LogitStore:
     """A complete store, opened read-only. `records(epoch, positions)` is an O(1) memory-map slice.
 
     Raises (from `open`):
-        FileNotFoundError: no store at the path, or an incomplete one (no manifest yet).
-        ValueError: not a store of this format/version, a file of the wrong size, or a checksum
+        FileNotFoundError: no store at the path (the message tells a missing path, a file, an empty
+            folder, an unfinished precompute and a folder of other files apart).
+        ValueError: a manifest that is not UTF-8 JSON, not of this format/version, has a field of
+            the wrong type or range or one that does not fit the record layout (the field is named),
+            or was changed after it was written; a record file of the wrong size, or a checksum
             that does not match (a truncated or corrupted file).
         StoreMismatch: `expect` given and the store was made for something else.
     """
@@ -317,33 +459,107 @@ class StoreWriter:
     after a kill, a writer keeps the complete batches already on disk and reports which to compute
     next. `finish()` (rank 0, after every rank is done) concatenates the parts, checksums the files
     and writes the manifest last.
+
+    One writer at a time: from construction until `finish()`, `close()` or the end of its process
+    (also as a `with` block), a writer holds its rank's lock file `.lock-rank-RRR` in the folder.
+    A second precompute on the same folder is refused on every rank the two share, while the ranks
+    of one sharded job do not collide; the lock files are removed once the store is complete.
+
+    Records are checked before they are kept: each must carry the seed of its sample's view
+    (`seeds(epoch, positions)` in replay mode, -1 in static mode) and class indices in
+    [0, num_classes). A resumed part keeps its batches from the start while they are whole and
+    pass, and is truncated before the first that fails (with a warning naming the record); the rest
+    is computed again. `finish()` refuses to write a manifest over a record that fails.
+
+    Args:
+        seeds: replay mode (required there): the seed each record at `positions` (an int64 array)
+            must carry in `epoch`, as an int64 array. Ignored in static mode.
+
+    Raises:
+        ValueError: batch_size < 1, a replay header without `seeds`, or a folder that cannot be
+            created or written (a file at `path` or above it, a read-only file system, no
+            permission: the path and the OS's reason are named).
+        FileExistsError: `path` already holds a complete store.
+        LockHeld: another process is writing this store on this rank (the message names it).
+        StoreMismatch: an unfinished precompute with other settings is at `path`.
     """
 
     def __init__(
-        self, path: str | Path, header: StoreHeader, *, batch_size: int, rank: int = 0, world_size: int = 1
+        self,
+        path: str | Path,
+        header: StoreHeader,
+        *,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seeds: Callable[[int, np.ndarray], np.ndarray] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
+        if header.mode == "replay" and seeds is None:
+            raise ValueError("a replay store's writer needs `seeds`: the seed of each record's view")
         self.path, self.header, self.batch_size = Path(path), header, batch_size
-        self.rank, self.world_size = rank, world_size
-        self.path.mkdir(parents=True, exist_ok=True)
-        pending = self.path / "pending.json"
-        wanted = dict(header=header.to_dict(), batch_size=batch_size, world_size=world_size)
+        self.rank, self.world_size, self.seeds = rank, world_size, seeds
+        what = f"logit store {self.path}" + (f" (rank {rank})" if world_size > 1 else "")
+        self._lock = FileLock(self.path / f".lock-rank-{rank:03d}", what=what)
+        self._claim()
+        num_batches = math.ceil(header.size / batch_size)
+        share = math.ceil(num_batches / world_size)
+        self.batches = range(min(rank * share, num_batches), min((rank + 1) * share, num_batches))
+
+    def _claim(self) -> None:
+        """Create the folder, take this rank's lock, then check (or, on rank 0, write) pending.json
+        (see the class docstring for what is raised)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"cannot write a logit store at {self.path}: it is a file, not a folder")
+        self._refuse_a_complete_store()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._lock.acquire()
+        except OSError as exc:
+            raise ValueError(f"cannot write a logit store at {self.path}: {exc.strerror or exc}") from None
+        try:
+            self._refuse_a_complete_store()  # finished by another writer while this one waited to start
+            self._check_pending()
+        except BaseException:
+            self.close()
+            raise
+
+    def _refuse_a_complete_store(self) -> None:
         if (self.path / MANIFEST).exists():
+            self.close()
             raise FileExistsError(f"{self.path} already holds a complete logit store; remove it or choose another path")
+
+    def _check_pending(self) -> None:
+        """Raises StoreMismatch if pending.json describes other settings; rank 0 writes it if absent."""
+        pending = self.path / PENDING
+        wanted = dict(header=self.header.to_dict(), batch_size=self.batch_size, world_size=self.world_size)
         if pending.exists():
             found = json.loads(pending.read_text())
+            found = found if isinstance(found, dict) else {}
             if found != wanted:
                 diffs = [k for k in wanted if found.get(k) != wanted[k]]
                 raise StoreMismatch(
                     f"{self.path} holds an unfinished precompute with other settings ({diffs}); "
                     "remove it or finish it with the same settings"
                 )
-        elif rank == 0:
-            atomic_write_text(pending, json.dumps(wanted, indent=2))
-        num_batches = math.ceil(header.size / batch_size)
-        share = math.ceil(num_batches / world_size)
-        self.batches = range(min(rank * share, num_batches), min((rank + 1) * share, num_batches))
+        elif self.rank == 0:
+            try:
+                atomic_write_text(pending, json.dumps(wanted, indent=2))
+            except OSError as exc:
+                raise ValueError(f"cannot write a logit store at {self.path}: {exc.strerror or exc}") from None
+
+    def close(self) -> None:
+        """Release this rank's lock, removing its lock file if the store is complete. Idempotent."""
+        if self._lock.held and (self.path / MANIFEST).exists():
+            self._lock.path.unlink(missing_ok=True)  # a writer arriving now finds the manifest and stops
+        self._lock.release()
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _part(self, epoch: int, rank: int) -> Path:
         return self.path / f"epoch-{epoch:04d}.part-{rank:03d}"
@@ -351,21 +567,51 @@ class StoreWriter:
     def _batch_len(self, batch: int) -> int:
         return min(self.batch_size, self.header.size - batch * self.batch_size)
 
+    def _record_problem(self, epoch: int, first: int, records: np.ndarray) -> str | None:
+        """What is wrong with `records`, those of positions first, first + 1, ... in `epoch` (None:
+        nothing): the first record whose seed is not its view's, or with a class index outside
+        [0, num_classes)."""
+        positions = np.arange(first, first + len(records), dtype=np.int64)
+        if self.header.mode == "replay":
+            expected = np.asarray(self.seeds(epoch, positions), dtype=np.int64)
+        else:
+            expected = np.full(len(records), -1, dtype=np.int64)
+        wrong_seed = records["seed"] != expected
+        wrong_index = ((records["index"] < 0) | (records["index"] >= self.header.num_classes)).any(axis=1)
+        bad = np.flatnonzero(wrong_seed | wrong_index)
+        if not bad.size:
+            return None
+        i = int(bad[0])
+        record = f"the record of position {positions[i]} in epoch {epoch}"
+        if wrong_seed[i]:
+            return f"{record} carries seed {records['seed'][i]}, expected {expected[i]}: not the view of that sample"
+        return f"{record} holds a class index outside [0, {self.header.num_classes})"
+
+    def _good_batches(self, epoch: int, part: Path) -> int:
+        """How many of this rank's batches `part` holds whole and passing `_record_problem`, from its start."""
+        if not part.exists():
+            return 0
+        records = np.fromfile(part, dtype=self.header.dtype, count=part.stat().st_size // self.header.dtype.itemsize)
+        done, start = 0, 0
+        for batch in self.batches:
+            length = self._batch_len(batch)
+            if start + length > len(records):
+                break
+            problem = self._record_problem(epoch, batch * self.batch_size, records[start : start + length])
+            if problem:
+                warnings.warn(f"{part}: {problem}; keeping the {done} batch(es) before it", stacklevel=3)
+                break
+            done, start = done + 1, start + length
+        return done
+
     def todo(self, epoch: int) -> range:
-        """This rank's batches of `epoch` still to compute (truncating a half-written batch)."""
+        """This rank's batches of `epoch` still to compute: a part already on disk is truncated to
+        its whole batches that pass the record check, counted from its start (see the class docstring)."""
         if (self.path / epoch_file(epoch)).exists():
             return range(0)
         part = self._part(epoch, self.rank)
-        itemsize = self.header.dtype.itemsize
-        have = part.stat().st_size // itemsize if part.exists() else 0
-        done = 0
-        for batch in self.batches:  # whole batches only
-            if have >= self._batch_len(batch):
-                have -= self._batch_len(batch)
-                done += 1
-            else:
-                break
-        kept = sum(self._batch_len(b) for b in self.batches[:done]) * itemsize
+        done = self._good_batches(epoch, part)
+        kept = sum(self._batch_len(b) for b in self.batches[:done]) * self.header.dtype.itemsize
         if part.exists() and part.stat().st_size != kept:
             with open(part, "r+b") as f:
                 f.truncate(kept)
@@ -382,27 +628,43 @@ class StoreWriter:
             f.flush()
             os.fsync(f.fileno())
 
+    def _epoch_entry(self, epoch: int) -> dict:
+        """Write `epoch`'s record file from the parts (unless an earlier `finish` did) after checking
+        every record; its manifest entry (see `finish` for what is raised)."""
+        final = self.path / epoch_file(epoch)
+        expected = self.header.size * self.header.dtype.itemsize
+        if final.exists():  # assembled by a `finish` that stopped before the manifest
+            data, source = final.read_bytes(), f"{final}: remove it and run the precompute again"
+        else:
+            parts = [self._part(epoch, rank) for rank in range(self.world_size)]
+            data = b"".join(part.read_bytes() for part in parts if part.exists())
+            source = f"epoch {epoch}'s parts: run the precompute again (it keeps the batches before this record)"
+            if len(data) != expected:
+                raise ValueError(
+                    f"epoch {epoch}: the parts hold {len(data)} bytes, expected {expected}; "
+                    "some rank did not finish: run the precompute again"
+                )
+        if len(data) != expected:
+            raise ValueError(
+                f"{final} has {len(data)} bytes, expected {expected}: remove it and run the precompute again"
+            )
+        problem = self._record_problem(epoch, 0, np.frombuffer(data, dtype=self.header.dtype))
+        if problem:
+            raise ValueError(f"{problem}, in {source}")
+        if not final.exists():
+            atomic_write(final, lambda out: out.write(data))
+        return dict(name=final.name, epoch=epoch, records=self.header.size, sha256=hashlib.sha256(data).hexdigest())
+
     def finish(self) -> LogitStore:
-        """Concatenate every rank's parts into the epoch files, checksum them, write the manifest.
+        """Concatenate every rank's parts into the epoch files, check every record, checksum the
+        files, write the manifest (sealed by `manifest_digest`), then remove the parts and release
+        the lock.
 
         Raises:
-            ValueError: a part is missing or short (a rank did not finish).
+            ValueError: a part is missing or short (a rank did not finish), or a record fails the
+                check (see the class docstring); no manifest is written.
         """
-        files = []
-        expected = self.header.size * self.header.dtype.itemsize
-        for epoch in range(self.header.epochs):
-            final = self.path / epoch_file(epoch)
-            if not final.exists():
-                parts = [self._part(epoch, rank) for rank in range(self.world_size)]
-                held = sum(part.stat().st_size for part in parts if part.exists())
-                if held != expected:
-                    raise ValueError(
-                        f"epoch {epoch}: the parts hold {held} bytes, expected {expected}; "
-                        "some rank did not finish: run the precompute again"
-                    )
-                data = b"".join(part.read_bytes() for part in parts if part.exists())
-                atomic_write(final, lambda out, data=data: out.write(data))
-            files.append(dict(name=final.name, epoch=epoch, records=self.header.size, sha256=_sha256(final)))
+        files = [self._epoch_entry(epoch) for epoch in range(self.header.epochs)]
         manifest = dict(
             format=FORMAT,
             version=VERSION,
@@ -410,11 +672,13 @@ class StoreWriter:
             record=dict(bytes=self.header.dtype.itemsize, layout=str(self.header.dtype.descr)),
             files=files,
         )
+        manifest["manifest_sha256"] = manifest_digest(manifest)
         atomic_write_text(self.path / MANIFEST, json.dumps(manifest, indent=2) + "\n")
         for epoch in range(self.header.epochs):
-            for rank in range(self.world_size):
-                self._part(epoch, rank).unlink(missing_ok=True)
-        (self.path / "pending.json").unlink(missing_ok=True)
+            for part in self.path.glob(f"epoch-{epoch:04d}.part-*"):
+                part.unlink(missing_ok=True)
+        (self.path / PENDING).unlink(missing_ok=True)
+        self.close()
         return LogitStore.open(self.path, verify=False)
 
 
@@ -434,7 +698,8 @@ def describe_store(path: str | Path) -> dict:
 
     Raises:
         FileNotFoundError: no store at `path` (or an unfinished one).
-        ValueError: a manifest that is not JSON, not of this format/version, or malformed.
+        ValueError: a manifest that is not JSON, not of this format/version, malformed (the field
+            is named) or changed after it was written.
     """
     path = Path(path)
     manifest, header = _read_manifest(path)
@@ -476,7 +741,8 @@ def derive_smaller_k(store: LogitStore, k: int, path: str | Path) -> LogitStore:
     precompute at k up to that fp16 rounding. An existing complete store at `path` is reused.
 
     Raises:
-        ValueError: k not in [1, store.k).
+        ValueError: k not in [1, store.k), or as `StoreWriter`.
+        LockHeld: another process is writing a store at `path`.
     """
     header = store.header
     if not 1 <= k < header.k:
@@ -485,18 +751,28 @@ def derive_smaller_k(store: LogitStore, k: int, path: str | Path) -> LogitStore:
     if (path / MANIFEST).exists():
         return LogitStore.open(path)
     small = StoreHeader(**dict(header.to_dict(), k=k))
-    writer = StoreWriter(path, small, batch_size=max(header.size, 1))
-    for epoch in range(header.epochs):
-        if not writer.todo(epoch):
-            continue
-        records = store.records(epoch, np.arange(header.size))
-        values = records["value"].astype(np.float64)  # (N, k_old)
-        others = header.num_classes - header.k
-        tail = np.exp(values[:, k:])  # entries k+1..k_old move into the remainder
-        rest_mass = (others * np.exp(records["rest"].astype(np.float64)) if others else 0.0) + tail.sum(axis=1)
-        out = np.empty(header.size, dtype=small.dtype)
-        out["seed"], out["index"] = records["seed"], records["index"][:, :k]
-        out["value"] = records["value"][:, :k]
-        out["rest"] = np.log(rest_mass / (header.num_classes - k)).astype(np.float32)
-        writer.append(epoch, out)
-    return writer.finish()
+    with StoreWriter(
+        path,
+        small,
+        batch_size=max(header.size, 1),
+        seeds=lambda epoch, positions: store.records(epoch, positions)["seed"],
+    ) as writer:
+        for epoch in range(header.epochs):
+            if writer.todo(epoch):
+                writer.append(epoch, _smaller_k_records(store, epoch, k, small))
+        return writer.finish()
+
+
+def _smaller_k_records(store: LogitStore, epoch: int, k: int, small: StoreHeader) -> np.ndarray:
+    """`epoch`'s records of `store` cut to the top `k`, the rest folded into the remainder."""
+    header = store.header
+    records = store.records(epoch, np.arange(header.size))
+    values = records["value"].astype(np.float64)  # (N, k_old)
+    others = header.num_classes - header.k
+    tail = np.exp(values[:, k:])  # entries k+1..k_old move into the remainder
+    rest_mass = (others * np.exp(records["rest"].astype(np.float64)) if others else 0.0) + tail.sum(axis=1)
+    out = np.empty(header.size, dtype=small.dtype)
+    out["seed"], out["index"] = records["seed"], records["index"][:, :k]
+    out["value"] = records["value"][:, :k]
+    out["rest"] = np.log(rest_mass / (header.num_classes - k)).astype(np.float32)
+    return out

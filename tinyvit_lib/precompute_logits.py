@@ -17,8 +17,12 @@ complete store it writes nothing: it opens the store (checksums, and the same te
 settings as the command line describes) and checks it. `--inspect PATH` prints what a store holds
 and checks its files, without a teacher or data.
 
+One precompute per output path at a time: a second one on the same path (or on any rank it shares
+with a running sharded one) is refused, naming the process that holds it.
+
 Exit status: 0 done (and verified, with --verify); 1 the verification found differences beyond the
-tolerance; 2 bad input, one line on stderr, before anything is written.
+tolerance; 2 bad input, an output path that cannot be written (a file, read-only) or is in use by
+another precompute: one line on stderr, before anything is written.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from .distill import precompute, store_header, verify_store
 from .logit_store import MANIFEST, LogitStore, describe_store, official_record_bytes
 from .teachers import build_model, load_weights
 from .trainer import pick_device
-from .utils import init_distributed, is_main_process
+from .utils import LockHeld, init_distributed, is_main_process
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         run_precompute(args, teacher, dataset, device)
         if args.verify and is_main_process():
             return run_verify(LogitStore.open(args.output_path), teacher, dataset, args, device)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, LockHeld) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
