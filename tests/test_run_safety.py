@@ -1,5 +1,6 @@
 """One writer per run, a resume that continues only the same run, and one line (never a traceback)
-when the training CLI cannot go on: bad floats, an output folder it cannot write, a full disk."""
+when the training CLI cannot go on: bad floats, an output folder it cannot write, a replay store too
+short for the run, a full disk."""
 
 import os
 import signal
@@ -14,7 +15,13 @@ import torch
 from test_cli import TRAIN, assert_refused, run_cases
 
 from tinyvit_lib import tinyvit_5m
+from tinyvit_lib.augment import AUGMENT_PRESETS
+from tinyvit_lib.data import get_dataset, per_class_subset
+from tinyvit_lib.distill import precompute, precompute_or_reuse
+from tinyvit_lib.logit_store import writer_lock
 from tinyvit_lib.model import load_pretrained
+from tinyvit_lib.teachers import build_model
+from tinyvit_lib.utils import LockHeld
 
 TINY_RUN = ["--dataset", "synthetic", "--max-per-class", "2", "--max-val-per-class", "2", "--batch-size", "8"]
 
@@ -112,3 +119,22 @@ def test_load_pretrained_refuses_a_file_that_is_not_a_state_dict(tmp_path):
     torch.save([torch.zeros(1)], path)
     with pytest.raises(ValueError, match=r"list.pt holds a list, not a state dict of tensors"):
         load_pretrained(tinyvit_5m(), path)
+
+
+def test_a_run_longer_than_its_replay_store_is_refused_before_anything_is_written(tmp_path):
+    views = per_class_subset(get_dataset("synthetic", split="train", augment=AUGMENT_PRESETS["light"]), 2)
+    teacher = build_model("resnet18", num_classes=10, img_size=32)
+    precompute(teacher, views, tmp_path / "store", k=3, mode="replay", epochs=1, progress=False)
+    common = [*TINY_RUN, "--output-dir", str(tmp_path / "runs"), "--name", "x", "--use-distillation"]
+    (result,) = run_cases([[*common, "--logits-path", str(tmp_path / "store"), "--epochs", "2"]], tmp_path)
+    assert_refused(result, "the replay store holds 1 epoch(s) of views, the run trains 2")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_store_being_written_is_not_removed_to_be_rebuilt(tmp_path):
+    dataset = get_dataset("synthetic", split="train", num_samples=40)
+    teacher = build_model("resnet18", num_classes=10, img_size=32)
+    precompute(teacher, dataset, tmp_path / "store", k=3, progress=False)
+    with writer_lock(tmp_path / "store"), pytest.raises(LockHeld, match="is in use by process"):
+        precompute_or_reuse(teacher, dataset, tmp_path / "store", k=3, force=True, progress=False)
+    assert (tmp_path / "store" / "manifest.json").exists()

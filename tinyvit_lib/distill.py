@@ -40,6 +40,7 @@ from .logit_store import (
     encode_records,
     official_record_bytes,
     rebuild_logits,
+    writer_lock,
 )
 from .utils import progress as progress_bar
 from .utils import rank_world
@@ -570,7 +571,12 @@ def precompute_or_reuse(
     **kwargs,
 ) -> tuple[LogitStore, PrecomputeStats | None]:
     """The store at `path` if it was made by this teacher, on this data, with these settings;
-    otherwise (or with `force`) it is removed and computed again. Stats are None when reused."""
+    otherwise (or with `force`) it is removed and computed again. Stats are None when reused.
+
+    Raises:
+        LockHeld: another process is writing a store at `path`.
+        And what `precompute` raises.
+    """
     path = Path(path)
     expected = store_header(teacher, teacher_name, dataset, k=k, mode=mode, epochs=epochs)
     if not force and (path / "manifest.json").exists():
@@ -581,7 +587,8 @@ def precompute_or_reuse(
     pending = path / "pending.json"
     stale_pending = pending.exists() and json.loads(pending.read_text()).get("header") != expected.to_dict()
     if force or (path / "manifest.json").exists() or stale_pending:
-        shutil.rmtree(path, ignore_errors=True)  # an unfinished run with the same settings is resumed instead
+        with writer_lock(path):  # never remove a store that another process is writing (LockHeld)
+            shutil.rmtree(path, ignore_errors=True)  # an unfinished run with the same settings is resumed instead
     return precompute(teacher, dataset, path, k=k, mode=mode, epochs=epochs, teacher_name=teacher_name, **kwargs)
 
 

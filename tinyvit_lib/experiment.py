@@ -141,7 +141,7 @@ def prepare_run(spec: RunSpec) -> PreparedRun:
             load_weights(teacher_net, spec.teacher_checkpoint)
         teacher = OnlineTeacher(teacher_net, in_chans=in_chans)
     elif spec.logits_path:
-        teacher = StoredTeacher.open(spec.logits_path, train_set)
+        teacher = StoredTeacher.open(spec.logits_path, train_set, epochs=config.epochs)  # enough replayed epochs?
     if config.distill_alpha == 0:
         teacher = None
     return PreparedRun(spec, model, train_set, val_set, teacher, model_config)

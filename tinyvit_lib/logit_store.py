@@ -62,6 +62,7 @@ __all__ = [
     "rebuild_logits",
     "StoreMismatch",
     "derive_smaller_k",
+    "writer_lock",
     "describe_store",
     "manifest_digest",
 ]
@@ -450,6 +451,12 @@ class LogitStore:
 # ----------------------------------------------------------------------------- writing
 
 
+def writer_lock(path: str | Path, *, rank: int = 0, world_size: int = 1) -> FileLock:
+    """The lock that rank `rank`'s writer of the store at `path` holds while it writes (not yet taken)."""
+    what = f"logit store {path}" + (f" (rank {rank})" if world_size > 1 else "")
+    return FileLock(Path(path) / f".lock-rank-{rank:03d}", what=what)
+
+
 class StoreWriter:
     """Writes one store, resumably, in whole batches; one writer per rank when sharded.
 
@@ -500,8 +507,7 @@ class StoreWriter:
             raise ValueError("a replay store's writer needs `seeds`: the seed of each record's view")
         self.path, self.header, self.batch_size = Path(path), header, batch_size
         self.rank, self.world_size, self.seeds = rank, world_size, seeds
-        what = f"logit store {self.path}" + (f" (rank {rank})" if world_size > 1 else "")
-        self._lock = FileLock(self.path / f".lock-rank-{rank:03d}", what=what)
+        self._lock = writer_lock(self.path, rank=rank, world_size=world_size)
         self._claim()
         num_batches = math.ceil(header.size / batch_size)
         share = math.ceil(num_batches / world_size)
