@@ -138,3 +138,17 @@ def test_a_store_being_written_is_not_removed_to_be_rebuilt(tmp_path):
     with writer_lock(tmp_path / "store"), pytest.raises(LockHeld, match="is in use by process"):
         precompute_or_reuse(teacher, dataset, tmp_path / "store", k=3, force=True, progress=False)
     assert (tmp_path / "store" / "manifest.json").exists()
+
+
+def test_bad_data_arguments_are_refused_in_one_line(tmp_path):
+    (tmp_path / "empty_store").mkdir()
+    common = ["--output-dir", str(tmp_path / "runs"), "--name", "x"]
+    cases = {
+        "img_size=10000 is outside [16, 1024]": [*TINY_RUN, "--img-size", "10000"],
+        str(tmp_path / "nope"): ["--dataset", "fashion-mnist", "--train-data", str(tmp_path / "nope")],
+        "the folder is empty": [*TINY_RUN, "--use-distillation", "--logits-path", str(tmp_path / "empty_store")],
+    }
+    results = run_cases([[*common, *argv] for argv in cases.values()], tmp_path)
+    for message, result in zip(cases, results):
+        assert_refused(result, message)
+    assert not (tmp_path / "runs").exists()
