@@ -3,8 +3,8 @@ written, `--no-verify-files`, the precompute CLI's `--verify` (on a complete sto
 writes nothing, exit 1 beyond the tolerance) and `--inspect`, and its refusal of an output path that
 cannot be written or that another precompute holds.
 
-Every case runs `main()` in a subprocess: importing `tinyvit_lib.train` by name rebinds the package
-attribute `tinyvit_lib.train` (the training function) in the importing process.
+Every case runs `main()` in a fresh subprocess, as a user's command would: a CLI may initialise a
+process group or change torch's global state, which must not leak into the test process.
 """
 
 import json
