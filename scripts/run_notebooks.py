@@ -13,17 +13,22 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import papermill
 from jupyter_client.manager import AsyncKernelManager
+from jupyter_core.paths import jupyter_runtime_dir
 
 
 class IPCKernelManager(AsyncKernelManager):
-    """A kernel manager whose kernels listen on IPC sockets (files in Jupyter's runtime folder)."""
+    """A kernel manager whose kernels listen on IPC sockets, files in Jupyter's runtime folder (by
+    default jupyter_client would put them in the current folder, the repository)."""
 
     def __init__(self, **kwargs) -> None:
-        super().__init__(transport="ipc", **kwargs)
+        runtime = Path(jupyter_runtime_dir())
+        runtime.mkdir(parents=True, exist_ok=True)
+        super().__init__(transport="ipc", ip=str(runtime / f"kernel-{uuid.uuid4().hex[:12]}-ipc"), **kwargs)
 
 
 def run(notebook: Path, out_dir: Path, *, kernel: str, profile: str) -> float:

@@ -109,7 +109,7 @@ def test_bad_values_exit_2_with_one_line_and_write_nothing(tmp_path):
         ],
         "no logit store at": ["--use-distillation", "--logits-path", str(tmp_path / "nostore")],
         "--use-distillation needs": ["--use-distillation"],
-        "--resume: no checkpoint": ["--resume"],
+        "cannot resume: no checkpoint": ["--resume"],
         "max_per_class=0": ["--max-per-class", "0"],
     }
     results = run_cases([common + argv for argv in cases.values()], tmp_path)

@@ -159,3 +159,11 @@ def test_the_seed_fixes_the_initial_weights_whatever_the_callers_rng(tmp_path):
     assert all(torch.equal(first[k], again[k]) for k in first)
     other = prepare_run(replace(spec, train=replace(spec.train, seed=1))).model.state_dict()
     assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_a_last_checkpoint_that_is_not_a_run_is_retrained_not_a_crash(tmp_path):
+    spec = _spec(tmp_path)
+    spec.run_dir.mkdir(parents=True)
+    torch.save([torch.zeros(1)], spec.run_dir / "last.pt")  # a file in the run's place that is not a run
+    result = run_or_reuse(spec, progress=False)
+    assert not result.reused and len(result.history) == 1

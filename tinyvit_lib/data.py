@@ -846,7 +846,7 @@ def _check_image_files(root: Path, ids: list[str], mode: str) -> None:
     """Check the files `root/{id}` as `mode` ("header", "decode" or "off") says; see `get_dataset`.
 
     Raises:
-        ValueError: names every file that fails (the first `_MAX_NAMED`, then how many more).
+        ValueError: names every file that fails.
     """
     if mode == "off":
         return
@@ -855,8 +855,8 @@ def _check_image_files(root: Path, ids: list[str], mode: str) -> None:
     if bad:
         raise ValueError(
             f"{len(bad)} of {len(ids)} image files under {root} are not readable images "
-            f"(check_images={mode!r}): {_named(bad)}. Remove or replace them, or skip this check with "
-            "check_images='off'"
+            f"(check_images={mode!r}): {', '.join(bad)}. Remove or replace them, or skip this check "
+            "(check_images='off' in Python, --check-images off on the command line)"
         )
 
 

@@ -21,7 +21,7 @@ from .data import DatasetWithIDs, get_dataset, per_class_subset
 from .distill import OnlineTeacher, StoredTeacher, Teacher, weights_sha256
 from .teachers import build_model, load_weights
 from .trainer import TrainConfig, TrainResult, evaluate, train
-from .utils import atomic_write_text, check_writable_folder, load_checkpoint
+from .utils import FileLock, atomic_write_text, check_writable_folder, load_checkpoint
 
 __all__ = [
     "RunSpec",
@@ -32,6 +32,7 @@ __all__ = [
     "run_or_reuse",
     "run_differences",
     "check_resumable",
+    "refuse_if_running",
     "run_digest",
     "load_trained",
     "evaluate_run",
@@ -118,6 +119,7 @@ def prepare_run(spec: RunSpec) -> PreparedRun:
         ValueError, FileNotFoundError: bad names, missing data or checkpoints (see `get_dataset`,
             `build_model`, `load_weights`), distillation without a teacher, a run folder that
             cannot be created or written.
+        LockHeld: another process is training this run.
     """
     config = spec.train
     if config.distill_alpha > 0 and not (spec.teacher_model or spec.logits_path):
@@ -125,6 +127,7 @@ def prepare_run(spec: RunSpec) -> PreparedRun:
     if spec.teacher_checkpoint and not spec.teacher_model:
         raise ValueError("teacher_checkpoint needs teacher_model (the architecture to load it into)")
     check_writable_folder(spec.run_dir, what="run folder")
+    refuse_if_running(spec)
     train_set, val_set = datasets_for(spec)
     img_size = train_set.transform.img_size
     in_chans = train_set.out_chans
@@ -184,7 +187,7 @@ def run_or_reuse(spec: RunSpec, *, force: bool = False, progress: bool = True, o
     last = spec.run_dir / "last.pt"
     if last.is_file() and not force:
         ckpt = load_checkpoint(last)
-        same = not run_differences(spec, ckpt)
+        same = isinstance(ckpt, dict) and not run_differences(spec, ckpt)
         if same and ckpt["epoch"] >= spec.train.epochs:
             return TrainResult(
                 run_dir=spec.run_dir, history=list(ckpt["history"]), best_top1=ckpt["best_top1"], reused=True
@@ -213,14 +216,27 @@ def _flat(train: dict, spec: dict, teacher: str | None) -> dict:
     return {**{f"train.{k}": v for k, v in train.items()}, **_movable(spec), "teacher (content hash)": teacher}
 
 
+def refuse_if_running(spec: RunSpec) -> None:
+    """Fail fast, before data is loaded or a model built, when another process is training this run
+    (its folder's lock is held); `trainer.train` takes the lock itself for the whole run.
+
+    Raises:
+        LockHeld: the run folder's lock is held (the message names the holder).
+    """
+    if spec.run_dir.is_dir():
+        FileLock(spec.run_dir / ".lock", what=f"run {spec.run_dir}").acquire().release()
+
+
 def check_resumable(spec: RunSpec) -> None:
     """Check, before anything is loaded or written, that `spec.run_dir/last.pt` continues this spec.
 
     Raises:
+        LockHeld: another process is training this run.
         FileNotFoundError: no checkpoint to resume from.
         ValueError: the checkpoint cannot be read, or was saved by a run with other data, model,
             optimisation or teacher (every differing field is listed).
     """
+    refuse_if_running(spec)
     last = spec.run_dir / "last.pt"
     if not last.is_file():
         raise FileNotFoundError(f"cannot resume: no checkpoint at {last}")

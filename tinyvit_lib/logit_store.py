@@ -21,8 +21,9 @@ class count.
 
 The manifest is checked field by field on open (types, ranges, the record layout that k and
 num_classes make, one file per epoch) and carries `manifest_sha256`, the SHA-256 of its own
-canonical JSON without that field (`manifest_digest`), so an edit or a flipped bit is refused
-(manifests written before the field existed are checked field by field only).
+canonical JSON without that field (`manifest_digest`), so an edit or a flipped bit is refused. A
+manifest without the field (written by an older version) is refused as a `StoreMismatch`, so
+`precompute_or_reuse` rebuilds such a store.
 
 Reads go through `numpy.memmap`: a lookup by sample position is one slice, O(1). Writing is
 append-only in whole batches (`StoreWriter`), one writer per folder and rank at a time (a lock
@@ -39,6 +40,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -346,7 +348,7 @@ def _is_file_entry(entry: object, expected: dict) -> bool:
 
 def _read_manifest(path: Path) -> tuple[dict, StoreHeader]:
     """The manifest of the store at `path` and its header, checked field by field and against its
-    own `manifest_sha256` (a manifest written before that field existed is checked field by field).
+    own `manifest_sha256`.
 
     Raises:
         FileNotFoundError: no manifest; the message says whether `path` is missing, a file, an
@@ -354,6 +356,7 @@ def _read_manifest(path: Path) -> tuple[dict, StoreHeader]:
         ValueError: a manifest that is not UTF-8 JSON, not of this format/version, malformed (the
             field is named: see `_manifest_header` and `_check_record_and_files`), or changed after
             it was written.
+        StoreMismatch: a manifest without `manifest_sha256` (written by an older version).
     """
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
@@ -361,7 +364,12 @@ def _read_manifest(path: Path) -> tuple[dict, StoreHeader]:
     manifest = _load_manifest(manifest_path)
     header = _manifest_header(manifest, path)
     _check_record_and_files(manifest, header, manifest_path)
-    if "manifest_sha256" in manifest and manifest["manifest_sha256"] != manifest_digest(manifest):
+    if "manifest_sha256" not in manifest:
+        raise StoreMismatch(
+            f"{manifest_path} has no manifest_sha256: the store was written by an older version of tinyvit_lib "
+            "and cannot be checked for edits; precompute it again"
+        )
+    if manifest["manifest_sha256"] != manifest_digest(manifest):
         raise ValueError(
             f"{manifest_path} was changed after it was written: its manifest_sha256 does not match its "
             "contents (write the store again rather than editing it)"
@@ -744,7 +752,8 @@ def derive_smaller_k(store: LogitStore, k: int, path: str | Path) -> LogitStore:
 
     The records are sorted, so the top k are the first k entries; the remainder now also holds
     entries k+1..store.k, folded into `rest` (in float64, from the stored fp16 logits). Equal to a
-    precompute at k up to that fp16 rounding. An existing complete store at `path` is reused.
+    precompute at k up to that fp16 rounding. An existing complete store at `path` is reused when it
+    was derived from this store's teacher and data; otherwise it is derived again.
 
     Raises:
         ValueError: k not in [1, store.k), or as `StoreWriter`.
@@ -753,10 +762,13 @@ def derive_smaller_k(store: LogitStore, k: int, path: str | Path) -> LogitStore:
     header = store.header
     if not 1 <= k < header.k:
         raise ValueError(f"k={k} must be between 1 and the store's k - 1 ({header.k - 1})")
-    path = Path(path)
+    path, small = Path(path), StoreHeader(**dict(header.to_dict(), k=k))
     if (path / MANIFEST).exists():
-        return LogitStore.open(path)
-    small = StoreHeader(**dict(header.to_dict(), k=k))
+        try:
+            return LogitStore.open(path, expect=small)
+        except StoreMismatch:  # derived from another store (an older teacher, other data): derive it again
+            with writer_lock(path):
+                shutil.rmtree(path)
     with StoreWriter(
         path,
         small,

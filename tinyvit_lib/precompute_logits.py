@@ -1,7 +1,7 @@
 """`python -m tinyvit_lib.precompute_logits`: run a teacher once and store its top-k logits.
 
     python -m tinyvit_lib.precompute_logits --dataset cifar100 --teacher-model resnet50 --k 10 \\
-        --output-path ./logits/cifar100_logits.pkl
+        --output-path ./logits/cifar100
     python -m tinyvit_lib.precompute_logits --dataset fashion-mnist --teacher-model resnet18 \\
         --teacher-checkpoint runs/teacher/best.pt --k 10 --mode replay --epochs 10 --output-path logits/fm
     torchrun --nproc_per_node=2 -m tinyvit_lib.precompute_logits ...      # sharded: one share per rank
@@ -20,9 +20,11 @@ and checks its files, without a teacher or data.
 One precompute per output path at a time: a second one on the same path (or on any rank it shares
 with a running sharded one) is refused, naming the process that holds it.
 
-Exit status: 0 done (and verified, with --verify); 1 the verification found differences beyond the
-tolerance; 2 bad input, an output path that cannot be written (a file, read-only) or is in use by
-another precompute: one line on stderr, before anything is written.
+Exit status: 0 done (and verified, with --verify; for --inspect, a store whose files all check out);
+1 the verification found differences beyond the tolerance, or the precompute failed on its way (a
+full disk: one line; run the command again to continue); 2 bad input, an output path that cannot be
+written (a file, read-only) or is in use by another precompute, or (--inspect) no store or a store
+with a bad file: one line on stderr, before anything is written.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from .augment import AUGMENT_PRESETS
-from .data import DATASETS, DatasetWithIDs, get_dataset, per_class_subset
+from .data import CHECK_IMAGES, DATASETS, DatasetWithIDs, get_dataset, per_class_subset
 from .distill import precompute, store_header, verify_store
 from .logit_store import MANIFEST, LogitStore, describe_store, official_record_bytes
 from .teachers import build_model, load_weights
@@ -56,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
         dest="verify_files",
         action="store_false",
         help="cifar100: use a copy whose md5 differs from the official release (md5 checked: %(default)s)",
+    )
+    p.add_argument(
+        "--check-images",
+        choices=CHECK_IMAGES,
+        default="header",
+        help="image folders: check every file when the data is loaded (header: cheap; decode: thorough)",
     )
     p.add_argument(
         "--teacher-model",
@@ -112,6 +120,7 @@ def load_dataset(args: argparse.Namespace) -> DatasetWithIDs:
         augment=augment,
         base_seed=args.seed,
         verify=args.verify_files,
+        check_images=args.check_images,
     )
     return dataset if args.max_per_class is None else per_class_subset(dataset, args.max_per_class)
 
@@ -235,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, LockHeld) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # e.g. a full disk: the complete batches are kept, a re-run continues
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -75,7 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--epochs", type=int, default=defaults.epochs)
     opt.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per process")
     opt.add_argument("--lr", type=float, default=defaults.lr)
-    opt.add_argument("--min-lr", type=float, default=defaults.min_lr)
+    opt.add_argument(
+        "--min-lr",
+        type=float,
+        default=None,
+        help=f"final learning rate (default: {defaults.min_lr:g}, or --lr if lower)",
+    )
     opt.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs)
     opt.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     opt.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
@@ -120,7 +125,7 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
-        min_lr=min(args.min_lr, args.lr),
+        min_lr=min(TrainConfig.min_lr, args.lr) if args.min_lr is None else args.min_lr,
         warmup_epochs=args.warmup_epochs,
         weight_decay=args.weight_decay,
         label_smoothing=args.label_smoothing,
@@ -163,8 +168,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         spec = spec_from_args(args)
-        if args.resume and not (spec.run_dir / "last.pt").is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {spec.run_dir / 'last.pt'}")
         if args.resume:
             check_resumable(spec)  # the same data, model, optimisation and teacher, before anything loads
         prepared = prepare_run(spec)  # every input checked before the run folder is created

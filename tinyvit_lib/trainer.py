@@ -335,7 +335,7 @@ def train(
     parts = _build(model, train_set, config, teacher)
     with _one_writer(run_dir):
         state = _open_run_dir(run_dir, parts, config, model_config, train_set, resume=resume)
-        saver = CheckpointSaver(parts, config, model_config, run_dir)
+        saver = CheckpointSaver(parts, config, model_config, run_dir, resumed=resume)
         while state.epoch < config.epochs:
             record = train_one_epoch(parts, state, train_set, config, saver=saver, progress=progress)
             if val_set is not None:
@@ -505,7 +505,7 @@ def train_one_epoch(
         if not math.isfinite(loss):
             raise FloatingPointError(
                 f"loss is {loss} at step {parts.schedule.step_count} (epoch {epoch + 1}, batch {batch_index}); "
-                f"the last good checkpoint is {saver.last_path if saver else 'not saved'}"
+                + (saver.last_saved() if saver else "no checkpoint is kept")
             )
         state.batch = batch_index + 1
         state.seen += labels.numel()
@@ -579,9 +579,16 @@ class CheckpointSaver:
     """Writes a run's checkpoints (main process only): weights, optimizer, schedule, scaler, RNG
     state and the `TrainState`, enough to continue exactly."""
 
-    def __init__(self, parts: TrainParts, config: TrainConfig, model_config: dict | None, run_dir: Path) -> None:
+    def __init__(
+        self, parts: TrainParts, config: TrainConfig, model_config: dict | None, run_dir: Path, *, resumed: bool
+    ) -> None:
         self.parts, self.config, self.model_config, self.run_dir = parts, config, model_config, run_dir
         self.last_path = run_dir / "last.pt"
+        self.saved = resumed  # last.pt belongs to this run: resumed from it, or written by `save`
+
+    def last_saved(self) -> str:
+        """Where this run's last good checkpoint is, in words."""
+        return f"the last good checkpoint is {self.last_path}" if self.saved else "no checkpoint was saved yet"
 
     def checkpoint(self, state: TrainState) -> dict:
         parts, device = self.parts, self.parts.device
@@ -612,6 +619,7 @@ class CheckpointSaver:
         checkpoint = self.checkpoint(state)
         for name in names:
             save_checkpoint(checkpoint, self.run_dir / name)
+        self.saved = self.saved or "last.pt" in names
 
 
 def _score(record: dict) -> float:

@@ -49,7 +49,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     it, then rename it over `path`: a kill at any moment leaves either the old file or the new one.
 
     The folder is created if needed. If `write` (or the disk) fails, the temporary file is removed
-    and the exception propagates; `path` is untouched.
+    and the exception propagates (an OSError then names `path`); `path` is untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,6 +60,9 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -127,7 +130,8 @@ class FileLock:
     The lock is `fcntl.flock` on the file, which the operating system releases when the holder exits
     or dies: a lock file left by a killed process is simply taken over, never mistaken for a live
     one. The holder writes its PID and host into the file, so a second process is told who holds
-    it. The file stays in place after release. `flock` protects processes on one machine; several
+    it. The file stays in place after release (a logit store's writer removes its own once the store
+    is complete, see `logit_store.StoreWriter`). `flock` protects processes on one machine; several
     machines writing one network folder are not protected (see README, "Known limits").
 
         with FileLock(run_dir / ".lock", what=f"run {run_dir}"):
@@ -151,10 +155,17 @@ class FileLock:
             holder = file.read().strip() or "another process"
             file.close()
             raise LockHeld(f"{self.what} is in use by {holder}: wait for it to finish, or stop it") from None
-        file.seek(0)
-        file.truncate()
-        file.write(f"process {os.getpid()} on host {socket.gethostname()}\n")
-        file.flush()
+        except BaseException:
+            file.close()
+            raise
+        try:
+            file.seek(0)
+            file.truncate()
+            file.write(f"process {os.getpid()} on host {socket.gethostname()}\n")
+            file.flush()
+        except BaseException:
+            file.close()  # closing the file releases the lock
+            raise
         self._file = file
         return self
 
