@@ -249,3 +249,22 @@ def test_float16_autocast_scales_the_loss_and_checkpoints_the_scaler(tmp_path):
     assert load_checkpoint(tmp_path / "run" / "last.pt")["scaler"]  # an enabled scaler has state
     with pytest.raises(ValueError, match="amp_dtype=float8"):
         TrainConfig(amp_dtype="float8")
+
+
+def test_the_speed_policy_is_channels_last_and_fused_adamw_and_is_recorded(tmp_path):
+    train_set, _ = synthetic(n_train=64)
+    for name, changes in (("fast", {}), ("eager", dict(channels_last=False, fused_adamw=False))):
+        model = tiny_model()
+        train(
+            model,
+            train_set,
+            None,
+            TrainConfig(epochs=1, batch_size=32, **changes),
+            run_dir=tmp_path / name,
+            progress=False,
+        )
+        policy = json.loads((tmp_path / name / "config.json").read_text())["policy"]
+        conv = next(m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
+        fast = name == "fast"
+        assert policy["channels_last"] is fast and policy["fused_adamw"] is fast and policy["autocast"] is None
+        assert conv.is_contiguous(memory_format=torch.channels_last) is fast and conv.is_contiguous() is not fast

@@ -98,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="float16 for GPUs without bf16 (adds loss scaling)",
     )
     opt.add_argument("--compile", action="store_true", help="torch.compile the model")
+    opt.add_argument(
+        "--no-channels-last",
+        dest="channels_last",
+        action="store_false",
+        help="keep weights and inputs in NCHW memory (channels-last is faster for convolutions)",
+    )
+    opt.add_argument("--no-fused-adamw", dest="fused_adamw", action="store_false", help="the plain AdamW loop")
     opt.add_argument("--checkpoint-every", type=int, default=0, help="also save last.pt every N steps")
 
     kd = p.add_argument_group("distillation")
@@ -138,6 +145,8 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
         amp={"auto": None, "on": True, "off": False}[args.amp],
         amp_dtype=args.amp_dtype,
         compile=args.compile,
+        channels_last=args.channels_last,
+        fused_adamw=args.fused_adamw,
         num_workers=args.num_workers,
         checkpoint_every=args.checkpoint_every,
     )

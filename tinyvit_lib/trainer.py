@@ -86,6 +86,10 @@ class TrainConfig:
     amp: bool | None = None  # autocast; None: on for CUDA only
     amp_dtype: str = "bfloat16"  # or "float16" (GPUs without bf16): then a GradScaler scales the loss
     compile: bool = False
+    # The speed policy (`make bench` measures it): weights and inputs channels-last made a TinyViT-5M
+    # training step at 32x32 1.4x faster on a CPU (oneDNN's convolutions), a fused AdamW update 1.1x more.
+    channels_last: bool = True
+    fused_adamw: bool = True  # on CPU and CUDA; other devices use the plain loop
     num_workers: int = 0
     checkpoint_every: int = 0  # also save last.pt every this many steps (0: at epoch ends only)
 
@@ -273,6 +277,7 @@ class TrainParts:
     amp: bool
     amp_dtype: torch.dtype
     clip_grad: float  # max gradient norm; 0: no clipping
+    channels_last: bool  # inputs (and weights) in channels-last memory
     world: int  # processes taking part
 
 
@@ -386,7 +391,11 @@ def _open_run_dir(
         _write_on_main(run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
         return state
     description = dict(
-        train=asdict(config), model=model_config, train_set=train_set.fingerprint(), world_size=parts.world
+        train=asdict(config),
+        policy=_policy(parts),
+        model=model_config,
+        train_set=train_set.fingerprint(),
+        world_size=parts.world,
     )
     _write_on_main(run_dir / "log.jsonl", "")
     _write_on_main(run_dir / "config.json", json.dumps(description, indent=2) + "\n")
@@ -409,9 +418,10 @@ def _build(model: nn.Module, train_set: DatasetWithIDs, config: TrainConfig, tea
     model.to(device)
     if teacher is not None:
         teacher.to(device)
-    if device.type == "cuda":
+    if config.channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
+    fused = config.fused_adamw and device.type in ("cpu", "cuda")
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, fused=fused)
     sampler, loader, steps_per_epoch = _training_loader(train_set, config, device, rank=rank, world=world)
     schedule = CosineSchedule(
         optimizer,
@@ -436,6 +446,7 @@ def _build(model: nn.Module, train_set: DatasetWithIDs, config: TrainConfig, tea
         amp=amp,
         amp_dtype=amp_dtype,
         clip_grad=config.clip_grad,
+        channels_last=config.channels_last,
         world=world,
     )
 
@@ -546,7 +557,7 @@ def train_step(
     a NaN loss is returned for the caller to stop on before anything else is saved)."""
     images = images.to(parts.device, non_blocking=True)
     labels = labels.to(parts.device, non_blocking=True)
-    if parts.device.type == "cuda":
+    if parts.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     targets = labels
     if parts.mixer is not None:
@@ -666,6 +677,18 @@ def _restore(parts: TrainParts, config: TrainConfig, path: Path) -> TrainState:
         seen=ckpt["partial_seen"],
         history=list(ckpt["history"]),
         best_top1=ckpt["best_top1"],
+    )
+
+
+def _policy(parts: TrainParts) -> dict:
+    """How this run computes, as resolved on this machine: device, memory format, optimizer, autocast."""
+    return dict(
+        device=str(parts.device),
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        channels_last=parts.channels_last,
+        fused_adamw=bool(parts.optimizer.defaults.get("fused")),
+        autocast=str(parts.amp_dtype).removeprefix("torch.") if parts.amp else None,
+        threads=torch.get_num_threads(),
     )
 
 
