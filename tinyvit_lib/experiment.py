@@ -276,7 +276,8 @@ def _movable(spec: dict) -> dict:
 
 
 def load_trained(path: str | Path) -> nn.Module:
-    """Rebuild a model from a checkpoint written by `run` (architecture from its model_config).
+    """Rebuild a model from a checkpoint written by `run` (architecture from its model_config), in
+    eval mode and channels-last memory (what evaluation and a teacher run fastest in).
 
     Raises:
         FileNotFoundError, ValueError: the checkpoint is missing, unreadable or has no model_config.
@@ -288,7 +289,7 @@ def load_trained(path: str | Path) -> nn.Module:
     model = build_model(
         config["name"], num_classes=config["num_classes"], in_chans=config["in_chans"], img_size=config["img_size"]
     )
-    return load_weights(model, path).eval()
+    return load_weights(model, path).eval().to(memory_format=torch.channels_last)  # faster convolutions
 
 
 def evaluate_run(run_dir: str | Path, test_set: DatasetWithIDs, *, checkpoint: str = "last.pt") -> dict:
