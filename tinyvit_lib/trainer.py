@@ -322,17 +322,15 @@ def train(
         model_config: extra description saved in checkpoints (e.g. how to rebuild the model).
         on_epoch: called with each epoch's record (e.g. to plot live in a notebook).
 
-    Returns:
-        A `TrainResult` with the per-epoch history and the best top-1.
+    Returns a `TrainResult` with the per-epoch history and the best top-1.
 
     Raises:
-        ValueError: distillation asked for without a teacher; a batch larger than the data;
-            resume without a readable checkpoint or with a different config.
-        FloatingPointError: the loss became NaN or infinite (the message names the step; the
-            last good checkpoint stays in place).
+        ValueError: distillation without a teacher; a batch larger than the data; resume without
+            a readable checkpoint or with a different config.
+        FloatingPointError: a NaN or infinite loss (named by step; the last good checkpoint stays).
         LockHeld: another process is training in `run_dir` (one writer per run).
-        OSError: a checkpoint could not be written (e.g. a full disk); no temporary file is left
-            and log.jsonl has no record of the epoch that was not saved.
+        OSError: a checkpoint could not be written (a full disk): no temporary file is left and
+            log.jsonl has no record of the unsaved epoch.
     """
     if config.distill_alpha > 0 and teacher is None:
         raise ValueError(f"distill_alpha={config.distill_alpha} needs a teacher (an online model or a logit store)")
