@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -333,6 +334,18 @@ def test_precompute_or_reuse_rebuilds_a_store_made_by_another_teacher(tmp_path):
     other = tiny_teacher(1)
     store, rebuilt = precompute_or_reuse(other, dataset, tmp_path / "s", k=4, batch_size=32, progress=False)
     assert rebuilt is not None and verify_store(store, other, dataset, samples=16)["index_mismatch_rate"] == 0
+
+
+def test_precompute_or_reuse_rebuilds_an_unfinished_precompute_with_other_settings(tmp_path):
+    from tinyvit_lib.distill import precompute_or_reuse
+
+    dataset, teacher = data(), tiny_teacher(0)
+    for pending in ('{"header": {}, "batch_size": 64, "world_size": 1}', "[1, 2]", "not json"):
+        (tmp_path / "s").mkdir(exist_ok=True)
+        (tmp_path / "s" / "pending.json").write_text(pending)  # left by another precompute, or damaged
+        store, stats = precompute_or_reuse(teacher, dataset, tmp_path / "s", k=4, batch_size=32, progress=False)
+        assert stats is not None and stats.images == len(dataset) and store.header.k == 4
+        shutil.rmtree(tmp_path / "s")
 
 
 def rewrite_records_keeping_the_checksums(store: Path, edit: Callable[[np.ndarray], None]) -> None:

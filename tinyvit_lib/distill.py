@@ -16,7 +16,6 @@ constant of the data.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import time
 from collections.abc import Callable
@@ -39,6 +38,8 @@ from .logit_store import (
     StoreWriter,
     encode_records,
     official_record_bytes,
+    pending_settings,
+    read_pending,
     rebuild_logits,
     writer_lock,
 )
@@ -571,6 +572,7 @@ def precompute_or_reuse(
     mode: str = "static",
     epochs: int = 1,
     teacher_name: str = "teacher",
+    batch_size: int = 256,
     force: bool = False,
     **kwargs,
 ) -> tuple[LogitStore, PrecomputeStats | None]:
@@ -588,12 +590,22 @@ def precompute_or_reuse(
             return LogitStore.open(path, expect=expected), None
         except StoreMismatch:
             pass  # made by another teacher or for other data: rebuild below
-    pending = path / "pending.json"
-    stale_pending = pending.exists() and json.loads(pending.read_text()).get("header") != expected.to_dict()
-    if force or (path / "manifest.json").exists() or stale_pending:
+    found = read_pending(path)  # an unfinished precompute with the same settings is resumed instead
+    settings = pending_settings(expected, batch_size=batch_size, world_size=rank_world()[1])
+    if force or (path / "manifest.json").exists() or (found is not None and found != settings):
         with writer_lock(path):  # never remove a store that another process is writing (LockHeld)
-            shutil.rmtree(path, ignore_errors=True)  # an unfinished run with the same settings is resumed instead
-    return precompute(teacher, dataset, path, k=k, mode=mode, epochs=epochs, teacher_name=teacher_name, **kwargs)
+            shutil.rmtree(path, ignore_errors=True)
+    return precompute(
+        teacher,
+        dataset,
+        path,
+        k=k,
+        mode=mode,
+        epochs=epochs,
+        teacher_name=teacher_name,
+        batch_size=batch_size,
+        **kwargs,
+    )
 
 
 # ----------------------------------------------------------------------------- compatibility: the original plan's API

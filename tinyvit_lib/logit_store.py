@@ -65,6 +65,8 @@ __all__ = [
     "StoreMismatch",
     "derive_smaller_k",
     "writer_lock",
+    "pending_settings",
+    "read_pending",
     "describe_store",
     "manifest_digest",
 ]
@@ -459,6 +461,24 @@ class LogitStore:
 # ----------------------------------------------------------------------------- writing
 
 
+def pending_settings(header: StoreHeader, *, batch_size: int, world_size: int) -> dict:
+    """What an unfinished precompute records in pending.json; it is resumed only with exactly these."""
+    return dict(header=header.to_dict(), batch_size=batch_size, world_size=world_size)
+
+
+def read_pending(path: str | Path) -> dict | None:
+    """The pending.json of the store folder `path`: None when there is none, {} when it cannot be read
+    as a JSON object (then it matches no settings)."""
+    pending = Path(path) / PENDING
+    if not pending.is_file():
+        return None
+    try:
+        found = json.loads(pending.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
 def writer_lock(path: str | Path, *, rank: int = 0, world_size: int = 1) -> FileLock:
     """The lock that rank `rank`'s writer of the store at `path` holds while it writes (not yet taken)."""
     what = f"logit store {path}" + (f" (rank {rank})" if world_size > 1 else "")
@@ -547,10 +567,9 @@ class StoreWriter:
     def _check_pending(self) -> None:
         """Raises StoreMismatch if pending.json describes other settings; rank 0 writes it if absent."""
         pending = self.path / PENDING
-        wanted = dict(header=self.header.to_dict(), batch_size=self.batch_size, world_size=self.world_size)
-        if pending.exists():
-            found = json.loads(pending.read_text())
-            found = found if isinstance(found, dict) else {}
+        wanted = pending_settings(self.header, batch_size=self.batch_size, world_size=self.world_size)
+        found = read_pending(self.path)
+        if found is not None:
             if found != wanted:
                 diffs = [k for k in wanted if found.get(k) != wanted[k]]
                 raise StoreMismatch(
