@@ -9,7 +9,16 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from tinyvit_lib.augment import AugmentConfig, EvalTransform, PairedMix, TrainTransform, derive_seed, sample_seed
+from tinyvit_lib.augment import (
+    AUGMENT_PRESETS,
+    AugmentConfig,
+    EvalTransform,
+    PairedMix,
+    TrainTransform,
+    derive_seed,
+    sample_seed,
+    seeded_rng,
+)
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.2, 0.2)
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +48,27 @@ def test_same_seed_same_view_different_seed_different_view(channels):
     assert torch.equal(views[0], views[1])
     assert not torch.equal(views[0], views[2])
     assert len({transform(image, seed).sum().item() for seed in range(10)}) == 10
+
+
+@pytest.mark.parametrize("preset", ["light", "full", "erase_always"])
+@pytest.mark.parametrize("channels, size", [(1, 28), (3, 28), (3, 64)])
+def test_train_views_equal_the_torchvision_pipeline_bit_for_bit(preset, channels, size):
+    # `batch` draws each image's parameters itself and normalises the batch at once; a logit store
+    # holds the teacher's answer to the pipeline's view, so every view must equal the v2.Compose
+    # reference under the same seed, bit for bit (mixed sizes in one batch, as image folders give).
+    config = {"erase_always": AugmentConfig(erase_prob=1.0, randaugment_ops=0)}.get(preset) or AUGMENT_PRESETS[preset]
+    transform = TrainTransform(32, MEAN[:channels], STD[:channels], config=config)
+    images = list(_images(channels, count=40, size=size)) + list(_images(channels, count=2, size=size + 9))
+    seeds = [sample_seed(3, 1, f"img{i}") for i in range(len(images))]
+    views = transform.batch(images, seeds)
+    assert views.shape == (len(images), channels, 32, 32) and views.dtype == torch.float32
+    for image, seed, view in zip(images, seeds, views):
+        with seeded_rng(seed):
+            expected = transform.pipeline(image)
+        assert torch.equal(view, expected)
+        assert torch.equal(transform(image, seed), expected)
+    with pytest.raises(ValueError, match="2 images but 1 seeds"):
+        transform.batch(images[:2], seeds[:1])
 
 
 def test_transform_leaves_the_global_rng_alone():

@@ -11,8 +11,8 @@ from tinyvit_lib.bench import main, matched_window_sizes
 def test_quick_bench_writes_every_number(tmp_path):
     pytest.importorskip("timm")
     out = tmp_path / "bench.json"
-    # --system-malloc: the allocator setting would outlive the test in this process.
-    assert main(["--quick", "--sections", "train32,infer32,distill", "--system-malloc", "--out", str(out)]) == 0
+    sections = "train32,infer32,distill,epoch,profile"
+    assert main(["--quick", "--sections", sections, "--system-malloc", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     assert {(row["section"], row["policy"]) for row in results["models"]} == {
         (section, policy) for section in ("train32", "infer32") for policy in ("eager", "fast")
@@ -21,9 +21,27 @@ def test_quick_bench_writes_every_number(tmp_path):
         assert set(row["images_per_s"]) == {"ours", "timm_default", "timm_matched"}
         assert min(row["images_per_s"].values()) > 0
         assert row["ours_vs_timm_default"] > 0 and row["ours_vs_timm_matched"] > 0
+        # the same computation: the matched windows count ours' FLOPs; timm's default pads at 32
+        assert row["flops_per_image"]["ours"] == pytest.approx(row["flops_per_image"]["timm_matched"], rel=0.01)
+        assert row["flops_per_image"]["timm_default"] > 2 * row["flops_per_image"]["ours"]
+        assert 0 < row["fraction_of_peak"]["ours"] < 1.5  # a quick run's tiny peak matmul is noisy
+    train, infer = (next(r for r in results["models"] if r["section"] == s) for s in ("train32", "infer32"))
+    assert train["flops_per_image"]["ours"] == pytest.approx(3 * infer["flops_per_image"]["ours"])  # backward 2x
+    assert set(results["matmul_peak_gflops"]) == {"fp32", "bf16"}
     assert set(results["ours_vs_timm_eager"]) == {"train32", "infer32"}
     assert results["ours_vs_timm_eager"]["train32"]["fast"]["vs_timm_matched"] > 0
     assert results["distill"]["store_vs_ce"] > 0 and results["distill"]["precompute_images_per_s"] > 0
+    epoch_rows = {row["case"]: row for row in results["epoch"]["rows"]}
+    assert set(epoch_rows) == {
+        "student 32, labels",
+        "student 32, store",
+        "student 32, online",
+        "teacher 32",
+        "teacher 32, old path",
+    }  # --quick leaves out 224
+    assert all(row["images_per_s"] > 0 and row["epoch_over_steps"] > 0 for row in epoch_rows.values())
+    assert results["epoch"]["student32_vs_timm_matched_eager_step"] > 0 and results["epoch"]["teacher_vs_old_path"] > 0
+    assert "aten::" in results["profile_table"]
     assert results["wall_s"] > 0 and results["machine"]["threads"] >= 1
 
 

@@ -10,6 +10,7 @@ from tinyvit_lib import (
     TinyViTConfig,
     count_flops,
     fuse_for_inference,
+    inference_copy,
     load_pretrained,
     tinyvit_5m,
     tinyvit_11m,
@@ -196,6 +197,39 @@ def test_fuse_for_inference_matches():
         assert torch.allclose(model(x), fused(x), atol=1e-4)
 
 
+def test_inference_copy_folds_batchnorm_and_leaves_the_model_alone():
+    import torchvision
+
+    resnet = torchvision.models.resnet18(num_classes=10)
+    for model in (perturb_(tinyvit_5m(img_size=32, num_classes=10)), perturb_(resnet)):
+        model.train()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        runner = inference_copy(model)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in runner.modules())
+        assert not runner.training and not any(p.requires_grad for p in runner.parameters())
+        assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            expected = model.eval()(x)
+            assert torch.allclose(runner(x.contiguous(memory_format=torch.channels_last)), expected, atol=1e-4)
+
+
+def test_inference_copy_of_a_model_fx_cannot_trace_runs_unfused():
+    class Branchy(torch.nn.Module):  # control flow on a value: torch.fx cannot trace it
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) if x.sum() > -1e9 else x
+
+    model = perturb_(Branchy())
+    runner = inference_copy(model)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(runner(x), model.eval()(x), atol=1e-5)
+
+
 def test_flops_5m_224():
     assert 1.24e9 < count_flops(tinyvit_5m()) / 2 < 1.28e9  # about 1.26 GMAC
 
@@ -251,3 +285,13 @@ def test_bad_config_is_refused(kwargs, match):
 def test_unknown_override_is_refused():
     with pytest.raises(ValueError, match="num_class"):
         tinyvit_5m(num_class=10)
+
+
+def test_inference_copy_leaves_the_global_rng_alone():
+    # evaluate() makes one per epoch: drawing from the global RNG would move the run's drop path
+    model = tinyvit_5m(img_size=32, num_classes=10)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    inference_copy(model)
+    assert torch.equal(torch.rand(3), expected)

@@ -268,3 +268,43 @@ def test_the_speed_policy_is_channels_last_and_fused_adamw_and_is_recorded(tmp_p
         fast = name == "fast"
         assert policy["channels_last"] is fast and policy["fused_adamw"] is fast and policy["autocast"] is None
         assert conv.is_contiguous(memory_format=torch.channels_last) is fast and conv.is_contiguous() is not fast
+
+
+@pytest.mark.parametrize("native, img_size, expected", [(True, 224, True), (True, 32, False), (False, 224, False)])
+def test_cpu_autocast_by_default_only_where_bf16_is_native_and_pays(monkeypatch, native, img_size, expected):
+    # On an AVX2-only CPU bf16 is emulated (7-10x slower): the default must never pick it there.
+    import tinyvit_lib.utils as utils
+    from tinyvit_lib.trainer import _build, _policy
+
+    monkeypatch.setattr(utils.torch.cpu, "get_capabilities", lambda: {"avx512_bf16": native}, raising=False)
+    train_set = get_dataset("synthetic", split="train", num_samples=8, img_size=img_size, augment=LIGHT)
+    parts = _build(tiny_model(), train_set, TrainConfig(epochs=1, batch_size=4, device="cpu"), None)
+    assert parts.amp is expected
+    policy = _policy(parts)
+    assert policy["autocast"] == ("bfloat16" if expected else None) and policy["native_bf16"] is native
+    forced = _build(tiny_model(), train_set, TrainConfig(epochs=1, batch_size=4, device="cpu", amp=False), None)
+    assert forced.amp is False
+
+
+def test_evaluate_runs_a_folded_copy_and_leaves_the_model_training(tmp_path):
+    model = tiny_model().train()
+    _, val_set = synthetic(n_val=64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    metrics = evaluate(model, val_set, batch_size=32)
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    model.eval()
+    with torch.no_grad():
+        logits = torch.cat([model(torch.stack([val_set[i][0] for i in range(64)]))])
+    labels = torch.tensor([val_set[i][1] for i in range(64)])
+    assert metrics["top1"] == pytest.approx(100 * (logits.argmax(1) == labels).float().mean().item())
+    assert metrics["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), abs=1e-4)
+
+
+def test_compile_cache_is_a_lasting_folder_unless_set(monkeypatch, tmp_path):
+    from tinyvit_lib.trainer import compile_cache_dir
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert compile_cache_dir() == tmp_path / ".cache" / "tinyvit_lib" / "inductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert compile_cache_dir() == tmp_path / "mine"

@@ -6,14 +6,21 @@ Prints, from one run on this machine:
     (7, 7, 14, 7 whatever the input: a 2x2 map is padded to a 14x14 window) and with the windows our
     model uses (each clipped to its stage's map), which is the same computation as ours. At 224 the
     two timm models are one model, measured once;
+  * each row's FLOP rate as a fraction of this machine's peak for its precision, the peak measured
+    in the same run (a large fp32 and a large bf16 matmul);
   * the cost of a training step that distills from a logit store, and from an online teacher,
-    relative to a plain cross-entropy step, and the precompute's throughput.
+    relative to a plain cross-entropy step, and the precompute's throughput;
+  * the trainer end to end: an epoch of `train_one_epoch` (data, views, teacher, step, bookkeeping)
+    against its bare steps, for the students at 32 and 224 (labels, store, online teacher) and the
+    ResNet-18 teacher (and the teacher on the trainer's path before the speed work);
+  * where inference time goes: torch.profiler's top operators of ours at 224 under the fast policy.
 
 Every contender runs under each policy alike:
   eager  fp32, NCHW input, AdamW, inference in eval mode: the models as their code ships (ours
          makes its input channels-last itself);
-  fast   channels-last input and weights, bf16 autocast at 224 (at 32 it does not pay), AdamW
-         with fused=True, BatchNorm folded into the convolutions for inference.
+  fast   channels-last input and weights, bf16 autocast at 224 where the CPU has native bf16 (at
+         32 it does not pay; emulated, it is 7-10x slower), AdamW with fused=True, BatchNorm folded
+         into the convolutions for inference: what `train` and evaluation use by default.
   compiled  fast, then torch.compile (inductor; for inference with freezing). Not run unless
          asked (--policies): compiling takes 20-60 s per inference graph and minutes per training
          graph on a 2-core CPU (the "warm-up" column); inductor caches it for later runs.
@@ -32,8 +39,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
-import ctypes.util
 import json
 import os
 import platform
@@ -48,12 +53,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
+from .augment import AUGMENT_PRESETS
 from .data import get_dataset
 from .distill import DistillationLoss, OnlineTeacher, StoredTeacher, precompute
 from .model import TinyViT, default_window_sizes, fuse_for_inference, stage_resolutions, tinyvit_5m
 from .teachers import build_model
-from .trainer import pick_device
+from .trainer import TrainConfig, TrainState, _build, pick_device, train_one_epoch, train_step
+from .utils import BF16_FROM_IMG_SIZE, cpu_has_native_bf16, keep_freed_memory
 
 # (task, img_size) -> batch size. Training batches are the course's; inference batches are twice.
 SECTIONS: dict[str, tuple[str, int, int]] = {
@@ -62,6 +70,7 @@ SECTIONS: dict[str, tuple[str, int, int]] = {
     "train224": ("train", 224, 32),
     "infer224": ("infer", 224, 64),
 }
+ALL_SECTIONS = (*SECTIONS, "distill", "epoch", "profile")
 NUM_CLASSES = 1000
 CONTENDED_SHARE = 0.2  # other processes' CPU use during a sample, in cores, above which it is retimed
 SAMPLE_S = 0.5  # a timed sample is this long at least: several steps of a fast contender
@@ -79,32 +88,18 @@ class Policy:
     compile: bool = False
 
     def bf16(self, img_size: int) -> bool:
-        return self.bf16_from is not None and img_size >= self.bf16_from
+        """bf16 autocast at this size: from `bf16_from` on, where bf16 is native (a CUDA GPU, or a CPU
+        with AVX512-BF16 / AMX)."""
+        native = torch.cuda.is_available() or cpu_has_native_bf16()
+        return self.bf16_from is not None and img_size >= self.bf16_from and native
 
 
-FAST = Policy("fast", channels_last=True, bf16_from=224, fold_bn=True, fused_adamw=True)
+FAST = Policy("fast", channels_last=True, bf16_from=BF16_FROM_IMG_SIZE, fold_bn=True, fused_adamw=True)
 POLICIES = {"eager": Policy("eager"), "fast": FAST, "compiled": replace(FAST, name="compiled", compile=True)}
 DEFAULT_POLICIES = ("eager", "fast")
 
 
 # ----------------------------------------------------------------------------- machine
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc keep freed memory for reuse instead of handing large blocks back to the OS.
-
-    By default every block over 32 MB is mapped on allocation and unmapped on release, so each
-    large activation is paid for again in page faults: at 224x224 a GELU over a (32, 256, 56, 56)
-    tensor takes 46 ms into a fresh buffer and 11 ms into a reused one, and a training step of
-    TinyViT-5M runs 1.6x faster with this setting (a caching allocator does the same on a GPU).
-    Process-wide, so it applies to every contender alike. Returns False where glibc is absent.
-    """
-    name = ctypes.util.find_library("c")
-    if sys.platform != "linux" or name is None:
-        return False
-    libc = ctypes.CDLL(name)
-    m_trim_threshold, m_mmap_max = -1, -4  # glibc's mallopt parameter numbers
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**62))
 
 
 def machine() -> dict:
@@ -128,6 +123,30 @@ def machine() -> dict:
         python=platform.python_version(),
         cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     )
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, *, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a large square matmul (2 n^3 FLOPs) in `dtype`, median of `repeats` samples: the
+    ceiling that every row's FLOP rate is a fraction of. Where bf16 is emulated, so is this figure."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+
+    def step() -> None:
+        torch.mm(a, b)
+
+    seconds = [_timed(step, device)[0] for _ in range(2)]
+    per_sample = max(1, round(SAMPLE_S / seconds[-1]))
+    return 2 * n**3 / statistics.median(_timed(step, device, per_sample)[0] for _ in range(repeats))
+
+
+def flops_per_image(model: nn.Module, task: str, img_size: int) -> float:
+    """FLOPs (a multiply-add counts 2) of one image: the forward pass as torch's FlopCounterMode counts
+    it (matmuls, convolutions, attention; not elementwise work), three times that for a training
+    step (the usual rule: the backward pass costs twice the forward; FlopCounterMode's own count of
+    a depthwise convolution's backward is 14x its forward here, not a cost the kernels pay)."""
+    images = torch.randn(2, 3, img_size, img_size)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        copy.deepcopy(model).eval()(images)
+    return counter.get_total_flops() / len(images) * (3 if task == "train" else 1)
 
 
 def _others_cpu_seconds() -> float:
@@ -259,17 +278,30 @@ def time_in_turns(
 
 
 def measure(
-    timm, section: str, policy: Policy, *, device: torch.device, warmup: int, repeats: int, batch: int | None = None
+    timm,
+    section: str,
+    policy: Policy,
+    *,
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    peaks: dict[str, float],
+    batch: int | None = None,
 ) -> dict:
-    """One row: images/s of every contender for a section under a policy, and ours' ratios."""
+    """One row: images/s of every contender for a section under a policy, ours' ratios, and each
+    contender's FLOP rate as a fraction of the matmul peak (`peaks`) of the precision it computes in."""
     task, img_size, default_batch = SECTIONS[section]
     batch = batch or default_batch
-    steps = {}
+    steps, flops = {}, {}
     for name, build in contenders(timm, img_size).items():
         torch.manual_seed(0)
-        steps[name] = make_step(build(), task, policy, img_size, batch, device)
+        model = build()
+        flops[name] = flops_per_image(model, task, img_size)
+        steps[name] = make_step(model, task, policy, img_size, batch, device)
     seconds, warmup_s, contended = time_in_turns(steps, warmup=warmup, repeats=repeats, device=device)
     speed = {name: batch / s for name, s in seconds.items()}
+    peak = peaks["bf16" if policy.bf16(img_size) else "fp32"]
+    of_peak = {name: speed[name] * flops[name] / peak for name in speed}
     speed.setdefault("timm_matched", speed["timm_default"])  # 224: the matched windows are the default ones
     return dict(
         section=section,
@@ -281,6 +313,8 @@ def measure(
         images_per_s=speed,
         ours_vs_timm_default=speed["ours"] / speed["timm_default"],
         ours_vs_timm_matched=speed["ours"] / speed["timm_matched"],
+        flops_per_image=flops,
+        fraction_of_peak=of_peak,
         warmup_s=warmup_s,
         contended_samples=contended,
     )
@@ -380,11 +414,153 @@ def _distill_steps(
     return times, contended
 
 
+# ----------------------------------------------------------------------------- the trainer end to end
+
+
+@dataclass(frozen=True)
+class EpochCase:
+    """One row of the epoch section: a model trained by the course's trainer on synthetic images."""
+
+    label: str
+    model: str
+    img_size: int
+    batch: int
+    source: str | None = None  # the teacher's distribution: None (labels only), "store" or "online"
+    old_path: bool = False  # the trainer's path before the speed work: NCHW, plain AdamW, per-call v2 views
+
+
+EPOCH_CASES = (
+    EpochCase("student 32, labels", "tinyvit_5m", 32, 128),
+    EpochCase("student 32, store", "tinyvit_5m", 32, 128, "store"),
+    EpochCase("student 32, online", "tinyvit_5m", 32, 128, "online"),
+    EpochCase("student 224, labels", "tinyvit_5m", 224, 32),
+    EpochCase("student 224, store", "tinyvit_5m", 224, 32, "store"),
+    EpochCase("student 224, online", "tinyvit_5m", 224, 32, "online"),
+    EpochCase("teacher 32", "resnet18", 32, 128),
+    EpochCase("teacher 32, old path", "resnet18", 32, 128, old_path=True),
+)
+
+
+def epoch_case(case: EpochCase, *, device: torch.device, steps: int, repeats: int, tmp: Path) -> dict:
+    """The trainer's own epoch (`train_one_epoch`: loading, the replayable views, the teacher or
+    store, the step, bookkeeping; no validation) against its bare step (`train_step` on a batch
+    already in memory, the teacher's part included), each the median of `repeats` samples taken in
+    turns after a warm-up epoch. The "light" augmentation of the course's profiles."""
+    dataset = get_dataset(
+        "synthetic",
+        split="train",
+        img_size=case.img_size,
+        in_chans=3,
+        augment=AUGMENT_PRESETS["light"],
+        num_samples=case.batch * steps,
+    )
+    if case.old_path:
+        dataset.transform = dataset.transform.reference  # one v2 call per step and sample, as before
+    epochs, teacher = repeats + 1, None
+    if case.source is not None:
+        torch.manual_seed(0)
+        teacher_net = build_model("resnet18", num_classes=10, img_size=case.img_size)
+        if case.source == "store":
+            store = tmp / f"replay{case.img_size}"
+            if not store.exists():
+                precompute(
+                    teacher_net, dataset, store, k=10, mode="replay", epochs=epochs, device=device, progress=False
+                )
+            teacher = StoredTeacher.open(store, dataset, epochs=epochs)
+        else:
+            teacher = OnlineTeacher(teacher_net)
+    config = TrainConfig(
+        epochs=epochs,
+        batch_size=case.batch,
+        warmup_epochs=0,
+        distill_alpha=0.0 if case.source is None else 1.0,
+        device=str(device),
+        amp=False if case.old_path else None,
+        channels_last=not case.old_path,
+        fused_adamw=not case.old_path,
+    )
+    torch.manual_seed(0)
+    parts = _build(build_model(case.model, num_classes=10, img_size=case.img_size), dataset, config, teacher)
+    state = TrainState()
+    dataset.set_epoch(0)
+    images, labels, ids = next(iter(parts.loader))
+    train_one_epoch(parts, state, dataset, config, progress=False)  # warm-up
+    epoch_s, step_s = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        train_one_epoch(parts, state, dataset, config, progress=False)
+        epoch_s.append(time.perf_counter() - t0)
+        step_s.append(_timed(lambda: train_step(parts, images, labels, ids, 0, dataset), device, steps)[0])
+    epoch, step = statistics.median(epoch_s), statistics.median(step_s)
+    return dict(
+        case=case.label,
+        model=case.model,
+        img_size=case.img_size,
+        batch=case.batch,
+        source=case.source,
+        old_path=case.old_path,
+        autocast=parts.amp,
+        images_per_s=case.batch * steps / epoch,
+        bare_step_images_per_s=case.batch / step,
+        epoch_over_steps=epoch / (steps * step),
+    )
+
+
+def epoch_section(*, device: torch.device, quick: bool, rows: list[dict]) -> dict:
+    """Every `EPOCH_CASES` row, printed as measured, and the goals' ratios measured in this run:
+    the student's end-to-end rate at 32 over timm's matched bare step in eager fp32 (from `rows`,
+    where train32 was measured under eager), and the teacher's over its old path."""
+    print("trainer end to end (synthetic images, light augmentation; epoch = train_one_epoch, no validation)")
+    print(f"{'case':<24}{'batch':>6}{'epoch img/s':>13}{'bare step':>11}{'epoch/steps':>13}")
+    cases = [c for c in EPOCH_CASES if not (quick and c.img_size > 32)]
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in cases:
+            if quick:
+                case = replace(case, batch=8)
+            steps = 2 if quick else (8 if case.img_size <= 32 else 4)
+            row = epoch_case(case, device=device, steps=steps, repeats=1 if quick else 3, tmp=Path(tmp))
+            results.append(row)
+            print(
+                f"{row['case']:<24}{row['batch']:>6}{row['images_per_s']:>13.1f}{row['bare_step_images_per_s']:>11.1f}"
+                f"{row['epoch_over_steps']:>12.3f}x" + (" bf16" if row["autocast"] else ""),
+                flush=True,
+            )
+    by_case = {r["case"]: r for r in results}
+    out: dict = dict(rows=results)
+    timm_eager = next((r for r in rows if r["section"] == "train32" and r["policy"] == "eager"), None)
+    if timm_eager and "student 32, labels" in by_case:
+        ratio = by_case["student 32, labels"]["images_per_s"] / timm_eager["images_per_s"]["timm_matched"]
+        out["student32_vs_timm_matched_eager_step"] = ratio
+        print(f"student end to end at 32 / timm-matched bare step (eager fp32): {ratio:.2f}x")
+    if "teacher 32" in by_case and "teacher 32, old path" in by_case:
+        ratio = by_case["teacher 32"]["images_per_s"] / by_case["teacher 32, old path"]["images_per_s"]
+        out["teacher_vs_old_path"] = ratio
+        print(f"teacher end to end: {ratio:.2f}x its old path")
+    return out
+
+
+def profile_table(timm, *, device: torch.device, section: str = "infer224", rows: int = 12) -> str:
+    """torch.profiler's top operators (by own CPU time) of our model in `section` under the fast
+    policy: where the time that does not reach the matmul peak goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    task, img_size, batch = SECTIONS[section]
+    torch.manual_seed(0)
+    step = make_step(tinyvit_5m(img_size=img_size, num_classes=NUM_CLASSES), task, FAST, img_size, batch, device)
+    for _ in range(2):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=36)
+
+
 # ----------------------------------------------------------------------------- report
 
 HEADER = (
     f"{'section':<9}{'policy':<14}{'batch':>5}  {'ours':>8}  {'timm-default':>12}  {'timm-matched':>12}"
-    f"  {'ours/default':>12}  {'ours/matched':>12}   warm-up s (ours/timm)"
+    f"  {'ours/default':>12}  {'ours/matched':>12}  {'ours GFLOP/s':>12} {'of peak':>7}   warm-up s (ours/timm)"
 )
 
 
@@ -396,7 +572,9 @@ def format_row(row: dict) -> str:
     return (
         f"{row['section']:<9}{row['policy'] + (' bf16' if row['bf16'] else ''):<14}{row['batch']:>5}  "
         f"{speed['ours']:>8.1f}  {speed['timm_default']:>12.1f}  {matched:>12}  "
-        f"{row['ours_vs_timm_default']:>11.2f}x  {row['ours_vs_timm_matched']:>11.2f}x   {warmups}{note}"
+        f"{row['ours_vs_timm_default']:>11.2f}x  {row['ours_vs_timm_matched']:>11.2f}x  "
+        f"{speed['ours'] * row['flops_per_image']['ours'] / 1e9:>12.1f} {row['fraction_of_peak']['ours']:>7.0%}   "
+        f"{warmups}{note}"
     )
 
 
@@ -422,8 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--sections",
-        default=",".join([*SECTIONS, "distill"]),
-        help=f"comma-separated, from {', '.join([*SECTIONS, 'distill'])}",
+        default=",".join(ALL_SECTIONS),
+        help=f"comma-separated, from {', '.join(ALL_SECTIONS)}",
     )
     p.add_argument(
         "--policies", default=",".join(DEFAULT_POLICIES), help=f"comma-separated, from {', '.join(POLICIES)}"
@@ -432,14 +610,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per contender before timing")
     p.add_argument("--repeats", type=int, default=5, help="timed samples per contender (median)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--system-malloc", action="store_true", help="leave glibc's allocator at its defaults")
+    p.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="leave glibc's allocator at its defaults (model rows; the trainer, so the epoch rows, always set it)",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     return p
 
 
 def model_sections(
-    timm, sections: list[str], policies: list[str], *, device, warmup: int, repeats: int, batch: int | None
+    timm,
+    sections: list[str],
+    policies: list[str],
+    *,
+    device,
+    warmup: int,
+    repeats: int,
+    peaks: dict[str, float],
+    batch: int | None,
 ) -> list[dict]:
     """One row per (section, policy): ours against timm, printed as it is measured."""
     sections = [s for s in SECTIONS if s in sections]
@@ -453,7 +643,16 @@ def model_sections(
     for section in sections:
         for name in policies:
             rows.append(
-                measure(timm, section, POLICIES[name], device=device, warmup=warmup, repeats=repeats, batch=batch)
+                measure(
+                    timm,
+                    section,
+                    POLICIES[name],
+                    device=device,
+                    warmup=warmup,
+                    repeats=repeats,
+                    peaks=peaks,
+                    batch=batch,
+                )
             )
             print(format_row(rows[-1]), flush=True)
     return rows
@@ -463,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     sections = [s for s in args.sections.split(",") if s]
     policies = [s for s in args.policies.split(",") if s]
-    unknown = sorted(set(sections) - {*SECTIONS, "distill"}) + sorted(set(policies) - set(POLICIES))
+    unknown = sorted(set(sections) - set(ALL_SECTIONS)) + sorted(set(policies) - set(POLICIES))
     if unknown:
         print(f"error: unknown section or policy {unknown}", file=sys.stderr)
         return 2
@@ -486,8 +685,17 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = dict(
         machine=info, device=str(device), quick=args.quick, policies={name: asdict(POLICIES[name]) for name in policies}
     )
+    peaks = {
+        name: matmul_peak(device, dtype, n=256 if args.quick else 2048, repeats=1 if args.quick else 5)
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+    }
+    results["matmul_peak_gflops"] = {name: round(flops / 1e9, 1) for name, flops in peaks.items()}
+    print(
+        f"matmul peak (2048x2048, this run): fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f}"
+        f" GFLOP/s; native bf16: {cpu_has_native_bf16()}"
+    )
     results["models"] = model_sections(
-        timm, sections, policies, device=device, warmup=warmup, repeats=repeats, batch=batch
+        timm, sections, policies, device=device, warmup=warmup, repeats=repeats, peaks=peaks, batch=batch
     )
     results["ours_vs_timm_eager"] = ours_vs_timm_eager(results["models"])
     for section, by_policy in results["ours_vs_timm_eager"].items():
@@ -504,6 +712,12 @@ def main(argv: list[str] | None = None) -> int:
             batch=16 if args.quick else 128,
             samples=64 if args.quick else 4096,
         )
+    if "epoch" in sections:
+        results["epoch"] = epoch_section(device=device, quick=args.quick, rows=results["models"])
+    if "profile" in sections:
+        table = profile_table(timm, device=device, section="infer32" if args.quick else "infer224")
+        results["profile_table"] = table
+        print("where inference time goes (ours, fast policy, top operators by own CPU time):\n" + table)
     results["wall_s"] = round(time.perf_counter() - started, 1)
     print(f"total wall time {results['wall_s']} s")
     if args.out:

@@ -69,7 +69,8 @@ __all__ = [
     "get_imagenet_subset_loaders",
 ]
 
-Transform = Callable[[torch.Tensor, int], torch.Tensor]  # (uint8 image (C, H, W), seed) -> tensor
+# (uint8 image (C, H, W), seed) -> tensor; a transform may also have `batch(images, seeds)` -> (B, C, H', W')
+Transform = Callable[[torch.Tensor, int], torch.Tensor]
 
 FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 DEFAULT_ROOT = Path.home() / ".cache" / "tinyvit_lib"  # where downloads go when no root is given
@@ -194,29 +195,29 @@ class DatasetWithIDs(Dataset):
 
     def load_images(self, indices: list[int]) -> torch.Tensor | None:
         """The stored images at `indices` as one uint8 batch (B, C, H, W), or None where images
-        differ in size (files); lets a batch-capable transform run once per batch."""
+        differ in size (files)."""
         return None
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int, int]]:
-        """`[self[i] for i in indices]`, computed a batch at a time where the transform allows it
-        (deterministic, `batched`) and the images stack: a DataLoader calls this for each batch.
+        """`[self[i] for i in indices]`, computed a batch at a time where the transform can (it has
+        `batch(images, seeds)`, as the course's transforms do): a DataLoader calls this for each batch.
 
         Raises:
             IndexError: an index outside [0, len).
         """
         indices = [int(i) for i in indices]
-        images = None
-        if getattr(self.transform, "batched", False) and indices:
-            bad = [i for i in indices if not 0 <= i < len(self)]
-            if bad:
-                raise IndexError(f"index={bad[0]} outside [0, {len(self)})")
-            images = self.load_images(indices)
-        if images is None:
+        if not hasattr(self.transform, "batch") or not indices:
             return [self[i] for i in indices]
-        images = self.transform(images)  # (B, C, H', W')
-        if self.out_chans == 3 and images.shape[1] == 1:
-            images = images.expand(-1, 3, -1, -1)
-        return [(image, self.targets[i], i) for image, i in zip(images, indices)]
+        bad = [i for i in indices if not 0 <= i < len(self)]
+        if bad:
+            raise IndexError(f"index={bad[0]} outside [0, {len(self)})")
+        images = self.load_images(indices)
+        if images is None:
+            images = [self.load_image(i) for i in indices]
+        views = self.transform.batch(images, [self.seed_for(i) for i in indices])  # (B, C, H', W')
+        if self.out_chans == 3 and views.shape[1] == 1:
+            views = views.expand(-1, 3, -1, -1)
+        return [(view, self.targets[i], i) for view, i in zip(views, indices)]
 
     def fingerprint(self) -> dict[str, str | int]:
         """Cheap identity of the data: name, split, size, classes, a hash of the ordered ID list and a

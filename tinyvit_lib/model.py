@@ -59,6 +59,7 @@ __all__ = [
     "stage_resolutions",
     "count_flops",
     "fuse_for_inference",
+    "inference_copy",
     "state_dict_problems",
 ]
 
@@ -758,3 +759,24 @@ def fuse_for_inference(model: TinyViT) -> nn.Module:
             if isinstance(child, ConvBN):
                 setattr(module, child_name, child.fused())
     return fused
+
+
+def inference_copy(model: nn.Module) -> nn.Module:
+    """A frozen copy of any model for inference: eval mode, every BatchNorm folded into the
+    convolution before it, weights channels-last. TinyViT folds its ConvBNs (`fuse_for_inference`);
+    another model (a torchvision teacher) goes through torch.fx's conv + BatchNorm fusion where it
+    traces, and is only copied where it does not. Outputs equal `model.eval()`'s up to float rounding.
+    `model` and the global RNG are left as they were (building the folded convolutions would draw
+    their throw-away initial weights from it, and move a training run's drop path)."""
+    with torch.random.fork_rng(devices=[]):
+        if isinstance(model, TinyViT):
+            folded = fuse_for_inference(model)
+        else:
+            from torch.fx.experimental.optimization import fuse
+
+            folded = copy.deepcopy(model).eval()
+            try:
+                folded = fuse(folded)
+            except Exception:  # noqa: BLE001 -- any model fx cannot trace runs unfused
+                pass
+    return folded.requires_grad_(False).to(memory_format=torch.channels_last)

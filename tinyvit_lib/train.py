@@ -90,14 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-seed", type=int, default=0, help="data order and augmentation (must match a replay store's --seed)"
     )
     opt.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    opt.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help="autocast (auto: CUDA only)")
+    opt.add_argument(
+        "--amp",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="autocast (auto: CUDA; a CPU with native bf16 at 224x224 and more)",
+    )
     opt.add_argument(
         "--amp-dtype",
         choices=["bfloat16", "float16"],
         default="bfloat16",
         help="float16 for GPUs without bf16 (adds loss scaling)",
     )
-    opt.add_argument("--compile", action="store_true", help="torch.compile the model")
+    opt.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model (graphs cached in ~/.cache/tinyvit_lib/inductor)",
+    )
     opt.add_argument(
         "--no-channels-last",
         dest="channels_last",
