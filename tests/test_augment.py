@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,11 +14,13 @@ from tinyvit_lib.augment import (
     AUGMENT_PRESETS,
     AugmentConfig,
     EvalTransform,
-    PairedMix,
+    PairMix,
     TrainTransform,
     derive_seed,
+    mix_partners,
     sample_seed,
     seeded_rng,
+    with_mix_preset,
 )
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.2, 0.2)
@@ -139,65 +142,66 @@ def test_bad_seed_and_sizes_raise():
     with pytest.raises(ValueError, match="img_size=0"):
         EvalTransform(0, MEAN, STD)
     with pytest.raises(ValueError, match="num_classes=0"):
-        PairedMix(0)
+        PairMix(0, AugmentConfig())
 
 
-def test_paired_mix_pairs_flipped_order_and_replays_from_the_pair_alone():
-    images = _images(count=6).float()
-    labels = torch.tensor([0, 1, 2, 3, 4, 5])
-    seeds = [11, 12, 13, 14, 15, 16]
-    mix = PairedMix(6)
-    mixed, targets = mix(images, labels, seeds)
-    assert mixed.shape == images.shape and targets.shape == (6, 6)
-    assert torch.allclose(targets.sum(1), torch.ones(6))
-    for i in range(3):
-        j = 5 - i
-        # Only the two labels of the pair appear in each target.
-        assert set(targets[i].nonzero().flatten().tolist()) <= {i, j}
-        # Replay one pair alone, in either order: bit-identical.
-        again, again_targets = mix(images[[j, i]], labels[[j, i]], [seeds[j], seeds[i]])
-        assert torch.equal(again[1], mixed[i]) and torch.equal(again[0], mixed[j])
-        assert torch.equal(again_targets[1], targets[i])
-    other, _ = mix(images, labels, [s + 100 for s in seeds])
-    assert not torch.equal(other, mixed)
+FULL = with_mix_preset(AugmentConfig(), "full")
 
 
-def test_paired_mix_off_and_odd_batch():
-    images = _images(count=3).float()
-    labels = torch.tensor([0, 1, 2])
-    unmixed, targets = PairedMix(3, AugmentConfig(mix_prob=0.0))(images, labels, [1, 2, 3])
-    assert torch.equal(unmixed, images) and torch.equal(targets, torch.eye(3))
-    mixed, targets = PairedMix(3)(images, labels, [1, 2, 3])
-    assert torch.equal(mixed[1], images[1]) and torch.equal(targets[1], torch.eye(3)[1])  # the middle pairs with itself
-    with pytest.raises(ValueError, match="one entry per sample"):
-        PairedMix(3)(images, labels, [1, 2])
-    with pytest.raises(ValueError, match="labels must be in"):
-        PairedMix(2)(images, labels, [1, 2, 3])
+@pytest.mark.parametrize("size", [10, 11])
+def test_mix_partners_pair_every_position_once_from_seed_and_epoch(size):
+    partner = mix_partners(size, base_seed=3, epoch=1)
+    assert sorted(partner.tolist()) == list(range(size)) and torch.equal(partner[partner], torch.arange(size))
+    assert int((partner == torch.arange(size)).sum()) == size % 2  # an odd count leaves one alone
+    assert torch.equal(partner, mix_partners(size, base_seed=3, epoch=1))
+    assert not torch.equal(partner, mix_partners(size, base_seed=3, epoch=2))
+    assert not torch.equal(partner, mix_partners(size, base_seed=4, epoch=1))
 
 
-def test_cutmix_only_and_mixup_only_use_their_op():
-    images = _images(count=2).float()
-    labels = torch.tensor([0, 1])
-    mixup_only = PairedMix(2, AugmentConfig(cutmix_alpha=0.0))
-    mixed, targets = mixup_only(images, labels, [3, 4])
-    lam = targets[0, 0]
-    assert torch.allclose(mixed[0], lam * images[0] + (1 - lam) * images[1], atol=1e-4)
-    cutmix_only = PairedMix(2, AugmentConfig(mixup_alpha=0.0))
-    mixed, _ = cutmix_only(images, labels, [3, 4])
-    from_first = (mixed[0] == images[0]) | (mixed[0] == images[1])
-    assert bool(from_first.all())  # CutMix copies pixels, it never blends them
+def test_pair_mix_members_agree_whichever_is_computed_first():
+    a, b = _images(count=2).float()
+    mix = PairMix(6, with_mix_preset(AugmentConfig(), "function-matching"))  # Mixup, lam uniform in [0, 1]
+    mixed_a, target_a = mix(a, b, 1, 4, 101, 202)
+    mixed_b, target_b = mix(b, a, 4, 1, 202, 101)
+    lam = float(target_a[1])
+    assert (
+        0 < lam < 1
+        and float(target_b[4]) == lam
+        and torch.allclose(target_a + target_b, target_a.new_tensor([0, 1, 0, 0, 1, 0]))
+    )
+    assert torch.allclose(mixed_a, lam * a + (1 - lam) * b, atol=1e-4)
+    assert torch.allclose(mixed_b, lam * b + (1 - lam) * a, atol=1e-4)
+    again, _ = mix(a, b, 1, 4, 101, 202)  # the same pair again: bit for bit
+    assert torch.equal(again, mixed_a)
+    other, _ = mix(a, b, 1, 4, 101, 203)
+    assert not torch.equal(other, mixed_a)
+
+
+def test_pair_mix_off_and_one_op_at_a_time():
+    a, b = _images(count=2).float()
+    unmixed, target = PairMix(3, replace(FULL, mix_prob=0.0))(a, b, 0, 1, 5, 6)
+    assert torch.equal(unmixed, a) and torch.equal(target, torch.eye(3)[0])
+    alone, target = PairMix(3, FULL)(a, a, 2, 2, 5, 5)  # a view paired with itself
+    assert torch.equal(alone, a) and torch.equal(target, torch.eye(3)[2])
+    cutmix_only = PairMix(2, replace(FULL, mixup_alpha=0.0))
+    mixed, _ = cutmix_only(a, b, 0, 1, 3, 4)
+    assert bool(((mixed == a) | (mixed == b)).all())  # CutMix copies pixels, it never blends them
+    with pytest.raises(ValueError, match="unknown mix preset 'fm'"):
+        with_mix_preset(AugmentConfig(), "fm")
 
 
 REPLAY_SCRIPT = textwrap.dedent("""
     import sys, torch
-    from tinyvit_lib.augment import AugmentConfig, PairedMix, TrainTransform
+    from tinyvit_lib.augment import AugmentConfig, PairMix, TrainTransform
 
     def replay(global_seed):
         torch.manual_seed(global_seed)  # the global RNG state must not matter
         images = torch.randint(0, 256, (4, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
         transform = TrainTransform(32, (0.3,), (0.35,), config=AugmentConfig(erase_prob=0.5))
         views = torch.stack([transform(image, 1000 + i) for i, image in enumerate(images)])
-        mixed, targets = PairedMix(10)(views, torch.tensor([1, 2, 3, 4]), [1000, 1001, 1002, 1003])
+        mix = PairMix(10, AugmentConfig())
+        pairs = [mix(views[i], views[3 - i], i + 1, 4 - i, 1000 + i, 1003 - i) for i in range(4)]
+        mixed, targets = (torch.stack(column) for column in zip(*pairs))
         return {"views": views, "mixed": mixed, "targets": targets}
 
     if __name__ == "__main__":

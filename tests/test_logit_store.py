@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from tinyvit_lib import AugmentConfig, TinyViT, TinyViTConfig, get_dataset
+from tinyvit_lib import AugmentConfig, TinyViT, TinyViTConfig, get_dataset, with_mix_preset
 from tinyvit_lib.data import per_class_subset
 from tinyvit_lib.distill import (
     DistillationLoss,
@@ -59,8 +59,10 @@ def tiny_teacher(seed: int = 0) -> TinyViT:
     return model.eval()
 
 
-def data(augment=None, n: int = 96):
-    return get_dataset("synthetic", split="train", num_samples=n, augment=augment)
+def data(augment=None, n: int = 96, mix: bool = False):
+    if mix:
+        augment = with_mix_preset(augment, "full")
+    return get_dataset("synthetic", split="train", num_samples=n, augment=augment, mix=mix)
 
 
 def test_record_size_is_within_8_bytes_of_official():
@@ -230,15 +232,16 @@ PRECOMPUTE_SCRIPT = """
     from tests.test_logit_store import tiny_teacher, data, LIGHT
     from tinyvit_lib.distill import precompute
     {setup}
-    precompute(tiny_teacher(), data(augment=LIGHT, n=256), {path!r}, k=4, mode="replay", epochs=2,
+    precompute(tiny_teacher(), data(augment=LIGHT, n=256, mix={mix}), {path!r}, k=4, mode="replay", epochs=2,
                batch_size=8, progress=False)
 """
 
 
-def _script(tmp_path: Path, path: Path, name: str, setup: str = "") -> Path:
-    """A script that runs the replay precompute into `path` after the one-line statement `setup`."""
+def _script(tmp_path: Path, path: Path, name: str, setup: str = "", mix: bool = False) -> Path:
+    """A script that runs the replay precompute (of mixed views with `mix`) into `path` after the
+    one-line statement `setup`."""
     script = tmp_path / name
-    script.write_text(textwrap.dedent(PRECOMPUTE_SCRIPT.format(repo=str(REPO), path=str(path), setup=setup)))
+    script.write_text(textwrap.dedent(PRECOMPUTE_SCRIPT.format(repo=str(REPO), path=str(path), setup=setup, mix=mix)))
     return script
 
 
@@ -263,9 +266,12 @@ def _store_bytes(path: Path) -> dict:
     return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
 
 
-def test_precompute_resumes_after_sigkill_byte_identical(tmp_path):
-    reference = subprocess.Popen([sys.executable, str(_script(tmp_path, tmp_path / "ref", "ref.py"))], env=_env())
-    victim_script = _script(tmp_path, tmp_path / "run", "run.py")
+@pytest.mark.parametrize("mix", [False, True])
+def test_precompute_resumes_after_sigkill_byte_identical(tmp_path, mix):
+    reference = subprocess.Popen(
+        [sys.executable, str(_script(tmp_path, tmp_path / "ref", "ref.py", mix=mix))], env=_env()
+    )
+    victim_script = _script(tmp_path, tmp_path / "run", "run.py", mix=mix)
     victim = subprocess.Popen([sys.executable, str(victim_script)], env=_env())
     part = tmp_path / "run" / "epoch-0001.part-000"  # wait until the second epoch is under way
     deadline = time.time() + 120
@@ -281,8 +287,9 @@ def test_precompute_resumes_after_sigkill_byte_identical(tmp_path):
     assert _store_bytes(tmp_path / "run") == _store_bytes(tmp_path / "ref")
 
 
-def test_sharded_precompute_equals_one_process(tmp_path):
-    single = _script(tmp_path, tmp_path / "one", "one.py")
+@pytest.mark.parametrize("mix", [False, True])
+def test_sharded_precompute_equals_one_process(tmp_path, mix):
+    single = _script(tmp_path, tmp_path / "one", "one.py", mix=mix)
     assert subprocess.run([sys.executable, str(single)], env=_env(), timeout=300).returncode == 0
     sharded = tmp_path / "two.py"
     sharded.write_text(
@@ -290,7 +297,7 @@ def test_sharded_precompute_equals_one_process(tmp_path):
         import torch.distributed as dist
         dist.init_process_group("gloo")
     """)
-        + textwrap.dedent(PRECOMPUTE_SCRIPT.format(repo=str(REPO), path=str(tmp_path / "two"), setup=""))
+        + textwrap.dedent(PRECOMPUTE_SCRIPT.format(repo=str(REPO), path=str(tmp_path / "two"), setup="", mix=mix))
     )
     cmd = [
         sys.executable,
@@ -567,7 +574,7 @@ def test_manifest_fields_are_checked_by_name_and_an_unsealed_manifest_is_refused
         (lambda m: m["files"].append(m["files"][0]), "'files' must list 1 record file(s), one per epoch"),
         (
             lambda m: m.update(version="1"),
-            "is not a tinyvit-logit-store v1 store (format='tinyvit-logit-store', version='1')",
+            "is not a tinyvit-logit-store v2 store (format='tinyvit-logit-store', version='1')",
         ),
         (lambda m: m.update(extra=1), "missing field(s) [], unknown field(s) ['extra']"),
         (lambda m: m.update(record=[28]), "'record' must hold bytes and layout, got [28]"),

@@ -280,8 +280,9 @@ def test_cpu_autocast_by_default_only_where_bf16_is_native_and_pays(monkeypatch,
     train_set = get_dataset("synthetic", split="train", num_samples=8, img_size=img_size, augment=LIGHT)
     parts = _build(tiny_model(), train_set, TrainConfig(epochs=1, batch_size=4, device="cpu"), None)
     assert parts.amp is expected
-    policy = _policy(parts)
+    policy = _policy(parts, TrainConfig())
     assert policy["autocast"] == ("bfloat16" if expected else None) and policy["native_bf16"] is native
+    assert policy["evaluation"].endswith(", autocast") is native  # inference pays at every size
     forced = _build(tiny_model(), train_set, TrainConfig(epochs=1, batch_size=4, device="cpu", amp=False), None)
     assert forced.amp is False
 
@@ -290,7 +291,7 @@ def test_evaluate_runs_a_folded_copy_and_leaves_the_model_training(tmp_path):
     model = tiny_model().train()
     _, val_set = synthetic(n_val=64)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    metrics = evaluate(model, val_set, batch_size=32)
+    metrics = evaluate(model, val_set, batch_size=32, amp=False)
     assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     model.eval()
     with torch.no_grad():

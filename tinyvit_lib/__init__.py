@@ -1,11 +1,14 @@
 """tinyvit_lib: TinyViT and fast pretraining distillation, as used by the course's notebooks."""
 
 from .augment import (
+    MIX_PRESETS,
     AugmentConfig,
     EvalTransform,
-    PairedMix,
+    PairMix,
     TrainTransform,
+    mix_partners,
     sample_seed,
+    with_mix_preset,
 )
 from .data import (
     DATASETS,
@@ -69,7 +72,10 @@ __all__ = [
     "make_loaders",
     "AugmentConfig",
     "EvalTransform",
-    "PairedMix",
+    "PairMix",
+    "MIX_PRESETS",
+    "mix_partners",
+    "with_mix_preset",
     "TrainTransform",
     "sample_seed",
     "DistillationLoss",

@@ -12,10 +12,12 @@ torchvision's v2 transforms with the process-wide CPU generator reseeded to `see
 afterwards (`seeded_rng`): the v2 transforms used here draw only from that generator, never from
 Python's `random` or NumPy.
 
-Mixup/CutMix work on batches. `PairedMix` uses the official implementation's paired mode: sample
-i is mixed with sample B-1-i (the batch in flipped order), with one mixing draw per pair seeded
-from the two samples' seeds. The draw is symmetric in the pair, so a mixed view depends only on
-the two images and their two seeds and can be replayed from that pair alone.
+Mixup/CutMix pair samples across the whole dataset, not within a batch: in each epoch every sample
+has a partner (`mix_partners`, a random pairing drawn from the base seed and the epoch), and
+`PairMix` mixes the two views with one draw seeded from the two samples' seeds. A mixed view
+therefore depends only on the two images and their two seeds, and is rebuilt exactly whatever the
+batch size, process count or data order (the official code pairs sample i with sample B-1-i of its
+batch, which ties a store to the batch layout of its precompute).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +37,11 @@ __all__ = [
     "AUGMENT_PRESETS",
     "TrainTransform",
     "EvalTransform",
-    "PairedMix",
+    "MIX_PRESETS",
+    "PairMix",
+    "mix_partners",
+    "with_mix_preset",
+    "mixing_settings",
     "derive_seed",
     "sample_seed",
     "seeded_rng",
@@ -137,6 +143,31 @@ AUGMENT_PRESETS: dict[str, AugmentConfig | None] = {
     "light": AugmentConfig(scale=(0.35, 1.0), randaugment_ops=0, erase_prob=0.0, mixup_alpha=0.0, cutmix_alpha=0.0),
     "full": AugmentConfig(),
 }
+
+# Named mixing recipes for `--mix-preset`: the fields of AugmentConfig they set.
+MIX_PRESETS: dict[str, dict[str, float]] = {
+    # TinyViT's ImageNet recipe (DeiT's): Mixup 0.8 or CutMix 1.0, one of the two per pair.
+    "full": dict(mixup_alpha=0.8, cutmix_alpha=1.0, mix_prob=1.0, mix_switch_prob=0.5),
+    # Beyer et al. (CVPR 2022), "function matching": Mixup with its coefficient uniform in [0, 1]
+    # (Beta(1, 1)), on every image, no CutMix.
+    "function-matching": dict(mixup_alpha=1.0, cutmix_alpha=0.0, mix_prob=1.0, mix_switch_prob=0.0),
+}
+
+
+def with_mix_preset(config: AugmentConfig, preset: str) -> AugmentConfig:
+    """`config` with the mixing settings of `MIX_PRESETS[preset]` (the rest of the views unchanged).
+
+    Raises:
+        ValueError: an unknown preset (the known ones are named).
+    """
+    if preset not in MIX_PRESETS:
+        raise ValueError(f"unknown mix preset {preset!r}; choose one of {sorted(MIX_PRESETS)}")
+    return replace(config, **MIX_PRESETS[preset])
+
+
+def mixing_settings(config: AugmentConfig) -> dict[str, float]:
+    """The fields of `config` that decide a mixed view (what a mixed store records and compares)."""
+    return {name: getattr(config, name) for name in MIX_PRESETS["full"]}
 
 
 class TrainTransform:
@@ -297,68 +328,52 @@ def _check_norm(img_size: int, mean: Sequence[float], std: Sequence[float]) -> N
         raise ValueError(f"mean={tuple(mean)} and std={tuple(std)} must have one entry per channel")
 
 
-class PairedMix:
-    """Mixup/CutMix on fixed pairs (TinyViT's paired mode), replayable from per-sample seeds.
+def mix_partners(size: int, base_seed: int, epoch: int) -> torch.Tensor:
+    """(size,) int64: the partner of each position in `epoch`, a random pairing of the positions
+    [0, size) drawn from (base_seed, epoch) alone: partner[partner[i]] == i. With an odd size one
+    position is its own partner (its view stays unmixed)."""
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(derive_seed("partners", base_seed, epoch)))
+    partner = torch.arange(size)
+    pairs = order[: size - size % 2].view(-1, 2)  # (size // 2, 2)
+    partner[pairs[:, 0]], partner[pairs[:, 1]] = pairs[:, 1], pairs[:, 0]
+    return partner
 
-    Sample i is paired with sample B-1-i. Each pair draws, from `derive_seed("pair", ...)` of its
-    two sample seeds (order-independent), whether it is mixed (`mix_prob`), Mixup or CutMix
-    (`mix_switch_prob`), and the mixing factor (and box) through torchvision's `v2.MixUp` /
-    `v2.CutMix`, applied to the two-image batch [a, b]: a becomes lam*a + (1-lam)*b (or a with
-    b's box), b likewise with the same lam. With an odd batch the middle sample pairs with itself
-    and stays as it is.
 
-    To replay the mixed view of the samples at positions i and j = B-1-i, call the object on just
-    `images[[i, j]]`, `labels[[i, j]]`, `[seeds[i], seeds[j]]`: the result is bit-identical.
+class PairMix:
+    """Mixup/CutMix of a view with its partner's, replayable from the two views' seeds alone.
+
+    The pair is ordered by seed (the smaller first), and one draw from `derive_seed("pair", ...)`
+    of the two seeds decides whether it mixes (`mix_prob`), Mixup or CutMix (`mix_switch_prob`),
+    and the coefficient (and box), through torchvision's `v2.MixUp` / `v2.CutMix` on the two-image
+    batch: the first becomes lam*first + (1-lam)*second (or first with second's box), the second
+    the same with the roles swapped. Both members of a pair therefore draw once and agree, whatever
+    batch, process or order they are computed in. A view paired with itself stays as it is.
 
     Raises:
         ValueError: `num_classes` < 1.
     """
 
-    def __init__(self, num_classes: int, config: AugmentConfig = AugmentConfig()) -> None:
+    def __init__(self, num_classes: int, config: AugmentConfig) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes={num_classes} must be >= 1")
-        self.num_classes = num_classes
-        self.config = config
+        self.num_classes, self.config = num_classes, config
         self.mixup = v2.MixUp(alpha=config.mixup_alpha, num_classes=num_classes) if config.mixup_alpha > 0 else None
         self.cutmix = v2.CutMix(alpha=config.cutmix_alpha, num_classes=num_classes) if config.cutmix_alpha > 0 else None
 
     def __call__(
-        self, images: torch.Tensor, labels: torch.Tensor, seeds: Sequence[int] | torch.Tensor
+        self, view: torch.Tensor, partner: torch.Tensor, label: int, partner_label: int, seed: int, partner_seed: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mix a batch: float images (B, C, H, W), int labels (B,), one seed per sample.
-
-        Returns the mixed images (B, C, H, W) and soft targets (B, num_classes) that sum to 1.
-
-        Raises:
-            ValueError: the batch, labels and seeds differ in length, or a label is out of range.
-        """
-        seeds = [int(s) for s in seeds]
-        batch = images.shape[0]
-        if not labels.shape[0] == len(seeds) == batch:
-            raise ValueError(
-                f"images ({batch}), labels ({labels.shape[0]}) and seeds ({len(seeds)}) must have one entry per sample"
-            )
-        if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes:
-            raise ValueError(f"labels must be in [0, {self.num_classes}), got {labels.tolist()}")
-        targets = F.one_hot(labels.long(), self.num_classes).to(images.dtype)  # (B, K)
-        if not self.config.mixing:
-            return images, targets
-        mixed_images, mixed_targets = images.clone(), targets.clone()
-        for i in range(batch // 2):
-            pair = [i, batch - 1 - i]
-            pair_images, pair_targets = self._mix_pair(images[pair], targets[pair], seeds[i], seeds[batch - 1 - i])
-            mixed_images[pair], mixed_targets[pair] = pair_images, pair_targets
-        return mixed_images, mixed_targets
-
-    def _mix_pair(
-        self, images: torch.Tensor, targets: torch.Tensor, seed_a: int, seed_b: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (2, C, H, W), targets (2, K) -> the same, mixed with each other."""
-        config = self.config
-        with seeded_rng(derive_seed("pair", min(seed_a, seed_b), max(seed_a, seed_b))):
+        """view, partner (C, H, W) float -> the mixed view (C, H, W) and its soft target (num_classes,)."""
+        target = F.one_hot(torch.tensor([label, partner_label]), self.num_classes).to(view.dtype)  # (2, K)
+        if seed == partner_seed or not self.config.mixing:
+            return view, target[0]
+        first = 0 if seed < partner_seed else 1  # where this view sits in the ordered pair
+        images = torch.stack([view, partner] if first == 0 else [partner, view])  # (2, C, H, W)
+        targets = target if first == 0 else target.flip(0)
+        with seeded_rng(derive_seed("pair", min(seed, partner_seed), max(seed, partner_seed))):
             draw_mix, draw_switch = torch.rand(2).tolist()
-            if draw_mix >= config.mix_prob:
-                return images, targets
-            use_cutmix = self.mixup is None or (self.cutmix is not None and draw_switch < config.mix_switch_prob)
-            op = self.cutmix if use_cutmix else self.mixup
-            return op(images, targets)
+            if draw_mix >= self.config.mix_prob:
+                return view, target[0]
+            use_cutmix = self.mixup is None or (self.cutmix is not None and draw_switch < self.config.mix_switch_prob)
+            images, targets = (self.cutmix if use_cutmix else self.mixup)(images, targets)
+        return images[first], targets[first]

@@ -11,8 +11,9 @@ Prints, from one run on this machine:
   * the cost of a training step that distills from a logit store, and from an online teacher,
     relative to a plain cross-entropy step, and the precompute's throughput;
   * the trainer end to end: an epoch of `train_one_epoch` (data, views, teacher, step, bookkeeping)
-    against its bare steps, for the students at 32 and 224 (labels, store, online teacher) and the
-    ResNet-18 teacher (and the teacher on the trainer's path before the speed work);
+    against its bare steps, for the students at 32 and 224 (labels, store, online teacher), at 32
+    on mixed views (labels, a mixed store), and the ResNet-18 teacher (and the teacher on the
+    trainer's path before the speed work);
   * where inference time goes: torch.profiler's top operators of ours at 224 under the fast policy.
 
 Every contender runs under each policy alike:
@@ -55,7 +56,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from .augment import AUGMENT_PRESETS
+from .augment import AUGMENT_PRESETS, with_mix_preset
 from .data import get_dataset
 from .distill import DistillationLoss, OnlineTeacher, StoredTeacher, precompute
 from .model import TinyViT, default_window_sizes, fuse_for_inference, stage_resolutions, tinyvit_5m
@@ -427,12 +428,15 @@ class EpochCase:
     batch: int
     source: str | None = None  # the teacher's distribution: None (labels only), "store" or "online"
     old_path: bool = False  # the trainer's path before the speed work: NCHW, plain AdamW, per-call v2 views
+    mix: bool = False  # views mixed in pairs (the "full" mix preset), from the store too
 
 
 EPOCH_CASES = (
     EpochCase("student 32, labels", "tinyvit_5m", 32, 128),
     EpochCase("student 32, store", "tinyvit_5m", 32, 128, "store"),
     EpochCase("student 32, online", "tinyvit_5m", 32, 128, "online"),
+    EpochCase("student 32, mixed, labels", "tinyvit_5m", 32, 128, mix=True),
+    EpochCase("student 32, mixed, store", "tinyvit_5m", 32, 128, "store", mix=True),
     EpochCase("student 224, labels", "tinyvit_5m", 224, 32),
     EpochCase("student 224, store", "tinyvit_5m", 224, 32, "store"),
     EpochCase("student 224, online", "tinyvit_5m", 224, 32, "online"),
@@ -446,13 +450,15 @@ def epoch_case(case: EpochCase, *, device: torch.device, steps: int, repeats: in
     store, the step, bookkeeping; no validation) against its bare step (`train_step` on a batch
     already in memory, the teacher's part included), each the median of `repeats` samples taken in
     turns after a warm-up epoch. The "light" augmentation of the course's profiles."""
+    augment = AUGMENT_PRESETS["light"]
     dataset = get_dataset(
         "synthetic",
         split="train",
         img_size=case.img_size,
         in_chans=3,
-        augment=AUGMENT_PRESETS["light"],
+        augment=with_mix_preset(augment, "full") if case.mix else augment,
         num_samples=case.batch * steps,
+        mix=case.mix,
     )
     if case.old_path:
         dataset.transform = dataset.transform.reference  # one v2 call per step and sample, as before
@@ -461,7 +467,7 @@ def epoch_case(case: EpochCase, *, device: torch.device, steps: int, repeats: in
         torch.manual_seed(0)
         teacher_net = build_model("resnet18", num_classes=10, img_size=case.img_size)
         if case.source == "store":
-            store = tmp / f"replay{case.img_size}"
+            store = tmp / f"replay{case.img_size}{'-mixed' if case.mix else ''}"
             if not store.exists():
                 precompute(
                     teacher_net, dataset, store, k=10, mode="replay", epochs=epochs, device=device, progress=False
@@ -474,6 +480,7 @@ def epoch_case(case: EpochCase, *, device: torch.device, steps: int, repeats: in
         batch_size=case.batch,
         warmup_epochs=0,
         distill_alpha=0.0 if case.source is None else 1.0,
+        mix=case.mix,
         device=str(device),
         amp=False if case.old_path else None,
         channels_last=not case.old_path,
@@ -490,7 +497,7 @@ def epoch_case(case: EpochCase, *, device: torch.device, steps: int, repeats: in
         t0 = time.perf_counter()
         train_one_epoch(parts, state, dataset, config, progress=False)
         epoch_s.append(time.perf_counter() - t0)
-        step_s.append(_timed(lambda: train_step(parts, images, labels, ids, 0, dataset), device, steps)[0])
+        step_s.append(_timed(lambda: train_step(parts, images, labels, ids, 0), device, steps)[0])
     epoch, step = statistics.median(epoch_s), statistics.median(step_s)
     return dict(
         case=case.label,
@@ -533,6 +540,12 @@ def epoch_section(*, device: torch.device, quick: bool, rows: list[dict]) -> dic
         ratio = by_case["student 32, labels"]["images_per_s"] / timm_eager["images_per_s"]["timm_matched"]
         out["student32_vs_timm_matched_eager_step"] = ratio
         print(f"student end to end at 32 / timm-matched bare step (eager fp32): {ratio:.2f}x")
+    if "student 32, mixed, store" in by_case and "student 32, mixed, labels" in by_case:
+        ratio = (
+            by_case["student 32, mixed, labels"]["images_per_s"] / by_case["student 32, mixed, store"]["images_per_s"]
+        )
+        out["mixed_store_vs_mixed_ce"] = ratio
+        print(f"an epoch from a mixed replay store: {ratio:.3f}x the time of cross-entropy with mixing on the fly")
     if "teacher 32" in by_case and "teacher 32, old path" in by_case:
         ratio = by_case["teacher 32"]["images_per_s"] / by_case["teacher 32, old path"]["images_per_s"]
         out["teacher_vs_old_path"] = ratio

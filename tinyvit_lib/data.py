@@ -40,13 +40,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets as tv_datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.datasets.utils import check_integrity
 
-from .augment import AugmentConfig, EvalTransform, TrainTransform, derive_seed, sample_seed
+from .augment import AugmentConfig, EvalTransform, PairMix, TrainTransform, derive_seed, mix_partners, sample_seed
 
 __all__ = [
     "DATASETS",
@@ -154,6 +155,7 @@ class DatasetWithIDs(Dataset):
         self.name, self.split = name, split
         self.ids, self.targets, self.classes = ids, targets, classes
         self.transform, self.out_chans, self.base_seed = transform, out_chans, base_seed
+        self.mix: PairMix | None = None  # Mixup/CutMix with a partner drawn per epoch (`get_dataset(mix=True)`)
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     def __len__(self) -> int:
@@ -179,45 +181,85 @@ class DatasetWithIDs(Dataset):
         """The stored image, uint8 (C, H, W), before any transform."""
         raise NotImplementedError
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
-        """(image, label, sample_id); sample_id == index, never negative.
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor, int]:
+        """(image, label, sample_id); sample_id == index, never negative. With `mix`, the label is the
+        mixed view's soft target, float (num_classes,).
 
         Raises:
             IndexError: index outside [0, len).
         """
-        index = int(index)
-        if not 0 <= index < len(self):
-            raise IndexError(f"index={index} outside [0, {len(self)})")
-        image = self.transform(self.load_image(index), self.seed_for(index))  # (C, H', W')
-        if self.out_chans == 3 and image.shape[0] == 1:
-            image = image.expand(3, -1, -1)
-        return image, self.targets[index], index
+        return self.__getitems__([index])[0]
 
     def load_images(self, indices: list[int]) -> torch.Tensor | None:
         """The stored images at `indices` as one uint8 batch (B, C, H, W), or None where images
         differ in size (files)."""
         return None
 
-    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int, int]]:
-        """`[self[i] for i in indices]`, computed a batch at a time where the transform can (it has
-        `batch(images, seeds)`, as the course's transforms do): a DataLoader calls this for each batch.
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int | torch.Tensor, int]]:
+        """`[self[i] for i in indices]`, computed a batch at a time: a DataLoader calls this for each
+        batch. With `mix`, each view is mixed with its partner's view (`mix_partners` over
+        `pair_root()`, the same partner whatever the batch) and the label is the soft target.
 
         Raises:
             IndexError: an index outside [0, len).
         """
         indices = [int(i) for i in indices]
-        if not hasattr(self.transform, "batch") or not indices:
-            return [self[i] for i in indices]
         bad = [i for i in indices if not 0 <= i < len(self)]
         if bad:
             raise IndexError(f"index={bad[0]} outside [0, {len(self)})")
-        images = self.load_images(indices)
-        if images is None:
-            images = [self.load_image(i) for i in indices]
-        views = self.transform.batch(images, [self.seed_for(i) for i in indices])  # (B, C, H', W')
+        if not indices:
+            return []
+        epoch = self.epoch
+        views = self.views(indices, epoch)  # (B, C, H', W')
+        labels: list = [self.targets[i] for i in indices]
+        if self.mix is not None:
+            views, labels = self._mixed(indices, views, epoch)
         if self.out_chans == 3 and views.shape[1] == 1:
             views = views.expand(-1, 3, -1, -1)
-        return [(view, self.targets[i], i) for view, i in zip(views, indices)]
+        return [(view, label, i) for view, label, i in zip(views, labels, indices)]
+
+    def views(self, indices: list[int], epoch: int) -> torch.Tensor:
+        """The transformed images at `indices` in `epoch`, (B, C, H', W') (before any channel repeat):
+        a batch at a time where the transform has `batch(images, seeds)`, as the course's transforms do."""
+        seeds = [self.seed_for(i, epoch) for i in indices]
+        if not hasattr(self.transform, "batch"):
+            return torch.stack([self.transform(self.load_image(i), seed) for i, seed in zip(indices, seeds)])
+        images = self.load_images(indices)
+        return self.transform.batch(images if images is not None else [self.load_image(i) for i in indices], seeds)
+
+    def pair_root(self) -> tuple[DatasetWithIDs, list[int] | None]:
+        """The dataset that mixing partners come from (a subset's parent, up the chain: a subset's
+        samples pair as they do in the whole set) and this dataset's positions in it (None: itself)."""
+        return self, None
+
+    def partners(self, indices: list[int], epoch: int) -> list[int]:
+        """The positions in `pair_root()` of the partners of the samples at `indices` in `epoch`."""
+        root, positions = self.pair_root()
+        own = indices if positions is None else [positions[i] for i in indices]
+        return mix_partners(len(root), self.base_seed, epoch)[own].tolist()
+
+    def _mixed(self, indices: list[int], views: torch.Tensor, epoch: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Each view mixed with its partner's: (B, C, H', W') and B soft targets (num_classes,)."""
+        root, positions = self.pair_root()
+        partners = self.partners(indices, epoch)
+        partner_views = root.views(partners, epoch)
+        mixed, targets = [], []
+        for b, (i, p) in enumerate(zip(indices, partners)):
+            own = i if positions is None else positions[i]
+            if p == own:  # an odd-sized set leaves one sample unpaired: its view stays as it is
+                view, target = views[b], F.one_hot(torch.tensor(self.targets[i]), self.num_classes).to(views.dtype)
+            else:
+                view, target = self.mix(
+                    views[b],
+                    partner_views[b],
+                    self.targets[i],
+                    root.targets[p],
+                    self.seed_for(i, epoch),
+                    root.seed_for(p, epoch),
+                )
+            mixed.append(view)
+            targets.append(target)
+        return torch.stack(mixed), targets
 
     def fingerprint(self) -> dict[str, str | int]:
         """Cheap identity of the data: name, split, size, classes, a hash of the ordered ID list and a
@@ -348,9 +390,14 @@ class SubsetWithIDs(DatasetWithIDs):
             base_seed=parent.base_seed,
         )
         self.parent, self.indices = parent, list(indices)
+        self.mix = parent.mix
 
     def load_image(self, index: int) -> torch.Tensor:
         return self.parent.load_image(self.indices[index])
+
+    def pair_root(self) -> tuple[DatasetWithIDs, list[int] | None]:
+        root, positions = self.parent.pair_root()
+        return root, self.indices if positions is None else [positions[i] for i in self.indices]
 
     def load_images(self, indices: list[int]) -> torch.Tensor | None:
         return self.parent.load_images([self.indices[i] for i in indices])
@@ -393,6 +440,7 @@ def get_dataset(
     max_per_class: int | None = None,
     num_samples: int | None = None,
     check_images: str = "header",
+    mix: bool = False,
 ) -> DatasetWithIDs:
     """Build one split of one of the course's datasets (`DATASETS`). Arguments are checked, and image
     folders scanned, before anything is allocated; nothing is written except by a download.
@@ -416,6 +464,8 @@ def get_dataset(
         num_samples: synthetic: the number of images (default 1024 train / 256 test).
         check_images: image folders: "header" (each file non-empty and starting like a JPEG, PNG, GIF,
             BMP, TIFF, PPM/PGM or WebP file: a few ms per 1,000 files), "decode" (in full, slow) or "off".
+        mix: mix every view with a partner's (Mixup/CutMix with `augment`'s mixing settings, see
+            `augment.PairMix`); items then carry soft targets. Needs an `augment` that mixes.
 
     Raises:
         ValueError: an unknown name, split or check_images, a bad in_chans/N/M, img_size outside
@@ -426,6 +476,11 @@ def get_dataset(
             root that is not a folder, a missing split folder, or a class folder without images.
     """
     facts, split, chans = _check_request(name, split, img_size=img_size, in_chans=in_chans, check_images=check_images)
+    if mix and (augment is None or not augment.mixing):
+        raise ValueError(
+            f"mix=True needs an augmentation that mixes (mixup_alpha or cutmix_alpha > 0 and mix_prob > 0), got "
+            f"{augment}: use augment.with_mix_preset(config, 'full') or 'function-matching'"
+        )
     _check_options(name, num_classes=num_classes, max_per_class=max_per_class, num_samples=num_samples)
     transform = _pick_transform(facts, img_size, augment=augment, transform=transform)
     common = dict(name=name, split=split, transform=transform, out_chans=chans, base_seed=base_seed)
@@ -433,11 +488,15 @@ def get_dataset(
         ids, targets, classes, root = _find_folder_samples(
             name, root, split, num_classes=num_classes, max_per_class=max_per_class, check_images=check_images
         )
-        return FolderDatasetWithIDs(root, ids, targets, classes=classes, **common)
-    images, targets, classes = _load_arrays(
-        name, root, split, download=download, verify=verify, num_classes=num_classes, num_samples=num_samples
-    )
-    return ArrayDatasetWithIDs(images, targets, classes=classes, **common)
+        dataset: DatasetWithIDs = FolderDatasetWithIDs(root, ids, targets, classes=classes, **common)
+    else:
+        images, targets, classes = _load_arrays(
+            name, root, split, download=download, verify=verify, num_classes=num_classes, num_samples=num_samples
+        )
+        dataset = ArrayDatasetWithIDs(images, targets, classes=classes, **common)
+    if mix:
+        dataset.mix = PairMix(dataset.num_classes, augment)
+    return dataset
 
 
 def _check_request(

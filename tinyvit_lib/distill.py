@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .augment import TrainTransform
+from .augment import TrainTransform, mixing_settings
 from .data import DatasetWithIDs, SubsetWithIDs
 from .logit_store import (
     LogitStore,
@@ -225,6 +225,9 @@ class StoredTeacher(Teacher):
         img_size = getattr(dataset.transform, "img_size", None)
         if img_size != header.img_size:
             problems.append(f"img_size: store {header.img_size}, data {img_size}")
+        mix = mixing_settings(dataset.mix.config) if dataset.mix is not None else {}
+        if mix != header.mix:
+            problems.append(f"mix: store {header.mix or 'views not mixed'}, data {mix or 'views not mixed'}")
         if header.mode == "replay":
             if repr(dataset.transform) != header.transform:
                 problems.append(f"transform: store {header.transform}, data {dataset.transform!r}")
@@ -267,6 +270,11 @@ class StoredTeacher(Teacher):
                     f"epoch {epoch}: the data loader's augmentation seeds differ from the stored views "
                     f"(store {self.store.path}); the student would not see what the teacher saw"
                 )
+        if self.store.header.mix and records["partner"].tolist() != self.dataset.partners(ids.tolist(), epoch):
+            raise ValueError(
+                f"epoch {epoch}: the data loader mixes these samples with other partners than the stored views "
+                f"(store {self.store.path}); the student would not see what the teacher saw"
+            )
         logits = rebuild_logits(records, self.store.header.num_classes).to(device)
         return F.softmax(logits / temperature, dim=-1)
 
@@ -303,6 +311,7 @@ def store_header(
         num_classes=dataset.num_classes,
         epochs=epochs,
         base_seed=dataset.base_seed,
+        mix=mixing_settings(dataset.mix.config) if dataset.mix is not None else {},
     )
 
 
@@ -327,8 +336,9 @@ def dataset_seeds(dataset: DatasetWithIDs) -> Callable[[int, np.ndarray], np.nda
 
 
 def _check_precompute_arguments(dataset: DatasetWithIDs, mode: str, num_workers: int) -> None:
-    """Raises ValueError: num_workers < 0, a static store of an augmented dataset, or a replay store
-    of an unaugmented or mixing one."""
+    """Raises ValueError: num_workers < 0, a static store of an augmented dataset, a replay store of
+    an unaugmented one, or mixed views of a subset (pairs span the whole dataset: a record names its
+    partner by position in the store)."""
     if num_workers < 0:
         raise ValueError(f"num_workers={num_workers} must be >= 0")
     augmented = isinstance(dataset.transform, TrainTransform)
@@ -336,10 +346,10 @@ def _check_precompute_arguments(dataset: DatasetWithIDs, mode: str, num_workers:
         raise ValueError("a static store records the evaluation view: build the dataset without augment")
     if mode == "replay" and not augmented:
         raise ValueError("a replay store records augmented views: build the dataset with an augment config")
-    if mode == "replay" and dataset.transform.config.mixing:
+    if dataset.mix is not None and dataset.pair_root()[1] is not None:
         raise ValueError(
-            "replay stores of Mixup/CutMix views are not supported: use an augment config "
-            "without mixing (the student mixes pairs itself)"
+            "a store of mixed views pairs samples over the whole dataset: precompute it over the dataset, "
+            "not a subset (students on a subset read it as they read any store)"
         )
 
 
@@ -377,7 +387,8 @@ def _write_epoch(
         if logits.shape[1] != header.num_classes:
             raise ValueError(f"the teacher outputs {logits.shape[1]} classes, the dataset has {header.num_classes}")
         seeds = writer.seeds(epoch, sample_ids.numpy()) if header.mode == "replay" else [-1] * len(sample_ids)
-        writer.append(epoch, encode_records(logits, seeds, header.k))
+        partners = dataset.partners(sample_ids.tolist(), epoch) if header.mix else None
+        writer.append(epoch, encode_records(logits, seeds, header.k, partners))
         images_done += len(sample_ids)
     return images_done
 
@@ -411,7 +422,8 @@ def precompute(
     Raises:
         ValueError: k outside [1, classes], epochs < 1 (or != 1 for a static store), an unknown mode,
             batch_size < 1 or num_workers < 0 (from `StoreHeader`, `StoreWriter` and here); a static
-            store asked of an augmented dataset or a replay store of an unaugmented (or mixing) one;
+            store asked of an augmented dataset, a replay store of an unaugmented one, mixed views
+            of a subset;
             a teacher whose class count differs; a `path` that cannot be written (a file, read-only:
             the OS's reason is named); records that fail the check when the store is assembled.
         StoreMismatch: an unfinished precompute with other settings is at `path`.
@@ -423,7 +435,10 @@ def precompute(
     rank, world = rank_world()
     header = store_header(teacher, teacher_name, dataset, k=k, mode=mode, epochs=epochs)  # checks k, mode, epochs
     seeds = dataset_seeds(dataset) if mode == "replay" else None
-    with StoreWriter(path, header, batch_size=batch_size, rank=rank, world_size=world, seeds=seeds) as writer:
+    partners = (lambda epoch, positions: dataset.partners(positions.tolist(), epoch)) if header.mix else None
+    with StoreWriter(
+        path, header, batch_size=batch_size, rank=rank, world_size=world, seeds=seeds, partners=partners
+    ) as writer:
         online = OnlineTeacher(teacher, in_chans=in_chans).to(device)
         images_done, t0 = 0, time.perf_counter()
         for epoch in range(header.epochs):
@@ -478,7 +493,8 @@ def verify_store(
     tolerance: VerifyTolerance | None = None,
 ) -> dict:
     """Re-run the teacher on `samples` stored records (drawn with random seed `seed`), replaying
-    each record's view from its stored augmentation seed, and compare. Reads the store, writes nothing.
+    each record's view from the store alone (its augmentation seed; for a mixed view also its
+    partner's position and the partner's record's seed), and compare. Reads the store, writes nothing.
 
     Returns a dict: `records` (checked), `max_value_error` (the largest |stored - fresh| logit among
     the stored top-k), `value_tolerance` (its bound, see `VerifyTolerance`), `index_mismatch_rate`
@@ -487,11 +503,18 @@ def verify_store(
 
     Raises:
         ValueError: samples < 1.
+        StoreMismatch: a mixed store and data that does not mix alike (or the other way round).
         ValueError, FileNotFoundError: an image that cannot be read (see the dataset's `load_image`).
     """
     if samples < 1:
         raise ValueError(f"samples={samples} must be >= 1")
     header = store.header
+    mix = mixing_settings(dataset.mix.config) if dataset.mix is not None else {}
+    if mix != header.mix:
+        raise StoreMismatch(
+            f"store {store.path} holds views with mix {header.mix or 'none'}, the data mixes {mix or 'nothing'}: "
+            "verify with the data the store was made from"
+        )
     tolerance = VerifyTolerance.for_device(device) if tolerance is None else tolerance
     g = torch.Generator().manual_seed(seed)
     count = min(samples, header.size * header.epochs)
@@ -501,12 +524,9 @@ def verify_store(
     for chunk in picks.split(64):
         epochs, positions = chunk // header.size, chunk % header.size
         records = np.concatenate([store.records(int(e), [int(p)]) for e, p in zip(epochs, positions)])
-        views = []
-        for position, record in zip(positions.tolist(), records):
-            image = dataset.load_image(position)
-            views.append(
-                dataset.transform(image, int(record["seed"])) if header.mode == "replay" else dataset.transform(image)
-            )
+        views = [
+            _replayed_view(store, dataset, int(e), int(p), record) for e, p, record in zip(epochs, positions, records)
+        ]
         fresh = online.logits(torch.stack(views).to(device)).cpu()  # (b, C)
         stored_index = torch.from_numpy(records["index"].astype(np.int64))  # (b, k)
         stored_value = torch.from_numpy(records["value"].astype(np.float32))
@@ -523,6 +543,24 @@ def verify_store(
         index_mismatch_tolerance=tolerance.index_mismatch_rate,
         ok=worst <= value_tolerance and mismatch_rate <= tolerance.index_mismatch_rate,
     )
+
+
+def _replayed_view(store: LogitStore, dataset: DatasetWithIDs, epoch: int, position: int, record) -> torch.Tensor:
+    """The view (C, H, W) that `record` (of `position` in `epoch`) says the teacher saw, rebuilt from
+    the images and the store: the evaluation view, the augmented view of the record's seed, or that
+    view mixed with the partner's view of the partner's stored seed."""
+    image = dataset.load_image(position)
+    if store.header.mode == "static":
+        return dataset.transform(image)
+    seed = int(record["seed"])
+    view = dataset.transform(image, seed)
+    if not store.header.mix or int(record["partner"]) == position:
+        return view
+    partner = int(record["partner"])
+    partner_seed = int(store.records(epoch, [partner])["seed"][0])
+    partner_view = dataset.transform(dataset.load_image(partner), partner_seed)
+    mixed, _ = dataset.mix(view, partner_view, dataset.targets[position], dataset.targets[partner], seed, partner_seed)
+    return mixed
 
 
 # ----------------------------------------------------------------------------- what a store holds

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .augment import AUGMENT_PRESETS
+from .augment import AUGMENT_PRESETS, MIX_PRESETS, with_mix_preset
 from .data import DatasetWithIDs, get_dataset, per_class_subset
 from .distill import OnlineTeacher, StoredTeacher, Teacher, weights_sha256
 from .teachers import build_model, load_weights
@@ -46,7 +46,7 @@ class RunSpec:
     """A run, in the CLI's terms. `name` is the folder under `output_dir`.
 
     Raises:
-        ValueError: an unknown augmentation preset, or max_per_class < 1.
+        ValueError: an unknown augmentation or mix preset, or max_per_class < 1.
     """
 
     name: str
@@ -55,6 +55,7 @@ class RunSpec:
     model: str = "tinyvit_5m"
     img_size: int | None = None  # None: the dataset's course default
     augment: str = "light"  # a key of AUGMENT_PRESETS
+    mix_preset: str = "full"  # with train.mix: the mixing settings, a key of MIX_PRESETS
     max_per_class: int | None = None  # a deterministic per-class subset of the training set, for quick runs
     max_val_per_class: int | None = None
     teacher_model: str | None = None  # online distillation
@@ -69,6 +70,8 @@ class RunSpec:
     def __post_init__(self) -> None:
         if self.augment not in AUGMENT_PRESETS:
             raise ValueError(f"unknown augment preset {self.augment!r}; choose one of {sorted(AUGMENT_PRESETS)}")
+        if self.mix_preset not in MIX_PRESETS:
+            raise ValueError(f"unknown mix preset {self.mix_preset!r}; choose one of {sorted(MIX_PRESETS)}")
         for name in ("max_per_class", "max_val_per_class"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -92,15 +95,24 @@ class PreparedRun:
 
 
 def datasets_for(spec: RunSpec) -> tuple[DatasetWithIDs, DatasetWithIDs]:
-    """The (training, validation) datasets of a run: transforms, base seed and subsets as the spec says."""
+    """The (training, validation) datasets of a run: transforms, mixing, base seed and subsets as the
+    spec says.
+
+    Raises:
+        ValueError: mixing asked with augment "none" (see `get_dataset`), or as `get_dataset`.
+    """
     checks = dict(verify=spec.verify_files, check_images=spec.check_images)  # how files are checked on the way in
+    augment = AUGMENT_PRESETS[spec.augment]
+    if spec.train.mix and augment is not None:
+        augment = with_mix_preset(augment, spec.mix_preset)
     train_set = get_dataset(
         spec.dataset,
         spec.data_root,
         "train",
         img_size=spec.img_size,
-        augment=AUGMENT_PRESETS[spec.augment],
+        augment=augment,
         base_seed=spec.data_seed,
+        mix=spec.train.mix,
         **checks,
     )
     val_set = get_dataset(spec.dataset, spec.data_root, "val", img_size=spec.img_size, **checks)
@@ -213,6 +225,8 @@ def run_differences(spec: RunSpec, checkpoint: dict) -> list[str]:
 
 
 def _flat(train: dict, spec: dict, teacher: str | None) -> dict:
+    # the mix preset matters only to a run that mixes (and runs saved before it existed did not mix)
+    spec = dict(spec, mix_preset=spec.get("mix_preset") if train.get("mix") else None)
     return {**{f"train.{k}": v for k, v in train.items()}, **_movable(spec), "teacher (content hash)": teacher}
 
 

@@ -6,14 +6,18 @@ A store is a folder:
     epoch-0000.bin       fixed-size records, one per sample, in the dataset's sample order
     epoch-0001.bin       ... (replay mode: one file per epoch; static mode: one file)
 
-One record (little-endian, packed; `record_dtype(k, num_classes)`):
+One record (little-endian, packed; `record_dtype(k, num_classes, mixed)`):
 
-    seed   int64        the augmentation seed of the view the teacher saw (-1 in static mode)
-    rest   float32      log of the mean exp(logit) over the classes outside the top k (-inf if none)
-    index  int16 x k    top-k class indices, largest logit first (int32 past 32,767 classes)
-    value  float16 x k  their logits
+    seed     int64        the augmentation seed of the view the teacher saw (-1 in static mode)
+    partner  int32        mixed stores only: the position of the sample this view was mixed with
+    rest     float32      log of the mean exp(logit) over the classes outside the top k (-inf if none)
+    index    int16 x k    top-k class indices, largest logit first (int32 past 32,767 classes)
+    value    float16 x k  their logits
 
-That is 12 + 4k bytes, 8 more than the official 4 + 4k (a 64-bit seed and the remainder term).
+That is 12 + 4k bytes, 8 more than the official 4 + 4k (a 64-bit seed and the remainder term), and
+16 + 4k for a mixed view: the partner's position is all a mixed record adds, since the mixing draw
+(Mixup or CutMix, the coefficient, the box) is re-drawn from the two samples' seeds (`augment.PairMix`),
+and the partner's seed is in the partner's own record. The header's `mix` names the mixing settings.
 Storing logits plus the remainder rebuilds the teacher's distribution at any temperature: the
 top k keep their logits, every other class gets `rest` (the remainder spread uniformly, as the
 official implementation does), exact at T = 1 in total mass and exact everywhere when k equals the
@@ -43,7 +47,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +76,7 @@ __all__ = [
 ]
 
 FORMAT = "tinyvit-logit-store"
-VERSION = 1
+VERSION = 2  # 2: the header's `mix` and mixed records; a version-1 store is refused as a StoreMismatch
 MANIFEST = "manifest.json"
 PENDING = "pending.json"
 
@@ -92,10 +96,11 @@ def _short(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def record_dtype(k: int, num_classes: int) -> np.dtype:
-    """The packed record layout for top-k of `num_classes` (see the module docstring)."""
+def record_dtype(k: int, num_classes: int, mixed: bool = False) -> np.dtype:
+    """The packed record layout for top-k of `num_classes`, of a mixed view or not (see the module docstring)."""
     index = "<i2" if num_classes <= np.iinfo(np.int16).max else "<i4"
-    return np.dtype([("seed", "<i8"), ("rest", "<f4"), ("index", index, (k,)), ("value", "<f2", (k,))])
+    partner = [("partner", "<i4")] if mixed else []
+    return np.dtype([("seed", "<i8"), *partner, ("rest", "<f4"), ("index", index, (k,)), ("value", "<f2", (k,))])
 
 
 def official_record_bytes(k: int) -> int:
@@ -106,12 +111,12 @@ def official_record_bytes(k: int) -> int:
 
 def record_layout(dtype: np.dtype) -> str:
     """A record layout in words, e.g. 'seed int64, rest float32, index int16 x 10, value float16 x 10'."""
-    fields = []
+    words = []
     for name in dtype.names:
-        field = dtype.fields[name][0]
-        base, shape = field.subdtype if field.subdtype else (field, ())
-        fields.append(f"{name} {base.name}" + (f" x {int(np.prod(shape))}" if shape else ""))
-    return ", ".join(fields)
+        kind = dtype.fields[name][0]
+        base, shape = kind.subdtype if kind.subdtype else (kind, ())
+        words.append(f"{name} {base.name}" + (f" x {int(np.prod(shape))}" if shape else ""))
+    return ", ".join(words)
 
 
 @dataclass(frozen=True)
@@ -134,13 +139,14 @@ class StoreHeader:
     num_classes: int
     epochs: int
     base_seed: int
+    mix: dict = field(default_factory=dict)  # mixed views' settings (`augment.mixing_settings`); {}: not mixed
 
     def __post_init__(self) -> None:
         kinds = {"dict": dict, "int": int, "str": str}
-        for field in fields(self):
-            value, kind = getattr(self, field.name), kinds[field.type]
+        for spec in fields(self):
+            value, kind = getattr(self, spec.name), kinds[spec.type]
             if not isinstance(value, kind) or (kind is int and not _is_int(value)):
-                raise ValueError(f"{field.name} must be of type {kind.__name__}, got {_short(value)}")
+                raise ValueError(f"{spec.name} must be of type {kind.__name__}, got {_short(value)}")
         size = self.dataset.get("size")
         if not _is_int(size) or size < 0:
             raise ValueError(f"dataset size must be an int >= 0, got {_short(size)}")
@@ -162,6 +168,10 @@ class StoreHeader:
             )
         if self.epochs < 1:
             raise ValueError(f"epochs={self.epochs} must be >= 1")
+        if self.mix and self.mode != "replay":
+            raise ValueError(f"mix={self.mix}: only a replay store holds mixed views")
+        if self.mix and not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.mix.values()):
+            raise ValueError(f"mix must map setting names to numbers, got {_short(self.mix)}")
 
     @property
     def size(self) -> int:
@@ -169,7 +179,7 @@ class StoreHeader:
 
     @property
     def dtype(self) -> np.dtype:
-        return record_dtype(self.k, self.num_classes)
+        return record_dtype(self.k, self.num_classes, mixed=bool(self.mix))
 
     def to_dict(self) -> dict:
         return dict(
@@ -182,6 +192,7 @@ class StoreHeader:
             num_classes=self.num_classes,
             epochs=self.epochs,
             base_seed=self.base_seed,
+            mix=self.mix,
         )
 
     def differences(self, other: StoreHeader) -> list[str]:
@@ -205,8 +216,11 @@ def _sha256(path: Path) -> str:
 # ----------------------------------------------------------------------------- encode / decode
 
 
-def encode_records(logits: torch.Tensor, seeds: torch.Tensor | list[int], k: int) -> np.ndarray:
-    """Records for a batch of dense logits (B, C): top-k logits and indices, the remainder, the seeds."""
+def encode_records(
+    logits: torch.Tensor, seeds: torch.Tensor | list[int], k: int, partners: list[int] | None = None
+) -> np.ndarray:
+    """Records for a batch of dense logits (B, C): top-k logits and indices, the remainder, the seeds,
+    and for mixed views the partners' positions."""
     logits = logits.detach().float().cpu()
     batch, num_classes = logits.shape
     values, indices = logits.topk(k, dim=1)  # (B, k), sorted, largest first
@@ -217,8 +231,10 @@ def encode_records(logits: torch.Tensor, seeds: torch.Tensor | list[int], k: int
         rest = lse_all + torch.log1p(-torch.exp(lse_top - lse_all).clamp(max=1.0)) - math.log(num_classes - k)
     else:
         rest = torch.full((batch,), -math.inf, dtype=torch.float64)
-    out = np.empty(batch, dtype=record_dtype(k, num_classes))
+    out = np.empty(batch, dtype=record_dtype(k, num_classes, mixed=partners is not None))
     out["seed"] = np.asarray(seeds, dtype=np.int64)
+    if partners is not None:
+        out["partner"] = np.asarray(partners, dtype=np.int32)
     out["rest"] = rest.float().numpy()
     out["index"] = indices.numpy()
     out["value"] = values.half().numpy()
@@ -288,6 +304,11 @@ def _manifest_header(manifest: dict, path: Path) -> StoreHeader:
             whose fields are not exactly `StoreHeader`'s or fail its checks (the field is named).
     """
     version = manifest.get("version")
+    if manifest.get("format") == FORMAT and _is_int(version) and 1 <= version < VERSION:
+        raise StoreMismatch(
+            f"{path} is a version-{version} store, written by an older tinyvit_lib (this one reads version "
+            f"{VERSION}: its header names the mixing of the views); precompute it again"
+        )
     if manifest.get("format") != FORMAT or not _is_int(version) or version != VERSION:
         raise ValueError(
             f"{path} is not a {FORMAT} v{VERSION} store "
@@ -509,9 +530,11 @@ class StoreWriter:
     Args:
         seeds: replay mode (required there): the seed each record at `positions` (an int64 array)
             must carry in `epoch`, as an int64 array. Ignored in static mode.
+        partners: mixed views (required there): the partner each record at `positions` must name.
 
     Raises:
-        ValueError: batch_size < 1, a replay header without `seeds`, or a folder that cannot be
+        ValueError: batch_size < 1, a replay header without `seeds`, a mixed one without `partners`,
+            or a folder that cannot be
             created or written (a file at `path` or above it, a read-only file system, no
             permission: the path and the OS's reason are named).
         FileExistsError: `path` already holds a complete store.
@@ -528,13 +551,16 @@ class StoreWriter:
         rank: int = 0,
         world_size: int = 1,
         seeds: Callable[[int, np.ndarray], np.ndarray] | None = None,
+        partners: Callable[[int, np.ndarray], np.ndarray] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         if header.mode == "replay" and seeds is None:
             raise ValueError("a replay store's writer needs `seeds`: the seed of each record's view")
+        if header.mix and partners is None:
+            raise ValueError("a mixed store's writer needs `partners`: the partner of each record's view")
         self.path, self.header, self.batch_size = Path(path), header, batch_size
-        self.rank, self.world_size, self.seeds = rank, world_size, seeds
+        self.rank, self.world_size, self.seeds, self.partners = rank, world_size, seeds, partners
         self._lock = writer_lock(self.path, rank=rank, world_size=world_size)
         self._claim()
         num_batches = math.ceil(header.size / batch_size)
@@ -610,6 +636,9 @@ class StoreWriter:
         else:
             expected = np.full(len(records), -1, dtype=np.int64)
         wrong_seed = records["seed"] != expected
+        partners = np.asarray(self.partners(epoch, positions), dtype=np.int64) if self.header.mix else None
+        if partners is not None:
+            wrong_seed |= records["partner"] != partners
         wrong_index = ((records["index"] < 0) | (records["index"] >= self.header.num_classes)).any(axis=1)
         bad = np.flatnonzero(wrong_seed | wrong_index)
         if not bad.size:
@@ -617,7 +646,10 @@ class StoreWriter:
         i = int(bad[0])
         record = f"the record of position {positions[i]} in epoch {epoch}"
         if wrong_seed[i]:
-            return f"{record} carries seed {records['seed'][i]}, expected {expected[i]}: not the view of that sample"
+            found, wanted = f"seed {records['seed'][i]}", str(expected[i])
+            if partners is not None:
+                found, wanted = f"{found}, partner {records['partner'][i]}", f"{wanted}, partner {partners[i]}"
+            return f"{record} carries {found}, expected {wanted}: not the view of that sample"
         return f"{record} holds a class index outside [0, {self.header.num_classes})"
 
     def _good_batches(self, epoch: int, part: Path) -> int:
@@ -793,6 +825,7 @@ def derive_smaller_k(store: LogitStore, k: int, path: str | Path) -> LogitStore:
         small,
         batch_size=max(header.size, 1),
         seeds=lambda epoch, positions: store.records(epoch, positions)["seed"],
+        partners=(lambda epoch, positions: store.records(epoch, positions)["partner"]) if header.mix else None,
     ) as writer:
         for epoch in range(header.epochs):
             if writer.todo(epoch):
@@ -810,6 +843,8 @@ def _smaller_k_records(store: LogitStore, epoch: int, k: int, small: StoreHeader
     rest_mass = (others * np.exp(records["rest"].astype(np.float64)) if others else 0.0) + tail.sum(axis=1)
     out = np.empty(header.size, dtype=small.dtype)
     out["seed"], out["index"] = records["seed"], records["index"][:, :k]
+    if header.mix:
+        out["partner"] = records["partner"]
     out["value"] = records["value"][:, :k]
     out["rest"] = np.log(rest_mass / (header.num_classes - k)).astype(np.float32)
     return out

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .augment import AUGMENT_PRESETS
+from .augment import AUGMENT_PRESETS, MIX_PRESETS, with_mix_preset
 from .data import CHECK_IMAGES, DATASETS, DatasetWithIDs, get_dataset, per_class_subset
 from .distill import precompute, store_header, verify_store
 from .logit_store import MANIFEST, LogitStore, describe_store, official_record_bytes
@@ -86,6 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[a for a in AUGMENT_PRESETS if a != "none"],
         help="replay mode: the augmentation the student will train with",
     )
+    p.add_argument(
+        "--mix",
+        action="store_true",
+        help="replay mode: store views mixed in pairs (Mixup/CutMix), as `train --mix` makes them",
+    )
+    p.add_argument(
+        "--mix-preset",
+        default="full",
+        choices=sorted(MIX_PRESETS),
+        help="with --mix: full (Mixup 0.8 or CutMix 1.0) or function-matching (Mixup, coefficient uniform in [0, 1])",
+    )
     p.add_argument("--seed", type=int, default=0, help="replay mode: the base seed of the augmentation")
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=256)
@@ -110,8 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_dataset(args: argparse.Namespace) -> DatasetWithIDs:
     """The training split as the store sees it: the evaluation view (static) or the student's
-    augmentation from `--seed` (replay), cut to `--max-per-class` (see `get_dataset` for what is raised)."""
+    augmentation from `--seed` (replay), mixed with `--mix`, cut to `--max-per-class` (see
+    `get_dataset` for what is raised; --mix without --mode replay is a ValueError)."""
+    if args.mix and args.mode != "replay":
+        raise ValueError("--mix stores mixed views of augmented images: use it with --mode replay")
     augment = AUGMENT_PRESETS[args.augment] if args.mode == "replay" else None
+    if args.mix:
+        augment = with_mix_preset(augment, args.mix_preset)
     dataset = get_dataset(
         args.dataset,
         args.data_root,
@@ -121,6 +137,7 @@ def load_dataset(args: argparse.Namespace) -> DatasetWithIDs:
         base_seed=args.seed,
         verify=args.verify_files,
         check_images=args.check_images,
+        mix=args.mix,
     )
     return dataset if args.max_per_class is None else per_class_subset(dataset, args.max_per_class)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .augment import AUGMENT_PRESETS
+from .augment import AUGMENT_PRESETS, MIX_PRESETS
 from .data import CHECK_IMAGES, DATASETS
 from .experiment import RunSpec, check_resumable, prepare_run, run
 from .trainer import TrainConfig
@@ -38,7 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument("--img-size", type=int, default=None, help="resolution (default: the dataset's, 32 or 224)")
     data.add_argument("--augment", default="light", choices=sorted(AUGMENT_PRESETS))
-    data.add_argument("--mix", action="store_true", help="paired Mixup/CutMix (the 'full' preset's settings)")
+    data.add_argument("--mix", action="store_true", help="mix each view with a partner's (Mixup/CutMix, --mix-preset)")
+    data.add_argument(
+        "--mix-preset",
+        default="full",
+        choices=sorted(MIX_PRESETS),
+        help="with --mix: full (Mixup 0.8 or CutMix 1.0) or function-matching (Mixup, coefficient uniform in [0, 1])",
+    )
     data.add_argument(
         "--max-per-class",
         type=int,
@@ -166,6 +172,7 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
         model=args.model,
         img_size=args.img_size,
         augment=args.augment,
+        mix_preset=args.mix_preset,
         max_per_class=args.max_per_class,
         max_val_per_class=args.max_val_per_class,
         teacher_model=args.teacher_model,

@@ -28,7 +28,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .augment import AugmentConfig, PairedMix
 from .data import DatasetWithIDs, EpochShuffleSampler
 from .distill import DistillationLoss, Teacher
 from .model import inference_copy
@@ -86,7 +85,7 @@ class TrainConfig:
     clip_grad: float = 5.0  # max gradient norm; 0 turns clipping off
     distill_alpha: float = 0.0  # weight of the teacher term (0: no teacher)
     distill_temp: float = 1.0
-    mix: bool = False  # paired Mixup/CutMix with the dataset's augmentation config
+    mix: bool = False  # the training set mixes views in pairs (`get_dataset(..., mix=True)`): checked, not applied
     seed: int = 0
     device: str = "auto"  # "auto" (CUDA, then MPS, then CPU), or any torch device string
     # autocast; None: on for CUDA, and on a CPU with native bf16 for inputs of 224x224 and more (where
@@ -228,17 +227,21 @@ def evaluate(
     *,
     device: torch.device | str | None = None,
     batch_size: int = 256,
-    amp: bool = False,
+    amp: bool | None = None,
     amp_dtype: torch.dtype = torch.bfloat16,
 ) -> dict:
     """Top-1 and top-5 accuracy (percent) and mean cross-entropy over `data`.
 
-    The model runs as `inference_copy` makes it (BatchNorm folded, channels-last: 1.1-1.3x faster
-    on a CPU, the same outputs up to float rounding); `model` itself is left as it was. Under DDP
-    each rank evaluates its share of a dataset and the sums are reduced, so every rank returns the
-    numbers for the whole set.
+    The model runs as `inference_copy` makes it (BatchNorm folded, channels-last: the same outputs up
+    to float rounding); `model` itself is left as it was. `amp` None is the inference policy: bf16
+    autocast on CUDA and on a CPU with native bf16 (1.5x faster there at 32x32 and 224x224; top-1 can
+    move by a borderline image), fp32 elsewhere. Under DDP each rank evaluates its share of a
+    dataset and the sums are reduced, so every rank returns the numbers for the whole set.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    if amp is None:
+        amp = device.type == "cuda" or (device.type == "cpu" and cpu_autocast_pays(None, training=False))
+        amp_dtype = torch.bfloat16 if device.type == "cpu" else amp_dtype
     rank, world = rank_world()
     if isinstance(data, DataLoader):
         loader = data
@@ -276,7 +279,6 @@ class TrainParts:
     schedule: CosineSchedule
     scaler: torch.amp.GradScaler  # a no-op unless autocasting to float16
     criterion: DistillationLoss
-    mixer: PairedMix | None  # paired Mixup/CutMix, seeded per sample
     teacher: Teacher | None  # None unless distilling (distill_alpha > 0)
     sampler: EpochShuffleSampler
     loader: DataLoader
@@ -355,7 +357,7 @@ def train(
                     val_set,
                     device=parts.device,
                     batch_size=max(config.batch_size, 256),
-                    amp=parts.amp,
+                    amp=None if config.amp is None else parts.amp,  # auto: the inference policy
                     amp_dtype=parts.amp_dtype,
                 )
                 record.update(val_loss=metrics["loss"], top1=metrics["top1"], top5=metrics["top5"])
@@ -398,7 +400,7 @@ def _open_run_dir(
         return state
     description = dict(
         train=asdict(config),
-        policy=_policy(parts),
+        policy=_policy(parts, config),
         model=model_config,
         train_set=train_set.fingerprint(),
         world_size=parts.world,
@@ -413,8 +415,14 @@ def _build(model: nn.Module, train_set: DatasetWithIDs, config: TrainConfig, tea
     order that fixes the RNG state (the run's seed, then the model on its device).
 
     Raises:
-        ValueError: the global batch is larger than the training set.
+        ValueError: the global batch is larger than the training set, or `config.mix` differs from
+            whether the training set mixes.
     """
+    if config.mix != (getattr(train_set, "mix", None) is not None):
+        raise ValueError(
+            f"TrainConfig.mix={config.mix} but the training set {'does not mix' if config.mix else 'mixes'} its "
+            "views: build it with get_dataset(..., mix=True) (and an augmentation that mixes) to train on mixed views"
+        )
     device = pick_device(config.device)
     init_distributed(device)
     rank, world = rank_world()
@@ -450,7 +458,6 @@ def _build(model: nn.Module, train_set: DatasetWithIDs, config: TrainConfig, tea
         schedule=schedule,
         scaler=torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16),
         criterion=DistillationLoss(config.distill_alpha, config.distill_temp, config.label_smoothing),
-        mixer=PairedMix(train_set.num_classes, _augment_config(train_set)) if config.mix else None,
         teacher=teacher if config.distill_alpha > 0 else None,
         sampler=sampler,
         loader=loader,
@@ -536,15 +543,15 @@ def train_one_epoch(
         desc=f"epoch {epoch + 1}/{config.epochs}",
     )
     for batch_index, (images, labels, sample_ids) in enumerate(batches, start=start_batch):
-        loss = train_step(parts, images, labels, sample_ids, epoch, train_set)
+        loss = train_step(parts, images, labels, sample_ids, epoch)
         if not math.isfinite(loss):
             raise FloatingPointError(
                 f"loss is {loss} at step {parts.schedule.step_count} (epoch {epoch + 1}, batch {batch_index}); "
                 + (saver.last_saved() if saver else "no checkpoint is kept")
             )
         state.batch = batch_index + 1
-        state.seen += labels.numel()
-        state.loss_sum += loss * labels.numel()
+        state.seen += len(labels)
+        state.loss_sum += loss * len(labels)
         if hasattr(batches, "set_postfix"):
             rate = (state.seen - resumed_seen) * parts.world / max(time.perf_counter() - t0, 1e-9)
             batches.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:.0f}")
@@ -574,19 +581,15 @@ def train_step(
     labels: torch.Tensor,
     sample_ids: torch.Tensor,
     epoch: int,
-    train_set: DatasetWithIDs,
 ) -> float:
-    """One optimizer step on a batch (B, C, H, W): mix, ask the teacher, forward, backward, clip,
-    step, advance the schedule. Returns the loss (the step is skipped only by the float16 scaler;
+    """One optimizer step on a batch (B, C, H, W): ask the teacher, forward, backward, clip, step,
+    advance the schedule. Returns the loss (the step is skipped only by the float16 scaler;
     a NaN loss is returned for the caller to stop on before anything else is saved)."""
     images = images.to(parts.device, non_blocking=True)
     labels = labels.to(parts.device, non_blocking=True)
     if parts.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    targets = labels
-    if parts.mixer is not None:
-        seeds = [train_set.seed_for(int(i), epoch) for i in sample_ids]
-        images, targets = parts.mixer(images, labels, seeds)
+    targets = labels  # class indices (B,), or a mixing set's soft targets (B, num_classes)
     teacher_probs = None
     if parts.teacher is not None:
         teacher_probs = parts.teacher.probs(images, sample_ids, epoch, parts.criterion.temperature)
@@ -704,16 +707,24 @@ def _restore(parts: TrainParts, config: TrainConfig, path: Path) -> TrainState:
     )
 
 
-def _policy(parts: TrainParts) -> dict:
-    """How this run computes, as resolved on this machine: device, memory format, optimizer, autocast."""
+def _policy(parts: TrainParts, config: TrainConfig) -> dict:
+    """How this run computes, as resolved on this machine: device, memory format, optimizer, autocast
+    (training, and evaluation's, see `evaluate`)."""
+    cpu = parts.device.type == "cpu"
+    eval_amp = (
+        (parts.device.type == "cuda" or (cpu and cpu_autocast_pays(None, training=False)))
+        if config.amp is None
+        else parts.amp
+    )
     return dict(
         device=str(parts.device),
         cpu_capability=torch.backends.cpu.get_cpu_capability(),
         channels_last=parts.channels_last,
         fused_adamw=bool(parts.optimizer.defaults.get("fused")),
         autocast=str(parts.amp_dtype).removeprefix("torch.") if parts.amp else None,
-        native_bf16=cpu_has_native_bf16() if parts.device.type == "cpu" else None,
-        malloc_keeps_freed_memory=parts.device.type == "cpu" and sys.platform == "linux",
+        evaluation="BatchNorm folded, channels-last" + (", autocast" if eval_amp else ""),
+        native_bf16=cpu_has_native_bf16() if cpu else None,
+        malloc_keeps_freed_memory=cpu and sys.platform == "linux",
         threads=torch.get_num_threads(),
     )
 
@@ -721,8 +732,3 @@ def _policy(parts: TrainParts) -> dict:
 def _write_on_main(path: Path, text: str) -> None:
     if is_main_process():
         atomic_write_text(path, text)
-
-
-def _augment_config(dataset: DatasetWithIDs) -> AugmentConfig:
-    config = getattr(dataset.transform, "config", None)
-    return config if isinstance(config, AugmentConfig) else AugmentConfig()
