@@ -1,6 +1,7 @@
 """Does the trainer's speed policy change what a student learns? The default profile's baseline and
-replay-store students, every seed, trained under the old policy (NCHW weights, the plain AdamW loop)
-and under the default one (channels-last weights and inputs, fused AdamW), from one replay store.
+replay-store students, every seed, trained and tested in fp32 eager (NCHW weights, the plain AdamW
+loop, no autocast) and under the default policy (channels-last weights and inputs, fused AdamW,
+evaluation BatchNorm-folded and in bf16 where the CPU has it natively), from one replay store.
 
     python scripts/compare_policies.py --store logits/default/replay --out results/default/policy_check.json
 
@@ -21,7 +22,7 @@ from tinyvit_lib.experiment import evaluate_run, run_or_reuse
 from tinyvit_lib.profiles import distillation_runs, resolve_profile
 from tinyvit_lib.utils import atomic_write_text
 
-POLICIES = {"eager": dict(channels_last=False, fused_adamw=False), "channels-last + fused AdamW": {}}
+POLICIES = {"fp32 eager": dict(channels_last=False, fused_adamw=False, amp=False), "default": {}}
 
 
 def main() -> None:
@@ -44,7 +45,7 @@ def main() -> None:
                     train=replace(spec.train, **changes),
                 )
                 result = run_or_reuse(spec, progress=False)
-                top1 = round(evaluate_run(spec.run_dir, test_set)["top1"], 2)
+                top1 = round(evaluate_run(spec.run_dir, test_set, amp=spec.train.amp)["top1"], 2)
                 rows.append(
                     dict(
                         policy=policy,

@@ -306,9 +306,12 @@ def load_trained(path: str | Path) -> nn.Module:
     return load_weights(model, path).eval().to(memory_format=torch.channels_last)  # faster convolutions
 
 
-def evaluate_run(run_dir: str | Path, test_set: DatasetWithIDs, *, checkpoint: str = "last.pt") -> dict:
-    """Evaluate a finished run's model (by default its final weights) on a test set: top-1, top-5, loss."""
-    return evaluate(load_trained(Path(run_dir) / checkpoint), test_set)
+def evaluate_run(
+    run_dir: str | Path, test_set: DatasetWithIDs, *, checkpoint: str = "last.pt", amp: bool | None = None
+) -> dict:
+    """Evaluate a finished run's model (by default its final weights) on a test set: top-1, top-5, loss.
+    `amp`: as `evaluate` (None: the inference policy, bf16 where the machine has it natively)."""
+    return evaluate(load_trained(Path(run_dir) / checkpoint), test_set, amp=amp)
 
 
 class ResultsLog:
