@@ -294,3 +294,42 @@ def test_inspect_describes_a_store_without_a_teacher_or_data(tmp_path):
     assert_refused(corrupted, "checksum mismatch")
     assert_refused(missing, "no logit store at")
     assert_refused(empty, f"no logit store at {tmp_path / 'empty'} (the folder is empty)")
+
+
+def test_mixed_views_through_both_command_lines(tmp_path):
+    # --augment ... --mix --mix-preset in both CLIs; a student that mixes otherwise is refused in
+    # one line before anything trains, one that matches trains (on a subset of the store's data).
+    store = tmp_path / "fm"
+    data = ["--dataset", "synthetic", "--augment", "light"]
+    teacher = ["--teacher-model", "resnet18", "--teacher-checkpoint", _teacher_checkpoint(tmp_path), "--k", "10"]
+    fm = ["--mix", "--mix-preset", "function-matching"]
+    make = data + teacher + ["--mode", "replay", "--epochs", "1"] + fm
+    made, verified, not_replay, subset = run_cases(
+        [
+            make + ["--output-path", str(store)],
+            make + ["--output-path", str(store), "--verify"],
+            data + teacher + ["--mix", "--output-path", str(tmp_path / "x")],
+            make + ["--max-per-class", "4", "--output-path", str(tmp_path / "y")],
+        ],
+        tmp_path,
+        module=PRECOMPUTE,
+    )
+    assert made[0] == 0, made
+    assert verified[0] == 0 and verified[1].rstrip().endswith(": ok"), verified
+    assert_refused(not_replay, "--mix stores mixed views of augmented images: use it with --mode replay")
+    assert_refused(subset, "not a subset")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    student = data + ["--output-dir", str(tmp_path / "runs"), "--epochs", "1", "--batch-size", "16"]
+    student += ["--max-per-class", "4", "--use-distillation", "--logits-path", str(store), "--distill-alpha", "1"]
+    unmixed, full, matching = run_cases(
+        [
+            student + ["--name", "unmixed"],
+            student + ["--name", "full", "--mix", "--mix-preset", "full"],
+            student + ["--name", "matching"] + fm,
+        ],
+        tmp_path,
+    )
+    assert_refused(unmixed, "data views not mixed")
+    assert_refused(full, "'mixup_alpha': 0.8")
+    assert matching[0] == 0, matching
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["matching"]  # the refused runs wrote nothing

@@ -8,7 +8,7 @@ from test_logit_store import tiny_teacher
 
 from tinyvit_lib import AugmentConfig, get_dataset, with_mix_preset
 from tinyvit_lib.data import per_class_subset
-from tinyvit_lib.distill import OnlineTeacher, StoredTeacher, precompute, verify_store
+from tinyvit_lib.distill import OnlineTeacher, StoredTeacher, _replayed_view, precompute, verify_store
 from tinyvit_lib.logit_store import MANIFEST, LogitStore, StoreMismatch, describe_store, record_dtype
 from tinyvit_lib.trainer import TrainConfig, train
 
@@ -59,6 +59,8 @@ def test_the_rebuilt_mixed_view_is_the_teachers_view_bit_for_bit(tmp_path):
         records = store.records(epoch, ids.numpy())
         assert records["partner"].tolist() == dataset.partners(ids.tolist(), epoch)
         images = torch.stack([dataset[int(i)][0] for i in ids])
+        for i, record, image in zip(ids.tolist(), records, images):  # rebuilt from the store alone: bit for bit
+            assert torch.equal(_replayed_view(store, dataset, epoch, i, record), image)
         assert torch.allclose(stored.probs(images, ids, epoch, 1.0), online.probs(images, ids, epoch, 1.0), atol=2e-3)
     report = verify_store(store, teacher, dataset, samples=64)
     assert report["ok"] and report["max_value_error"] <= report["value_tolerance"]
