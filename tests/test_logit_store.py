@@ -574,7 +574,7 @@ def test_manifest_fields_are_checked_by_name_and_an_unsealed_manifest_is_refused
         (lambda m: m["files"].append(m["files"][0]), "'files' must list 1 record file(s), one per epoch"),
         (
             lambda m: m.update(version="1"),
-            "is not a tinyvit-logit-store v2 store (format='tinyvit-logit-store', version='1')",
+            "is not a tinyvit-logit-store v1 or v2 store (format='tinyvit-logit-store', version='1')",
         ),
         (lambda m: m.update(extra=1), "missing field(s) [], unknown field(s) ['extra']"),
         (lambda m: m.update(record=[28]), "'record' must hold bytes and layout, got [28]"),

@@ -110,19 +110,23 @@ def test_truncated_or_flipped_mixed_store_is_refused(tmp_path):
         LogitStore.open(tmp_path / "s")
 
 
-def test_a_version_1_store_is_rebuilt_not_read(tmp_path):
+def test_a_version_1_store_reads_as_an_unmixed_one(tmp_path):
     import json
 
     from tinyvit_lib.logit_store import manifest_digest
 
-    precompute(tiny_teacher(), mixed(mix=False, n=32), tmp_path / "s", k=4, mode="replay", progress=False)
+    dataset = mixed(mix=False, n=32)
+    store, _ = precompute(tiny_teacher(), dataset, tmp_path / "s", k=4, mode="replay", progress=False)
     manifest = json.loads((tmp_path / "s" / MANIFEST).read_text())
-    manifest["version"] = 1
+    manifest["version"] = 1  # what the previous version wrote: no `mix` in the header, the same records
     del manifest["header"]["mix"]
     manifest["manifest_sha256"] = manifest_digest(manifest)
     (tmp_path / "s" / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(StoreMismatch, match="version-1 store"):
-        LogitStore.open(tmp_path / "s")
+    old = LogitStore.open(tmp_path / "s", expect=store.header)
+    assert old.header.mix == {} and np.array_equal(old.records(0, np.arange(32)), store.records(0, np.arange(32)))
+    StoredTeacher.open(tmp_path / "s", dataset)
+    with pytest.raises(StoreMismatch, match="mix: store views not mixed"):
+        StoredTeacher.open(tmp_path / "s", mixed(n=32))
 
 
 def _online_and_replay_students(tmp_path, dataset) -> tuple[float, list[float], list[float]]:

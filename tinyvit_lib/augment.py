@@ -22,6 +22,7 @@ batch, which ties a store to the batch layout of its precompute).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -328,10 +329,11 @@ def _check_norm(img_size: int, mean: Sequence[float], std: Sequence[float]) -> N
         raise ValueError(f"mean={tuple(mean)} and std={tuple(std)} must have one entry per channel")
 
 
+@functools.lru_cache(maxsize=4)  # asked once per batch: a randperm of 1.28M for ImageNet is not free
 def mix_partners(size: int, base_seed: int, epoch: int) -> torch.Tensor:
     """(size,) int64: the partner of each position in `epoch`, a random pairing of the positions
     [0, size) drawn from (base_seed, epoch) alone: partner[partner[i]] == i. With an odd size one
-    position is its own partner (its view stays unmixed)."""
+    position is its own partner (its view stays unmixed). Cached: index it, never write to it."""
     order = torch.randperm(size, generator=torch.Generator().manual_seed(derive_seed("partners", base_seed, epoch)))
     partner = torch.arange(size)
     pairs = order[: size - size % 2].view(-1, 2)  # (size // 2, 2)

@@ -209,6 +209,8 @@ class DatasetWithIDs(Dataset):
             raise IndexError(f"index={bad[0]} outside [0, {len(self)})")
         if not indices:
             return []
+        if self.mix is None and not hasattr(self.transform, "batch"):  # any callable: one item at a time
+            return [self._item(i) for i in indices]
         epoch = self.epoch
         views = self.views(indices, epoch)  # (B, C, H', W')
         labels: list = [self.targets[i] for i in indices]
@@ -217,6 +219,13 @@ class DatasetWithIDs(Dataset):
         if self.out_chans == 3 and views.shape[1] == 1:
             views = views.expand(-1, 3, -1, -1)
         return [(view, label, i) for view, label, i in zip(views, labels, indices)]
+
+    def _item(self, index: int) -> tuple[torch.Tensor, int, int]:
+        """One unmixed item through a transform without `batch` (its outputs need not stack)."""
+        image = self.transform(self.load_image(index), self.seed_for(index))  # (C, H', W')
+        if self.out_chans == 3 and image.shape[0] == 1:
+            image = image.expand(3, -1, -1)
+        return image, self.targets[index], index
 
     def views(self, indices: list[int], epoch: int) -> torch.Tensor:
         """The transformed images at `indices` in `epoch`, (B, C, H', W') (before any channel repeat):

@@ -76,7 +76,7 @@ __all__ = [
 ]
 
 FORMAT = "tinyvit-logit-store"
-VERSION = 2  # 2: the header's `mix` and mixed records; a version-1 store is refused as a StoreMismatch
+VERSION = 2  # 2: the header's `mix` and mixed records; a version-1 store reads as an unmixed one
 MANIFEST = "manifest.json"
 PENDING = "pending.json"
 
@@ -304,23 +304,20 @@ def _manifest_header(manifest: dict, path: Path) -> StoreHeader:
             whose fields are not exactly `StoreHeader`'s or fail its checks (the field is named).
     """
     version = manifest.get("version")
-    if manifest.get("format") == FORMAT and _is_int(version) and 1 <= version < VERSION:
-        raise StoreMismatch(
-            f"{path} is a version-{version} store, written by an older tinyvit_lib (this one reads version "
-            f"{VERSION}: its header names the mixing of the views); precompute it again"
-        )
-    if manifest.get("format") != FORMAT or not _is_int(version) or version != VERSION:
+    if manifest.get("format") != FORMAT or not _is_int(version) or version not in (1, VERSION):
         raise ValueError(
-            f"{path} is not a {FORMAT} v{VERSION} store "
+            f"{path} is not a {FORMAT} v1 or v{VERSION} store "
             f"(format={_short(manifest.get('format'))}, version={_short(version)})"
         )
     expected = {"format", "version", "header", "record", "files", "manifest_sha256"}
     missing, unknown = sorted(expected - {"manifest_sha256"} - manifest.keys()), sorted(manifest.keys() - expected)
     if missing or unknown:
         raise ValueError(f"{path / MANIFEST}: missing field(s) {missing}, unknown field(s) {unknown}")
-    header, names = manifest["header"], {field.name for field in fields(StoreHeader)}
+    header, names = manifest["header"], {spec.name for spec in fields(StoreHeader)}
     if not isinstance(header, dict):
         raise ValueError(f"{path / MANIFEST}: the header must be a JSON object, got {_short(header)}")
+    if version == 1 and "mix" not in header:  # version 1 held no mixed views: its records are v2's unmixed ones
+        header = dict(header, mix={})
     if header.keys() != names:
         missing, unknown = sorted(names - header.keys()), sorted(header.keys() - names)
         raise ValueError(f"{path / MANIFEST}: header: missing field(s) {missing}, unknown field(s) {unknown}")

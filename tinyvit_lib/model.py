@@ -373,8 +373,10 @@ class Attention(nn.Module):
             # Written out: on a CPU, scaled_dot_product_attention with a float mask takes its math path
             # plus checks for fully masked rows (isneginf, all, where: 11% of inference at 224x224);
             # this form is the same arithmetic without them (make bench: 1.07-1.37x for inference).
-            attn = (q * self.head_dim**-0.5) @ k.transpose(-2, -1) + bias  # (B, heads, N, N)
-            x = attn.softmax(dim=-1) @ v
+            # Under bf16 autocast the scores leave the matmul in bf16; the bias and the softmax run
+            # in float32 (a no-op in fp32), as the fused kernels accumulate.
+            attn = ((q * self.head_dim**-0.5) @ k.transpose(-2, -1)).float() + bias.float()  # (B, heads, N, N)
+            x = attn.softmax(dim=-1).to(v.dtype) @ v
         else:  # fused kernels on GPUs
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, heads, N, head_dim)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
