@@ -154,8 +154,8 @@ def test_ids_and_fingerprint_stable_and_content_sensitive(fashion_root, tmp_path
 
 @pytest.mark.parametrize("in_chans", [1, 3])
 def test_batched_fetch_equals_per_sample(fashion_root, in_chans):
-    # A DataLoader fetches whole batches through __getitems__ (one transform call per batch for the
-    # evaluation transform, one per sample for augmentation): same items as indexing one at a time.
+    # A DataLoader fetches whole batches through __getitems__ (the transform's `batch`, once per
+    # batch): the same items as indexing one at a time.
     for dataset in (
         get_dataset("fashion-mnist", fashion_root, in_chans=in_chans),
         data.per_class_subset(get_dataset("fashion-mnist", fashion_root, in_chans=in_chans), 2),

@@ -73,6 +73,7 @@ SECTIONS: dict[str, tuple[str, int, int]] = {
     "infer224": ("infer", 224, 64),
 }
 ALL_SECTIONS = (*SECTIONS, "distill", "epoch", "profile")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 NUM_CLASSES = 1000
 CONTENDED_SHARE = 0.2  # other processes' CPU use during a sample, in cores, above which it is retimed
 SAMPLE_S = 0.5  # a timed sample is this long at least: several steps of a fast contender
@@ -143,6 +144,17 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, *, n: int = 2048, repe
     seconds = [_timed(step, device)[0] for _ in range(2)]
     per_sample = max(1, round(SAMPLE_S / seconds[-1]))
     return 2 * n**3 / statistics.median(_timed(step, device, per_sample)[0] for _ in range(repeats))
+
+
+def matmul_peaks(device: torch.device, *, quick: bool) -> dict[str, float]:
+    """{"fp32": FLOP/s, "bf16": FLOP/s} of `matmul_peak` (a small, single sample with `quick`), printed."""
+    n, repeats = (256, 1) if quick else (2048, 5)
+    peaks = {name: matmul_peak(device, dtype, n=n, repeats=repeats) for name, dtype in PRECISIONS.items()}
+    print(
+        f"matmul peak ({n}x{n}, this run): fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f}"
+        f" GFLOP/s; native bf16: {cpu_has_native_bf16()}"
+    )
+    return peaks
 
 
 def flops_per_image(model: nn.Module, task: str, img_size: int) -> float:
@@ -451,11 +463,8 @@ EPOCH_CASES = (
 )
 
 
-def epoch_case(case: EpochCase, *, device: torch.device, steps: int, repeats: int, tmp: Path) -> dict:
-    """The trainer's own epoch (`train_one_epoch`: loading, the replayable views, the teacher or
-    store, the step, bookkeeping; no validation) against its bare step (`train_step` on a batch
-    already in memory, the teacher's part included), each the median of `repeats` samples taken in
-    turns after a warm-up epoch. The "light" augmentation of the course's profiles."""
+def _epoch_data_and_teacher(case: EpochCase, *, device: torch.device, samples: int, epochs: int, tmp: Path):
+    """(synthetic training set, teacher) of an `EpochCase`: the store is precomputed in `tmp` once."""
     augment = AUGMENT_PRESETS["light"]
     dataset = get_dataset(
         "synthetic",
@@ -463,24 +472,30 @@ def epoch_case(case: EpochCase, *, device: torch.device, steps: int, repeats: in
         img_size=case.img_size,
         in_chans=3,
         augment=with_mix_preset(augment, "full") if case.mix else augment,
-        num_samples=case.batch * steps,
+        num_samples=samples,
         mix=case.mix,
     )
     if case.old_path:
         dataset.transform = dataset.transform.reference  # one v2 call per step and sample, as before
-    epochs, teacher = repeats + 1, None
-    if case.source is not None:
-        torch.manual_seed(0)
-        teacher_net = build_model("resnet18", num_classes=10, img_size=case.img_size)
-        if case.source == "store":
-            store = tmp / f"replay{case.img_size}{'-mixed' if case.mix else ''}"
-            if not store.exists():
-                precompute(
-                    teacher_net, dataset, store, k=10, mode="replay", epochs=epochs, device=device, progress=False
-                )
-            teacher = StoredTeacher.open(store, dataset, epochs=epochs)
-        else:
-            teacher = OnlineTeacher(teacher_net)
+    if case.source is None:
+        return dataset, None
+    torch.manual_seed(0)
+    teacher_net = build_model("resnet18", num_classes=10, img_size=case.img_size)
+    if case.source == "online":
+        return dataset, OnlineTeacher(teacher_net)
+    store = tmp / f"replay{case.img_size}{'-mixed' if case.mix else ''}"
+    if not store.exists():
+        precompute(teacher_net, dataset, store, k=10, mode="replay", epochs=epochs, device=device, progress=False)
+    return dataset, StoredTeacher.open(store, dataset, epochs=epochs)
+
+
+def epoch_case(case: EpochCase, *, device: torch.device, steps: int, repeats: int, tmp: Path) -> dict:
+    """The trainer's own epoch (`train_one_epoch`: loading, the replayable views, the teacher or
+    store, the step, bookkeeping; no validation) against its bare step (`train_step` on a batch
+    already in memory, the teacher's part included), each the median of `repeats` samples taken in
+    turns after a warm-up epoch. The "light" augmentation of the course's profiles."""
+    epochs = repeats + 1
+    dataset, teacher = _epoch_data_and_teacher(case, device=device, samples=case.batch * steps, epochs=epochs, tmp=tmp)
     config = TrainConfig(
         epochs=epochs,
         batch_size=case.batch,
@@ -704,15 +719,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = dict(
         machine=info, device=str(device), quick=args.quick, policies={name: asdict(POLICIES[name]) for name in policies}
     )
-    peaks = {
-        name: matmul_peak(device, dtype, n=256 if args.quick else 2048, repeats=1 if args.quick else 5)
-        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
-    }
+    peaks = matmul_peaks(device, quick=args.quick)
     results["matmul_peak_gflops"] = {name: round(flops / 1e9, 1) for name, flops in peaks.items()}
-    print(
-        f"matmul peak (2048x2048, this run): fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f}"
-        f" GFLOP/s; native bf16: {cpu_has_native_bf16()}"
-    )
     results["models"] = model_sections(
         timm, sections, policies, device=device, warmup=warmup, repeats=repeats, peaks=peaks, batch=batch
     )

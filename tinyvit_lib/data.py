@@ -485,19 +485,16 @@ def get_dataset(
             root that is not a folder, a missing split folder, or a class folder without images.
     """
     facts, split, chans = _check_request(name, split, img_size=img_size, in_chans=in_chans, check_images=check_images)
-    if mix and (augment is None or not augment.mixing):
-        raise ValueError(
-            f"mix=True needs an augmentation that mixes (mixup_alpha or cutmix_alpha > 0 and mix_prob > 0), got "
-            f"{augment}: use augment.with_mix_preset(config, 'full') or 'function-matching'"
-        )
+    _check_mix(mix, augment)
     _check_options(name, num_classes=num_classes, max_per_class=max_per_class, num_samples=num_samples)
     transform = _pick_transform(facts, img_size, augment=augment, transform=transform)
     common = dict(name=name, split=split, transform=transform, out_chans=chans, base_seed=base_seed)
+    dataset: DatasetWithIDs
     if name in _FOLDER_DATASETS:
         ids, targets, classes, root = _find_folder_samples(
             name, root, split, num_classes=num_classes, max_per_class=max_per_class, check_images=check_images
         )
-        dataset: DatasetWithIDs = FolderDatasetWithIDs(root, ids, targets, classes=classes, **common)
+        dataset = FolderDatasetWithIDs(root, ids, targets, classes=classes, **common)
     else:
         images, targets, classes = _load_arrays(
             name, root, split, download=download, verify=verify, num_classes=num_classes, num_samples=num_samples
@@ -541,6 +538,15 @@ def _canonical_split(name: str, split: str, facts: _Facts) -> str:
     if _SPLIT_ALIASES.get(split) == facts.splits[1]:
         return facts.splits[1]
     raise ValueError(f"unknown split={split!r} for {name}; choose 'train' or '{facts.splits[1]}'")
+
+
+def _check_mix(mix: bool, augment: AugmentConfig | None) -> None:
+    """Raises ValueError: mix asked of an augmentation that does not mix (or of none)."""
+    if mix and (augment is None or not augment.mixing):
+        raise ValueError(
+            f"mix=True needs an augmentation that mixes (mixup_alpha or cutmix_alpha > 0 and mix_prob > 0), got "
+            f"{augment}: use augment.with_mix_preset(config, 'full') or 'function-matching'"
+        )
 
 
 def _check_options(name: str, **options: int | None) -> None:

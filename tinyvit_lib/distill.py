@@ -225,7 +225,7 @@ class StoredTeacher(Teacher):
         img_size = getattr(dataset.transform, "img_size", None)
         if img_size != header.img_size:
             problems.append(f"img_size: store {header.img_size}, data {img_size}")
-        mix = mixing_settings(dataset.mix.config) if dataset.mix is not None else {}
+        mix = data_mixing(dataset)
         if mix != header.mix:
             problems.append(f"mix: store {header.mix or 'views not mixed'}, data {mix or 'views not mixed'}")
         if header.mode == "replay":
@@ -282,6 +282,11 @@ class StoredTeacher(Teacher):
 # ----------------------------------------------------------------------------- precompute and verify
 
 
+def data_mixing(dataset: DatasetWithIDs) -> dict[str, float]:
+    """The mixing settings of `dataset`'s views as a store records them ({}: views not mixed)."""
+    return mixing_settings(dataset.mix.config) if dataset.mix is not None else {}
+
+
 def weights_sha256(weights: nn.Module | dict[str, torch.Tensor]) -> str:
     """A hash of a model's weights (its state dict, or a state dict, in key order): names the teacher
     in a store, and a run's weights in a sweep's results."""
@@ -311,7 +316,7 @@ def store_header(
         num_classes=dataset.num_classes,
         epochs=epochs,
         base_seed=dataset.base_seed,
-        mix=mixing_settings(dataset.mix.config) if dataset.mix is not None else {},
+        mix=data_mixing(dataset),
     )
 
 
@@ -509,12 +514,7 @@ def verify_store(
     if samples < 1:
         raise ValueError(f"samples={samples} must be >= 1")
     header = store.header
-    mix = mixing_settings(dataset.mix.config) if dataset.mix is not None else {}
-    if mix != header.mix:
-        raise StoreMismatch(
-            f"store {store.path} holds views with mix {header.mix or 'none'}, the data mixes {mix or 'nothing'}: "
-            "verify with the data the store was made from"
-        )
+    _refuse_other_mixing(store, dataset)
     tolerance = VerifyTolerance.for_device(device) if tolerance is None else tolerance
     g = torch.Generator().manual_seed(seed)
     count = min(samples, header.size * header.epochs)
@@ -543,6 +543,15 @@ def verify_store(
         index_mismatch_tolerance=tolerance.index_mismatch_rate,
         ok=worst <= value_tolerance and mismatch_rate <= tolerance.index_mismatch_rate,
     )
+
+
+def _refuse_other_mixing(store: LogitStore, dataset: DatasetWithIDs) -> None:
+    """Raises StoreMismatch: the store's views are mixed otherwise than `dataset`'s (or one side not at all)."""
+    if data_mixing(dataset) != store.header.mix:
+        raise StoreMismatch(
+            f"store {store.path} holds views with mix {store.header.mix or 'none'}, the data mixes "
+            f"{data_mixing(dataset) or 'nothing'}: verify with the data the store was made from"
+        )
 
 
 def _replayed_view(store: LogitStore, dataset: DatasetWithIDs, epoch: int, position: int, record) -> torch.Tensor:
