@@ -2,8 +2,13 @@
 
     python scripts/run_notebooks.py --profile default --kernel tinyvit --out build/executed notebooks/0*.ipynb
 
+Each executed copy is also written as HTML beside it (same stem, `.html`), as `jupyter nbconvert
+--to html` would, so a reader sees the outputs in a browser without Jupyter.
+
 Prints one line per notebook: its name, its wall time and where its executed copy went; on an error,
 the notebook, the cell's error and the executed copy (which shows the failing cell), then exit 1.
+A failed HTML export is one more line on stderr, after an execution error and never instead of
+it; with every notebook run, it also ends in exit 1.
 The kernel talks to papermill over local IPC sockets instead of TCP ports, so ipykernel has no
 plain-text TCP connection to warn about.
 """
@@ -19,6 +24,9 @@ from pathlib import Path
 import papermill
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_core.paths import jupyter_runtime_dir
+from nbconvert import HTMLExporter
+
+from tinyvit_lib.utils import atomic_write_text
 
 
 class IPCKernelManager(AsyncKernelManager):
@@ -45,6 +53,28 @@ def run(notebook: Path, out_dir: Path, *, kernel: str, profile: str) -> float:
     return time.perf_counter() - t0
 
 
+def export_html(executed: Path) -> Path:
+    """Write the notebook `executed` as HTML beside it (same stem, `.html`); returns the HTML's path.
+
+    Raises:
+        OSError: `executed` cannot be read or the HTML cannot be written.
+        nbformat.reader.NotJSONError, jinja2.TemplateNotFound, ...: whatever nbconvert raises for a
+            file it cannot read as a notebook or a template it cannot find.
+    """
+    body, _ = HTMLExporter().from_filename(str(executed))
+    return atomic_write_text(executed.with_suffix(".html"), body)
+
+
+def try_export_html(executed: Path) -> Path | None:
+    """`export_html`, a failure reported as one line on stderr and None: the executed copy is the
+    record, its HTML a convenience that must not hide what the execution said."""
+    try:
+        return export_html(executed)
+    except Exception as exc:  # nbconvert, nbformat, jinja2 and the disk each raise their own types
+        print(f"{executed.name}: no HTML written ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return None
+
+
 def minutes(seconds: float) -> str:
     """'3 min 07 s'."""
     return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
@@ -59,20 +89,28 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"profile {args.profile}: {len(args.notebooks)} notebook(s), executed copies in {args.out}/", flush=True)
-    total = 0.0
+    total, no_html = 0.0, []
     for notebook in args.notebooks:
+        executed = args.out / notebook.name
         try:
             seconds = run(notebook, args.out, kernel=args.kernel, profile=args.profile)
         except papermill.PapermillExecutionError as exc:
             print(
-                f"{notebook.name}: failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}\n"
-                f"  see {args.out / notebook.name}",
+                f"{notebook.name}: failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}\n  see {executed}",
                 file=sys.stderr,
+                flush=True,
             )
+            try_export_html(executed)  # the failing cell, readable in a browser too
             return 1
         total += seconds
-        print(f"{notebook.name:<36} {minutes(seconds):>12}  -> {args.out / notebook.name}", flush=True)
+        html = try_export_html(executed)
+        if html is None:
+            no_html.append(notebook.name)
+        print(f"{notebook.name:<36} {minutes(seconds):>12}  -> {executed}{' (+ .html)' if html else ''}", flush=True)
     print(f"all {len(args.notebooks)} notebook(s) in {minutes(total)}")
+    if no_html:
+        print(f"no HTML for {len(no_html)} notebook(s): {', '.join(no_html)}", file=sys.stderr)
+        return 1
     return 0
 
 

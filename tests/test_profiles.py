@@ -8,11 +8,16 @@ import pytest
 
 from tinyvit_lib.experiment import RunSpec
 from tinyvit_lib.profiles import (
+    CONDITIONS,
+    PATIENCE_CONDITIONS,
     PROFILES,
     Budget,
     Profile,
     Sweep,
+    condition_runs,
     distillation_runs,
+    patience_spec,
+    pretrain_spec,
     project_root,
     resolve_profile,
     run_spec,
@@ -45,7 +50,8 @@ def test_paths_are_absolute_under_the_project_and_computed_in_one_place(default)
     assert default.store_path("static") == root / "logits/default/static"
     assert default.store_path("replay") == default.store_path("replay", k=10) == root / "logits/default/replay"
     assert default.store_path("replay", k=3) == root / "logits/default/replay_k3"
-    assert default.results_file("04_sweep.jsonl") == root / "results/default/04_sweep.jsonl"
+    assert default.store_path("pool") == root / "logits/default/pool"
+    assert default.results_file("05_sweep.jsonl") == root / "results/default/05_sweep.jsonl"
     assert default.figures_dir == root / "figures"
     fast = PROFILES["fast"]
     assert fast.runs_dir == root / "build/fast/runs/fast" and fast.figures_dir == root / "build/fast/figures"
@@ -54,8 +60,9 @@ def test_paths_are_absolute_under_the_project_and_computed_in_one_place(default)
 @pytest.mark.parametrize(
     "mode, k, message",
     [
-        ("online", None, "unknown store mode 'online'"),
+        ("online", None, "unknown store 'online'"),
         ("static", 3, "no static store with k=3"),
+        ("pool", 3, "no pool store with k=3"),
         ("replay", 11, "no replay store with k=11"),
     ],
 )
@@ -87,6 +94,13 @@ def test_the_gpu_profiles_read_data_root_when_resolved(monkeypatch):
         (lambda: replace(PROFILES["fast"], replay_epochs=1), r"Profile.student.epochs=2 exceeds replay_epochs=1"),
         (lambda: replace(PROFILES["fast"], dataset="mnist"), r"Profile.dataset='mnist' is unknown"),
         (lambda: replace(PROFILES["fast"], seeds=()), r"Profile.seeds is empty"),
+        (lambda: replace(PROFILES["fast"], patience=(1, 3)), r"Profile.patience\[1\]=3 exceeds replay_epochs=2"),
+        (lambda: replace(PROFILES["fast"], patience=()), r"Profile.patience=\(\): give at least one"),
+        (lambda: replace(PROFILES["fast"], val_per_class=0), r"Profile.val_per_class=0 must be >= 1"),
+        (
+            lambda: replace(PROFILES["fast"], finetune=Budget(epochs=1, batch_size=8, lr=1e-3, max_per_class=5)),
+            r"finetune.max_per_class=5 differs from student.max_per_class=12",
+        ),
     ],
 )
 def test_a_wrong_value_is_refused_by_name(make, message):
@@ -94,13 +108,16 @@ def test_a_wrong_value_is_refused_by_name(make, message):
         make()
 
 
-def test_every_profile_sweeps_within_its_store():
+def test_every_profile_sweeps_within_its_store_and_spans_its_patience_curve():
     for profile in PROFILES.values():
         assert max(profile.sweep.ks) <= profile.k and profile.sweep.epochs <= profile.replay_epochs
+        if profile.name != "fast":  # a result: at least 3 schedule lengths spanning at least 8x, 3 seeds
+            assert len(profile.patience) >= 3 and max(profile.patience) >= 8 * min(profile.patience)
+            assert len(profile.seeds) >= 3 and profile.student.epochs in profile.patience
 
 
-def test_the_default_replay_student_is_the_run_it_always_was(default):
-    # Pinned field by field: a changed profile or builder would silently retrain every committed result.
+def test_the_default_replay_student_is_pinned_field_by_field(default):
+    # Pinned: a changed profile or builder would silently retrain every committed result.
     replay = distillation_runs(default, 1)["replay store"]
     config = TrainConfig(
         epochs=4, batch_size=128, lr=2e-3, warmup_epochs=1.0, seed=1, distill_alpha=1.0, distill_temp=1.0
@@ -112,20 +129,51 @@ def test_the_default_replay_student_is_the_run_it_always_was(default):
         img_size=32,
         augment="light",
         max_per_class=300,
-        max_val_per_class=200,
+        max_val_per_class=100,
+        val_per_class=500,
         logits_path=str(project_root() / "logits/default/replay"),
         output_dir=str(project_root() / "runs/default"),
         train=config,
     )
     teacher = teacher_spec(default)
-    assert (teacher.model, teacher.max_per_class, teacher.train.epochs, teacher.train.warmup_epochs) == (
+    assert (teacher.model, teacher.max_per_class, teacher.val_per_class, teacher.train.epochs) == (
         "resnet18",
         None,
+        500,
         2,
-        0.5,
     )
     online = distillation_runs(default, 0)["online teacher"]
     assert online.teacher_checkpoint == str(default.teacher_checkpoint) and online.logits_path is None
+    mixed = distillation_runs(default, 0)["mixed store"]
+    assert mixed.train.mix and mixed.mix_preset == "function-matching"
+    assert mixed.logits_path == str(default.store_path("mixed"))
+
+
+def test_the_four_conditions_share_seed_labelled_set_and_budget(default):
+    runs = condition_runs(default, 2)
+    assert list(runs) == list(CONDITIONS)
+    finals = [chain[-1] for chain in runs.values()]
+    assert {(s.max_per_class, s.val_per_class, s.train.seed, s.train.epochs, s.model) for s in finals} == {
+        (300, 500, 2, 4, "tinyvit_5m")
+    }
+    distilled, supervised = runs["pretrain-distilled"][0], runs["pretrain-supervised"][0]
+    assert distilled.max_per_class is None and supervised.max_per_class is None  # the whole pool
+    assert (distilled.train.distill_alpha, distilled.logits_path) == (1.0, str(default.store_path("pool")))
+    assert (supervised.train.distill_alpha, supervised.logits_path) == (0.0, None)
+    for pretrained, finetuned in (runs["pretrain-distilled"], runs["pretrain-supervised"]):
+        assert finetuned.init_from == str(pretrained.run_dir / "last.pt")
+        assert (finetuned.train.distill_alpha, finetuned.train.lr) == (0.0, default.finetune.lr)
+    assert pretrain_spec(default, 0, distilled=True, max_per_class=7).name == "tinyvit_5m_pretrain_distilled_p7_s0"
+
+
+def test_patience_runs_reuse_notebook_03_and_warm_up_a_quarter_of_a_short_schedule(default):
+    for condition, kind in zip(PATIENCE_CONDITIONS, ("baseline", "static store", "replay store", "mixed store")):
+        assert patience_spec(default, 0, condition, 4) == distillation_runs(default, 0)[kind]
+    short = patience_spec(default, 1, "function matching", 1)
+    assert short.name == "tinyvit_5m_mixed_a1_t1_e1_s1" and short.train.epochs == 1
+    assert short.train.warmup_epochs == 0.25
+    with pytest.raises(ValueError, match="unknown patience condition 'teacher'"):
+        patience_spec(default, 0, "teacher", 4)
 
 
 def test_sweep_names_follow_the_rule(default):
@@ -135,10 +183,10 @@ def test_sweep_names_follow_the_rule(default):
     assert smaller.name == "tinyvit_5m_replay_a1_t2_s0_k3"
     assert Path(smaller.logits_path) == default.store_path("replay", 3)
     assert sweep_spec(default, 0, model="tinyvit_21m").name == "tinyvit_21m_replay_a1_t1_s0"
-    longer = replace(default, replay_epochs=6, sweep=replace(default.sweep, epochs=6))
+    longer = replace(default, replay_epochs=8, sweep=replace(default.sweep, epochs=6))
     point = sweep_spec(longer, 0, k=1)
-    assert point.name == "tinyvit_5m_replay_a1_t1_s0_k1_e6" and point.train.epochs == 6
-    assert point.train.warmup_epochs == 1.0  # from the student budget, as before: only the epochs change
+    assert point.name == "tinyvit_5m_replay_a1_t1_e6_s0_k1" and point.train.epochs == 6
+    assert point.train.warmup_epochs == 1.0
 
 
 def test_an_unknown_role_is_refused(default):

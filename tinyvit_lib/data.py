@@ -57,6 +57,9 @@ __all__ = [
     "EpochShuffleSampler",
     "SubsetWithIDs",
     "per_class_subset",
+    "validation_indices",
+    "carve_validation",
+    "training_images",
     "get_dataset",
     "make_loaders",
     "FASHION_MNIST_DEBIAN_DIR",
@@ -387,7 +390,7 @@ class SubsetWithIDs(DatasetWithIDs):
     augmentation seeds are the parent's, so a sample looks the same in both; `sample_id` is the
     position in this subset, and `ids[sample_id]` the parent's permanent string."""
 
-    def __init__(self, parent: DatasetWithIDs, indices: list[int]) -> None:
+    def __init__(self, parent: DatasetWithIDs, indices: list[int], *, pairs_within: bool = False) -> None:
         super().__init__(
             name=parent.name,
             split=parent.split,
@@ -400,11 +403,14 @@ class SubsetWithIDs(DatasetWithIDs):
         )
         self.parent, self.indices = parent, list(indices)
         self.mix = parent.mix
+        self.pairs_within = pairs_within  # True: mixing partners come from this subset only (see pair_root)
 
     def load_image(self, index: int) -> torch.Tensor:
         return self.parent.load_image(self.indices[index])
 
     def pair_root(self) -> tuple[DatasetWithIDs, list[int] | None]:
+        if self.pairs_within:
+            return self, None
         root, positions = self.parent.pair_root()
         return root, self.indices if positions is None else [positions[i] for i in self.indices]
 
@@ -416,8 +422,9 @@ class SubsetWithIDs(DatasetWithIDs):
         digest.update(np.asarray(self.indices, dtype="<i8").tobytes())
 
 
-def per_class_subset(dataset: DatasetWithIDs, max_per_class: int) -> SubsetWithIDs:
+def per_class_subset(dataset: DatasetWithIDs, max_per_class: int, *, pairs_within: bool = False) -> SubsetWithIDs:
     """The first `max_per_class` samples of every class, in ID order: the same subset on every machine.
+    `pairs_within`: mixed views pair within the subset (else as in `dataset`, see `pair_root`).
 
     Raises:
         ValueError: max_per_class < 1.
@@ -430,7 +437,65 @@ def per_class_subset(dataset: DatasetWithIDs, max_per_class: int) -> SubsetWithI
         if taken[label] < max_per_class:
             taken[label] += 1
             indices.append(index)
-    return SubsetWithIDs(dataset, indices)
+    return SubsetWithIDs(dataset, indices, pairs_within=pairs_within)
+
+
+def validation_indices(dataset: DatasetWithIDs, per_class: int) -> list[int]:
+    """Positions (ascending) of the validation images carved from a training split: in every class,
+    the `per_class` images whose permanent IDs hash lowest (sha256 of "validation/" + ID). The choice
+    depends on the IDs alone, so it is the same on every machine, in any order, and for any subset
+    that holds the same images.
+
+    Raises:
+        ValueError: per_class < 1, or a class with no more than `per_class` images (it would leave the
+            pool without that class; the class and its count are named).
+    """
+    if per_class < 1:
+        raise ValueError(f"val_per_class={per_class} must be >= 1")
+    by_class: list[list[int]] = [[] for _ in range(dataset.num_classes)]
+    for index, label in enumerate(dataset.targets):
+        by_class[label].append(index)
+    chosen = []
+    for label, members in enumerate(by_class):
+        if len(members) <= per_class:
+            raise ValueError(
+                f"val_per_class={per_class}: class {dataset.classes[label]!r} has {len(members)} training "
+                f"image(s); the pool must keep at least one"
+            )
+        rank = sorted(members, key=lambda i: hashlib.sha256(f"validation/{dataset.ids[i]}".encode()).digest())
+        chosen += rank[:per_class]
+    return sorted(chosen)
+
+
+def carve_validation(dataset: DatasetWithIDs, per_class: int) -> tuple[SubsetWithIDs, SubsetWithIDs]:
+    """(pool, validation) of a training split: `validation_indices` held out, the rest the pool. Both
+    pair mixed views within themselves, so a validation image is never a training image's partner.
+    Call it on the augmented split for the pool and on the evaluation-view split for validation.
+
+    Raises:
+        ValueError: as `validation_indices`.
+    """
+    held_out = validation_indices(dataset, per_class)
+    taken = set(held_out)
+    pool = [i for i in range(len(dataset)) if i not in taken]
+    return SubsetWithIDs(dataset, pool, pairs_within=True), SubsetWithIDs(dataset, held_out, pairs_within=True)
+
+
+def training_images(
+    dataset: DatasetWithIDs, *, val_per_class: int | None = None, max_per_class: int | None = None
+) -> DatasetWithIDs:
+    """What a run trains on (or a store covers): the training split, without its validation carve
+    when `val_per_class` (the pool), cut to its first `max_per_class` images per class. Under a carve
+    the labelled subset pairs mixed views within itself (the images its student sees).
+
+    Raises:
+        ValueError: as `validation_indices` and `per_class_subset`.
+    """
+    if val_per_class:
+        dataset, _ = carve_validation(dataset, val_per_class)
+    if max_per_class:
+        dataset = per_class_subset(dataset, max_per_class, pairs_within=bool(val_per_class))
+    return dataset
 
 
 def get_dataset(

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .augment import AUGMENT_PRESETS, MIX_PRESETS, with_mix_preset
-from .data import DatasetWithIDs, get_dataset, per_class_subset
+from .data import DatasetWithIDs, carve_validation, get_dataset, per_class_subset, training_images
 from .distill import OnlineTeacher, StoredTeacher, Teacher, weights_sha256
 from .teachers import build_model, load_weights
 from .trainer import TrainConfig, TrainResult, evaluate, train
@@ -27,6 +29,9 @@ __all__ = [
     "RunSpec",
     "PreparedRun",
     "datasets_for",
+    "validation_set",
+    "test_set",
+    "measure",
     "prepare_run",
     "run",
     "run_or_reuse",
@@ -34,10 +39,14 @@ __all__ = [
     "check_resumable",
     "refuse_if_running",
     "run_digest",
+    "run_history",
     "load_trained",
     "evaluate_run",
     "ResultsLog",
     "sweep_point",
+    "choose_on_validation",
+    "condition_summary",
+    "paired_gain",
 ]
 
 
@@ -56,8 +65,13 @@ class RunSpec:
     img_size: int | None = None  # None: the dataset's course default
     augment: str = "light"  # a key of AUGMENT_PRESETS
     mix_preset: str = "full"  # with train.mix: the mixing settings, a key of MIX_PRESETS
-    max_per_class: int | None = None  # a deterministic per-class subset of the training set, for quick runs
-    max_val_per_class: int | None = None
+    max_per_class: int | None = None  # a deterministic per-class subset of the training images (the labelled set)
+    max_val_per_class: int | None = None  # validate each epoch on this many images per class of the validation set
+    # Validation carved from the training split: this many images per class, chosen by permanent ID
+    # (`data.validation_indices`), never trained on; the rest is the pool. None: validate on the held-out
+    # split (quick runs), which then is no clean test set (`test_set` refuses such a run).
+    val_per_class: int | None = None
+    init_from: str | None = None  # start from this checkpoint's weights (written by `run`): fine-tuning
     teacher_model: str | None = None  # online distillation
     teacher_checkpoint: str | None = None
     logits_path: str | None = None  # distillation from a logit store
@@ -72,7 +86,7 @@ class RunSpec:
             raise ValueError(f"unknown augment preset {self.augment!r}; choose one of {sorted(AUGMENT_PRESETS)}")
         if self.mix_preset not in MIX_PRESETS:
             raise ValueError(f"unknown mix preset {self.mix_preset!r}; choose one of {sorted(MIX_PRESETS)}")
-        for name in ("max_per_class", "max_val_per_class"):
+        for name in ("max_per_class", "max_val_per_class", "val_per_class"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value} must be >= 1")
@@ -115,12 +129,42 @@ def datasets_for(spec: RunSpec) -> tuple[DatasetWithIDs, DatasetWithIDs]:
         mix=spec.train.mix,
         **checks,
     )
-    val_set = get_dataset(spec.dataset, spec.data_root, "val", img_size=spec.img_size, **checks)
-    if spec.max_per_class:
-        train_set = per_class_subset(train_set, spec.max_per_class)
+    train_set = training_images(train_set, val_per_class=spec.val_per_class, max_per_class=spec.max_per_class)
+    val_set = validation_set(spec)
     if spec.max_val_per_class:
         val_set = per_class_subset(val_set, spec.max_val_per_class)
     return train_set, val_set
+
+
+def validation_set(spec: RunSpec) -> DatasetWithIDs:
+    """The whole validation set of a run, in the evaluation view: its carve from the training split
+    (`spec.val_per_class`), or the held-out split when it has none.
+
+    Raises:
+        ValueError, FileNotFoundError: as `get_dataset` and `carve_validation`.
+    """
+    checks = dict(verify=spec.verify_files, check_images=spec.check_images)
+    if not spec.val_per_class:
+        return get_dataset(spec.dataset, spec.data_root, "val", img_size=spec.img_size, **checks)
+    plain = get_dataset(spec.dataset, spec.data_root, "train", img_size=spec.img_size, **checks)
+    return carve_validation(plain, spec.val_per_class)[1]
+
+
+def test_set(spec: RunSpec) -> DatasetWithIDs:
+    """The held-out split, for a run's final numbers only. It is the test set only for a run that
+    never looked at it: one validated (and so chosen) on a carve of the training split.
+
+    Raises:
+        ValueError: `spec.val_per_class` is not set (the run validated on the held-out split).
+        FileNotFoundError: as `get_dataset`.
+    """
+    if not spec.val_per_class:
+        raise ValueError(
+            f"run {spec.name!r} validated on the held-out split (val_per_class={spec.val_per_class}): its "
+            f"numbers there are not test numbers; carve a validation set (val_per_class) and rerun"
+        )
+    checks = dict(verify=spec.verify_files, check_images=spec.check_images)
+    return get_dataset(spec.dataset, spec.data_root, "test", img_size=spec.img_size, **checks)
 
 
 def prepare_run(spec: RunSpec) -> PreparedRun:
@@ -129,8 +173,8 @@ def prepare_run(spec: RunSpec) -> PreparedRun:
 
     Raises:
         ValueError, FileNotFoundError: bad names, missing data or checkpoints (see `get_dataset`,
-            `build_model`, `load_weights`), distillation without a teacher, a run folder that
-            cannot be created or written.
+            `build_model`, `load_weights`; `init_from` included), distillation without a teacher, a
+            run folder that cannot be created or written.
         LockHeld: another process is training this run.
     """
     config = spec.train
@@ -147,6 +191,8 @@ def prepare_run(spec: RunSpec) -> PreparedRun:
     with torch.random.fork_rng(devices=[]):  # the initialisation is the run's seed, not the caller's RNG state
         torch.manual_seed(config.seed)
         model = build_model(**model_config)
+    if spec.init_from:
+        load_weights(model, spec.init_from)  # fine-tuning: the pretrained weights replace the initialisation
     teacher: Teacher | None = None
     if spec.teacher_model:
         teacher_net = build_model(
@@ -179,7 +225,9 @@ def run(spec: RunSpec | PreparedRun, *, resume: bool = False, progress: bool = T
         resume=resume,
         progress=progress,
         on_epoch=on_epoch,
-        model_config=dict(prepared.model_config, spec=_plain(asdict(spec)), teacher=teacher_identity(spec)),
+        model_config=dict(
+            prepared.model_config, spec=_plain(asdict(spec)), teacher=teacher_identity(spec), init=init_identity(spec)
+        ),
     )
 
 
@@ -190,6 +238,14 @@ def teacher_identity(spec: RunSpec) -> str | None:
     if not source or not Path(source).is_file():
         return None
     return hashlib.sha256(Path(source).read_bytes()).hexdigest()
+
+
+def init_identity(spec: RunSpec) -> str | None:
+    """The sha256 of the checkpoint a fine-tuning run starts from (None: none), so that a run
+    fine-tuned from an older pretraining is not mistaken for a current one."""
+    if not spec.init_from or not Path(spec.init_from).is_file():
+        return None
+    return hashlib.sha256(Path(spec.init_from).read_bytes()).hexdigest()
 
 
 def run_or_reuse(spec: RunSpec, *, force: bool = False, progress: bool = True, on_epoch=None) -> TrainResult:
@@ -215,8 +271,8 @@ def run_differences(spec: RunSpec, checkpoint: dict) -> list[str]:
     by content: `teacher_identity`); empty when the checkpoint is a run of exactly this spec. Where
     the run, its store and its teacher's checkpoint live is not compared (see `_movable`)."""
     saved = checkpoint.get("model_config") if isinstance(checkpoint.get("model_config"), dict) else {}
-    ran = _flat(checkpoint.get("config") or {}, saved.get("spec") or {}, saved.get("teacher"))
-    asked = _flat(asdict(spec.train), _plain(asdict(spec)), teacher_identity(spec))
+    ran = _flat(checkpoint.get("config") or {}, saved.get("spec") or {}, saved.get("teacher"), saved.get("init"))
+    asked = _flat(asdict(spec.train), _plain(asdict(spec)), teacher_identity(spec), init_identity(spec))
     return [
         f"{key}: run {ran.get(key)!r}, asked {asked.get(key)!r}"
         for key in sorted(ran.keys() | asked.keys())
@@ -224,10 +280,11 @@ def run_differences(spec: RunSpec, checkpoint: dict) -> list[str]:
     ]
 
 
-def _flat(train: dict, spec: dict, teacher: str | None) -> dict:
+def _flat(train: dict, spec: dict, teacher: str | None, init: str | None) -> dict:
     # the mix preset matters only to a run that mixes (and runs saved before it existed did not mix)
     spec = dict(spec, mix_preset=spec.get("mix_preset") if train.get("mix") else None)
-    return {**{f"train.{k}": v for k, v in train.items()}, **_movable(spec), "teacher (content hash)": teacher}
+    flat = {**{f"train.{k}": v for k, v in train.items()}, **_movable(spec), "teacher (content hash)": teacher}
+    return dict(flat, **{"init_from (content hash)": init})
 
 
 def refuse_if_running(spec: RunSpec) -> None:
@@ -260,6 +317,18 @@ def check_resumable(spec: RunSpec) -> None:
         raise ValueError(f"cannot resume {last}: it is a run of another spec ({'; '.join(differences)})")
 
 
+def run_history(spec: RunSpec) -> list[dict]:
+    """A run's per-epoch records (its log.jsonl), e.g. to plot a reused run's curves.
+
+    Raises:
+        FileNotFoundError: the run has no log.
+    """
+    log = spec.run_dir / "log.jsonl"
+    if not log.is_file():
+        raise FileNotFoundError(f"run {spec.name!r} has no log at {log}")
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
 def run_digest(run_dir: str | Path, checkpoint: str = "last.pt") -> str:
     """A hash of a run's weights (in `checkpoint`): a result logged with it belongs to exactly these
     weights, so a run that was retrained, or a result file from another clone, is told apart.
@@ -283,6 +352,7 @@ def _movable(spec: dict) -> dict:
         "output_dir": None,
         "logits_path": bool(spec.get("logits_path")),
         "teacher_checkpoint": bool(spec.get("teacher_checkpoint")),
+        "init_from": bool(spec.get("init_from")),
         "verify_files": None,
         "check_images": None,
     }
@@ -354,33 +424,129 @@ class ResultsLog:
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows.values()))
 
 
-def sweep_point(
-    results: ResultsLog, key: str, spec: RunSpec, test_set: DatasetWithIDs, *, force: bool = False, **fields
-) -> dict:
-    """One point of a sweep: train `spec` (or reuse its finished run, see `run_or_reuse`; `force`
-    retrains), evaluate it on `test_set` and log the row under `key` in `results` as soon as it ends.
-
-    A logged row names the weights it was measured on (`run_digest`): it is returned as it is only
-    while those weights are the run on disk, so a row whose run is gone, was retrained or came from
-    another clone is measured again and replaced. The row holds `fields` (the point's coordinates,
-    e.g. temperature=2.0, alpha=0.5), test top-1/top-5, the training seconds, the run name and the
-    digest; a new row is printed.
+def measure(spec: RunSpec, *, test: bool = False, checkpoint: str = "last.pt") -> dict:
+    """A finished run's weights (by default its final ones) on its whole validation set (val_top1,
+    val_top5) and, with `test`, on the test set (test_top1, test_top5; see `test_set` for when that
+    is refused).
 
     Raises:
-        ValueError, FileNotFoundError: the run cannot be prepared or trained (see `prepare_run`, `run`).
+        ValueError, FileNotFoundError: no finished run, or as `validation_set` and `test_set`.
+    """
+    sets = {"val": _cached_set(validation_set, spec)}
+    if test:
+        sets["test"] = _cached_set(test_set, spec)
+    model = load_trained(spec.run_dir / checkpoint)
+    numbers = {}
+    for split, dataset in sets.items():
+        metrics = evaluate(model, dataset)
+        numbers.update({f"{split}_top1": round(metrics["top1"], 2), f"{split}_top5": round(metrics["top5"], 2)})
+    return numbers
+
+
+_SETS: dict[tuple, DatasetWithIDs] = {}
+
+
+def _cached_set(build, spec: RunSpec) -> DatasetWithIDs:
+    """`build(spec)` (validation_set or test_set), built once per data description in a process."""
+    key = (build.__name__, spec.dataset, spec.data_root, spec.img_size, spec.val_per_class)
+    if key not in _SETS:
+        _SETS[key] = build(spec)
+    return _SETS[key]
+
+
+def sweep_point(
+    results: ResultsLog,
+    key: str,
+    spec: RunSpec,
+    *,
+    test: bool = False,
+    force: bool = False,
+    checkpoint: str = "last.pt",
+    **fields,
+) -> dict:
+    """One run of an experiment: train `spec` (or reuse its finished run, see `run_or_reuse`; `force`
+    retrains), measure its `checkpoint` on validation (and, with `test`, on the test set: `measure`)
+    and log the row under `key` in `results` as soon as it ends.
+
+    A logged row names the weights it was measured on (`run_digest`): it is returned as it is only
+    while those weights are the run on disk (and it holds test numbers if `test` asks for them), so a
+    row whose run is gone, was retrained or came from another clone is measured again and replaced.
+    The row holds `fields` (the point's coordinates, e.g. condition="distilled", seed=0, alpha=0.5),
+    val_top1/val_top5 (test_top1/test_top5), the training seconds, the run name and the digest; a new
+    row is printed.
+
+    Raises:
+        ValueError, FileNotFoundError: the run cannot be prepared, trained or measured (see
+            `prepare_run`, `run`, `measure`).
     """
     result = run_or_reuse(spec, force=force, progress=False)
-    digest = run_digest(spec.run_dir)
-    if key in results and results.rows[key].get("run_digest") == digest:
-        return results.rows[key]
-    test = evaluate_run(spec.run_dir, test_set)
+    digest = run_digest(spec.run_dir, checkpoint)
+    old = results.rows.get(key, {})
+    if old.get("run_digest") == digest and (not test or "test_top1" in old):
+        return old
     row = dict(
         fields,
-        top1=round(test["top1"], 2),
-        top5=round(test["top5"], 2),
+        **measure(spec, test=test, checkpoint=checkpoint),
         seconds=round(sum(r["epoch_time_s"] for r in result.history), 1),
         run=spec.name,
         run_digest=digest,
     )
-    print(key, row)
+    print(key, {k: v for k, v in row.items() if k != "run_digest"})
     return results.add(key, row)
+
+
+def choose_on_validation(rows: list[dict], metric: str = "val_top1") -> dict:
+    """The row with the highest validation `metric` (the first such row on a tie): how every "best"
+    of the course is chosen. Test numbers play no part.
+
+    Raises:
+        ValueError: no rows, a metric that is not a validation number, or a row without it.
+    """
+    if not metric.startswith("val_"):
+        raise ValueError(f"choose on validation numbers, not {metric!r}")
+    if not rows or any(metric not in row for row in rows):
+        raise ValueError(f"every row needs {metric!r} to choose on (rows: {[row.get('key') for row in rows]})")
+    return max(rows, key=lambda row: row[metric])
+
+
+def condition_summary(rows: list[dict], metric: str) -> dict[str, dict]:
+    """Per condition (in order of first appearance): mean of `metric` over its rows, its standard
+    error (sample standard deviation / sqrt(n); None for one row), n and the per-seed values."""
+    summary = {}
+    for condition in dict.fromkeys(row["condition"] for row in rows):
+        values = {row["seed"]: row[metric] for row in rows if row["condition"] == condition}
+        summary[condition] = dict(_mean_se(list(values.values())), per_seed=values)
+    return summary
+
+
+def paired_gain(rows: list[dict], condition: str, reference: str, metric: str = "test_top1") -> dict:
+    """`condition` minus `reference` on `metric`, paired by seed: the per-seed gains, their mean, its
+    standard error (None with one seed), n, the ±2 SE interval and whether it excludes zero
+    (`resolved`), and how many standard errors the mean is from zero (`z`).
+
+    Raises:
+        ValueError: the two conditions were not run with the same seeds (both seed lists named).
+    """
+    runs = {(row["condition"], row["seed"]): row[metric] for row in rows}
+    seeds = sorted(s for c, s in runs if c == condition)
+    other = sorted(s for c, s in runs if c == reference)
+    if not seeds or seeds != other:
+        raise ValueError(f"pair by seed: {condition!r} has seeds {seeds}, {reference!r} has {other}")
+    gains = {seed: round(runs[condition, seed] - runs[reference, seed], 2) for seed in seeds}
+    stats = _mean_se(list(gains.values()))
+    mean, se = stats["mean"], stats["se"]
+    interval = None if se is None else (round(mean - 2 * se, 2), round(mean + 2 * se, 2))
+    return dict(
+        stats,
+        per_seed=gains,
+        interval=interval,
+        resolved=interval is not None and (interval[0] > 0 or interval[1] < 0),
+        z=None if not se else round(mean / se, 1),
+    )
+
+
+def _mean_se(values: list[float]) -> dict:
+    n = len(values)
+    mean = statistics.fmean(values)
+    se = statistics.stdev(values) / math.sqrt(n) if n > 1 else None
+    return dict(mean=round(mean, 2), se=None if se is None else round(se, 2), n=n)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .logit_store import LogitStore
-from .plots import plot_distributions
+from .plots import plot_distributions, plot_sweep_series
 
 __all__ = ["distribution_explorer", "sweep_explorer"]
 
@@ -30,19 +30,14 @@ def distribution_explorer(
     """
     import ipywidgets as widgets
 
-    def show(sample: int = 0, temperature: float = 1.0):
+    def show(sample: int, temperature: float) -> None:
         series = {}
         if teacher_logits is not None:
             series["teacher (all logits)"] = F.softmax(teacher_logits[sample] / temperature, dim=-1)
         series[f"from the store (top {store.header.k})"] = F.softmax(store.logits(epoch, [sample])[0] / temperature, -1)
         if student_logits is not None:
             series["student"] = F.softmax(student_logits[sample] / temperature, dim=-1)
-        fig = plot_distributions(series, classes, title=f"sample {sample}, T = {temperature:g}")
-        inset = fig.add_axes([0.80, 0.55, 0.16, 0.35])
-        image = images[sample].float()
-        shown = (image - image.min()) / (image.max() - image.min() + 1e-8)  # (C, H, W) in [0, 1]
-        inset.imshow(shown.permute(1, 2, 0).squeeze(-1).cpu().numpy(), cmap="gray")
-        inset.axis("off")
+        plot_distributions(series, classes, image=images[sample], title=f"sample {sample}, T = {temperature:g}")
         plt.show()
 
     return widgets.interact(
@@ -53,27 +48,29 @@ def distribution_explorer(
 
 
 def sweep_explorer(rows: list[dict]):
-    """Pick the x axis, the metric and a filter column of the sweep results and see them plotted."""
+    """Pick the x axis, the metric and the grouping field of the sweep results and see them plotted
+    (`plot_sweep_series`: one line per series, rows without the grouping field as loose markers).
+
+    Every numeric field of any row can be chosen; the metric starts on validation top-1 (`val_top1`)
+    where the rows have it, else on `top1`.
+
+    Raises:
+        ValueError: no row has a numeric field.
+    """
     import ipywidgets as widgets
 
     numeric = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    if not numeric:
+        raise ValueError(f"sweep_explorer: none of the {len(rows)} row(s) has a numeric field to plot")
 
-    def show(x: str = "alpha", metric: str = "top1", group: str = "temperature"):
-        fig, ax = plt.subplots(figsize=(5.5, 3.6))
-        have = [r for r in rows if x in r and metric in r]  # e.g. bytes_per_image: the top-k rows only
-        for value in sorted({r.get(group) for r in have}, key=str):
-            mine = sorted((r for r in have if r.get(group) == value), key=lambda r: r[x])
-            ax.plot([r[x] for r in mine], [r[metric] for r in mine], marker="o", label=f"{group} = {value}")
-        ax.set_xlabel(x)
-        ax.set_ylabel(metric)
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
+    def show(x: str, metric: str, group: str) -> None:
+        plot_sweep_series(rows, x=x, y=metric, group=group)
         plt.show()
 
-    x_axis = widgets.Dropdown(options=numeric, value="alpha" if "alpha" in numeric else numeric[0])
+    def dropdown(*preferred: str) -> widgets.Dropdown:
+        """The numeric fields, set on the first of `preferred` that some row has (else the first field)."""
+        return widgets.Dropdown(options=numeric, value=next((p for p in preferred if p in numeric), numeric[0]))
+
     return widgets.interact(
-        show,
-        x=x_axis,
-        metric=widgets.Dropdown(options=numeric, value="top1" if "top1" in numeric else numeric[0]),
-        group=widgets.Dropdown(options=numeric, value="temperature" if "temperature" in numeric else numeric[0]),
+        show, x=dropdown("alpha"), metric=dropdown("val_top1", "top1"), group=dropdown("temperature")
     )

@@ -23,7 +23,10 @@ __all__ = [
     "plot_views_with_predictions",
     "plot_sweep_heatmap",
     "plot_xy",
+    "plot_sweep_series",
     "plot_distributions",
+    "plot_conditions",
+    "plot_patience",
 ]
 
 
@@ -166,11 +169,7 @@ def plot_views_with_predictions(
     n = images.shape[0]
     fig, axes = plt.subplots(n, 2, figsize=(8, 1.9 * n), gridspec_kw=dict(width_ratios=[1, 2.2]), squeeze=False)
     for i in range(n):
-        image = images[i].float()
-        image = (image - image.min()) / (image.max() - image.min() + 1e-8)
-        shown = image[0] if image.shape[0] == 1 else image.permute(1, 2, 0)
-        axes[i, 0].imshow(shown.cpu(), cmap="gray" if image.shape[0] == 1 else None)
-        axes[i, 0].axis("off")
+        _show_image(axes[i, 0], images[i])
         axes[i, 0].set_title(titles[i] if titles else f"label: {classes[labels[i]]}", fontsize=8)
         colors = ["tab:orange" if c == labels[i] else "tab:blue" for c in range(len(classes))]
         axes[i, 1].bar(range(len(classes)), probs[i].cpu(), color=colors)
@@ -189,7 +188,7 @@ def plot_sweep_heatmap(
     baseline: float | None = None,
     metric: str = "top1",
 ) -> plt.Figure:
-    """Top-1 for each (temperature, alpha) cell; the baseline's value marked in the colour bar."""
+    """`metric` for each (temperature, alpha) cell; the baseline's value marked in the colour bar."""
     grid = torch.full((len(temperatures), len(alphas)), float("nan"))
     for r in rows:
         if r["temperature"] in temperatures and r["alpha"] in alphas:
@@ -212,10 +211,10 @@ def plot_sweep_heatmap(
     ax.set_xlabel("alpha (weight of the teacher term)")
     ax.set_ylabel("temperature T")
     bar = fig.colorbar(im, ax=ax)
-    bar.set_label(f"test {metric} (%)")
+    bar.set_label(f"{metric.replace('_', ' ')} (%)")
     if baseline is not None:
         bar.ax.axhline(baseline, color="red", lw=2)
-        ax.set_title(f"distilled TinyViT-5M; baseline {baseline:.2f}% (red line, and in brackets)", fontsize=9)
+        ax.set_title(f"distilled TinyViT-5M; labels only {baseline:.2f}% (red line, and in brackets)", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -239,7 +238,7 @@ def plot_xy(
         for r in rows:
             ax.annotate(str(r[label]), (r[x], r[y]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     if baseline is not None:
-        ax.axhline(baseline, color="red", ls="--", lw=1, label="baseline (no teacher)")
+        ax.axhline(baseline, color="red", ls="--", lw=1, label="labels only (no teacher)")
         ax.legend(fontsize=8)
     if logx:
         ax.set_xscale("log")
@@ -252,9 +251,52 @@ def plot_xy(
     return fig
 
 
-def plot_distributions(series: dict[str, torch.Tensor], classes: list[str], title: str = "") -> plt.Figure:
-    """Grouped bars: several distributions over the same classes (teacher, rebuilt top-k, student)."""
-    fig, ax = plt.subplots(figsize=(8, 3.4))
+def plot_sweep_series(rows: list[dict], *, x: str, y: str, group: str) -> plt.Figure:
+    """`y` against `x` for the rows that have both, one series per sweep and value of `group`.
+
+    A series is the rows of one sweep (the first part of their `key`: grid/, topk/, variant/) that
+    share the value of `group`. It is a line in order of x when its x values are distinct, and
+    unconnected markers otherwise (the top-k rows all sit at one alpha, say). Rows without `group`
+    (`bytes_per_image` is on the top-k rows only) are no series: grey crosses labelled "no <group>".
+    """
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    have = [r for r in rows if x in r and y in r]
+    series: dict[tuple, list[dict]] = {}
+    for r in have:
+        if r.get(group) is not None:
+            sweep, slash, _ = str(r.get("key", "")).partition("/")
+            series.setdefault((r[group], sweep if slash else ""), []).append(r)
+    for (value, sweep), mine in sorted(series.items()):
+        mine.sort(key=lambda r: r[x])
+        xs = [r[x] for r in mine]
+        connected = len(set(xs)) == len(xs) > 1  # a repeated x would draw a vertical zig-zag
+        label = f"{group} = {value}" + (f" ({sweep})" if sweep else "")
+        ax.plot(xs, [r[y] for r in mine], marker="o", ls="-" if connected else "none", label=label)
+    lacking = [r for r in have if r.get(group) is None]
+    if lacking:
+        ax.plot([r[x] for r in lacking], [r[y] for r in lacking], "x", color="0.4", label=f"no {group}")
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.grid(alpha=0.3)
+    if have:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # outside: hides no point
+    fig.tight_layout()
+    return fig
+
+
+def plot_distributions(
+    series: dict[str, torch.Tensor], classes: list[str], *, image: torch.Tensor | None = None, title: str = ""
+) -> plt.Figure:
+    """Grouped bars: several distributions over the same classes (teacher, rebuilt top-k, student).
+
+    `image` (C, H, W), when given, gets its own panel left of the bars. The legend sits above the
+    bars, outside every panel, so neither the image nor a tall bar covers it.
+    """
+    if image is None:
+        fig, ax = plt.subplots(figsize=(8, 3.8))
+    else:
+        fig, (ax_image, ax) = plt.subplots(1, 2, figsize=(9.5, 3.8), gridspec_kw=dict(width_ratios=[1, 4]))
+        _show_image(ax_image, image)
     width = 0.8 / max(len(series), 1)
     for i, (name, probs) in enumerate(series.items()):
         ax.bar(
@@ -266,8 +308,64 @@ def plot_distributions(series: dict[str, torch.Tensor], classes: list[str], titl
     ax.set_xticks(range(len(classes)), [c[:10] for c in classes], rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("probability")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=max(len(series), 1), frameon=False)
     if title:
-        ax.set_title(title, fontsize=10)
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _show_image(ax: plt.Axes, image: torch.Tensor) -> None:
+    """Draw a (C, H, W) image on `ax`, its values rescaled to [0, 1] (grey when C is 1), without axes."""
+    image = image.detach().float().cpu()
+    image = (image - image.min()) / (image.max() - image.min() + 1e-8)
+    if image.shape[0] == 1:
+        ax.imshow(image[0].numpy(), cmap="gray")
+    else:
+        ax.imshow(image.permute(1, 2, 0).numpy())
+    ax.axis("off")
+
+
+def plot_conditions(summary: dict[str, dict], *, title: str = "", ylabel: str = "test top-1 (%)") -> plt.Figure:
+    """One bar per condition (`experiment.condition_summary`'s mean), ±1 standard error as error
+    bars, and each seed's value as a dot."""
+    names = list(summary)
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 1.5, 3.6))
+    means = [summary[n]["mean"] for n in names]
+    errors = [summary[n]["se"] or 0.0 for n in names]
+    ax.bar(range(len(names)), means, yerr=errors, capsize=4, color="tab:blue", alpha=0.6)
+    for i, n in enumerate(names):
+        values = list(summary[n]["per_seed"].values())
+        ax.plot([i] * len(values), values, "o", color="black", ms=3)
+    low = min(min(summary[n]["per_seed"].values()) for n in names)
+    high = max(max(summary[n]["per_seed"].values()) for n in names)
+    ax.set_ylim(low - 0.3 * max(high - low, 1.0), high + 0.3 * max(high - low, 1.0))
+    ax.set_xticks(range(len(names)), names, rotation=15, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(title or "mean over seeds, ±1 SE; dots: seeds", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_patience(
+    table: dict[tuple[str, int], dict], conditions: list[str], lengths: list[int], *, title: str = ""
+) -> plt.Figure:
+    """Accuracy against schedule length (log x), one line per condition: `table[condition, epochs]`
+    is a `condition_summary` entry (mean, se); error bars are ±1 SE."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, condition in enumerate(conditions):
+        shift = 1 + 0.02 * (i - (len(conditions) - 1) / 2)  # keep the error bars of a length apart
+        means = [table[condition, e]["mean"] for e in lengths]
+        errors = [table[condition, e]["se"] or 0.0 for e in lengths]
+        ax.errorbar([e * shift for e in lengths], means, yerr=errors, marker="o", capsize=3, label=condition)
+    ax.set_xscale("log")
+    ax.set_xticks(lengths, [str(e) for e in lengths])
+    ax.minorticks_off()
+    ax.set_xlabel("epochs on the labelled set (log scale)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "patience and consistency", fontsize=10)
     fig.tight_layout()
     return fig

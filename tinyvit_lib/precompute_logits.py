@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from .augment import AUGMENT_PRESETS, MIX_PRESETS, with_mix_preset
-from .data import CHECK_IMAGES, DATASETS, DatasetWithIDs, get_dataset, per_class_subset
+from .data import CHECK_IMAGES, DATASETS, DatasetWithIDs, get_dataset, training_images
 from .distill import precompute, store_header, verify_store
 from .logit_store import MANIFEST, LogitStore, describe_store, official_record_bytes
 from .teachers import build_model, load_weights
@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--max-per-class", type=int, default=None, help="a deterministic per-class subset")
+    p.add_argument(
+        "--val-per-class",
+        type=int,
+        default=None,
+        help="leave out the validation carve of this many images per class (as the student's --val-per-class)",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument(
@@ -121,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_dataset(args: argparse.Namespace) -> DatasetWithIDs:
     """The training split as the store sees it: the evaluation view (static) or the student's
-    augmentation from `--seed` (replay), mixed with `--mix`, cut to `--max-per-class` (see
-    `get_dataset` for what is raised; --mix without --mode replay is a ValueError)."""
+    augmentation from `--seed` (replay), mixed with `--mix`, without the `--val-per-class` carve, cut
+    to `--max-per-class` (see `get_dataset` for what is raised; --mix without --mode replay is a
+    ValueError)."""
     if args.mix and args.mode != "replay":
         raise ValueError("--mix stores mixed views of augmented images: use it with --mode replay")
     augment = AUGMENT_PRESETS[args.augment] if args.mode == "replay" else None
@@ -139,7 +146,7 @@ def load_dataset(args: argparse.Namespace) -> DatasetWithIDs:
         check_images=args.check_images,
         mix=args.mix,
     )
-    return dataset if args.max_per_class is None else per_class_subset(dataset, args.max_per_class)
+    return training_images(dataset, val_per_class=args.val_per_class, max_per_class=args.max_per_class)
 
 
 def load_teacher(args: argparse.Namespace, dataset: DatasetWithIDs) -> nn.Module:

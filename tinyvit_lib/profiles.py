@@ -7,11 +7,15 @@ hyper-parameter of the notebooks lives here, and so does every path a profile im
 checkpoint, logit stores, results), so no literal is scattered across them:
 
     P = resolve_profile("default")
-    P.student.epochs, P.teacher_checkpoint, P.store_path("replay"), P.results_file("03_students.json")
+    P.student.epochs, P.teacher_checkpoint, P.store_path("replay"), P.results_file("03_students.jsonl")
 
-The course's story in every profile: the teacher is trained on the whole training set (it stands
-for a big pretrained model); each student gets a smaller budget (a per-class subset of the
-training images) and learns either from the labels alone or also from the teacher.
+The course's protocol in every profile. A validation set is carved from the training images by
+permanent ID (`val_per_class`); nobody trains on it, and every choice is made on it. The rest is
+the **pool**. The teacher trains on the pool (it stands for a big pretrained model). A student either
+trains on the **labelled set** (a per-class subset of the pool), from labels or from the teacher, or
+is first pretrained on the whole pool (from the teacher's stored logits, or from the pool's labels as
+the control) and then fine-tuned on the labelled set. The held-out split is the test set: read only
+for the final numbers (`experiment.test_set`).
 """
 
 from __future__ import annotations
@@ -35,11 +39,27 @@ __all__ = [
     "run_spec",
     "teacher_spec",
     "distillation_runs",
+    "CONDITIONS",
+    "PATIENCE_CONDITIONS",
+    "pretrain_spec",
+    "finetune_spec",
+    "condition_runs",
+    "patience_spec",
     "sweep_spec",
 ]
 
-TEACHER_RUN = "teacher"  # the teacher's run folder under runs_dir: notebook 02 writes it, 03 and 04 read it
-STORE_MODES = ("static", "replay")  # one record per image (un-augmented) / per image and epoch (replayed view)
+TEACHER_RUN = "teacher"  # the teacher's run folder under runs_dir: notebook 02 writes it, 03-05 read it
+# The stores notebook 02 writes: name -> (mode, what they cover). "static": one record per labelled image
+# (its evaluation view); "replay": one per labelled image and epoch (the augmented view); "mixed": the same
+# for views mixed in pairs (function matching); "pool": replayed views of the whole pool, for pretraining.
+STORES = ("static", "replay", "mixed", "pool")
+STORE_MODES = ("static", "replay")  # how a store's records are keyed (see `logit_store`)
+# Notebook 03's conditions: one student (TinyViT-5M), one fine-tuning budget on the labelled set.
+CONDITIONS = ("labels only", "distilled", "pretrain-distilled", "pretrain-supervised")
+# Notebook 04's: how the labelled set is taught (Beyer et al. 2022): labels; a fixed teacher (its
+# targets for the un-augmented image, the static store); a consistent one (the same view, replayed);
+# function matching (the same mixed view, replayed).
+PATIENCE_CONDITIONS = ("labels only", "fixed teacher", "consistent teacher", "function matching")
 
 
 @dataclass(frozen=True)
@@ -79,6 +99,8 @@ class Sweep:
     ks: tuple[int, ...] = (1, 3, 5, 10)  # top-k ablation: logits kept per record (each <= the profile's k)
     variants: tuple[str, ...] = ("tinyvit_5m", "tinyvit_11m", "tinyvit_21m")  # students read from one store
     epochs: int  # every sweep point's epochs (a name gains _e{epochs} when they differ from the student budget's)
+    # the variants' pretraining pool: this many images per class of the pool (None: all of it, as notebook 03)
+    variant_pool_per_class: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("temperatures", "alphas", "ks", "variants"):
@@ -95,6 +117,8 @@ class Sweep:
                 raise ValueError(f"Sweep.{name} holds {bad}: each must be {rule}")
         if self.epochs < 1:
             raise ValueError(f"Sweep.epochs={self.epochs} must be >= 1")
+        if self.variant_pool_per_class is not None and self.variant_pool_per_class < 1:
+            raise ValueError(f"Sweep.variant_pool_per_class={self.variant_pool_per_class} must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -103,8 +127,8 @@ class Profile:
 
     Raises:
         ValueError: an unknown dataset or augmentation, a value out of range, a sweep k above `k`
-            (smaller stores are derived from the k store), or students training more epochs than
-            the replay store holds.
+            (smaller stores are derived from the k store), students training more epochs than
+            the replay store holds, or fewer than one patience length.
     """
 
     name: str  # the key in PROFILES; also the folder under runs/, logits/ and results/
@@ -113,11 +137,15 @@ class Profile:
     out_dir: str  # runs/, logits/ and results/ live under it (relative: to the project root)
     figures_folder: str  # where the notebooks save figures (relative: to the project root)
     bias_demo: Budget  # notebook 01's one short run that shows a learned attention bias
-    teacher: Budget  # notebook 02's teacher
-    student: Budget  # notebook 03's students, and notebook 04's sweep points (but for their epochs)
-    seeds: tuple[int, ...]  # notebook 03 runs every condition once per seed; notebook 04 uses the first
-    replay_epochs: int  # augmented views per image in the replay store: students may train that many epochs
-    sweep: Sweep  # notebook 04's grid
+    teacher: Budget  # notebook 02's teacher, on the pool
+    student: Budget  # students on the labelled set (max_per_class of the pool), and notebook 05's sweep points
+    pretrain: Budget  # pretraining on the pool (max_per_class: a cut of it; None: all of it)
+    finetune: Budget  # fine-tuning a pretrained student on the labelled set (the same images as `student`)
+    seeds: tuple[int, ...]  # every reported condition runs once per seed; sweeps choose on the first
+    val_per_class: int  # validation images carved from each class of the training split (by permanent ID)
+    patience: tuple[int, ...]  # notebook 04's schedule lengths (epochs on the labelled set)
+    replay_epochs: int  # views per labelled image in the replay and mixed stores: students may train that many epochs
+    sweep: Sweep  # notebook 05's grid
     data_root: str | None = None  # where the data lives; None: the dataset's default place
     data_root_from_env: bool = False  # True: resolve_profile sets data_root from $DATA_ROOT (the GPU profiles)
     in_chans: int = 3  # input channels of the course's images (1: grayscale)
@@ -134,7 +162,7 @@ class Profile:
             raise ValueError(f"Profile.dataset={self.dataset!r} is unknown; choose one of {', '.join(DATASETS)}")
         if self.augment not in AUGMENT_PRESETS:
             raise ValueError(f"Profile.augment={self.augment!r} is unknown; choose one of {sorted(AUGMENT_PRESETS)}")
-        for name in ("img_size", "in_chans", "k", "replay_epochs"):
+        for name in ("img_size", "in_chans", "k", "replay_epochs", "val_per_class"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Profile.{name}={getattr(self, name)} must be >= 1")
         if not self.seeds:
@@ -148,7 +176,16 @@ class Profile:
                 f"Profile.sweep.ks={self.sweep.ks} exceeds k={self.k}: smaller stores are derived "
                 f"from the k={self.k} store, a bigger k needs the teacher again"
             )
-        for what, epochs in (("student.epochs", self.student.epochs), ("sweep.epochs", self.sweep.epochs)):
+        if not self.patience or min(self.patience) < 1:
+            raise ValueError(f"Profile.patience={self.patience}: give at least one schedule length, each >= 1")
+        if self.finetune.max_per_class != self.student.max_per_class:
+            raise ValueError(
+                f"Profile.finetune.max_per_class={self.finetune.max_per_class} differs from student.max_per_class="
+                f"{self.student.max_per_class}: every condition ends on the same labelled set"
+            )
+        lengths = [("student.epochs", self.student.epochs), ("sweep.epochs", self.sweep.epochs)]
+        lengths += [(f"patience[{i}]", epochs) for i, epochs in enumerate(self.patience)]
+        for what, epochs in lengths:
             if epochs > self.replay_epochs:
                 raise ValueError(
                     f"Profile.{what}={epochs} exceeds replay_epochs={self.replay_epochs}: the replay "
@@ -180,26 +217,26 @@ class Profile:
         """The teacher's best weights, written by notebook 02's run (`teacher_spec`)."""
         return self.runs_dir / TEACHER_RUN / "best.pt"
 
-    def store_path(self, mode: str, k: int | None = None) -> Path:
-        """The folder of notebook 02's `mode` store ("static" or "replay"), or, for a replay `k` below
-        the profile's, of the smaller store notebook 04 derives from it.
+    def store_path(self, store: str, k: int | None = None) -> Path:
+        """The folder of notebook 02's store `store` (one of `STORES`), or, for a replay `k` below
+        the profile's, of the smaller store notebook 05 derives from it.
 
         Raises:
-            ValueError: an unknown mode, a static store with another k, or k outside 1..self.k.
+            ValueError: an unknown store, a k for a store other than "replay", or k outside 1..self.k.
         """
-        if mode not in STORE_MODES:
-            raise ValueError(f"unknown store mode {mode!r}; choose one of {STORE_MODES}")
+        if store not in STORES:
+            raise ValueError(f"unknown store {store!r}; choose one of {STORES}")
         if k is None or k == self.k:
-            return self.logits_dir / mode
-        if mode == "static" or not 1 <= k < self.k:
+            return self.logits_dir / store
+        if store != "replay" or not 1 <= k < self.k:
             raise ValueError(
-                f"no {mode} store with k={k}: only replay stores with 1 <= k < {self.k} are derived "
+                f"no {store} store with k={k}: only replay stores with 1 <= k < {self.k} are derived "
                 f"from the k={self.k} store"
             )
         return self.logits_dir / f"replay_k{k}"
 
     def results_file(self, name: str) -> Path:
-        """A notebook's results file, e.g. results_file("04_sweep.jsonl")."""
+        """A notebook's results file, e.g. results_file("05_sweep.jsonl")."""
         return self.results_dir / name
 
 
@@ -212,16 +249,26 @@ PROFILES: dict[str, Profile] = {
         out_dir="build/fast",
         figures_folder="build/fast/figures",
         k=5,
+        val_per_class=4,
         bias_demo=Budget(epochs=1, batch_size=32, lr=2e-3, max_per_class=8, max_val_per_class=4),
         teacher=Budget(epochs=1, batch_size=64, lr=2e-3, max_per_class=40),
-        student=Budget(epochs=2, batch_size=32, lr=2e-3, max_per_class=12, max_val_per_class=8),
+        student=Budget(epochs=2, batch_size=32, lr=2e-3, max_per_class=12, max_val_per_class=2),
+        pretrain=Budget(epochs=1, batch_size=32, lr=2e-3, max_val_per_class=2),
+        finetune=Budget(epochs=2, batch_size=32, lr=1e-3, max_per_class=12, max_val_per_class=2),
         seeds=(0,),
+        patience=(1, 2),
         replay_epochs=2,
         sweep=Sweep(
-            temperatures=(1.0,), alphas=(0.5, 1.0), ks=(1, 5), variants=("tinyvit_5m", "tinyvit_11m"), epochs=2
+            temperatures=(1.0,),
+            alphas=(0.5, 1.0),
+            ks=(1, 5),
+            variants=("tinyvit_5m", "tinyvit_11m"),
+            epochs=2,
+            variant_pool_per_class=16,
         ),
     ),
-    # `make run-all` on a laptop CPU: Fashion-MNIST at 32x32, grayscale.
+    # `make run-all` on a laptop CPU: Fashion-MNIST at 32x32, grayscale. 5,000 validation images, a pool
+    # of 55,000, a labelled set of 3,000.
     "default": Profile(
         name="default",
         dataset="fashion-mnist",
@@ -229,14 +276,19 @@ PROFILES: dict[str, Profile] = {
         in_chans=1,
         out_dir=".",
         figures_folder="figures",
+        val_per_class=500,
         bias_demo=Budget(epochs=1, batch_size=128, lr=2e-3, max_per_class=1000, max_val_per_class=100),
         teacher=Budget(epochs=2, batch_size=128, lr=2e-3),
-        student=Budget(epochs=4, batch_size=128, lr=2e-3, max_per_class=300, max_val_per_class=200),
+        student=Budget(epochs=4, batch_size=128, lr=2e-3, max_per_class=300, max_val_per_class=100),
+        pretrain=Budget(epochs=1, batch_size=128, lr=2e-3, max_val_per_class=100),
+        finetune=Budget(epochs=4, batch_size=128, lr=5e-4, max_per_class=300, max_val_per_class=100),
         seeds=(0, 1, 2),
-        replay_epochs=4,
-        sweep=Sweep(epochs=4),
+        patience=(1, 4, 8),
+        replay_epochs=8,
+        sweep=Sweep(alphas=(0.5, 1.0), ks=(1, 3, 5, 10), epochs=4, variant_pool_per_class=1000),
     ),
-    # A GPU with CIFAR-100 in DATA_ROOT (or downloadable): 32x32 RGB, the whole training set.
+    # A GPU with CIFAR-100 in DATA_ROOT (or downloadable): 32x32 RGB; 5,000 validation images, a pool of
+    # 45,000, a labelled set of 10,000. Sized for a GPU; not run by the course's CPU sessions.
     "cifar100": Profile(
         name="cifar100",
         dataset="cifar100",
@@ -244,14 +296,19 @@ PROFILES: dict[str, Profile] = {
         img_size=32,
         out_dir=".",
         figures_folder="figures/cifar100",
+        val_per_class=50,
         bias_demo=Budget(epochs=5, batch_size=256, lr=2e-3),
         teacher=Budget(epochs=60, batch_size=256, lr=2e-3),
-        student=Budget(epochs=100, batch_size=256, lr=2e-3),
-        seeds=(0, 1),
-        replay_epochs=100,
+        student=Budget(epochs=100, batch_size=256, lr=2e-3, max_per_class=100),
+        pretrain=Budget(epochs=60, batch_size=256, lr=2e-3),
+        finetune=Budget(epochs=100, batch_size=256, lr=5e-4, max_per_class=100),
+        seeds=(0, 1, 2),
+        patience=(25, 100, 200),
+        replay_epochs=200,
         sweep=Sweep(epochs=100),
     ),
-    # A GPU with an ImageNet-1k tree in DATA_ROOT: the teacher sees everything, students 260 images per class.
+    # A GPU with an ImageNet-1k tree in DATA_ROOT: validation carved from train (10 per class), the official
+    # val folder is the test set; the teacher sees the pool, the labelled set is 260 images per class.
     "imagenet-subset": Profile(
         name="imagenet-subset",
         dataset="imagenet",
@@ -260,11 +317,15 @@ PROFILES: dict[str, Profile] = {
         out_dir=".",
         figures_folder="figures/imagenet-subset",
         teacher_model="resnet50",
+        val_per_class=10,
         bias_demo=Budget(epochs=5, batch_size=128, lr=2e-3),
         teacher=Budget(epochs=90, batch_size=128, lr=2e-3),
         student=Budget(epochs=100, batch_size=128, lr=2e-3, max_per_class=260),
-        seeds=(0,),
-        replay_epochs=100,
+        pretrain=Budget(epochs=30, batch_size=128, lr=2e-3),
+        finetune=Budget(epochs=30, batch_size=128, lr=5e-4, max_per_class=260),
+        seeds=(0, 1, 2),
+        patience=(25, 100, 200),
+        replay_epochs=200,
         sweep=Sweep(epochs=100),
     ),
 }
@@ -296,21 +357,20 @@ def run_spec(
     profile: Profile, name: str, *, role: str = "student", seed: int = 0, model: str | None = None, **train_changes
 ) -> RunSpec:
     """The `RunSpec` of a run of this profile; `role` names its budget ("teacher", "student",
-    "bias_demo"); `train_changes` override TrainConfig fields (e.g. distill_alpha=0.5) and `model`
-    the architecture (default: the profile's teacher for the teacher, TinyViT-5M otherwise).
+    "pretrain", "finetune", "bias_demo"); `train_changes` override TrainConfig fields (e.g.
+    distill_alpha=0.5; `epochs` also moves the warm-up, a quarter of them up to one) and `model` the
+    architecture (default: the profile's teacher for the teacher, TinyViT-5M otherwise). Every run
+    validates on the profile's carve, so none sees the test set.
 
     Raises:
         ValueError: an unknown role; TypeError: a train_changes key that is not a TrainConfig field.
     """
-    if role not in ("teacher", "student", "bias_demo"):
-        raise ValueError(f"unknown role {role!r}; choose one of teacher, student, bias_demo")
+    if role not in ("teacher", "student", "pretrain", "finetune", "bias_demo"):
+        raise ValueError(f"unknown role {role!r}; choose one of teacher, student, pretrain, finetune, bias_demo")
     budget: Budget = getattr(profile, role)
+    epochs = train_changes.pop("epochs", budget.epochs)
     config = TrainConfig(
-        epochs=budget.epochs,
-        batch_size=budget.batch_size,
-        lr=budget.lr,
-        warmup_epochs=min(1.0, budget.epochs / 4),
-        seed=seed,
+        epochs=epochs, batch_size=budget.batch_size, lr=budget.lr, warmup_epochs=min(1.0, epochs / 4), seed=seed
     )
     return RunSpec(
         name=name,
@@ -321,13 +381,14 @@ def run_spec(
         augment=profile.augment,
         max_per_class=budget.max_per_class,
         max_val_per_class=budget.max_val_per_class,
+        val_per_class=profile.val_per_class,
         output_dir=str(profile.runs_dir),
         train=replace(config, **train_changes),
     )
 
 
 def teacher_spec(profile: Profile) -> RunSpec:
-    """Notebook 02's teacher run, whose best weights are `profile.teacher_checkpoint`."""
+    """Notebook 02's teacher run (on the pool), whose best weights are `profile.teacher_checkpoint`."""
     return run_spec(profile, TEACHER_RUN, role="teacher")
 
 
@@ -338,28 +399,84 @@ def distillation_runs(
     model: str = "tinyvit_5m",
     alpha: float | None = None,
     temperature: float | None = None,
+    epochs: int | None = None,
 ) -> dict[str, RunSpec]:
-    """The student runs of notebook 03 for one seed: "baseline", "static store", "replay store",
-    "online teacher" (the stores and the teacher of notebook 02). All share data, budget and seed; only
-    where the teacher's distribution comes from differs. `alpha`, `temperature`: default the profile's."""
+    """The students on the labelled set for one seed: "baseline" (labels), and distilled from
+    "static store", "replay store", "mixed store" (function matching) and an "online teacher" (the
+    stores and teacher of notebook 02). All share data, budget and seed; only where the teacher's
+    distribution comes from differs. `alpha`, `temperature`: default the profile's; `epochs`: the
+    student budget's (a name gains _e{epochs} when it differs)."""
     alpha = profile.alpha if alpha is None else alpha
     temperature = profile.temperature if temperature is None else temperature
-    base = run_spec(profile, f"{model}_baseline_s{seed}", seed=seed, model=model)
+    epochs = profile.student.epochs if epochs is None else epochs
+    suffix = f"_e{epochs}" if epochs != profile.student.epochs else ""
+    base = run_spec(profile, f"{model}_baseline_s{seed}", seed=seed, model=model, epochs=epochs)
+    base = replace(base, name=f"{model}_baseline{suffix}_s{seed}")
     kd = dict(distill_alpha=alpha, distill_temp=temperature)
 
-    def distilled(kind: str, **where) -> RunSpec:
-        return replace(
-            base, name=f"{model}_{kind}_a{alpha:g}_t{temperature:g}_s{seed}", train=replace(base.train, **kd), **where
-        )
+    def distilled(kind: str, mix: bool = False, **where) -> RunSpec:
+        name = f"{model}_{kind}_a{alpha:g}_t{temperature:g}{suffix}_s{seed}"
+        changes = dict(mix_preset="function-matching") if mix else {}
+        return replace(base, name=name, train=replace(base.train, mix=mix, **kd), **changes, **where)
 
     return {
         "baseline": base,
         "static store": distilled("static", logits_path=str(profile.store_path("static"))),
         "replay store": distilled("replay", logits_path=str(profile.store_path("replay"))),
+        "mixed store": distilled("mixed", mix=True, logits_path=str(profile.store_path("mixed"))),
         "online teacher": distilled(
             "online", teacher_model=profile.teacher_model, teacher_checkpoint=str(profile.teacher_checkpoint)
         ),
     }
+
+
+def pretrain_spec(
+    profile: Profile, seed: int, *, distilled: bool, model: str = "tinyvit_5m", max_per_class: int | None = None
+) -> RunSpec:
+    """Pretraining on the pool: from the pool store with no labels (`distilled`: alpha 1, the
+    profile's T) or from the pool's labels (the control). `max_per_class`: a cut of the pool (default
+    the pretrain budget's); the name gains _p{n} when it differs."""
+    cut = profile.pretrain.max_per_class if max_per_class is None else max_per_class
+    kind = "distilled" if distilled else "supervised"
+    suffix = f"_p{cut}" if cut != profile.pretrain.max_per_class else ""
+    spec = run_spec(profile, f"{model}_pretrain_{kind}{suffix}_s{seed}", role="pretrain", seed=seed, model=model)
+    spec = replace(spec, max_per_class=cut)
+    if not distilled:
+        return spec
+    train = replace(spec.train, distill_alpha=1.0, distill_temp=profile.temperature)
+    return replace(spec, train=train, logits_path=str(profile.store_path("pool")))
+
+
+def finetune_spec(profile: Profile, pretrained: RunSpec) -> RunSpec:
+    """Fine-tuning `pretrained`'s final weights on the labelled set, from labels, with the fine-tuning
+    budget (the same seed and model)."""
+    name = pretrained.name.replace("_pretrain_", "_finetune_", 1)
+    spec = run_spec(profile, name, role="finetune", seed=pretrained.train.seed, model=pretrained.model)
+    return replace(spec, init_from=str(pretrained.run_dir / "last.pt"))
+
+
+def condition_runs(profile: Profile, seed: int, *, model: str = "tinyvit_5m") -> dict[str, list[RunSpec]]:
+    """Notebook 03's runs for one seed: each of `CONDITIONS` -> its runs in order (a pretraining run
+    first, then its fine-tuning); the last run of each is the condition's student."""
+    students = distillation_runs(profile, seed, model=model)
+    runs = {"labels only": [students["baseline"]], "distilled": [students["replay store"]]}
+    for distilled in (True, False):
+        pretrained = pretrain_spec(profile, seed, distilled=distilled, model=model)
+        runs[CONDITIONS[2 if distilled else 3]] = [pretrained, finetune_spec(profile, pretrained)]
+    return runs
+
+
+def patience_spec(profile: Profile, seed: int, condition: str, epochs: int) -> RunSpec:
+    """Notebook 04's run of `condition` (one of `PATIENCE_CONDITIONS`) for `epochs` on the labelled
+    set; at the student budget's epochs it is notebook 03's run of the same teaching (and reuses it).
+
+    Raises:
+        ValueError: an unknown condition.
+    """
+    kinds = dict(zip(PATIENCE_CONDITIONS, ("baseline", "static store", "replay store", "mixed store"), strict=True))
+    if condition not in kinds:
+        raise ValueError(f"unknown patience condition {condition!r}; choose one of {PATIENCE_CONDITIONS}")
+    return distillation_runs(profile, seed, epochs=epochs)[kinds[condition]]
 
 
 def sweep_spec(
@@ -371,18 +488,19 @@ def sweep_spec(
     temperature: float | None = None,
     k: int | None = None,
 ) -> RunSpec:
-    """One point of notebook 04: notebook 03's replay-store student with another model, alpha, T or
+    """One point of notebook 05's grid: the replay-store student with another model, alpha, T or
     store k (None: the profile's), trained for `profile.sweep.epochs`. Its name is the replay run's,
-    plus `_k{k}` when k differs from the profile's and `_e{epochs}` when the sweep's epochs differ
-    from the student budget's, so the point with notebook 03's settings *is* its run (and reuses it).
+    plus `_k{k}` when k differs from the profile's (and `_e{epochs}` when the sweep's epochs differ
+    from the student budget's), so the point with notebook 03's settings *is* its run (and reuses it).
 
     Raises:
         ValueError: a k with no replay store (see `Profile.store_path`).
     """
     k = profile.k if k is None else k
-    spec = distillation_runs(profile, seed, model=model, alpha=alpha, temperature=temperature)["replay store"]
-    epochs = profile.sweep.epochs
-    name = spec.name + (f"_k{k}" if k != profile.k else "") + (f"_e{epochs}" if epochs != spec.train.epochs else "")
+    runs = distillation_runs(
+        profile, seed, model=model, alpha=alpha, temperature=temperature, epochs=profile.sweep.epochs
+    )
+    spec = runs["replay store"]
     return replace(
-        spec, name=name, logits_path=str(profile.store_path("replay", k)), train=replace(spec.train, epochs=epochs)
+        spec, name=spec.name + (f"_k{k}" if k != profile.k else ""), logits_path=str(profile.store_path("replay", k))
     )

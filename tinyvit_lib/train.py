@@ -52,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="train on the first N images of each class (a deterministic subset)",
     )
     data.add_argument("--max-val-per-class", type=int, default=None)
+    data.add_argument(
+        "--val-per-class",
+        type=int,
+        default=None,
+        help="carve validation from the training split: this many images per class, by permanent ID, never "
+        "trained on (default: validate on the held-out split)",
+    )
+    data.add_argument("--init-from", default=None, help="start from this checkpoint's weights (fine-tuning)")
     data.add_argument("--num-workers", type=int, default=0)
     data.add_argument(
         "--no-verify-files",
@@ -175,6 +183,8 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
         mix_preset=args.mix_preset,
         max_per_class=args.max_per_class,
         max_val_per_class=args.max_val_per_class,
+        val_per_class=args.val_per_class,
+        init_from=args.init_from,
         teacher_model=args.teacher_model,
         teacher_checkpoint=args.teacher_checkpoint,
         logits_path=args.logits_path,

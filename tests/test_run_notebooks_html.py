@@ -1,0 +1,74 @@
+"""`scripts/run_notebooks.py` (what `make run-all` runs) writes each executed notebook as HTML beside
+its executed copy, and a failed export never hides a notebook's own failure."""
+
+import importlib.util
+from pathlib import Path
+
+import nbformat
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "run_notebooks.py"
+KERNEL = "python3"  # this environment's interpreter (jupyter_client maps the native spec's "python" to it)
+
+
+@pytest.fixture(scope="module")
+def script():
+    """The script, imported as a module."""
+    spec = importlib.util.spec_from_file_location("run_notebooks", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def notebook(path: Path, *cells: str) -> Path:
+    """A throwaway notebook of code `cells` at `path`, on the Python kernel as the course's are."""
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    nb.metadata.kernelspec = dict(name=KERNEL, language="python", display_name="Python 3")
+    nbformat.write(nb, path)
+    return path
+
+
+def broken_export(executed: Path) -> Path:
+    """Stands in for `export_html` on a full disk."""
+    raise OSError(f"cannot write {executed.with_suffix('.html')}")
+
+
+def test_each_executed_notebook_gets_its_html_with_the_outputs(script, tmp_path, capsys):
+    ok = notebook(tmp_path / "01_ok.ipynb", "answer = 6 * 7", "print(f'the answer is {answer}')")
+    failing = notebook(tmp_path / "02_failing.ipynb", "raise ValueError('no such dataset: xyz')")
+    out = tmp_path / "executed"
+    status = script.main([str(ok), str(failing), "--kernel", KERNEL, "--out", str(out), "--profile", "fast"])
+    assert status == 1  # the second notebook failed
+    assert (out / "01_ok.ipynb").exists()
+    assert "the answer is 42" in (out / "01_ok.html").read_text()
+    assert "no such dataset: xyz" in (out / "02_failing.html").read_text()  # the failing cell, in a browser
+    err = capsys.readouterr().err
+    assert "02_failing.ipynb: failed in cell 2: ValueError: no such dataset: xyz" in err  # 1: the parameters
+
+
+def test_a_failed_export_does_not_hide_the_execution_failure(script, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(script, "export_html", broken_export)
+    failing = notebook(tmp_path / "failing.ipynb", "raise ValueError('no such dataset: xyz')")
+    status = script.main([str(failing), "--kernel", KERNEL, "--out", str(tmp_path / "executed")])
+    assert status == 1
+    err = capsys.readouterr().err
+    assert err.index("ValueError: no such dataset: xyz") < err.index("no HTML written (OSError")
+
+
+def test_a_failed_export_after_a_good_run_is_reported_and_exits_1(script, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(script, "export_html", broken_export)
+    ok = notebook(tmp_path / "ok.ipynb", "print('fine')")
+    status = script.main([str(ok), "--kernel", KERNEL, "--out", str(tmp_path / "executed")])
+    assert status == 1
+    assert (tmp_path / "executed" / "ok.ipynb").exists()
+    out, err = capsys.readouterr()
+    assert "all 1 notebook(s) in" in out
+    assert err.rstrip().endswith("no HTML for 1 notebook(s): ok.ipynb")
+
+
+def test_a_file_nbconvert_cannot_read_is_reported_not_raised(script, tmp_path, capsys):
+    not_a_notebook = tmp_path / "broken.ipynb"
+    not_a_notebook.write_text("{ not json")
+    assert script.try_export_html(not_a_notebook) is None
+    assert "broken.ipynb: no HTML written" in capsys.readouterr().err
+    assert not not_a_notebook.with_suffix(".html").exists()
