@@ -515,7 +515,10 @@ def condition_summary(rows: list[dict], metric: str) -> dict[str, dict]:
     summary = {}
     for condition in dict.fromkeys(row["condition"] for row in rows):
         values = {row["seed"]: row[metric] for row in rows if row["condition"] == condition}
-        summary[condition] = dict(_mean_se(list(values.values())), per_seed=values)
+        mean, se = _mean_se(list(values.values()))
+        summary[condition] = dict(
+            mean=round(mean, 2), se=None if se is None else round(se, 2), n=len(values), per_seed=values
+        )
     return summary
 
 
@@ -532,21 +535,21 @@ def paired_gain(rows: list[dict], condition: str, reference: str, metric: str = 
     other = sorted(s for c, s in runs if c == reference)
     if not seeds or seeds != other:
         raise ValueError(f"pair by seed: {condition!r} has seeds {seeds}, {reference!r} has {other}")
-    gains = {seed: round(runs[condition, seed] - runs[reference, seed], 2) for seed in seeds}
-    stats = _mean_se(list(gains.values()))
-    mean, se = stats["mean"], stats["se"]
+    gains = {seed: runs[condition, seed] - runs[reference, seed] for seed in seeds}
+    mean, se = _mean_se(list(gains.values()))
     interval = None if se is None else (round(mean - 2 * se, 2), round(mean + 2 * se, 2))
     return dict(
-        stats,
-        per_seed=gains,
+        mean=round(mean, 2),
+        se=None if se is None else round(se, 2),
+        n=len(gains),
+        per_seed={seed: round(gain, 2) for seed, gain in gains.items()},
         interval=interval,
         resolved=interval is not None and (interval[0] > 0 or interval[1] < 0),
         z=None if not se else round(mean / se, 1),
     )
 
 
-def _mean_se(values: list[float]) -> dict:
-    n = len(values)
-    mean = statistics.fmean(values)
-    se = statistics.stdev(values) / math.sqrt(n) if n > 1 else None
-    return dict(mean=round(mean, 2), se=None if se is None else round(se, 2), n=n)
+def _mean_se(values: list[float]) -> tuple[float, float | None]:
+    """The mean and its standard error (sample standard deviation / sqrt(n); None for one value)."""
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+    return statistics.fmean(values), se

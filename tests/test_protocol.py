@@ -1,0 +1,165 @@
+"""The course's protocol: a validation set carved from the training split by permanent ID (never a
+training image, never a mixing partner), the pool and the labelled set, fine-tuning from a
+checkpoint, test numbers only for runs that never looked at the test set, choices made on
+validation, and gains paired by seed with their standard error."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from test_logit_store import tiny_teacher
+
+from tinyvit_lib import AugmentConfig, get_dataset, with_mix_preset
+from tinyvit_lib.data import SubsetWithIDs, carve_validation, training_images, validation_indices
+from tinyvit_lib.distill import StoredTeacher, precompute
+from tinyvit_lib.experiment import (
+    ResultsLog,
+    RunSpec,
+    choose_on_validation,
+    condition_summary,
+    datasets_for,
+    paired_gain,
+    prepare_run,
+    run_differences,
+    run_or_reuse,
+    sweep_point,
+    validation_set,
+)
+from tinyvit_lib.experiment import test_set as final_test_set  # not a test: pytest collects test_*
+from tinyvit_lib.trainer import TrainConfig
+from tinyvit_lib.utils import load_checkpoint
+
+LIGHT = AugmentConfig(randaugment_ops=0, erase_prob=0.0, mixup_alpha=0.0, cutmix_alpha=0.0, scale=(0.5, 1.0))
+
+
+def _spec(tmp_path, **changes) -> RunSpec:
+    config = TrainConfig(epochs=1, batch_size=8, lr=1e-3, warmup_epochs=0.0, seed=0)
+    spec = RunSpec(
+        name="run",
+        dataset="synthetic",
+        img_size=32,
+        max_per_class=3,
+        max_val_per_class=2,
+        val_per_class=4,
+        output_dir=str(tmp_path / "runs"),
+        train=config,
+    )
+    return replace(spec, **changes)
+
+
+def test_the_validation_carve_is_chosen_by_permanent_id_alone():
+    dataset = get_dataset("synthetic", split="train", num_samples=200)
+    chosen = [dataset.ids[i] for i in validation_indices(dataset, 5)]
+    assert len(chosen) == 50 and sorted(chosen) == chosen  # ascending positions, ID order
+    assert all(sum(dataset.targets[dataset.ids.index(i)] == c for i in chosen) == 5 for c in range(10))
+    # The same images in another order (a subset listing them backwards) carve the same IDs.
+    backwards = SubsetWithIDs(dataset, list(reversed(range(len(dataset)))))
+    assert sorted(backwards.ids[i] for i in validation_indices(backwards, 5)) == chosen
+    # More images: the carve of the images both hold does not move (a hash per ID, not a shuffle).
+    bigger = get_dataset("synthetic", split="train", num_samples=400)
+    kept = {bigger.ids[i] for i in validation_indices(bigger, 10)}
+    assert len(set(chosen) - kept) < len(chosen)
+    with pytest.raises(ValueError, match=r"val_per_class=20: class 'pattern 0' has 20 training image\(s\)"):
+        validation_indices(dataset, 20)
+    with pytest.raises(ValueError, match="val_per_class=0 must be >= 1"):
+        validation_indices(dataset, 0)
+
+
+def test_pool_validation_and_labelled_set_are_disjoint_and_pair_within_themselves():
+    augment = with_mix_preset(LIGHT, "function-matching")
+    dataset = get_dataset("synthetic", split="train", num_samples=200, augment=augment, mix=True)
+    pool, val = carve_validation(dataset, 4)
+    assert not set(pool.ids) & set(val.ids) and len(pool) + len(val) == len(dataset)
+    labelled = training_images(dataset, val_per_class=4, max_per_class=3)
+    assert set(labelled.ids) <= set(pool.ids) and len(labelled) == 30
+    for part in (pool, labelled):
+        assert part.pair_root() == (part, None)  # a validation image is never a training image's partner
+        partners = part.partners(list(range(len(part))), epoch=0)
+        assert set(partners) <= set(range(len(part)))
+    uncut = training_images(dataset, max_per_class=3)  # no carve: a subset pairs as its parent (as before)
+    assert uncut.pair_root()[0] is dataset
+
+
+def test_a_mixed_store_of_the_labelled_set_is_written_and_read(tmp_path):
+    augment = with_mix_preset(LIGHT, "function-matching")
+    dataset = get_dataset("synthetic", split="train", num_samples=120, augment=augment, mix=True)
+    labelled = training_images(dataset, val_per_class=2, max_per_class=4)
+    store = precompute(tiny_teacher(), labelled, tmp_path / "mixed", k=4, mode="replay", epochs=1, progress=False)[0]
+    again = training_images(
+        get_dataset("synthetic", split="train", num_samples=120, augment=augment, mix=True),
+        val_per_class=2,
+        max_per_class=4,
+    )
+    StoredTeacher(store, again, epochs=1)  # the student's own labelled set fits the store
+
+
+def test_datasets_for_a_carved_run_and_the_test_set_only_for_it(tmp_path):
+    spec = _spec(tmp_path)
+    train_set, val_set = datasets_for(spec)
+    whole = validation_set(spec)
+    assert len(train_set) == 30 and len(val_set) == 20 and len(whole) == 40
+    assert set(val_set.ids) <= set(whole.ids) and not set(whole.ids) & set(train_set.ids)
+    assert all(i.startswith("train/") for i in whole.ids)
+    assert len(final_test_set(spec)) == 256 and final_test_set(spec).ids[0].startswith("test/")
+    held_out = replace(spec, val_per_class=None)  # validates on the held-out split (quick runs)
+    assert validation_set(held_out).ids[0].startswith("test/")
+    with pytest.raises(ValueError, match=r"run 'run' validated on the held-out split \(val_per_class=None\)"):
+        final_test_set(held_out)
+
+
+def test_a_fine_tuning_run_starts_from_its_checkpoint_and_knows_which(tmp_path):
+    pretrained = _spec(tmp_path, name="pretrain", max_per_class=6)
+    run_or_reuse(pretrained, progress=False)
+    checkpoint = pretrained.run_dir / "last.pt"
+    finetune = _spec(tmp_path, name="finetune", init_from=str(checkpoint))
+    start = prepare_run(finetune).model.state_dict()
+    saved = load_checkpoint(checkpoint)["model"]
+    assert all(torch.equal(start[k], saved[k]) for k in saved)
+    assert not all(torch.equal(start[k], v) for k, v in prepare_run(_spec(tmp_path)).model.state_dict().items())
+    run_or_reuse(finetune, progress=False)
+    assert run_or_reuse(finetune, progress=False).reused
+    run_or_reuse(replace(pretrained, train=replace(pretrained.train, lr=2e-3)), progress=False)  # re-pretrained
+    differences = run_differences(finetune, load_checkpoint(finetune.run_dir / "last.pt"))
+    assert [d.split(":")[0] for d in differences] == ["init_from (content hash)"]
+    assert not run_or_reuse(finetune, progress=False).reused
+
+
+def test_a_row_holds_test_numbers_only_when_asked(tmp_path):
+    results = ResultsLog(tmp_path / "rows.jsonl")
+    spec = _spec(tmp_path)
+    row = sweep_point(results, "a", spec, condition="labels only", seed=0)
+    assert {"val_top1", "val_top5"} <= set(row) and "test_top1" not in row
+    reported = sweep_point(results, "a", spec, test=True, condition="labels only", seed=0)
+    assert reported["val_top1"] == row["val_top1"] and "test_top1" in reported
+    assert sweep_point(ResultsLog(tmp_path / "rows.jsonl"), "a", spec, test=True) == reported  # logged, reused
+    with pytest.raises(ValueError, match="validated on the held-out split"):
+        sweep_point(results, "b", replace(spec, name="b", val_per_class=None), test=True)
+
+
+def test_choices_are_made_on_validation_numbers_only():
+    rows = [dict(key="a", val_top1=70.0, test_top1=90.0), dict(key="b", val_top1=80.0, test_top1=60.0)]
+    assert choose_on_validation(rows)["key"] == "b"
+    with pytest.raises(ValueError, match="choose on validation numbers, not 'test_top1'"):
+        choose_on_validation(rows, "test_top1")
+    with pytest.raises(ValueError, match="every row needs 'val_top1'"):
+        choose_on_validation([*rows, dict(key="c", test_top1=99.0)])
+
+
+def test_gains_are_paired_by_seed_with_their_standard_error():
+    rows = [
+        *(dict(condition="labels only", seed=s, test_top1=v) for s, v in ((0, 80.0), (1, 82.0), (2, 81.0))),
+        *(dict(condition="distilled", seed=s, test_top1=v) for s, v in ((2, 84.0), (0, 83.0), (1, 84.0))),
+    ]
+    gain = paired_gain(rows, "distilled", "labels only")
+    # gains 3, 2, 3: mean 2.67, sample sd 0.577, SE 0.333
+    assert gain["per_seed"] == {0: 3.0, 1: 2.0, 2: 3.0} and (gain["mean"], gain["se"], gain["n"]) == (2.67, 0.33, 3)
+    assert gain["interval"] == (2.0, 3.33) and gain["resolved"] and gain["z"] == 8.0
+    summary = condition_summary(rows, "test_top1")
+    assert list(summary) == ["labels only", "distilled"] and summary["labels only"]["mean"] == 81.0
+    assert summary["labels only"]["se"] == 0.58 and summary["distilled"]["per_seed"][2] == 84.0
+    noisy = [*rows[:3], *(dict(r, test_top1=r["test_top1"] - 3.5 + 2 * r["seed"]) for r in rows[3:])]
+    assert not paired_gain(noisy, "distilled", "labels only")["resolved"]
+    one = paired_gain(rows[:1] + rows[4:5], "distilled", "labels only")
+    assert one["se"] is None and one["interval"] is None and not one["resolved"]
+    with pytest.raises(ValueError, match=r"'distilled' has seeds \[0, 2\], 'labels only' has \[0, 1, 2\]"):
+        paired_gain(rows[:5], "distilled", "labels only")
