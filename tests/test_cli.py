@@ -333,3 +333,37 @@ def test_mixed_views_through_both_command_lines(tmp_path):
     assert_refused(full, "'mixup_alpha': 0.8")
     assert matching[0] == 0, matching
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["matching"]  # the refused runs wrote nothing
+
+
+def test_a_carved_store_a_student_and_its_fine_tuning_through_the_command_lines(tmp_path):
+    # --val-per-class leaves the same validation images out in both CLIs, so a student's labelled set
+    # is the store's; without the carve the student's images differ and the store refuses it.
+    # --init-from starts a run from another run's final weights.
+    store = tmp_path / "store"
+    data = ["--dataset", "synthetic", "--augment", "light"]
+    teacher = ["--teacher-model", "resnet18", "--teacher-checkpoint", _teacher_checkpoint(tmp_path), "--k", "5"]
+    carve = ["--val-per-class", "4", "--max-per-class", "3"]
+    (made,) = run_cases(
+        [data + teacher + carve + ["--mode", "replay", "--epochs", "1", "--output-path", str(store)]],
+        tmp_path,
+        module=PRECOMPUTE,
+    )
+    assert made[0] == 0, made
+    student = data + ["--output-dir", str(tmp_path / "runs"), "--epochs", "1", "--batch-size", "8"]
+    kd = ["--use-distillation", "--logits-path", str(store), "--distill-alpha", "1"]
+    pretrained = str(tmp_path / "runs" / "carved" / "last.pt")
+    carved, uncarved, finetuned, missing = run_cases(
+        [
+            student + carve + kd + ["--name", "carved"],
+            student + ["--max-per-class", "3"] + kd + ["--name", "uncarved"],
+            student + carve + ["--name", "finetuned", "--init-from", pretrained],
+            student + carve + ["--name", "missing", "--init-from", str(tmp_path / "nope.pt")],
+        ],
+        tmp_path,
+    )
+    assert carved[0] == 0 and finetuned[0] == 0, (carved, finetuned)
+    assert_refused(uncarved, "does not fit this training data")
+    assert missing[0] == 2 and "nope.pt" in missing[2]
+    config = json.loads((tmp_path / "runs" / "finetuned" / "config.json").read_text())
+    assert config["model"]["spec"]["init_from"] == pretrained and config["model"]["init"]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["carved", "finetuned"]

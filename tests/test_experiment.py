@@ -8,7 +8,6 @@ from dataclasses import replace
 import torch
 
 from tinyvit_lib import experiment
-from tinyvit_lib.data import get_dataset
 from tinyvit_lib.distill import precompute
 from tinyvit_lib.experiment import (
     ResultsLog,
@@ -121,31 +120,41 @@ def test_results_log_keeps_one_row_per_key_across_restarts(tmp_path):
 
 def test_a_sweep_point_is_reused_only_while_its_digest_matches_the_run(tmp_path, monkeypatch):
     spec = _spec(tmp_path)
-    test_set = get_dataset("synthetic", None, "test", img_size=32, num_samples=32)
-    evaluated = []
-    evaluate_run = experiment.evaluate_run
+    measured = []
+    measure = experiment.measure
 
     def counted(*args, **kwargs):
-        evaluated.append(args[0])
-        return evaluate_run(*args, **kwargs)
+        measured.append(args[0].name)
+        return measure(*args, **kwargs)
 
-    monkeypatch.setattr(experiment, "evaluate_run", counted)
+    monkeypatch.setattr(experiment, "measure", counted)
     results = ResultsLog(tmp_path / "sweep.jsonl")
-    row = sweep_point(results, "grid/T=2", spec, test_set, temperature=2.0)
+    row = sweep_point(results, "grid/T=2", spec, temperature=2.0)
     assert row["temperature"] == 2.0 and row["run"] == "run" and row["run_digest"] == run_digest(spec.run_dir)
-    assert set(row) == {"key", "temperature", "top1", "top5", "seconds", "run", "run_digest"}
-    # Same run on disk: the logged row comes back as it is, from a fresh log too; nothing is evaluated.
-    assert sweep_point(ResultsLog(tmp_path / "sweep.jsonl"), "grid/T=2", spec, test_set, temperature=2.0) == row
-    assert len(evaluated) == 1
+    assert set(row) == {
+        "key",
+        "temperature",
+        "val_top1",
+        "val_top5",
+        "test_top1",
+        "test_top5",
+        "seconds",
+        "run",
+        "run_digest",
+    }
+    assert row["test_top1"] is None  # a sweep point's row never reads the test set
+    # Same run on disk: the logged row comes back as it is, from a fresh log too; nothing is measured.
+    assert sweep_point(ResultsLog(tmp_path / "sweep.jsonl"), "grid/T=2", spec, temperature=2.0) == row
+    assert len(measured) == 1
     # The run is retrained with other weights in the same folder: the row is measured again and replaced.
     changed = replace(spec, train=replace(spec.train, lr=5e-3))
-    again = sweep_point(results, "grid/T=2", changed, test_set, temperature=2.0)
-    assert len(evaluated) == 2 and again["run_digest"] != row["run_digest"]
+    again = sweep_point(results, "grid/T=2", changed, temperature=2.0)
+    assert len(measured) == 2 and again["run_digest"] != row["run_digest"]
     assert ResultsLog(tmp_path / "sweep.jsonl").rows == {"grid/T=2": again}
     # A row from another clone (another digest) is not trusted either.
-    results.add("grid/T=2", dict(again, run_digest="0" * 16, top1=99.0))
-    assert sweep_point(results, "grid/T=2", changed, test_set, temperature=2.0) == again
-    assert len(evaluated) == 3
+    results.add("grid/T=2", dict(again, run_digest="0" * 16, val_top1=99.0))
+    assert sweep_point(results, "grid/T=2", changed, temperature=2.0) == again
+    assert len(measured) == 3
 
 
 def test_the_seed_fixes_the_initial_weights_whatever_the_callers_rng(tmp_path):

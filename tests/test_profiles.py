@@ -129,7 +129,7 @@ def test_the_default_replay_student_is_pinned_field_by_field(default):
         img_size=32,
         augment="light",
         max_per_class=300,
-        max_val_per_class=100,
+        max_val_per_class=50,
         val_per_class=500,
         logits_path=str(project_root() / "logits/default/replay"),
         output_dir=str(project_root() / "runs/default"),
@@ -169,9 +169,9 @@ def test_the_four_conditions_share_seed_labelled_set_and_budget(default):
 def test_patience_runs_reuse_notebook_03_and_warm_up_a_quarter_of_a_short_schedule(default):
     for condition, kind in zip(PATIENCE_CONDITIONS, ("baseline", "static store", "replay store", "mixed store")):
         assert patience_spec(default, 0, condition, 4) == distillation_runs(default, 0)[kind]
-    short = patience_spec(default, 1, "function matching", 1)
-    assert short.name == "tinyvit_5m_mixed_a1_t1_e1_s1" and short.train.epochs == 1
-    assert short.train.warmup_epochs == 0.25
+    short = patience_spec(default, 1, "function matching", 2)
+    assert short.name == "tinyvit_5m_mixed_a1_t1_e2_s1" and short.train.epochs == 2
+    assert short.train.warmup_epochs == 0.5
     with pytest.raises(ValueError, match="unknown patience condition 'teacher'"):
         patience_spec(default, 0, "teacher", 4)
 
@@ -183,7 +183,7 @@ def test_sweep_names_follow_the_rule(default):
     assert smaller.name == "tinyvit_5m_replay_a1_t2_s0_k3"
     assert Path(smaller.logits_path) == default.store_path("replay", 3)
     assert sweep_spec(default, 0, model="tinyvit_21m").name == "tinyvit_21m_replay_a1_t1_s0"
-    longer = replace(default, replay_epochs=8, sweep=replace(default.sweep, epochs=6))
+    longer = replace(default, sweep=replace(default.sweep, epochs=6))
     point = sweep_spec(longer, 0, k=1)
     assert point.name == "tinyvit_5m_replay_a1_t1_e6_s0_k1" and point.train.epochs == 6
     assert point.train.warmup_epochs == 1.0

@@ -182,6 +182,8 @@ def prepare_run(spec: RunSpec) -> PreparedRun:
         raise ValueError(f"distill_alpha={config.distill_alpha} needs a teacher: a teacher model or a logits path")
     if spec.teacher_checkpoint and not spec.teacher_model:
         raise ValueError("teacher_checkpoint needs teacher_model (the architecture to load it into)")
+    if spec.init_from and not Path(spec.init_from).is_file():
+        raise FileNotFoundError(f"init_from={spec.init_from}: no such checkpoint (a run's last.pt to fine-tune)")
     check_writable_folder(spec.run_dir, what="run folder")
     refuse_if_running(spec)
     train_set, val_set = datasets_for(spec)
@@ -472,8 +474,8 @@ def sweep_point(
     while those weights are the run on disk (and it holds test numbers if `test` asks for them), so a
     row whose run is gone, was retrained or came from another clone is measured again and replaced.
     The row holds `fields` (the point's coordinates, e.g. condition="distilled", seed=0, alpha=0.5),
-    val_top1/val_top5 (test_top1/test_top5), the training seconds, the run name and the digest; a new
-    row is printed.
+    val_top1/val_top5, test_top1/test_top5 (None unless `test`), the training seconds, the run name
+    and the digest; a new row is printed.
 
     Raises:
         ValueError, FileNotFoundError: the run cannot be prepared, trained or measured (see
@@ -482,15 +484,11 @@ def sweep_point(
     result = run_or_reuse(spec, force=force, progress=False)
     digest = run_digest(spec.run_dir, checkpoint)
     old = results.rows.get(key, {})
-    if old.get("run_digest") == digest and (not test or "test_top1" in old):
+    if old.get("run_digest") == digest and (not test or old.get("test_top1") is not None):
         return old
-    row = dict(
-        fields,
-        **measure(spec, test=test, checkpoint=checkpoint),
-        seconds=round(sum(r["epoch_time_s"] for r in result.history), 1),
-        run=spec.name,
-        run_digest=digest,
-    )
+    row = dict(fields, test_top1=None, test_top5=None)  # the test set is read only when `test` asks
+    row.update(measure(spec, test=test, checkpoint=checkpoint))
+    row.update(seconds=round(sum(r["epoch_time_s"] for r in result.history), 1), run=spec.name, run_digest=digest)
     print(key, {k: v for k, v in row.items() if k != "run_digest"})
     return results.add(key, row)
 

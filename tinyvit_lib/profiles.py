@@ -279,13 +279,13 @@ PROFILES: dict[str, Profile] = {
         val_per_class=500,
         bias_demo=Budget(epochs=1, batch_size=128, lr=2e-3, max_per_class=1000, max_val_per_class=100),
         teacher=Budget(epochs=2, batch_size=128, lr=2e-3),
-        student=Budget(epochs=4, batch_size=128, lr=2e-3, max_per_class=300, max_val_per_class=100),
-        pretrain=Budget(epochs=1, batch_size=128, lr=2e-3, max_val_per_class=100),
-        finetune=Budget(epochs=4, batch_size=128, lr=5e-4, max_per_class=300, max_val_per_class=100),
+        student=Budget(epochs=4, batch_size=128, lr=2e-3, max_per_class=300, max_val_per_class=50),
+        pretrain=Budget(epochs=1, batch_size=128, lr=2e-3, max_val_per_class=50),
+        finetune=Budget(epochs=4, batch_size=128, lr=5e-4, max_per_class=300, max_val_per_class=50),
         seeds=(0, 1, 2),
-        patience=(1, 4, 8),
-        replay_epochs=8,
-        sweep=Sweep(alphas=(0.5, 1.0), ks=(1, 3, 5, 10), epochs=4, variant_pool_per_class=1000),
+        patience=(2, 4, 16),  # 1 epoch (23 steps) left every condition at chance: no point of a curve
+        replay_epochs=16,
+        sweep=Sweep(alphas=(0.5, 1.0), ks=(1, 3, 5, 10), epochs=4, variant_pool_per_class=500),
     ),
     # A GPU with CIFAR-100 in DATA_ROOT (or downloadable): 32x32 RGB; 5,000 validation images, a pool of
     # 45,000, a labelled set of 10,000. Sized for a GPU; not run by the course's CPU sessions.
