@@ -115,7 +115,7 @@ def datasets_for(spec: RunSpec) -> tuple[DatasetWithIDs, DatasetWithIDs]:
     Raises:
         ValueError: mixing asked with augment "none" (see `get_dataset`), or as `get_dataset`.
     """
-    checks = dict(verify=spec.verify_files, check_images=spec.check_images)  # how files are checked on the way in
+    checks = _file_checks(spec)
     augment = AUGMENT_PRESETS[spec.augment]
     if spec.train.mix and augment is not None:
         augment = with_mix_preset(augment, spec.mix_preset)
@@ -143,11 +143,16 @@ def validation_set(spec: RunSpec) -> DatasetWithIDs:
     Raises:
         ValueError, FileNotFoundError: as `get_dataset` and `carve_validation`.
     """
-    checks = dict(verify=spec.verify_files, check_images=spec.check_images)
+    checks = _file_checks(spec)
     if not spec.val_per_class:
         return get_dataset(spec.dataset, spec.data_root, "val", img_size=spec.img_size, **checks)
     plain = get_dataset(spec.dataset, spec.data_root, "train", img_size=spec.img_size, **checks)
     return carve_validation(plain, spec.val_per_class)[1]
+
+
+def _file_checks(spec: RunSpec) -> dict:
+    """How a run's data files are checked on the way in (`get_dataset`'s verify and check_images)."""
+    return dict(verify=spec.verify_files, check_images=spec.check_images)
 
 
 def test_set(spec: RunSpec) -> DatasetWithIDs:
@@ -163,7 +168,7 @@ def test_set(spec: RunSpec) -> DatasetWithIDs:
             f"run {spec.name!r} validated on the held-out split (val_per_class={spec.val_per_class}): its "
             f"numbers there are not test numbers; carve a validation set (val_per_class) and rerun"
         )
-    checks = dict(verify=spec.verify_files, check_images=spec.check_images)
+    checks = _file_checks(spec)
     return get_dataset(spec.dataset, spec.data_root, "test", img_size=spec.img_size, **checks)
 
 
@@ -236,18 +241,20 @@ def run(spec: RunSpec | PreparedRun, *, resume: bool = False, progress: bool = T
 def teacher_identity(spec: RunSpec) -> str | None:
     """What the run's teacher is, beyond its path: the store's manifest or the checkpoint's bytes,
     hashed, so that a run distilled from an older store or teacher is not mistaken for a current one."""
-    source = Path(spec.logits_path) / "manifest.json" if spec.logits_path else spec.teacher_checkpoint
-    if not source or not Path(source).is_file():
-        return None
-    return hashlib.sha256(Path(source).read_bytes()).hexdigest()
+    return _file_sha256(Path(spec.logits_path) / "manifest.json" if spec.logits_path else spec.teacher_checkpoint)
 
 
 def init_identity(spec: RunSpec) -> str | None:
     """The sha256 of the checkpoint a fine-tuning run starts from (None: none), so that a run
     fine-tuned from an older pretraining is not mistaken for a current one."""
-    if not spec.init_from or not Path(spec.init_from).is_file():
+    return _file_sha256(spec.init_from)
+
+
+def _file_sha256(path: str | Path | None) -> str | None:
+    """The sha256 of a file's bytes; None when there is no path or no such file."""
+    if not path or not Path(path).is_file():
         return None
-    return hashlib.sha256(Path(spec.init_from).read_bytes()).hexdigest()
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def run_or_reuse(spec: RunSpec, *, force: bool = False, progress: bool = True, on_epoch=None) -> TrainResult:
