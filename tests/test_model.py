@@ -197,6 +197,36 @@ def test_fuse_for_inference_matches():
         assert torch.allclose(model(x), fused(x), atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "stride, side, groups, in_float32",
+    [(2, 8, 16, True), (1, 4, 16, True), (1, 2, 16, True), (1, 8, 16, False), (2, 8, 1, False)],
+)
+def test_cpu_autocast_keeps_strided_and_small_depthwise_convolutions_in_float32(stride, side, groups, in_float32):
+    # oneDNN's bf16 backward of these is 4-40x slower than fp32; every other convolution stays in bf16.
+    from tinyvit_lib.model import ConvBN
+
+    torch.manual_seed(0)
+    block = ConvBN(16, 16, 3, stride=stride, groups=groups)
+    x = torch.randn(4, 16, side, side, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = block(x)
+    assert y.dtype == (torch.float32 if in_float32 else torch.bfloat16)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and block.conv.weight.grad.dtype == torch.float32
+    if in_float32:  # the same numbers as without autocast
+        assert torch.equal(y, block(x))
+    assert block(x).dtype == torch.float32  # no autocast, no change
+
+
+def test_a_bf16_training_step_of_the_whole_model_keeps_float32_weights_and_finite_grads():
+    model = tinyvit_5m(img_size=32, num_classes=10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randn(4, 3, 32, 32))
+    torch.nn.functional.cross_entropy(logits.float(), torch.tensor([0, 1, 2, 3])).backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
 def test_inference_copy_folds_batchnorm_and_leaves_the_model_alone():
     import torchvision
 

@@ -20,7 +20,7 @@ Every contender runs under each policy alike:
   eager  fp32, NCHW input, AdamW, inference in eval mode: the models as their code ships (ours
          makes its input channels-last itself);
   fast   channels-last input and weights, bf16 autocast where the CPU has native bf16 (emulated,
-         it is 7-10x slower) for training at 224 (at 32 it does not pay) and for inference, AdamW
+         it is 7-10x slower) for training and inference at every size, AdamW
          with fused=True, BatchNorm folded into the convolutions for inference: what `train` and
          `evaluate` use by default (the teacher's inference stays fp32: its logits are the targets).
   compiled  fast, then torch.compile (inductor; for inference with freezing). Not run unless
@@ -63,7 +63,7 @@ from .distill import DistillationLoss, OnlineTeacher, StoredTeacher, precompute
 from .model import TinyViT, default_window_sizes, fuse_for_inference, stage_resolutions, tinyvit_5m
 from .teachers import build_model
 from .trainer import TrainConfig, TrainState, _build, pick_device, train_one_epoch, train_step
-from .utils import BF16_FROM_IMG_SIZE, cpu_has_native_bf16, keep_freed_memory
+from .utils import cpu_has_native_bf16, keep_freed_memory
 
 # (task, img_size) -> batch size. Training batches are the course's; inference batches are twice.
 SECTIONS: dict[str, tuple[str, int, int]] = {
@@ -85,24 +85,22 @@ class Policy:
 
     name: str
     channels_last: bool = False
-    bf16_from: int | None = None  # bf16 autocast for training inputs at least this large
+    bf16_training: bool = False  # bf16 autocast for training (at every size)
     bf16_inference: bool = False  # bf16 autocast for inference (at every size)
     fold_bn: bool = False  # inference only
     fused_adamw: bool = False
     compile: bool = False
 
-    def bf16(self, task: str, img_size: int) -> bool:
-        """bf16 autocast for this task and size, where bf16 is native (a CUDA GPU, or a CPU with
-        AVX512-BF16 / AMX): training from `bf16_from` on, inference where `bf16_inference`."""
+    def bf16(self, task: str) -> bool:
+        """bf16 autocast for this task ("train" or "infer"), where bf16 is native (a CUDA GPU, or a CPU with
+        AVX512-BF16 / AMX): training where `bf16_training`, inference where `bf16_inference`."""
         native = torch.cuda.is_available() or cpu_has_native_bf16()
         if task == "infer":
             return self.bf16_inference and native
-        return self.bf16_from is not None and img_size >= self.bf16_from and native
+        return self.bf16_training and native
 
 
-FAST = Policy(
-    "fast", channels_last=True, bf16_from=BF16_FROM_IMG_SIZE, bf16_inference=True, fold_bn=True, fused_adamw=True
-)
+FAST = Policy("fast", channels_last=True, bf16_training=True, bf16_inference=True, fold_bn=True, fused_adamw=True)
 POLICIES = {"eager": Policy("eager"), "fast": FAST, "compiled": replace(FAST, name="compiled", compile=True)}
 DEFAULT_POLICIES = ("eager", "fast")
 
@@ -224,7 +222,7 @@ def make_step(
     model = model.to(memory_format=memory_format)
     images = torch.randn(batch, 3, img_size, img_size, device=device).contiguous(memory_format=memory_format)
     labels = torch.randint(0, NUM_CLASSES, (batch,), device=device)
-    bf16 = policy.bf16(task, img_size)
+    bf16 = policy.bf16(task)
     if policy.compile:  # for inference, freezing bakes the weights in so conv, bias and GELU fuse
         model = torch.compile(model, options={"freezing": task == "infer"})
     if task == "infer":
@@ -319,7 +317,7 @@ def measure(
         steps[name] = make_step(model, task, policy, img_size, batch, device)
     seconds, warmup_s, contended = time_in_turns(steps, warmup=warmup, repeats=repeats, device=device)
     speed = {name: batch / s for name, s in seconds.items()}
-    peak = peaks["bf16" if policy.bf16(task, img_size) else "fp32"]
+    peak = peaks["bf16" if policy.bf16(task) else "fp32"]
     of_peak = {name: speed[name] * flops[name] / peak for name in speed}
     speed.setdefault("timm_matched", speed["timm_default"])  # 224: the matched windows are the default ones
     return dict(
@@ -328,7 +326,7 @@ def measure(
         img_size=img_size,
         batch=batch,
         policy=policy.name,
-        bf16=policy.bf16(task, img_size),
+        bf16=policy.bf16(task),
         images_per_s=speed,
         ours_vs_timm_default=speed["ours"] / speed["timm_default"],
         ours_vs_timm_matched=speed["ours"] / speed["timm_matched"],

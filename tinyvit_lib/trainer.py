@@ -88,8 +88,8 @@ class TrainConfig:
     mix: bool = False  # the training set mixes views in pairs (`get_dataset(..., mix=True)`): checked, not applied
     seed: int = 0
     device: str = "auto"  # "auto" (CUDA, then MPS, then CPU), or any torch device string
-    # autocast; None: on for CUDA, and on a CPU with native bf16 for inputs of 224x224 and more (where
-    # `make bench` finds it pays; `utils.cpu_autocast_pays`)
+    # autocast; None: on for CUDA, and on a CPU with native bf16 (where `make bench` finds it pays at
+    # every size; `utils.cpu_autocast_pays`), off elsewhere
     amp: bool | None = None
     amp_dtype: str = "bfloat16"  # or "float16" (GPUs without bf16): then a GradScaler scales the loss
     compile: bool = False
@@ -240,7 +240,7 @@ def evaluate(
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if amp is None:
-        amp = device.type == "cuda" or (device.type == "cpu" and cpu_autocast_pays(None, training=False))
+        amp = device.type == "cuda" or (device.type == "cpu" and cpu_autocast_pays())
         amp_dtype = torch.bfloat16 if device.type == "cpu" else amp_dtype
     rank, world = rank_world()
     if isinstance(data, DataLoader):
@@ -435,10 +435,7 @@ def _build(model: nn.Module, train_set: DatasetWithIDs, config: TrainConfig, tea
     amp_dtype = getattr(torch, config.amp_dtype)
     amp = config.amp
     if amp is None:
-        img_size = getattr(train_set.transform, "img_size", None)
-        amp = device.type == "cuda" or (
-            device.type == "cpu" and amp_dtype == torch.bfloat16 and cpu_autocast_pays(img_size)
-        )
+        amp = device.type == "cuda" or (device.type == "cpu" and amp_dtype == torch.bfloat16 and cpu_autocast_pays())
     if device.type == "cpu":
         keep_freed_memory()  # large activations reuse freed memory instead of faulting in new pages
     torch.manual_seed(config.seed)
@@ -717,11 +714,7 @@ def _policy(parts: TrainParts, config: TrainConfig) -> dict:
     """How this run computes, as resolved on this machine: device, memory format, optimizer, autocast
     (training, and evaluation's, see `evaluate`)."""
     cpu = parts.device.type == "cpu"
-    eval_amp = (
-        (parts.device.type == "cuda" or (cpu and cpu_autocast_pays(None, training=False)))
-        if config.amp is None
-        else parts.amp
-    )
+    eval_amp = (parts.device.type == "cuda" or (cpu and cpu_autocast_pays())) if config.amp is None else parts.amp
     return dict(
         device=str(parts.device),
         cpu_capability=torch.backends.cpu.get_cpu_capability(),
