@@ -13,7 +13,8 @@ Prints, from one run on this machine:
   * the trainer end to end: an epoch of `train_one_epoch` (data, views, teacher, step, bookkeeping)
     against its bare steps, for the students at 32 and 224 (labels, store, online teacher), at 32
     on mixed views (labels, a mixed store), and the ResNet-18 teacher (and the teacher on the
-    trainer's path before the speed work);
+    trainer's path before the speed work); timm's matched eager step is timed in turns with the
+    student's epochs at 32, for the ratio of the two;
   * where inference time goes: torch.profiler's top operators of ours at 224 under the fast policy.
 
 Every contender runs under each policy alike:
@@ -487,11 +488,20 @@ def _epoch_data_and_teacher(case: EpochCase, *, device: torch.device, samples: i
     return dataset, StoredTeacher.open(store, dataset, epochs=epochs)
 
 
-def epoch_case(case: EpochCase, *, device: torch.device, steps: int, repeats: int, tmp: Path) -> dict:
+def epoch_case(
+    case: EpochCase,
+    *,
+    device: torch.device,
+    steps: int,
+    repeats: int,
+    tmp: Path,
+    reference: Callable[[], None] | None = None,
+) -> dict:
     """The trainer's own epoch (`train_one_epoch`: loading, the replayable views, the teacher or
     store, the step, bookkeeping; no validation) against its bare step (`train_step` on a batch
     already in memory, the teacher's part included), each the median of `repeats` samples taken in
-    turns after a warm-up epoch. The "light" augmentation of the course's profiles."""
+    turns after a warm-up epoch. The "light" augmentation of the course's profiles. `reference`: a
+    step of another model (timm's, for the goal's ratio), timed in the same turns, `steps` steps a sample."""
     epochs = repeats + 1
     dataset, teacher = _epoch_data_and_teacher(case, device=device, samples=case.batch * steps, epochs=epochs, tmp=tmp)
     config = TrainConfig(
@@ -511,13 +521,18 @@ def epoch_case(case: EpochCase, *, device: torch.device, steps: int, repeats: in
     dataset.set_epoch(0)
     images, labels, ids = next(iter(parts.loader))
     train_one_epoch(parts, state, dataset, config, progress=False)  # warm-up
-    epoch_s, step_s = [], []
+    epoch_s, step_s, reference_s = [], [], []
+    if reference is not None:
+        reference()  # its warm-up
     for _ in range(repeats):
         t0 = time.perf_counter()
         train_one_epoch(parts, state, dataset, config, progress=False)
         epoch_s.append(time.perf_counter() - t0)
         step_s.append(_timed(lambda: train_step(parts, images, labels, ids, 0), device, steps)[0])
+        if reference is not None:
+            reference_s.append(_timed(reference, device, steps)[0])
     epoch, step = statistics.median(epoch_s), statistics.median(step_s)
+    extra = dict(reference_images_per_s=case.batch / statistics.median(reference_s)) if reference_s else {}
     return dict(
         case=case.label,
         model=case.model,
@@ -529,13 +544,16 @@ def epoch_case(case: EpochCase, *, device: torch.device, steps: int, repeats: in
         images_per_s=case.batch * steps / epoch,
         bare_step_images_per_s=case.batch / step,
         epoch_over_steps=epoch / (steps * step),
+        **extra,
     )
 
 
-def epoch_section(*, device: torch.device, quick: bool, rows: list[dict]) -> dict:
+def epoch_section(*, device: torch.device, quick: bool, rows: list[dict], timm=None) -> dict:
     """Every `EPOCH_CASES` row, printed as measured, and the goals' ratios measured in this run:
-    the student's end-to-end rate at 32 over timm's matched bare step in eager fp32 (from `rows`,
-    where train32 was measured under eager), and the teacher's over its old path."""
+    the student's end-to-end rate at 32 over timm's matched bare step in eager fp32, and the
+    teacher's over its old path. With `timm`, that timm step is timed in turns with the student's
+    epochs (the fairest pairing on a machine whose speed drifts); `rows`' train32 eager row is
+    reported beside it."""
     print("trainer end to end (synthetic images, light augmentation; epoch = train_one_epoch, no validation)")
     print(f"{'case':<24}{'batch':>6}{'epoch img/s':>13}{'bare step':>11}{'epoch/steps':>13}")
     cases = [c for c in EPOCH_CASES if not (quick and c.img_size > 32)]
@@ -545,7 +563,13 @@ def epoch_section(*, device: torch.device, quick: bool, rows: list[dict]) -> dic
             if quick:
                 case = replace(case, batch=8)
             steps = 2 if quick else (8 if case.img_size <= 32 else 4)
-            row = epoch_case(case, device=device, steps=steps, repeats=1 if quick else 3, tmp=Path(tmp))
+            reference = None
+            if timm is not None and case.label == "student 32, labels":
+                timm_model = contenders(timm, case.img_size)["timm_matched"]()
+                reference = make_step(timm_model, "train", POLICIES["eager"], case.img_size, case.batch, device)
+            row = epoch_case(
+                case, device=device, steps=steps, repeats=1 if quick else 3, tmp=Path(tmp), reference=reference
+            )
             results.append(row)
             print(
                 f"{row['case']:<24}{row['batch']:>6}{row['images_per_s']:>13.1f}{row['bare_step_images_per_s']:>11.1f}"
@@ -554,11 +578,19 @@ def epoch_section(*, device: torch.device, quick: bool, rows: list[dict]) -> dic
             )
     by_case = {r["case"]: r for r in results}
     out: dict = dict(rows=results)
-    timm_eager = next((r for r in rows if r["section"] == "train32" and r["policy"] == "eager"), None)
-    if timm_eager and "student 32, labels" in by_case:
-        ratio = by_case["student 32, labels"]["images_per_s"] / timm_eager["images_per_s"]["timm_matched"]
+    student = by_case.get("student 32, labels")
+    if student and "reference_images_per_s" in student:
+        ratio = student["images_per_s"] / student["reference_images_per_s"]
         out["student32_vs_timm_matched_eager_step"] = ratio
-        print(f"student end to end at 32 / timm-matched bare step (eager fp32): {ratio:.2f}x")
+        print(
+            f"student end to end at 32 / timm-matched bare step (eager fp32), timed in turns: {ratio:.2f}x "
+            f"({student['images_per_s']:.1f} / {student['reference_images_per_s']:.1f})"
+        )
+    timm_eager = next((r for r in rows if r["section"] == "train32" and r["policy"] == "eager"), None)
+    if timm_eager and student:
+        ratio = student["images_per_s"] / timm_eager["images_per_s"]["timm_matched"]
+        out["student32_vs_train32_row"] = ratio
+        print(f"the same against the train32 eager row's timm-matched step, timed minutes before: {ratio:.2f}x")
     if "student 32, mixed, store" in by_case and "student 32, mixed, labels" in by_case:
         ratio = (
             by_case["student 32, mixed, labels"]["images_per_s"] / by_case["student 32, mixed, store"]["images_per_s"]
@@ -738,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
             samples=64 if args.quick else 4096,
         )
     if "epoch" in sections:
-        results["epoch"] = epoch_section(device=device, quick=args.quick, rows=results["models"])
+        results["epoch"] = epoch_section(device=device, quick=args.quick, rows=results["models"], timm=timm)
     if "profile" in sections:
         table = profile_table(timm, device=device, section="infer32" if args.quick else "infer224")
         results["profile_table"] = table
