@@ -1,24 +1,25 @@
 """Does the trainer's speed policy change what a student learns? The default profile's baseline and
-replay-store students, every seed, trained and tested in fp32 eager (NCHW weights, the plain AdamW
-loop, no autocast) and under the default policy (channels-last weights and inputs, fused AdamW,
-evaluation BatchNorm-folded and in bf16 where the CPU has it natively), from one replay store.
+replay-store students, every seed, trained and evaluated in fp32 eager (NCHW weights, the plain AdamW
+loop, no autocast) and under the default policy (channels-last weights and inputs, fused AdamW, bf16
+autocast for training and evaluation where the CPU has it natively, evaluation BatchNorm-folded),
+from one replay store.
 
     python scripts/compare_policies.py --store logits/default/replay --out results/default/policy_check.json
 
-Writes one row per run (policy, condition, seed, test top-1, epoch times) and prints the gains paired
-by seed. The store is notebook 02's (any replay store of the default profile's student data).
+Writes one row per run (policy, condition, seed, validation and test top-1, epoch times) and prints
+the differences paired by seed: on validation (where the policy is chosen) and on test (reported).
+The store is notebook 02's (any replay store of the default profile's student data).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from dataclasses import replace
 from pathlib import Path
 
-from tinyvit_lib import get_dataset
-from tinyvit_lib.experiment import evaluate_run, run_or_reuse
+from tinyvit_lib.experiment import evaluate_run, paired_gain, run_or_reuse, validation_set
+from tinyvit_lib.experiment import test_set as final_test_set
 from tinyvit_lib.profiles import distillation_runs, resolve_profile
 from tinyvit_lib.utils import atomic_write_text
 
@@ -32,8 +33,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True, help="the rows, as JSON")
     args = p.parse_args()
     P = resolve_profile("default")
-    test_set = get_dataset(P.dataset, P.data_root, "test", img_size=P.img_size)
-    rows = []
+    rows, sets = [], {}
     for policy, changes in POLICIES.items():
         for seed in P.seeds:
             for condition in ("baseline", "replay store"):
@@ -45,13 +45,17 @@ def main() -> None:
                     train=replace(spec.train, **changes),
                 )
                 result = run_or_reuse(spec, progress=False)
-                top1 = round(evaluate_run(spec.run_dir, test_set, amp=spec.train.amp)["top1"], 2)
+                sets = sets or dict(val=validation_set(spec), test=final_test_set(spec))
+                top1 = {
+                    f"{split}_top1": round(evaluate_run(spec.run_dir, data, amp=spec.train.amp)["top1"], 2)
+                    for split, data in sets.items()
+                }
                 rows.append(
                     dict(
                         policy=policy,
                         condition=condition,
                         seed=seed,
-                        top1=top1,
+                        **top1,
                         epoch_time_s=[r["epoch_time_s"] for r in result.history],
                     )
                 )
@@ -59,10 +63,13 @@ def main() -> None:
     atomic_write_text(args.out, json.dumps(rows, indent=1) + "\n")
     eager, fast = POLICIES
     for condition in ("baseline", "replay store"):
-        top1 = {(r["policy"], r["seed"]): r["top1"] for r in rows if r["condition"] == condition}
-        diffs = [top1[fast, s] - top1[eager, s] for s in P.seeds]
-        se = statistics.stdev(diffs) / len(diffs) ** 0.5
-        print(f"{condition}: {fast} - {eager} = {statistics.mean(diffs):+.3f} (s.e. {se:.3f}) per seed {diffs}")
+        by_policy = [dict(r, condition=r["policy"]) for r in rows if r["condition"] == condition]
+        for metric in ("val_top1", "test_top1"):
+            gain = paired_gain(by_policy, fast, eager, metric)
+            print(
+                f"{condition}, {metric}: {fast} - {eager} = {gain['mean']:+.2f} (s.e. {gain['se']}, "
+                f"resolved: {gain['resolved']}) per seed {gain['per_seed']}"
+            )
 
 
 if __name__ == "__main__":

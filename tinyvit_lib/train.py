@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--amp",
         choices=["auto", "on", "off"],
         default="auto",
-        help="autocast (auto: CUDA; a CPU with native bf16 at 224x224 and more)",
+        help="autocast (auto: CUDA, and a CPU with native bf16)",
     )
     opt.add_argument(
         "--amp-dtype",

@@ -226,9 +226,6 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 # ----------------------------------------------------------------------------- the machine, for the speed policy
 
 
-# `make bench` on a CPU with native bf16 (2-core AMD EPYC): under bf16 a TinyViT-5M training step ran
-# 2.3x faster at 224x224 (with channels-last and fused AdamW) but 0.8x at 32x32; inference 1.6x faster
-# at 32x32 and 2.1x at 224x224.
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX-BF16). Elsewhere oneDNN
     emulates bf16, and TinyViT ran 7-10x slower under bf16 autocast than in fp32 (AVX2 AMD EPYC)."""
