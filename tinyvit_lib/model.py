@@ -214,9 +214,9 @@ class DropPath(nn.Module):
 def _depthwise_in_float32(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     """Whether `conv` should leave a CPU's bf16 autocast for `x`: a depthwise convolution that is
     strided or works on a map of at most 4x4. oneDNN's bf16 backward of these ran 4-40x slower than
-    fp32 (`make bench`, AMD EPYC with AVX512-BF16: a stride-2 one on (128, 128, 8, 8) took 27 ms
-    against 0.9 ms), while their forward, and depthwise convolutions on larger maps, gain from bf16
-    or cost the same. They hold a tiny share of the model's FLOPs, so fp32 costs nothing there."""
+    fp32 on a 2-core AMD EPYC with AVX512-BF16 (a stride-2 one on (128, 128, 8, 8): 27 ms against
+    0.9 ms; README, "The speed policy"), while their forward, and the backward of stride-1 ones on
+    larger maps, cost about the same or gain from bf16. They hold a tiny share of the model's FLOPs."""
     if conv.groups == 1 or x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
         return False
     return conv.stride != (1, 1) or min(x.shape[-2:]) <= 4

@@ -35,7 +35,7 @@ from .utils import (
     FileLock,
     all_reduce_sum,
     atomic_write_text,
-    cpu_autocast_pays,
+    autocast_by_default,
     cpu_has_native_bf16,
     init_distributed,
     is_main_process,
@@ -88,8 +88,7 @@ class TrainConfig:
     mix: bool = False  # the training set mixes views in pairs (`get_dataset(..., mix=True)`): checked, not applied
     seed: int = 0
     device: str = "auto"  # "auto" (CUDA, then MPS, then CPU), or any torch device string
-    # autocast; None: on for CUDA, and on a CPU with native bf16 (where `make bench` finds it pays at
-    # every size; `utils.cpu_autocast_pays`), off elsewhere
+    # autocast; None: on for CUDA, and on a CPU with native bf16 (`utils.autocast_by_default`), off elsewhere
     amp: bool | None = None
     amp_dtype: str = "bfloat16"  # or "float16" (GPUs without bf16): then a GradScaler scales the loss
     compile: bool = False
@@ -234,13 +233,13 @@ def evaluate(
 
     The model runs as `inference_copy` makes it (BatchNorm folded, channels-last: the same outputs up
     to float rounding); `model` itself is left as it was. `amp` None is the inference policy: bf16
-    autocast on CUDA and on a CPU with native bf16 (1.6-2.1x faster there at 32 and 224; top-1 can
+    autocast on CUDA and on a CPU with native bf16 (1.5-2.6x faster there at 32 and 224 in `make bench`; top-1 can
     move by a borderline image), fp32 elsewhere. Under DDP each rank evaluates its share of a
     dataset and the sums are reduced, so every rank returns the numbers for the whole set.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if amp is None:
-        amp = device.type == "cuda" or (device.type == "cpu" and cpu_autocast_pays())
+        amp = autocast_by_default(device)
         amp_dtype = torch.bfloat16 if device.type == "cpu" else amp_dtype
     rank, world = rank_world()
     if isinstance(data, DataLoader):
@@ -435,7 +434,7 @@ def _build(model: nn.Module, train_set: DatasetWithIDs, config: TrainConfig, tea
     amp_dtype = getattr(torch, config.amp_dtype)
     amp = config.amp
     if amp is None:
-        amp = device.type == "cuda" or (device.type == "cpu" and amp_dtype == torch.bfloat16 and cpu_autocast_pays())
+        amp = autocast_by_default(device) and (device.type == "cuda" or amp_dtype == torch.bfloat16)
     if device.type == "cpu":
         keep_freed_memory()  # large activations reuse freed memory instead of faulting in new pages
     torch.manual_seed(config.seed)
@@ -714,7 +713,7 @@ def _policy(parts: TrainParts, config: TrainConfig) -> dict:
     """How this run computes, as resolved on this machine: device, memory format, optimizer, autocast
     (training, and evaluation's, see `evaluate`)."""
     cpu = parts.device.type == "cpu"
-    eval_amp = (parts.device.type == "cuda" or (cpu and cpu_autocast_pays())) if config.amp is None else parts.amp
+    eval_amp = autocast_by_default(parts.device) if config.amp is None else parts.amp
     return dict(
         device=str(parts.device),
         cpu_capability=torch.backends.cpu.get_cpu_capability(),

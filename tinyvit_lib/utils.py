@@ -26,7 +26,7 @@ import torch.distributed as dist
 __all__ = [
     "FileLock",
     "LockHeld",
-    "cpu_autocast_pays",
+    "autocast_by_default",
     "cpu_has_native_bf16",
     "keep_freed_memory",
     "all_reduce_sum",
@@ -233,13 +233,12 @@ def cpu_has_native_bf16() -> bool:
     return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
 
 
-def cpu_autocast_pays() -> bool:
-    """The CPU's default for bf16 autocast, training and inference alike: on where bf16 is native.
-    On such a CPU (a 2-core AMD EPYC with AVX512-BF16) it was faster at every size measured: a
-    TinyViT-5M training step 1.4x at 32x32 and 1.85x at 224x224, a ResNet-18 one 1.3x at 32x32,
-    inference 1.5-2.6x (README, "The speed policy"), once the depthwise convolutions that oneDNN's
-    bf16 backward runs slowly stay in fp32 (`model.ConvBN`)."""
-    return cpu_has_native_bf16()
+def autocast_by_default(device: torch.device) -> bool:
+    """Whether training and evaluation on `device` autocast unless told otherwise (`amp=None`): on
+    CUDA, and on a CPU that computes bf16 natively, where bf16 was faster at every size measured
+    (README, "The speed policy") once the depthwise convolutions whose bf16 backward oneDNN runs
+    slowly stay in fp32 (`model.ConvBN`). Never on a CPU that emulates bf16, MPS or others."""
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
 
 
 def keep_freed_memory() -> bool:
