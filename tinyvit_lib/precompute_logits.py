@@ -51,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    _data_arguments(p)
+    _store_arguments(p)
+    _run_arguments(p)
+    return p
+
+
+def _data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="fashion-mnist", choices=DATASETS)
     p.add_argument("--data-root", "--train-data", dest="data_root", default=None)
     p.add_argument(
@@ -65,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="header",
         help="image folders: check every file when the data is loaded (header: cheap; decode: thorough)",
     )
+
+
+def _store_arguments(p: argparse.ArgumentParser) -> None:
+    """The teacher, and what the store keeps: k, the mode, the replayed views."""
     p.add_argument(
         "--teacher-model",
         default=None,
@@ -98,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --mix: full (Mixup 0.8 or CutMix 1.0) or function-matching (Mixup, coefficient uniform in [0, 1])",
     )
     p.add_argument("--seed", type=int, default=0, help="replay mode: the base seed of the augmentation")
+
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    """Size, subset, device, and the store checks (--verify, --inspect)."""
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--max-per-class", type=int, default=None, help="a deterministic per-class subset")
@@ -122,7 +137,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="print what the store at PATH holds and check its files (needs no other option)",
     )
-    return p
 
 
 def load_dataset(args: argparse.Namespace) -> DatasetWithIDs:

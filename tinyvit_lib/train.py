@@ -27,6 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    _data_arguments(p)
+    _model_arguments(p)
+    _optimisation_arguments(p)
+    _distillation_arguments(p)
+    return p
+
+
+def _data_arguments(p: argparse.ArgumentParser) -> None:
     data = p.add_argument_group("data")
     data.add_argument("--dataset", default="fashion-mnist", choices=DATASETS)
     data.add_argument(
@@ -74,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="image folders: check every file when the data is loaded (header: cheap; decode: thorough)",
     )
 
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
     model = p.add_argument_group("model")
     model.add_argument(
         "--model",
@@ -84,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--output-dir", default="runs")
     model.add_argument("--resume", action="store_true", help="continue OUTPUT_DIR/NAME/last.pt exactly")
 
+
+def _optimisation_arguments(p: argparse.ArgumentParser) -> None:
     opt = p.add_argument_group("optimisation")
     defaults = TrainConfig()
     opt.add_argument("--epochs", type=int, default=defaults.epochs)
@@ -130,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--no-fused-adamw", dest="fused_adamw", action="store_false", help="the plain AdamW loop")
     opt.add_argument("--checkpoint-every", type=int, default=0, help="also save last.pt every N steps")
 
+
+def _distillation_arguments(p: argparse.ArgumentParser) -> None:
     kd = p.add_argument_group("distillation")
     kd.add_argument("--use-distillation", action="store_true")
     kd.add_argument("--logits-path", default=None, help="a logit store made by tinyvit_lib.precompute_logits")
@@ -137,7 +151,6 @@ def build_parser() -> argparse.ArgumentParser:
     kd.add_argument("--teacher-checkpoint", default=None, help="weights for --teacher-model")
     kd.add_argument("--distill-alpha", type=float, default=0.5)
     kd.add_argument("--distill-temp", type=float, default=1.0)
-    return p
 
 
 def spec_from_args(args: argparse.Namespace) -> RunSpec:
