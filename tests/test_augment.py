@@ -74,6 +74,28 @@ def test_train_views_equal_the_torchvision_pipeline_bit_for_bit(preset, channels
         transform.batch(images[:2], seeds[:1])
 
 
+@pytest.mark.parametrize(
+    "channels, shape, scale",
+    [
+        (3, (20, 50), (0.08, 1.0)),  # non-square, as image folders give
+        (1, (4, 90), (0.5, 1.0)),  # no box of a 3/4-4/3 ratio fits: v2's central-crop fallback
+        (3, (32, 32), (1.0, 1.0)),  # the whole image at the output size: no resize at all
+        (3, (33, 31), (0.9, 1.0)),  # boxes that span the full width or height
+    ],
+)
+def test_train_views_equal_the_pipeline_on_any_shape(channels, shape, scale):
+    # `batch` draws the crop box itself (v2's draws and arithmetic) and resizes without v2's
+    # wrapper: every corner of that rewrite must still give v2's view bit for bit.
+    config = replace(AUGMENT_PRESETS["light"], scale=scale, hflip=0.5)
+    transform = TrainTransform(32, MEAN[:channels], STD[:channels], config=config)
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (60, channels, *shape), generator=generator, dtype=torch.uint8)
+    seeds = [sample_seed(5, 0, f"img{i}") for i in range(len(images))]
+    views = transform.batch(list(images), seeds)
+    for image, seed, view in zip(images, seeds, views):
+        assert torch.equal(view, transform.reference(image, seed))
+
+
 def test_transform_leaves_the_global_rng_alone():
     transform = TrainTransform(32, MEAN, STD)
     torch.manual_seed(123)
@@ -175,6 +197,30 @@ def test_pair_mix_members_agree_whichever_is_computed_first():
     assert torch.equal(again, mixed_a)
     other, _ = mix(a, b, 1, 4, 101, 203)
     assert not torch.equal(other, mixed_a)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [FULL, with_mix_preset(AugmentConfig(), "function-matching"), replace(FULL, mixup_alpha=0.0, mix_prob=0.7)],
+    ids=["full", "function-matching", "cutmix-sometimes"],
+)
+@pytest.mark.parametrize("channels, shape", [(3, (32, 32)), (1, (24, 40))])
+def test_pair_mix_equals_torchvision_on_the_pair_bit_for_bit(config, channels, shape):
+    # `__call__` computes one row of v2's two-image batch; mixed stores replay these views, so they
+    # must equal v2's (`reference`) bit for bit, for both members of every pair.
+    mix = PairMix(7, config)
+    views = torch.randn(40, channels, *shape, generator=torch.Generator().manual_seed(2))
+    kinds = set()
+    for i in range(0, 40, 2):
+        a, b, seed_a, seed_b = views[i], views[i + 1], sample_seed(0, 1, f"a{i}"), sample_seed(0, 1, f"b{i}")
+        for args in ((a, b, i % 7, 3, seed_a, seed_b), (b, a, 3, i % 7, seed_b, seed_a)):
+            mixed, target = mix(*args)
+            expected, expected_target = mix.reference(*args)
+            assert torch.equal(mixed, expected) and torch.equal(target, expected_target)
+            kinds.add(
+                "unmixed" if torch.equal(mixed, args[0]) else "cut" if ((mixed == a) | (mixed == b)).all() else "blend"
+            )
+    assert kinds >= ({"cut"} if config.mixup_alpha == 0 else {"blend"})
 
 
 def test_pair_mix_off_and_one_op_at_a_time():

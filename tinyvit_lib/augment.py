@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 
@@ -70,22 +71,27 @@ def sample_seed(base_seed: int, epoch: int, sample_id: str) -> int:
 
 
 @contextmanager
-def seeded_rng(seed: int) -> Iterator[None]:
+def seeded_rng(seed: int) -> Iterator[Callable[[int], None]]:
     """Run the body with torch's CPU generator seeded to `seed`, then restore its previous state.
 
     `torch.random.fork_rng` does the same but also reseeds every accelerator backend, which is
-    ~100x slower per call; torchvision's transforms only draw from the CPU generator.
+    ~100x slower per call; torchvision's transforms only draw from the CPU generator. The body gets
+    `reseed(seed)`, which seeds the generator again (for many samples under one save and restore).
 
     Raises:
-        ValueError: `seed` is not in [0, 2**64).
+        ValueError: `seed` (or a seed given to `reseed`) is not in [0, 2**64).
     """
-    if not 0 <= seed < 2**64:
-        raise ValueError(f"seed={seed} must be in [0, 2**64)")
     generator = torch.default_generator
+
+    def reseed(seed: int) -> None:
+        if not 0 <= seed < 2**64:
+            raise ValueError(f"seed={seed} must be in [0, 2**64)")
+        generator.manual_seed(seed)
+
     saved = generator.get_state()
-    generator.manual_seed(seed)
     try:
-        yield
+        reseed(seed)
+        yield reseed
     finally:
         generator.set_state(saved)
 
@@ -198,6 +204,8 @@ class TrainTransform:
             else None
         )
         self.erase = v2.RandomErasing(p=config.erase_prob, value="random") if config.erase_prob > 0 else None
+        self._log_ratio = tuple(torch.log(torch.tensor(config.ratio)).tolist())  # as v2 computes it, float32
+        self._draw, self._index = torch.empty(1), torch.empty(1, dtype=torch.int64)  # reused by the draws
         # The same steps as one torchvision pipeline: the reference that `__call__` equals bit for bit.
         steps: list[v2.Transform] = [self.crop]
         if config.hflip > 0:
@@ -239,8 +247,9 @@ class TrainTransform:
         if len(images) != len(seeds):
             raise ValueError(f"{len(images)} images but {len(seeds)} seeds")
         views, erasures = [], []
-        for image, seed in zip(images, seeds):
-            with seeded_rng(int(seed)):
+        with seeded_rng(0) as reseed:  # one save and restore of the global generator for the batch
+            for image, seed in zip(images, seeds):
+                reseed(int(seed))
                 views.append(self._geometric(image))
                 erasures.append(self._erase_box(views[-1]))
         batch = TF.normalize_image(
@@ -253,13 +262,36 @@ class TrainTransform:
 
     def _geometric(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 (C, H, W) -> uint8 (C, img_size, img_size): crop, flip, RandAugment, drawing as v2 does."""
-        box = self.crop.make_params([image])  # top, left, height, width
-        image = TF.resized_crop_image(
-            image, **box, size=self.crop.size, interpolation=self.crop.interpolation, antialias=self.crop.antialias
-        )
-        if self.config.hflip > 0 and torch.rand(1) < self.config.hflip:  # v2 skips the flip when rand >= p
-            image = TF.horizontal_flip_image(image)
+        top, left, height, width = self._crop_box(*image.shape[-2:])
+        image = image[..., top : top + height, left : left + width]  # v2's crop: the box is inside the image
+        if (height, width) != (self.img_size, self.img_size):  # v2's resize returns an image of that size as it is
+            image = _resize_bicubic(image, self.img_size)
+        if self.config.hflip > 0 and self._draw.uniform_().item() < self.config.hflip:  # v2 flips when rand < p
+            image = image.flip(-1)
         return self.randaugment(image) if self.randaugment is not None else image
+
+    def _crop_box(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(top, left, height, width): `v2.RandomResizedCrop.make_params`'s draws and arithmetic, in its
+        order and from the same generator (so the same box), without its per-call overhead: one
+        reused one-element buffer per kind of draw (`empty(1).uniform_` and `randint` on a fresh
+        tensor draw the same numbers)."""
+        area, draw, index = height * width, self._draw, self._index
+        scale, log_ratio = self.config.scale, self._log_ratio
+        for _ in range(10):
+            target_area = area * draw.uniform_(scale[0], scale[1]).item()
+            aspect_ratio = draw.uniform_(log_ratio[0], log_ratio[1]).exp_().item()
+            w = int(round(math.sqrt(target_area * aspect_ratio)))
+            h = int(round(math.sqrt(target_area / aspect_ratio)))
+            if 0 < w <= width and 0 < h <= height:
+                return index.random_(0, height - h + 1).item(), index.random_(0, width - w + 1).item(), h, w
+        in_ratio, ratio = width / height, self.config.ratio  # ten misses: the central crop, as v2 falls back
+        if in_ratio < min(ratio):
+            h, w = int(round(width / min(ratio))), width
+        elif in_ratio > max(ratio):
+            h, w = height, int(round(height * max(ratio)))
+        else:
+            h, w = height, width
+        return (height - h) // 2, (width - w) // 2, h, w
 
     def _erase_box(self, view: torch.Tensor) -> dict | None:
         """RandomErasing's draws for a view of this shape, in v2's order: None where it erases nothing."""
@@ -329,6 +361,18 @@ def _check_norm(img_size: int, mean: Sequence[float], std: Sequence[float]) -> N
         raise ValueError(f"mean={tuple(mean)} and std={tuple(std)} must have one entry per channel")
 
 
+def _resize_bicubic(image: torch.Tensor, size: int) -> torch.Tensor:
+    """(C, h, w) -> (C, size, size): v2's `resize_image` (bicubic, antialiased) without its per-call
+    checks, the same `interpolate` call on the same strides (uint8 stays uint8: v2 uses torch's
+    native uint8 kernel for bicubic on a CPU)."""
+    channels, height, width = image.shape
+    image = image.reshape(1, channels, height, width)
+    if image.is_contiguous(memory_format=torch.channels_last) and image.numel() != image.stride(0):
+        image = image.as_strided(image.shape, (image.numel(), *image.stride()[1:]))  # as v2 does: output channels-last
+    out = F.interpolate(image, size=[size, size], mode="bicubic", align_corners=False, antialias=True)
+    return out.reshape(channels, size, size)
+
+
 @functools.lru_cache(maxsize=4)  # asked once per batch: a randperm of 1.28M for ImageNet is not free
 def mix_partners(size: int, base_seed: int, epoch: int) -> torch.Tensor:
     """(size,) int64: the partner of each position in `epoch`, a random pairing of the positions
@@ -361,11 +405,39 @@ class PairMix:
         self.num_classes, self.config = num_classes, config
         self.mixup = v2.MixUp(alpha=config.mixup_alpha, num_classes=num_classes) if config.mixup_alpha > 0 else None
         self.cutmix = v2.CutMix(alpha=config.cutmix_alpha, num_classes=num_classes) if config.cutmix_alpha > 0 else None
+        self._eye = torch.eye(num_classes)  # (K, K): row k is F.one_hot(k) as float32
 
     def __call__(
         self, view: torch.Tensor, partner: torch.Tensor, label: int, partner_label: int, seed: int, partner_seed: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """view, partner (C, H, W) float -> the mixed view (C, H, W) and its soft target (num_classes,)."""
+        """view, partner (C, H, W) float -> the mixed view (C, H, W) and its soft target (num_classes,).
+
+        Equal bit for bit to `reference` (v2's transform on the ordered two-image batch), computing
+        only this view's row: v2 mixes each image of the batch with its roll, i.e. with the other one.
+        """
+        own, other = self._eye[label].to(view.dtype), self._eye[partner_label].to(view.dtype)  # (K,) one-hot
+        if seed == partner_seed or not self.config.mixing:
+            return view, own
+        with seeded_rng(derive_seed("pair", min(seed, partner_seed), max(seed, partner_seed))):
+            draw_mix, draw_switch = torch.rand(2).tolist()
+            if draw_mix >= self.config.mix_prob:
+                return view, own
+            use_cutmix = self.mixup is None or (self.cutmix is not None and draw_switch < self.config.mix_switch_prob)
+            params = (self.cutmix if use_cutmix else self.mixup).make_params([view])  # v2's draws, in its order
+        if use_cutmix:  # the partner's box pasted in; the target weighted by the area kept
+            x1, y1, x2, y2 = params["box"]
+            mixed, lam = view.clone(), params["lam_adjusted"]
+            mixed[..., y1:y2, x1:x2] = partner[..., y1:y2, x1:x2]
+        else:  # the same float operations, in the same order, as v2.MixUp's `roll(1, 0).mul_(1 - lam).add_(x.mul(lam))`
+            lam = params["lam"]
+            mixed = partner.mul(1.0 - lam).add_(view.mul(lam))
+        return mixed, other.mul(1.0 - lam).add_(own.mul(lam))
+
+    def reference(
+        self, view: torch.Tensor, partner: torch.Tensor, label: int, partner_label: int, seed: int, partner_seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same through torchvision's `v2.MixUp` / `v2.CutMix` called on the two-image batch
+        (what `__call__` equals bit for bit, at about 4x its cost). For tests."""
         target = F.one_hot(torch.tensor([label, partner_label]), self.num_classes).to(view.dtype)  # (2, K)
         if seed == partner_seed or not self.config.mixing:
             return view, target[0]

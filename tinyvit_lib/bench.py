@@ -49,7 +49,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -446,6 +446,7 @@ class EpochCase:
     source: str | None = None  # the teacher's distribution: None (labels only), "store" or "online"
     old_path: bool = False  # the trainer's path before the speed work: NCHW, plain AdamW, per-call v2 views
     mix: bool = False  # views mixed in pairs (the "full" mix preset), from the store too
+    in_turns_with: str | None = None  # the label of a case whose samples alternate with this one's
 
 
 EPOCH_CASES = (
@@ -458,7 +459,7 @@ EPOCH_CASES = (
     EpochCase("student 224, store", "tinyvit_5m", 224, 32, "store"),
     EpochCase("student 224, online", "tinyvit_5m", 224, 32, "online"),
     EpochCase("teacher 32", "resnet18", 32, 128),
-    EpochCase("teacher 32, old path", "resnet18", 32, 128, old_path=True),
+    EpochCase("teacher 32, old path", "resnet18", 32, 128, old_path=True, in_turns_with="teacher 32"),
 )
 
 
@@ -488,96 +489,133 @@ def _epoch_data_and_teacher(case: EpochCase, *, device: torch.device, samples: i
     return dataset, StoredTeacher.open(store, dataset, epochs=epochs)
 
 
-def epoch_case(
-    case: EpochCase,
+class EpochTimer:
+    """The trainer's own epoch (`train_one_epoch`: loading, the replayable views, the teacher or
+    store, the step, bookkeeping; no validation) of one `EpochCase` against its bare step
+    (`train_step` on a batch already in memory, the teacher's part included). Built once (with its
+    warm-up epoch); each `sample()` times one epoch and then `steps` bare steps, so that several
+    timers can take their samples in turns. The "light" augmentation of the course's profiles."""
+
+    def __init__(self, case: EpochCase, *, device: torch.device, steps: int, samples: int, tmp: Path) -> None:
+        self.case, self.device, self.steps = case, device, steps
+        self.epoch_s: list[float] = []
+        self.step_s: list[float] = []
+        self.dataset, teacher = _epoch_data_and_teacher(
+            case, device=device, samples=case.batch * steps, epochs=samples + 1, tmp=tmp
+        )
+        self.config = TrainConfig(
+            epochs=samples + 1,
+            batch_size=case.batch,
+            warmup_epochs=0,
+            distill_alpha=0.0 if case.source is None else 1.0,
+            mix=case.mix,
+            device=str(device),
+            amp=False if case.old_path else None,
+            channels_last=not case.old_path,
+            fused_adamw=not case.old_path,
+        )
+        torch.manual_seed(0)
+        model = build_model(case.model, num_classes=10, img_size=case.img_size)
+        self.parts = _build(model, self.dataset, self.config, teacher)
+        self.state = TrainState()
+        self.dataset.set_epoch(0)
+        self.batch = next(iter(self.parts.loader))  # (images, labels, ids) for the bare steps
+        self._epoch()  # warm-up
+
+    def _epoch(self) -> None:
+        train_one_epoch(self.parts, self.state, self.dataset, self.config, progress=False)
+
+    def sample(self) -> None:
+        """Time one epoch, then `steps` bare steps."""
+        t0 = time.perf_counter()
+        self._epoch()
+        self.epoch_s.append(time.perf_counter() - t0)
+        self.step_s.append(_timed(lambda: train_step(self.parts, *self.batch, 0), self.device, self.steps)[0])
+
+    def row(self) -> dict:
+        """The case's row: medians of the samples taken."""
+        case = self.case
+        epoch, step = statistics.median(self.epoch_s), statistics.median(self.step_s)
+        return dict(
+            case=case.label,
+            model=case.model,
+            img_size=case.img_size,
+            batch=case.batch,
+            source=case.source,
+            old_path=case.old_path,
+            autocast=self.parts.amp,
+            images_per_s=case.batch * self.steps / epoch,
+            bare_step_images_per_s=case.batch / step,
+            epoch_over_steps=epoch / (self.steps * step),
+        )
+
+
+def epoch_rows(
+    cases: Sequence[EpochCase],
     *,
     device: torch.device,
     steps: int,
     repeats: int,
     tmp: Path,
     reference: Callable[[], None] | None = None,
-) -> dict:
-    """The trainer's own epoch (`train_one_epoch`: loading, the replayable views, the teacher or
-    store, the step, bookkeeping; no validation) against its bare step (`train_step` on a batch
-    already in memory, the teacher's part included), each the median of `repeats` samples taken in
-    turns after a warm-up epoch. The "light" augmentation of the course's profiles. `reference`: a
-    step of another model (timm's, for the goal's ratio), timed in the same turns, `steps` steps a sample."""
-    epochs = repeats + 1
-    dataset, teacher = _epoch_data_and_teacher(case, device=device, samples=case.batch * steps, epochs=epochs, tmp=tmp)
-    config = TrainConfig(
-        epochs=epochs,
-        batch_size=case.batch,
-        warmup_epochs=0,
-        distill_alpha=0.0 if case.source is None else 1.0,
-        mix=case.mix,
-        device=str(device),
-        amp=False if case.old_path else None,
-        channels_last=not case.old_path,
-        fused_adamw=not case.old_path,
-    )
-    torch.manual_seed(0)
-    parts = _build(build_model(case.model, num_classes=10, img_size=case.img_size), dataset, config, teacher)
-    state = TrainState()
-    dataset.set_epoch(0)
-    images, labels, ids = next(iter(parts.loader))
-    train_one_epoch(parts, state, dataset, config, progress=False)  # warm-up
-    epoch_s, step_s, reference_s = [], [], []
+) -> list[dict]:
+    """The rows of `cases` timed in turns: each round takes one sample of every case (and, with
+    `reference`, `steps` steps of another model: timm's, for the goal's ratio), so that all of them
+    see the same moments of a machine whose speed drifts. Medians of `repeats` rounds."""
+    timers = [EpochTimer(case, device=device, steps=steps, samples=repeats, tmp=tmp) for case in cases]
+    reference_s = []
     if reference is not None:
         reference()  # its warm-up
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        train_one_epoch(parts, state, dataset, config, progress=False)
-        epoch_s.append(time.perf_counter() - t0)
-        step_s.append(_timed(lambda: train_step(parts, images, labels, ids, 0), device, steps)[0])
+        for timer in timers:
+            timer.sample()
         if reference is not None:
             reference_s.append(_timed(reference, device, steps)[0])
-    epoch, step = statistics.median(epoch_s), statistics.median(step_s)
-    extra = dict(reference_images_per_s=case.batch / statistics.median(reference_s)) if reference_s else {}
-    return dict(
-        case=case.label,
-        model=case.model,
-        img_size=case.img_size,
-        batch=case.batch,
-        source=case.source,
-        old_path=case.old_path,
-        autocast=parts.amp,
-        images_per_s=case.batch * steps / epoch,
-        bare_step_images_per_s=case.batch / step,
-        epoch_over_steps=epoch / (steps * step),
-        **extra,
-    )
+    rows = [timer.row() for timer in timers]
+    if reference_s:
+        rows[0]["reference_images_per_s"] = cases[0].batch / statistics.median(reference_s)
+    return rows
 
 
 def epoch_section(*, device: torch.device, quick: bool, rows: list[dict], timm=None) -> dict:
     """Every `EPOCH_CASES` row, printed as measured, and the goals' ratios measured in this run:
     the student's end-to-end rate at 32 over timm's matched bare step in eager fp32, and the
-    teacher's over its old path. With `timm`, that timm step is timed in turns with the student's
-    epochs (the fairest pairing on a machine whose speed drifts); `rows`' train32 eager row is
-    reported beside it."""
+    teacher's over its old path. The two sides of each ratio are timed in turns (the fairest
+    pairing on a machine whose speed drifts): timm's step (with `timm`) with the student's epochs,
+    the teacher's old path with its new one (`EpochCase.in_turns_with`); `rows`' train32 eager
+    row is reported beside the first."""
     print("trainer end to end (synthetic images, light augmentation; epoch = train_one_epoch, no validation)")
     print(f"{'case':<24}{'batch':>6}{'epoch img/s':>13}{'bare step':>11}{'epoch/steps':>13}")
-    cases = [c for c in EPOCH_CASES if not (quick and c.img_size > 32)]
+    cases = [replace(c, batch=8) if quick else c for c in EPOCH_CASES if not (quick and c.img_size > 32)]
+    partners = {c.in_turns_with: c for c in cases if c.in_turns_with}
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases:
-            if quick:
-                case = replace(case, batch=8)
+            if case.in_turns_with:
+                continue  # timed with its partner
+            group = [case] + ([partners[case.label]] if case.label in partners else [])
             steps = 2 if quick else (8 if case.img_size <= 32 else 4)
             reference = None
             if timm is not None and case.label == "student 32, labels":
                 timm_model = contenders(timm, case.img_size)["timm_matched"]()
                 reference = make_step(timm_model, "train", POLICIES["eager"], case.img_size, case.batch, device)
-            row = epoch_case(
-                case, device=device, steps=steps, repeats=1 if quick else 3, tmp=Path(tmp), reference=reference
+            group_rows = epoch_rows(
+                group, device=device, steps=steps, repeats=1 if quick else 3, tmp=Path(tmp), reference=reference
             )
-            results.append(row)
-            print(
-                f"{row['case']:<24}{row['batch']:>6}{row['images_per_s']:>13.1f}{row['bare_step_images_per_s']:>11.1f}"
-                f"{row['epoch_over_steps']:>12.3f}x" + (" bf16" if row["autocast"] else ""),
-                flush=True,
-            )
-    by_case = {r["case"]: r for r in results}
-    out: dict = dict(rows=results)
+            for row in group_rows:
+                results.append(row)
+                print(
+                    f"{row['case']:<24}{row['batch']:>6}{row['images_per_s']:>13.1f}"
+                    f"{row['bare_step_images_per_s']:>11.1f}{row['epoch_over_steps']:>12.3f}x"
+                    + (" bf16" if row["autocast"] else ""),
+                    flush=True,
+                )
+    return dict(rows=results, **_epoch_ratios({r["case"]: r for r in results}, rows))
+
+
+def _epoch_ratios(by_case: dict[str, dict], rows: list[dict]) -> dict[str, float]:
+    """The goals' ratios from the epoch rows (printed as computed)."""
+    out = {}
     student = by_case.get("student 32, labels")
     if student and "reference_images_per_s" in student:
         ratio = student["images_per_s"] / student["reference_images_per_s"]
@@ -600,7 +638,7 @@ def epoch_section(*, device: torch.device, quick: bool, rows: list[dict], timm=N
     if "teacher 32" in by_case and "teacher 32, old path" in by_case:
         ratio = by_case["teacher 32"]["images_per_s"] / by_case["teacher 32, old path"]["images_per_s"]
         out["teacher_vs_old_path"] = ratio
-        print(f"teacher end to end: {ratio:.2f}x its old path")
+        print(f"teacher end to end: {ratio:.2f}x its old path, timed in turns")
     return out
 
 
