@@ -16,7 +16,14 @@ from tinyvit_lib import (
     tinyvit_11m,
     tinyvit_21m,
 )
-from tinyvit_lib.model import default_window_sizes, official_to_ours, ours_to_official, stage_resolutions
+from tinyvit_lib.model import (
+    OnePixelConv2d,
+    default_window_sizes,
+    official_to_ours,
+    ours_to_official,
+    stage_resolutions,
+    with_one_pixel_convs,
+)
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -228,20 +235,53 @@ def test_a_bf16_training_step_of_the_whole_model_keeps_float32_weights_and_finit
 
 
 def test_inference_copy_folds_batchnorm_and_leaves_the_model_alone():
-    import torchvision
+    from tinyvit_lib.teachers import build_model
 
-    resnet = torchvision.models.resnet18(num_classes=10)
+    resnet = build_model("resnet18", num_classes=10)  # its convolutions are OnePixelConv2d: fx must still fold them
+    assert any(isinstance(m, OnePixelConv2d) for m in resnet.modules())
     for model in (perturb_(tinyvit_5m(img_size=32, num_classes=10)), perturb_(resnet)):
         model.train()
         before = {k: v.clone() for k, v in model.state_dict().items()}
         runner = inference_copy(model)
-        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in runner.modules())
+        assert not any(isinstance(m, (torch.nn.BatchNorm2d, OnePixelConv2d)) for m in runner.modules())
         assert not runner.training and not any(p.requires_grad for p in runner.parameters())
         assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
         x = torch.randn(2, 3, 32, 32)
         with torch.no_grad():
             expected = model.eval()(x)
             assert torch.allclose(runner(x.contiguous(memory_format=torch.channels_last)), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "conv, size",
+    [
+        (dict(kernel_size=3, padding=1), 1),  # ResNet-18's last stage at 32x32: only the centre tap
+        (dict(kernel_size=3, stride=2, padding=1), 2),  # its downsampling 3x3 onto 1x1
+        (dict(kernel_size=1, stride=2), 2),  # its downsampling shortcut: one input pixel of four
+        (dict(kernel_size=(3, 1), padding=(1, 0), bias=True), 1),
+        (dict(kernel_size=3, padding=1), 2),  # a 2x2 output: the convolution itself
+        (dict(kernel_size=3, padding=1, groups=4), 1),  # grouped: the convolution itself
+    ],
+)
+def test_one_pixel_conv_is_the_convolution_with_its_gradients(conv, size):
+    torch.manual_seed(0)
+    plain = torch.nn.Conv2d(8, 12, **conv)
+    fast = with_one_pixel_convs(copy.deepcopy(plain))
+    assert type(fast) is OnePixelConv2d and fast.state_dict().keys() == plain.state_dict().keys()
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(5, 8, size, size).contiguous(memory_format=memory_format).requires_grad_()
+        x_fast = x.detach().clone().requires_grad_()
+        out, out_fast = plain(x), fast(x_fast)
+        assert out_fast.shape == out.shape
+        torch.testing.assert_close(out_fast, out, atol=1e-5, rtol=1e-5)
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        out_fast.backward(grad)
+        torch.testing.assert_close(x_fast.grad, x.grad, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fast.weight.grad, plain.weight.grad, atol=1e-5, rtol=1e-5)
+        plain.zero_grad()
+        fast.zero_grad()
+    assert type(with_one_pixel_convs(fast, undo=True)) is torch.nn.Conv2d
 
 
 def test_inference_copy_of_a_model_fx_cannot_trace_runs_unfused():

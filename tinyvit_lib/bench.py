@@ -61,7 +61,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from .augment import AUGMENT_PRESETS, with_mix_preset
 from .data import get_dataset
 from .distill import DistillationLoss, OnlineTeacher, StoredTeacher, precompute
-from .model import TinyViT, default_window_sizes, fuse_for_inference, stage_resolutions, tinyvit_5m
+from .model import (
+    TinyViT,
+    default_window_sizes,
+    fuse_for_inference,
+    stage_resolutions,
+    tinyvit_5m,
+    with_one_pixel_convs,
+)
 from .teachers import build_model
 from .trainer import TrainConfig, TrainState, _build, pick_device, train_one_epoch, train_step
 from .utils import cpu_has_native_bf16, keep_freed_memory
@@ -444,7 +451,9 @@ class EpochCase:
     img_size: int
     batch: int
     source: str | None = None  # the teacher's distribution: None (labels only), "store" or "online"
-    old_path: bool = False  # the trainer's path before the speed work: NCHW, plain AdamW, per-call v2 views
+    old_path: bool = (
+        False  # the trainer's path before the speed work: NCHW, plain AdamW, per-call v2 views, plain convs
+    )
     mix: bool = False  # views mixed in pairs (the "full" mix preset), from the store too
     in_turns_with: str | None = None  # the label of a case whose samples alternate with this one's
 
@@ -516,6 +525,8 @@ class EpochTimer:
         )
         torch.manual_seed(0)
         model = build_model(case.model, num_classes=10, img_size=case.img_size)
+        if case.old_path:
+            with_one_pixel_convs(model, undo=True)  # a teacher's convolutions as torchvision ships them
         self.parts = _build(model, self.dataset, self.config, teacher)
         self.state = TrainState()
         self.dataset.set_epoch(0)
