@@ -543,10 +543,16 @@ class EpochTimer:
         self.epoch_s.append(time.perf_counter() - t0)
         self.step_s.append(_timed(lambda: train_step(self.parts, *self.batch, 0), self.device, self.steps)[0])
 
-    def row(self) -> dict:
-        """The case's row: medians of the samples taken."""
+    def row(self, peaks: dict[str, float] | None = None) -> dict:
+        """The case's row: medians of the samples taken; with `peaks` (`matmul_peaks`), the epoch's
+        FLOP rate (the model's training FLOPs, `flops_per_image`; an online teacher's forward pass
+        not counted) and its fraction of the peak of the precision it trains in."""
         case = self.case
         epoch, step = statistics.median(self.epoch_s), statistics.median(self.step_s)
+        rate = {}
+        if peaks:
+            flops = flops_per_image(self.parts.model, "train", case.img_size) * case.batch * self.steps / epoch
+            rate = dict(gflops_per_s=flops / 1e9, fraction_of_peak=flops / peaks["bf16" if self.parts.amp else "fp32"])
         return dict(
             case=case.label,
             model=case.model,
@@ -558,6 +564,7 @@ class EpochTimer:
             images_per_s=case.batch * self.steps / epoch,
             bare_step_images_per_s=case.batch / step,
             epoch_over_steps=epoch / (self.steps * step),
+            **rate,
         )
 
 
@@ -569,6 +576,7 @@ def epoch_rows(
     repeats: int,
     tmp: Path,
     reference: Callable[[], None] | None = None,
+    peaks: dict[str, float] | None = None,
 ) -> list[dict]:
     """The rows of `cases` timed in turns: each round takes one sample of every case (and, with
     `reference`, `steps` steps of another model: timm's, for the goal's ratio), so that all of them
@@ -582,13 +590,15 @@ def epoch_rows(
             timer.sample()
         if reference is not None:
             reference_s.append(_timed(reference, device, steps)[0])
-    rows = [timer.row() for timer in timers]
+    rows = [timer.row(peaks) for timer in timers]
     if reference_s:
         rows[0]["reference_images_per_s"] = cases[0].batch / statistics.median(reference_s)
     return rows
 
 
-def epoch_section(*, device: torch.device, quick: bool, rows: list[dict], timm=None) -> dict:
+def epoch_section(
+    *, device: torch.device, quick: bool, rows: list[dict], timm=None, peaks: dict[str, float] | None = None
+) -> dict:
     """Every `EPOCH_CASES` row, printed as measured, and the goals' ratios measured in this run:
     the student's end-to-end rate at 32 over timm's matched bare step in eager fp32, and the
     teacher's over its old path. The two sides of each ratio are timed in turns (the fairest
@@ -596,7 +606,9 @@ def epoch_section(*, device: torch.device, quick: bool, rows: list[dict], timm=N
     the teacher's old path with its new one (`EpochCase.in_turns_with`); `rows`' train32 eager
     row is reported beside the first."""
     print("trainer end to end (synthetic images, light augmentation; epoch = train_one_epoch, no validation)")
-    print(f"{'case':<24}{'batch':>6}{'epoch img/s':>13}{'bare step':>11}{'epoch/steps':>13}")
+    print(
+        f"{'case':<26}{'batch':>6}{'epoch img/s':>13}{'bare step':>11}{'epoch/steps':>13}{'GFLOP/s':>9}{'of peak':>9}"
+    )
     cases = [replace(c, batch=8) if quick else c for c in EPOCH_CASES if not (quick and c.img_size > 32)]
     partners = {c.in_turns_with: c for c in cases if c.in_turns_with}
     results = []
@@ -610,14 +622,16 @@ def epoch_section(*, device: torch.device, quick: bool, rows: list[dict], timm=N
             if timm is not None and case.label == "student 32, labels":
                 timm_model = contenders(timm, case.img_size)["timm_matched"]()
                 reference = make_step(timm_model, "train", POLICIES["eager"], case.img_size, case.batch, device)
+            repeats = 1 if quick else 3
             group_rows = epoch_rows(
-                group, device=device, steps=steps, repeats=1 if quick else 3, tmp=Path(tmp), reference=reference
+                group, device=device, steps=steps, repeats=repeats, tmp=Path(tmp), reference=reference, peaks=peaks
             )
             for row in group_rows:
                 results.append(row)
+                flop_rate = f"{row['gflops_per_s']:>9.1f}{row['fraction_of_peak']:>9.0%}" if peaks else ""
                 print(
-                    f"{row['case']:<24}{row['batch']:>6}{row['images_per_s']:>13.1f}"
-                    f"{row['bare_step_images_per_s']:>11.1f}{row['epoch_over_steps']:>12.3f}x"
+                    f"{row['case']:<26}{row['batch']:>6}{row['images_per_s']:>13.1f}"
+                    f"{row['bare_step_images_per_s']:>11.1f}{row['epoch_over_steps']:>12.3f}x{flop_rate}"
                     + (" bf16" if row["autocast"] else ""),
                     flush=True,
                 )
@@ -819,7 +833,9 @@ def main(argv: list[str] | None = None) -> int:
             samples=64 if args.quick else 4096,
         )
     if "epoch" in sections:
-        results["epoch"] = epoch_section(device=device, quick=args.quick, rows=results["models"], timm=timm)
+        results["epoch"] = epoch_section(
+            device=device, quick=args.quick, rows=results["models"], timm=timm, peaks=peaks
+        )
     if "profile" in sections:
         table = profile_table(timm, device=device, section="infer32" if args.quick else "infer224")
         results["profile_table"] = table
