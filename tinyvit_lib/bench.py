@@ -167,10 +167,12 @@ def flops_per_image(model: nn.Module, task: str, img_size: int) -> float:
     """FLOPs (a multiply-add counts 2) of one image: the forward pass as torch's FlopCounterMode counts
     it (matmuls, convolutions, attention; not elementwise work), three times that for a training
     step (the usual rule: the backward pass costs twice the forward; FlopCounterMode's own count of
-    a depthwise convolution's backward is 14x its forward here, not a cost the kernels pay)."""
+    a depthwise convolution's backward is 14x its forward here, not a cost the kernels pay).
+    Convolutions count every kernel tap, padding included (the usual convention), also where
+    `OnePixelConv2d` skips the taps that meet only padding."""
     images = torch.randn(2, 3, img_size, img_size)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        copy.deepcopy(model).eval()(images)
+        with_one_pixel_convs(copy.deepcopy(model).eval(), undo=True)(images)
     return counter.get_total_flops() / len(images) * (3 if task == "train" else 1)
 
 
