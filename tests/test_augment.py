@@ -75,25 +75,39 @@ def test_train_views_equal_the_torchvision_pipeline_bit_for_bit(preset, channels
 
 
 @pytest.mark.parametrize(
-    "channels, shape, scale",
+    "channels, shape, scale, hwc_memory",
     [
-        (3, (20, 50), (0.08, 1.0)),  # non-square, as image folders give
-        (1, (4, 90), (0.5, 1.0)),  # no box of a 3/4-4/3 ratio fits: v2's central-crop fallback
-        (3, (32, 32), (1.0, 1.0)),  # the whole image at the output size: no resize at all
-        (3, (33, 31), (0.9, 1.0)),  # boxes that span the full width or height
+        (3, (20, 50), (0.08, 1.0), False),  # non-square, as image folders give
+        (1, (4, 90), (0.5, 1.0), False),  # no box of a 3/4-4/3 ratio fits: v2's central-crop fallback
+        (1, (90, 4), (0.5, 1.0), False),  # the fallback for a tall image
+        (3, (32, 32), (1.0, 1.0), False),  # the whole image at the output size: no resize at all
+        (3, (33, 31), (0.9, 1.0), False),  # boxes that span the full width or height
+        (3, (32, 32), (0.08, 0.5), True),  # channels-last images: v2 keeps their strides
     ],
 )
-def test_train_views_equal_the_pipeline_on_any_shape(channels, shape, scale):
+def test_train_views_equal_the_pipeline_on_any_shape(channels, shape, scale, hwc_memory):
     # `batch` draws the crop box itself (v2's draws and arithmetic) and resizes without v2's
     # wrapper: every corner of that rewrite must still give v2's view bit for bit.
     config = replace(AUGMENT_PRESETS["light"], scale=scale, hflip=0.5)
     transform = TrainTransform(32, MEAN[:channels], STD[:channels], config=config)
     generator = torch.Generator().manual_seed(1)
-    images = torch.randint(0, 256, (60, channels, *shape), generator=generator, dtype=torch.uint8)
+    images = list(torch.randint(0, 256, (60, channels, *shape), generator=generator, dtype=torch.uint8))
+    if hwc_memory:
+        images = [image.permute(1, 2, 0).contiguous().permute(2, 0, 1) for image in images]  # (C, H, W) shape
     seeds = [sample_seed(5, 0, f"img{i}") for i in range(len(images))]
-    views = transform.batch(list(images), seeds)
+    views = transform.batch(images, seeds)
     for image, seed, view in zip(images, seeds, views):
         assert torch.equal(view, transform.reference(image, seed))
+
+
+def test_a_bad_seed_mid_batch_leaves_the_global_rng_alone():
+    transform = TrainTransform(32, MEAN, STD)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    with pytest.raises(ValueError, match="seed=-5"):
+        transform.batch(list(_images(count=3)), [1, 2, -5])
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_transform_leaves_the_global_rng_alone():
@@ -232,6 +246,10 @@ def test_pair_mix_off_and_one_op_at_a_time():
     cutmix_only = PairMix(2, replace(FULL, mixup_alpha=0.0))
     mixed, _ = cutmix_only(a, b, 0, 1, 3, 4)
     assert bool(((mixed == a) | (mixed == b)).all())  # CutMix copies pixels, it never blends them
+    with pytest.raises(ValueError, match="label=3 outside"):
+        PairMix(3, FULL)(a, b, 3, 1, 5, 6)
+    with pytest.raises(ValueError, match="cannot mix"):
+        PairMix(3, FULL)(a, b[:1], 0, 1, 5, 6)
     with pytest.raises(ValueError, match="unknown mix preset 'fm'"):
         with_mix_preset(AugmentConfig(), "fm")
 

@@ -18,6 +18,7 @@ from tinyvit_lib import (
 )
 from tinyvit_lib.model import (
     OnePixelConv2d,
+    _one_pixel_window,
     default_window_sizes,
     official_to_ours,
     ours_to_official,
@@ -253,23 +254,26 @@ def test_inference_copy_folds_batchnorm_and_leaves_the_model_alone():
 
 
 @pytest.mark.parametrize(
-    "conv, size",
+    "conv, shape, as_matmul",
     [
-        (dict(kernel_size=3, padding=1), 1),  # ResNet-18's last stage at 32x32: only the centre tap
-        (dict(kernel_size=3, stride=2, padding=1), 2),  # its downsampling 3x3 onto 1x1
-        (dict(kernel_size=1, stride=2), 2),  # its downsampling shortcut: one input pixel of four
-        (dict(kernel_size=(3, 1), padding=(1, 0), bias=True), 1),
-        (dict(kernel_size=3, padding=1), 2),  # a 2x2 output: the convolution itself
-        (dict(kernel_size=3, padding=1, groups=4), 1),  # grouped: the convolution itself
+        (dict(kernel_size=3, padding=1, bias=False), (1, 1), True),  # ResNet-18's last stage at 32x32
+        (dict(kernel_size=3, stride=2, padding=1, bias=False), (2, 2), True),  # its downsampling 3x3 onto 1x1
+        (dict(kernel_size=1, stride=2, bias=False), (2, 2), True),  # its shortcut: one input pixel of four
+        (dict(kernel_size=(3, 1), padding=(1, 0)), (1, 1), True),  # asymmetric, with a bias
+        (dict(kernel_size=1, stride=4, padding=1), (1, 1), True),  # the one pixel sees only padding: the bias
+        (dict(kernel_size=3, padding=1), (1, 3), False),  # a 1x3 output: the convolution itself
+        (dict(kernel_size=3, padding=1), (2, 2), False),
+        (dict(kernel_size=3, padding=1, groups=4), (1, 1), False),  # grouped: the convolution itself
     ],
 )
-def test_one_pixel_conv_is_the_convolution_with_its_gradients(conv, size):
+def test_one_pixel_conv_is_the_convolution_with_its_gradients(conv, shape, as_matmul):
     torch.manual_seed(0)
     plain = torch.nn.Conv2d(8, 12, **conv)
     fast = with_one_pixel_convs(copy.deepcopy(plain))
     assert type(fast) is OnePixelConv2d and fast.state_dict().keys() == plain.state_dict().keys()
     for memory_format in (torch.contiguous_format, torch.channels_last):
-        x = torch.randn(5, 8, size, size).contiguous(memory_format=memory_format).requires_grad_()
+        x = torch.randn(5, 8, *shape).contiguous(memory_format=memory_format).requires_grad_()
+        assert (_one_pixel_window(fast, x) is not None) == as_matmul
         x_fast = x.detach().clone().requires_grad_()
         out, out_fast = plain(x), fast(x_fast)
         assert out_fast.shape == out.shape
@@ -278,7 +282,8 @@ def test_one_pixel_conv_is_the_convolution_with_its_gradients(conv, size):
         out.backward(grad)
         out_fast.backward(grad)
         torch.testing.assert_close(x_fast.grad, x.grad, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(fast.weight.grad, plain.weight.grad, atol=1e-5, rtol=1e-5)
+        for name, param in plain.named_parameters():
+            torch.testing.assert_close(getattr(fast, name).grad, param.grad, atol=1e-5, rtol=1e-5)
         plain.zero_grad()
         fast.zero_grad()
     assert type(with_one_pixel_convs(fast, undo=True)) is torch.nn.Conv2d

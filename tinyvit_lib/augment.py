@@ -205,7 +205,6 @@ class TrainTransform:
         )
         self.erase = v2.RandomErasing(p=config.erase_prob, value="random") if config.erase_prob > 0 else None
         self._log_ratio = tuple(torch.log(torch.tensor(config.ratio)).tolist())  # as v2 computes it, float32
-        self._draw, self._index = torch.empty(1), torch.empty(1, dtype=torch.int64)  # reused by the draws
         # The same steps as one torchvision pipeline: the reference that `__call__` equals bit for bit.
         steps: list[v2.Transform] = [self.crop]
         if config.hflip > 0:
@@ -228,7 +227,7 @@ class TrainTransform:
 
     def reference(self, image: torch.Tensor, seed: int) -> torch.Tensor:
         """The view as the torchvision pipeline makes it, one v2 call per step: what `__call__` and
-        `batch` equal bit for bit, at 1.7x (32x32) their cost. For tests and `make bench`."""
+        `batch` equal bit for bit, at about twice their cost (32x32). For tests and `make bench`."""
         with seeded_rng(seed):
             return self.pipeline(image)
 
@@ -236,10 +235,12 @@ class TrainTransform:
         """The views of several images at once, (B, C, img_size, img_size) float32: view i equals
         `self.pipeline(images[i])` under `seeded_rng(seeds[i])` bit for bit (the tests check it).
 
-        Each image's random draws and geometric steps run alone, in the pipeline's order, calling the
-        v2 transforms' own parameter draws and kernels without their per-call dispatch (3-4x the
-        work of the kernels on a 32x32 image); scaling and normalising then run once on the batch;
-        the erasing boxes (drawn with the rest, they depend only on the image shape) go in last.
+        Each image's random draws and geometric steps run alone, in the pipeline's order: the crop box
+        drawn as v2 draws it (`_crop_box`), v2's kernels and its other transforms' parameter draws
+        called without their per-call dispatch (3-4x the work of the kernels on a 32x32 image);
+        scaling and normalising then run once on the batch; the erasing boxes (drawn with the rest,
+        they depend only on the image shape) go in last. The global generator is saved and restored
+        once per batch.
 
         Raises:
             ValueError: a seed not in [0, 2**64), or `images` and `seeds` of different lengths.
@@ -247,10 +248,11 @@ class TrainTransform:
         if len(images) != len(seeds):
             raise ValueError(f"{len(images)} images but {len(seeds)} seeds")
         views, erasures = [], []
-        with seeded_rng(0) as reseed:  # one save and restore of the global generator for the batch
+        draws = torch.empty(1), torch.empty(1, dtype=torch.int64)  # this call's own: workers may share the transform
+        with seeded_rng(0) as reseed:
             for image, seed in zip(images, seeds):
                 reseed(int(seed))
-                views.append(self._geometric(image))
+                views.append(self._geometric(image, draws))
                 erasures.append(self._erase_box(views[-1]))
         batch = TF.normalize_image(
             TF.to_dtype_image(torch.stack(views), torch.float32, scale=True), self.mean, self.std
@@ -260,22 +262,23 @@ class TrainTransform:
                 TF.erase_image(view, **box, inplace=True)
         return batch
 
-    def _geometric(self, image: torch.Tensor) -> torch.Tensor:
-        """uint8 (C, H, W) -> uint8 (C, img_size, img_size): crop, flip, RandAugment, drawing as v2 does."""
-        top, left, height, width = self._crop_box(*image.shape[-2:])
+    def _geometric(self, image: torch.Tensor, draws: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """uint8 (C, H, W) -> uint8 (C, img_size, img_size): crop, flip, RandAugment, drawing as v2 does
+        (`draws`: a float32 and an int64 one-element tensor to draw into)."""
+        top, left, height, width = self._crop_box(*image.shape[-2:], draws)
         image = image[..., top : top + height, left : left + width]  # v2's crop: the box is inside the image
         if (height, width) != (self.img_size, self.img_size):  # v2's resize returns an image of that size as it is
             image = _resize_bicubic(image, self.img_size)
-        if self.config.hflip > 0 and self._draw.uniform_().item() < self.config.hflip:  # v2 flips when rand < p
+        if self.config.hflip > 0 and draws[0].uniform_().item() < self.config.hflip:  # v2 flips when rand < p
             image = image.flip(-1)
         return self.randaugment(image) if self.randaugment is not None else image
 
-    def _crop_box(self, height: int, width: int) -> tuple[int, int, int, int]:
+    def _crop_box(self, height: int, width: int, draws: tuple[torch.Tensor, torch.Tensor]) -> tuple[int, int, int, int]:
         """(top, left, height, width): `v2.RandomResizedCrop.make_params`'s draws and arithmetic, in its
-        order and from the same generator (so the same box), without its per-call overhead: one
-        reused one-element buffer per kind of draw (`empty(1).uniform_` and `randint` on a fresh
-        tensor draw the same numbers)."""
-        area, draw, index = height * width, self._draw, self._index
+        order and from the same generator (so the same box), without its per-call overhead: `draws`
+        are reused one-element tensors, one per kind of draw (`empty(1).uniform_` and `randint` on a
+        fresh tensor draw the same numbers)."""
+        area, (draw, index) = height * width, draws
         scale, log_ratio = self.config.scale, self._log_ratio
         for _ in range(10):
             target_area = area * draw.uniform_(scale[0], scale[1]).item()
@@ -361,10 +364,15 @@ def _check_norm(img_size: int, mean: Sequence[float], std: Sequence[float]) -> N
         raise ValueError(f"mean={tuple(mean)} and std={tuple(std)} must have one entry per channel")
 
 
+_NATIVE_RESIZE_DTYPES = (torch.uint8, torch.float32, torch.float64)  # what v2 resizes without a cast
+
+
 def _resize_bicubic(image: torch.Tensor, size: int) -> torch.Tensor:
     """(C, h, w) -> (C, size, size): v2's `resize_image` (bicubic, antialiased) without its per-call
     checks, the same `interpolate` call on the same strides (uint8 stays uint8: v2 uses torch's
-    native uint8 kernel for bicubic on a CPU)."""
+    native uint8 kernel for bicubic on a CPU). Other inputs (a GPU, float16) go through v2 itself."""
+    if image.dim() != 3 or image.device.type != "cpu" or image.dtype not in _NATIVE_RESIZE_DTYPES:
+        return TF.resize_image(image, [size, size], interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
     channels, height, width = image.shape
     image = image.reshape(1, channels, height, width)
     if image.is_contiguous(memory_format=torch.channels_last) and image.numel() != image.stride(0):
@@ -405,7 +413,6 @@ class PairMix:
         self.num_classes, self.config = num_classes, config
         self.mixup = v2.MixUp(alpha=config.mixup_alpha, num_classes=num_classes) if config.mixup_alpha > 0 else None
         self.cutmix = v2.CutMix(alpha=config.cutmix_alpha, num_classes=num_classes) if config.cutmix_alpha > 0 else None
-        self._eye = torch.eye(num_classes)  # (K, K): row k is F.one_hot(k) as float32
 
     def __call__(
         self, view: torch.Tensor, partner: torch.Tensor, label: int, partner_label: int, seed: int, partner_seed: int
@@ -414,8 +421,13 @@ class PairMix:
 
         Equal bit for bit to `reference` (v2's transform on the ordered two-image batch), computing
         only this view's row: v2 mixes each image of the batch with its roll, i.e. with the other one.
+
+        Raises:
+            ValueError: views of different shapes, or a label outside [0, num_classes).
         """
-        own, other = self._eye[label].to(view.dtype), self._eye[partner_label].to(view.dtype)  # (K,) one-hot
+        if view.shape != partner.shape:
+            raise ValueError(f"a view of shape {tuple(view.shape)} cannot mix with one of {tuple(partner.shape)}")
+        own, other = self._one_hot(label, view.dtype), self._one_hot(partner_label, view.dtype)  # (K,)
         if seed == partner_seed or not self.config.mixing:
             return view, own
         with seeded_rng(derive_seed("pair", min(seed, partner_seed), max(seed, partner_seed))):
@@ -432,6 +444,18 @@ class PairMix:
             lam = params["lam"]
             mixed = partner.mul(1.0 - lam).add_(view.mul(lam))
         return mixed, other.mul(1.0 - lam).add_(own.mul(lam))
+
+    def _one_hot(self, label: int, dtype: torch.dtype) -> torch.Tensor:
+        """`F.one_hot(label, num_classes)` as `dtype`, (K,), without its per-call checks but its refusal.
+
+        Raises:
+            ValueError: `label` outside [0, num_classes).
+        """
+        if not 0 <= label < self.num_classes:
+            raise ValueError(f"label={label} outside [0, {self.num_classes})")
+        target = torch.zeros(self.num_classes, dtype=dtype)
+        target[label] = 1
+        return target
 
     def reference(
         self, view: torch.Tensor, partner: torch.Tensor, label: int, partner_label: int, seed: int, partner_seed: int

@@ -453,9 +453,8 @@ class EpochCase:
     img_size: int
     batch: int
     source: str | None = None  # the teacher's distribution: None (labels only), "store" or "online"
-    old_path: bool = (
-        False  # the trainer's path before the speed work: NCHW, plain AdamW, per-call v2 views, plain convs
-    )
+    # the trainer's path before the speed work: NCHW, plain AdamW, per-call v2 views, plain convolutions
+    old_path: bool = False
     mix: bool = False  # views mixed in pairs (the "full" mix preset), from the store too
     in_turns_with: str | None = None  # the label of a case whose samples alternate with this one's
 
@@ -612,13 +611,14 @@ def epoch_section(
         f"{'case':<26}{'batch':>6}{'epoch img/s':>13}{'bare step':>11}{'epoch/steps':>13}{'GFLOP/s':>9}{'of peak':>9}"
     )
     cases = [replace(c, batch=8) if quick else c for c in EPOCH_CASES if not (quick and c.img_size > 32)]
-    partners = {c.in_turns_with: c for c in cases if c.in_turns_with}
+    labels = {c.label for c in cases}
+    followers = {c.label: [f for f in cases if f.in_turns_with == c.label] for c in cases}
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases:
-            if case.in_turns_with:
-                continue  # timed with its partner
-            group = [case] + ([partners[case.label]] if case.label in partners else [])
+            if case.in_turns_with in labels:
+                continue  # timed in turns with the case it follows
+            group = [case] + followers[case.label]
             steps = 2 if quick else (8 if case.img_size <= 32 else 4)
             reference = None
             if timm is not None and case.label == "student 32, labels":

@@ -244,11 +244,12 @@ class OnePixelConv2d(nn.Conv2d):
     the matrix product it is: the input pixels under the kernel times the kernel taps they meet
     (the others meet only padding). The same function and gradients as the convolution.
 
-    At 32x32 a ResNet ends on 2x2 and 1x1 maps. oneDNN's convolution kernels spend up to 12 ms on
+    At 32x32 a ResNet ends on 2x2 and 1x1 maps. oneDNN's convolution kernels spent up to 12 ms on
     the weight gradient of one 3x3 convolution on (128, 512, 1, 1) in bf16 (5 ms in fp32), a
-    (128 x 512) x (512 x 512) matrix product. As a matrix product, a ResNet-18 training step at
-    32x32 ran 1.22x faster in bf16 and 1.14x in fp32 on a 2-core AMD EPYC (README, "The speed
-    policy"). `with_one_pixel_convs` turns a model's convolutions into these."""
+    (128 x 512) x (512 x 512) matrix product, on a 2-core AMD EPYC with AVX512-BF16. With these
+    convolutions a ResNet-18 training step at 32x32 ran 1.22x faster in bf16 and 1.14x in fp32
+    (a one-off script; README, "The speed policy"). `with_one_pixel_convs` turns a model's
+    convolutions into these; `inference_copy` turns them back, to fold BatchNorm into them."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         window = _one_pixel_window(self, x)

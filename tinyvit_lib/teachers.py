@@ -2,9 +2,10 @@
 
 A torchvision classifier is adapted to the task: its first convolution takes `in_chans` channels
 and its classifier outputs `num_classes`; the architecture is otherwise torchvision's (a ResNet
-keeps its stride-4 stem, which at 32x32 makes it cheap enough to train on a laptop CPU). Its
-convolutions compute a one-pixel output as a matrix product (`model.OnePixelConv2d`: the same
-function and state dict, faster on the 1x1 maps where a ResNet ends at 32x32).
+keeps its stride-4 stem, which at 32x32 makes it cheap enough to train on a laptop CPU). In
+training its convolutions compute a one-pixel output as a matrix product (`model.OnePixelConv2d`:
+the same function and state dict, faster on the 1x1 maps where a ResNet ends at 32x32); its
+inference copy (`model.inference_copy`) runs torchvision's convolutions with BatchNorm folded in.
 """
 
 from __future__ import annotations
