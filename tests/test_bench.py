@@ -11,7 +11,7 @@ from tinyvit_lib.bench import main, matched_window_sizes
 def test_quick_bench_writes_every_number(tmp_path):
     pytest.importorskip("timm")
     out = tmp_path / "bench.json"
-    sections = "train32,infer32,distill,epoch,profile"
+    sections = "train32,infer32,kernels,distill,epoch,profile"
     assert main(["--quick", "--sections", sections, "--system-malloc", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     assert {(row["section"], row["policy"]) for row in results["models"]} == {
@@ -30,6 +30,8 @@ def test_quick_bench_writes_every_number(tmp_path):
     assert set(results["matmul_peak_gflops"]) == {"fp32", "bf16"}
     assert set(results["ours_vs_timm_eager"]) == {"train32", "infer32"}
     assert results["ours_vs_timm_eager"]["train32"]["fast"]["vs_timm_matched"] > 0
+    assert [row["rule"] for row in results["kernels"]] == ["depthwise in fp32"] * 2 + ["one pixel as a matmul"]
+    assert all(min(row["ms"].values()) > 0 and row["rule_vs_bf16"] > 0 for row in results["kernels"])
     assert results["distill"]["store_vs_ce"] > 0 and results["distill"]["precompute_images_per_s"] > 0
     epoch_rows = {row["case"]: row for row in results["epoch"]["rows"]}
     assert set(epoch_rows) == {

@@ -8,6 +8,9 @@ Prints, from one run on this machine:
     two timm models are one model, measured once;
   * each row's FLOP rate as a fraction of this machine's peak for its precision, the peak measured
     in the same run (a large fp32 and a large bf16 matmul);
+  * the convolutions that the library's CPU speed rules single out (strided and tiny-map depthwise
+    convolutions kept in fp32 under bf16 autocast; a one-pixel output as a matrix product), forward
+    and backward in fp32, in bf16 as oneDNN runs them, and through the rule;
   * the cost of a training step that distills from a logit store, and from an online teacher,
     relative to a plain cross-entropy step, and the precompute's throughput;
   * the trainer end to end: an epoch of `train_one_epoch` (data, views, teacher, step, bookkeeping)
@@ -62,6 +65,7 @@ from .augment import AUGMENT_PRESETS, with_mix_preset
 from .data import get_dataset
 from .distill import DistillationLoss, OnlineTeacher, StoredTeacher, precompute
 from .model import (
+    ConvBN,
     TinyViT,
     default_window_sizes,
     fuse_for_inference,
@@ -80,7 +84,7 @@ SECTIONS: dict[str, tuple[str, int, int]] = {
     "train224": ("train", 224, 32),
     "infer224": ("infer", 224, 64),
 }
-ALL_SECTIONS = (*SECTIONS, "distill", "epoch", "profile")
+ALL_SECTIONS = (*SECTIONS, "kernels", "distill", "epoch", "profile")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 NUM_CLASSES = 1000
 CONTENDED_SHARE = 0.2  # other processes' CPU use during a sample, in cores, above which it is retimed
@@ -439,6 +443,82 @@ def _distill_steps(
     steps = {name: step(source) for name, source in sources.items()}
     times, _, contended = time_in_turns(steps, warmup=warmup, repeats=repeats, device=device)
     return times, contended
+
+
+# ----------------------------------------------------------------------------- the convolution rules
+
+
+@dataclass(frozen=True)
+class KernelCase:
+    """A convolution that one of the library's CPU speed rules singles out, at the course's batch."""
+
+    label: str
+    rule: str  # "depthwise in fp32" (ConvBN) or "one pixel as a matmul" (OnePixelConv2d)
+    channels: int
+    size: int  # the input map, size x size
+    stride: int = 1
+
+
+KERNEL_CASES = (
+    KernelCase("depthwise 3x3 stride 2 on 8x8", "depthwise in fp32", 128, 8, stride=2),  # TinyViT-5M at 32
+    KernelCase("depthwise 3x3 on 2x2", "depthwise in fp32", 160, 2),
+    KernelCase("3x3 on 1x1 (ResNet-18's last stage)", "one pixel as a matmul", 512, 1),
+)
+
+
+def _kernel_variants(case: KernelCase) -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], bool]]:
+    """{name: (forward, under bf16 autocast)}: the layer in fp32, in bf16 as oneDNN runs it, and in
+    bf16 through the library's rule (which may leave parts in fp32)."""
+    if case.rule == "depthwise in fp32":
+        layer = ConvBN(case.channels, case.channels, 3, stride=case.stride, groups=case.channels)
+
+        def plain(x: torch.Tensor) -> torch.Tensor:
+            return nn.Sequential.forward(layer, x)  # ConvBN without its rule
+
+        return {"fp32": (plain, False), "bf16": (plain, True), "bf16, rule": (layer, True)}
+    plain_conv = nn.Conv2d(case.channels, case.channels, 3, padding=1, bias=False)
+    rule = with_one_pixel_convs(copy.deepcopy(plain_conv))
+    return {"fp32": (plain_conv, False), "bf16": (plain_conv, True), "bf16, rule": (rule, True)}
+
+
+def _layer_step(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, bf16: bool) -> Callable[[], None]:
+    """One forward and backward of `forward` on `x` (which requires grad), under bf16 autocast or not."""
+
+    def step() -> None:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = forward(x)
+        out.float().sum().backward()
+
+    return step
+
+
+def kernel_section(*, device: torch.device, warmup: int, repeats: int, batch: int) -> list[dict]:
+    """Forward and backward (input and weight gradients) of each `KERNEL_CASES` layer, channels-last,
+    in fp32, in bf16 autocast as oneDNN runs it, and in bf16 through the library's rule, timed in
+    turns: the evidence for `model.ConvBN`'s fp32 depthwise convolutions and `OnePixelConv2d`."""
+    print("the convolution rules (forward + backward, ms; bf16 autocast as oneDNN runs it, and through the rule)")
+    print(f"{'layer':<38}{'batch':>6}{'fp32':>9}{'bf16':>9}{'rule':>9}{'rule / bf16':>13}{'rule / fp32':>13}")
+    rows = []
+    for case in KERNEL_CASES:
+        torch.manual_seed(0)
+        shape = (batch, case.channels, case.size, case.size)
+        x = torch.randn(shape, device=device).contiguous(memory_format=torch.channels_last).requires_grad_()
+        variants = _kernel_variants(case)
+        for forward, _ in variants.values():
+            if isinstance(forward, nn.Module):
+                forward.to(device=device, memory_format=torch.channels_last)
+        steps = {name: _layer_step(forward, x, bf16=bf16) for name, (forward, bf16) in variants.items()}
+        times, _, _ = time_in_turns(steps, warmup=warmup, repeats=repeats, device=device)
+        ms = {name: seconds * 1e3 for name, seconds in times.items()}
+        row = dict(layer=case.label, rule=case.rule, batch=batch, ms=ms)
+        row["rule_vs_bf16"], row["rule_vs_fp32"] = ms["bf16"] / ms["bf16, rule"], ms["fp32"] / ms["bf16, rule"]
+        rows.append(row)
+        print(
+            f"{case.label:<38}{batch:>6}{ms['fp32']:>9.2f}{ms['bf16']:>9.2f}{ms['bf16, rule']:>9.2f}"
+            f"{row['rule_vs_bf16']:>12.2f}x{row['rule_vs_fp32']:>12.2f}x",
+            flush=True,
+        )
+    return rows
 
 
 # ----------------------------------------------------------------------------- the trainer end to end
@@ -826,6 +906,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{section:<9}ours {name} / timm eager: {ratios['vs_timm_default']:.2f}x timm-default, "
                 f"{ratios['vs_timm_matched']:.2f}x timm-matched"
             )
+    if "kernels" in sections:
+        results["kernels"] = kernel_section(
+            device=device, warmup=warmup, repeats=repeats, batch=8 if args.quick else 128
+        )
     if "distill" in sections:
         results["distill"] = distill_section(
             device=device,

@@ -216,9 +216,10 @@ class DropPath(nn.Module):
 def _depthwise_in_float32(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     """Whether `conv` should leave a CPU's bf16 autocast for `x`: a depthwise convolution that is
     strided or works on a map of at most 4x4. oneDNN's bf16 backward of these ran 4-40x slower than
-    fp32 on a 2-core AMD EPYC with AVX512-BF16 (a stride-2 one on (128, 128, 8, 8): 27 ms against
-    0.9 ms; README, "The speed policy"), while their forward, and the backward of stride-1 ones on
-    larger maps, cost about the same or gain from bf16. They hold a tiny share of the model's FLOPs."""
+    fp32 on a 2-core AMD EPYC with AVX512-BF16 (forward and backward of a stride-2 one on
+    (128, 128, 8, 8): 27.7 ms against 1.6 ms; `make bench`, its "kernels" section), while their
+    forward, and the backward of stride-1 ones on larger maps, cost about the same or gain from
+    bf16. They hold a tiny share of the model's FLOPs."""
     if conv.groups == 1 or x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
         return False
     return conv.stride != (1, 1) or min(x.shape[-2:]) <= 4
@@ -246,7 +247,8 @@ class OnePixelConv2d(nn.Conv2d):
 
     At 32x32 a ResNet ends on 2x2 and 1x1 maps. oneDNN's convolution kernels spent up to 12 ms on
     the weight gradient of one 3x3 convolution on (128, 512, 1, 1) in bf16 (5 ms in fp32), a
-    (128 x 512) x (512 x 512) matrix product, on a 2-core AMD EPYC with AVX512-BF16. With these
+    (128 x 512) x (512 x 512) matrix product, on a 2-core AMD EPYC with AVX512-BF16; forward and
+    backward took 11.3 ms in bf16 and 2.8 ms as a matrix product (`make bench`, "kernels"). With these
     convolutions a ResNet-18 training step at 32x32 ran 1.22x faster in bf16 and 1.14x in fp32
     (a one-off script; README, "The speed policy"). `with_one_pixel_convs` turns a model's
     convolutions into these; `inference_copy` turns them back, to fold BatchNorm into them."""
