@@ -227,7 +227,8 @@ class TrainTransform:
 
     def reference(self, image: torch.Tensor, seed: int) -> torch.Tensor:
         """The view as the torchvision pipeline makes it, one v2 call per step: what `__call__` and
-        `batch` equal bit for bit, at about twice their cost (32x32). For tests and `make bench`."""
+        `batch` equal bit for bit, at 3.7x their cost (128 light views of 28x28 images: 21.9 against
+        5.9 ms, a one-off script). For tests and `make bench`."""
         with seeded_rng(seed):
             return self.pipeline(image)
 
@@ -461,7 +462,8 @@ class PairMix:
         self, view: torch.Tensor, partner: torch.Tensor, label: int, partner_label: int, seed: int, partner_seed: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The same through torchvision's `v2.MixUp` / `v2.CutMix` called on the two-image batch
-        (what `__call__` equals bit for bit, at about 4x its cost). For tests."""
+        (what `__call__` equals bit for bit, at 1.8x its cost: 21.5 against 11.9 ms for 128 pairs, a
+        one-off script). For tests."""
         target = F.one_hot(torch.tensor([label, partner_label]), self.num_classes).to(view.dtype)  # (2, K)
         if seed == partner_seed or not self.config.mixing:
             return view, target[0]

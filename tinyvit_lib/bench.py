@@ -867,6 +867,30 @@ def model_sections(
     return rows
 
 
+def further_sections(
+    sections: list[str], timm, *, device: torch.device, quick: bool, warmup: int, repeats: int, peaks, models
+) -> dict:
+    """The sections after the model rows that `sections` names: kernels, distill, epoch, profile."""
+    results: dict = {}
+    if "kernels" in sections:
+        results["kernels"] = kernel_section(device=device, warmup=warmup, repeats=repeats, batch=8 if quick else 128)
+    if "distill" in sections:
+        results["distill"] = distill_section(
+            device=device,
+            warmup=warmup,
+            repeats=max(repeats, 3),
+            batch=16 if quick else 128,
+            samples=64 if quick else 4096,
+        )
+    if "epoch" in sections:
+        results["epoch"] = epoch_section(device=device, quick=quick, rows=models, timm=timm, peaks=peaks)
+    if "profile" in sections:
+        table = profile_table(timm, device=device, section="infer32" if quick else "infer224")
+        results["profile_table"] = table
+        print("where inference time goes (ours, fast policy, top operators by own CPU time):\n" + table)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     sections = [s for s in args.sections.split(",") if s]
@@ -906,26 +930,18 @@ def main(argv: list[str] | None = None) -> int:
                 f"{section:<9}ours {name} / timm eager: {ratios['vs_timm_default']:.2f}x timm-default, "
                 f"{ratios['vs_timm_matched']:.2f}x timm-matched"
             )
-    if "kernels" in sections:
-        results["kernels"] = kernel_section(
-            device=device, warmup=warmup, repeats=repeats, batch=8 if args.quick else 128
-        )
-    if "distill" in sections:
-        results["distill"] = distill_section(
+    results.update(
+        further_sections(
+            sections,
+            timm,
             device=device,
+            quick=args.quick,
             warmup=warmup,
-            repeats=max(repeats, 3),
-            batch=16 if args.quick else 128,
-            samples=64 if args.quick else 4096,
+            repeats=repeats,
+            peaks=peaks,
+            models=results["models"],
         )
-    if "epoch" in sections:
-        results["epoch"] = epoch_section(
-            device=device, quick=args.quick, rows=results["models"], timm=timm, peaks=peaks
-        )
-    if "profile" in sections:
-        table = profile_table(timm, device=device, section="infer32" if args.quick else "infer224")
-        results["profile_table"] = table
-        print("where inference time goes (ours, fast policy, top operators by own CPU time):\n" + table)
+    )
     results["wall_s"] = round(time.perf_counter() - started, 1)
     print(f"total wall time {results['wall_s']} s")
     if args.out:

@@ -247,7 +247,8 @@ class OnePixelConv2d(nn.Conv2d):
 
     At 32x32 a ResNet ends on 2x2 and 1x1 maps. oneDNN's convolution kernels spent up to 12 ms on
     the weight gradient of one 3x3 convolution on (128, 512, 1, 1) in bf16 (5 ms in fp32), a
-    (128 x 512) x (512 x 512) matrix product, on a 2-core AMD EPYC with AVX512-BF16; forward and
+    (128 x 512) x (512 x 512) matrix product, on a 2-core AMD EPYC with AVX512-BF16 (oneDNN's
+    verbose log, a one-off script); forward and
     backward took 11.3 ms in bf16 and 2.8 ms as a matrix product (`make bench`, "kernels"). With these
     convolutions a ResNet-18 training step at 32x32 ran 1.21x faster in bf16 and 1.14x in fp32
     (a one-off script; README, "The speed policy"). `with_one_pixel_convs` turns a model's
