@@ -20,7 +20,7 @@ PROFILE ?= $(if $(DATASET),$(PROFILE_OF_$(DATASET)),default)
 OUTDIR  := build/executed
 FASHION_MNIST_DEB_DIR := /usr/share/datasets/fashion-mnist
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
-LINTED  := tinyvit_lib tests notebooks scripts
+LINTED  := tinyvit_lib benchmarks tests notebooks scripts
 # Quiet, deterministic headless runs: no progress bars, no stray threads beyond the cores we have.
 export TQDM_DISABLE := 1
 export DATA_ROOT
@@ -64,8 +64,8 @@ lab: $(VENV)/.ready  ## open JupyterLab on the project kernel
 format: $(VENV)/.ready  ## apply ruff's formatting and safe lint fixes (what `make test` checks)
 	$(BIN)/ruff format $(LINTED) && $(BIN)/ruff check --fix $(LINTED)
 
-bench: $(VENV)/.ready  ## training/inference images/s of our TinyViT-5M vs timm's, on this machine
-	$(BIN)/python -m tinyvit_lib.bench
+bench: $(VENV)/.ready  ## training/inference images/s of our TinyViT-5M vs timm's, on this machine (benchmarks/bench.py)
+	$(BIN)/python -m benchmarks.bench
 
 clean:  ## remove executed notebooks and test outputs (keeps .venv, data, runs)
 	rm -rf build .pytest_cache

@@ -1,5 +1,6 @@
 """Replayable augmentation: seeds, per-sample transforms and paired Mixup/CutMix."""
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -12,15 +13,16 @@ from torchvision.transforms import v2
 
 from tinyvit_lib.augment import (
     AUGMENT_PRESETS,
+    MIX_PRESETS,
     AugmentConfig,
     EvalTransform,
+    MixConfig,
     PairMix,
     TrainTransform,
     derive_seed,
     mix_partners,
     sample_seed,
     seeded_rng,
-    with_mix_preset,
 )
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.2, 0.2)
@@ -165,11 +167,41 @@ def test_eval_transform_description_names_every_setting():
     assert len({repr(base), *map(repr, others)}) == 5
 
 
-@pytest.mark.parametrize("bad", [dict(hflip=1.5), dict(mixup_alpha=-1.0), dict(scale=(0.5, 0.1)), dict(mix_prob=-0.1)])
-def test_bad_config_names_the_field(bad):
-    field = next(iter(bad))
-    with pytest.raises(ValueError, match=field):
-        AugmentConfig(**bad)
+@pytest.mark.parametrize(
+    "config, bad",
+    [
+        (AugmentConfig, dict(hflip=1.5)),
+        (AugmentConfig, dict(randaugment_ops=-1)),
+        (AugmentConfig, dict(scale=(0.5, 0.1))),
+        (MixConfig, dict(mixup_alpha=-1.0)),
+        (MixConfig, dict(mix_prob=-0.1)),
+        (MixConfig, dict(mix_switch_prob=1.5)),
+    ],
+)
+def test_bad_config_names_the_field(config, bad):
+    field, value = next(iter(bad.items()))
+    with pytest.raises(ValueError, match=re.escape(f"{field}={value}")):
+        config(**bad)
+
+
+def test_mixing_is_apart_from_the_view():
+    # One image's view has no mixing settings; a mixed store records a MixConfig's dict, these very keys.
+    assert not {"mixup_alpha", "cutmix_alpha", "mix_prob", "mix_switch_prob"} & set(AugmentConfig().to_dict())
+    assert MIX_PRESETS["full"] == MixConfig()
+    assert MIX_PRESETS["full"].to_dict() == {
+        "mixup_alpha": 0.8,
+        "cutmix_alpha": 1.0,
+        "mix_prob": 1.0,
+        "mix_switch_prob": 0.5,
+    }
+    assert MIX_PRESETS["function-matching"].to_dict() == {
+        "mixup_alpha": 1.0,
+        "cutmix_alpha": 0.0,
+        "mix_prob": 1.0,
+        "mix_switch_prob": 0.0,
+    }
+    assert all(config.mixing for config in MIX_PRESETS.values())
+    assert not MixConfig(mix_prob=0.0).mixing and not MixConfig(mixup_alpha=0.0, cutmix_alpha=0.0).mixing
 
 
 def test_bad_seed_and_sizes_raise():
@@ -178,25 +210,25 @@ def test_bad_seed_and_sizes_raise():
     with pytest.raises(ValueError, match="img_size=0"):
         EvalTransform(0, MEAN, STD)
     with pytest.raises(ValueError, match="num_classes=0"):
-        PairMix(0, AugmentConfig())
+        PairMix(0, MixConfig())
 
 
-FULL = with_mix_preset(AugmentConfig(), "full")
+FULL, FUNCTION_MATCHING = MIX_PRESETS["full"], MIX_PRESETS["function-matching"]
 
 
 @pytest.mark.parametrize("size", [10, 11])
 def test_mix_partners_pair_every_position_once_from_seed_and_epoch(size):
-    partner = mix_partners(size, base_seed=3, epoch=1)
+    partner = mix_partners(size, data_seed=3, epoch=1)
     assert sorted(partner.tolist()) == list(range(size)) and torch.equal(partner[partner], torch.arange(size))
     assert int((partner == torch.arange(size)).sum()) == size % 2  # an odd count leaves one alone
-    assert torch.equal(partner, mix_partners(size, base_seed=3, epoch=1))
-    assert not torch.equal(partner, mix_partners(size, base_seed=3, epoch=2))
-    assert not torch.equal(partner, mix_partners(size, base_seed=4, epoch=1))
+    assert torch.equal(partner, mix_partners(size, data_seed=3, epoch=1))
+    assert not torch.equal(partner, mix_partners(size, data_seed=3, epoch=2))
+    assert not torch.equal(partner, mix_partners(size, data_seed=4, epoch=1))
 
 
 def test_pair_mix_members_agree_whichever_is_computed_first():
     a, b = _images(count=2).float()
-    mix = PairMix(6, with_mix_preset(AugmentConfig(), "function-matching"))  # Mixup, lam uniform in [0, 1]
+    mix = PairMix(6, FUNCTION_MATCHING)  # Mixup, lam uniform in [0, 1]
     mixed_a, target_a = mix(a, b, 1, 4, 101, 202)
     mixed_b, target_b = mix(b, a, 4, 1, 202, 101)
     lam = float(target_a[1])
@@ -215,7 +247,7 @@ def test_pair_mix_members_agree_whichever_is_computed_first():
 
 @pytest.mark.parametrize(
     "config",
-    [FULL, with_mix_preset(AugmentConfig(), "function-matching"), replace(FULL, mixup_alpha=0.0, mix_prob=0.7)],
+    [FULL, FUNCTION_MATCHING, replace(FULL, mixup_alpha=0.0, mix_prob=0.7)],
     ids=["full", "function-matching", "cutmix-sometimes"],
 )
 @pytest.mark.parametrize("channels, shape", [(3, (32, 32)), (1, (24, 40))])
@@ -250,20 +282,18 @@ def test_pair_mix_off_and_one_op_at_a_time():
         PairMix(3, FULL)(a, b, 3, 1, 5, 6)
     with pytest.raises(ValueError, match="cannot mix"):
         PairMix(3, FULL)(a, b[:1], 0, 1, 5, 6)
-    with pytest.raises(ValueError, match="unknown mix preset 'fm'"):
-        with_mix_preset(AugmentConfig(), "fm")
 
 
 REPLAY_SCRIPT = textwrap.dedent("""
     import sys, torch
-    from tinyvit_lib.augment import AugmentConfig, PairMix, TrainTransform
+    from tinyvit_lib.augment import AugmentConfig, MixConfig, PairMix, TrainTransform
 
     def replay(global_seed):
         torch.manual_seed(global_seed)  # the global RNG state must not matter
         images = torch.randint(0, 256, (4, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
         transform = TrainTransform(32, (0.3,), (0.35,), config=AugmentConfig(erase_prob=0.5))
         views = torch.stack([transform(image, 1000 + i) for i, image in enumerate(images)])
-        mix = PairMix(10, AugmentConfig())
+        mix = PairMix(10, MixConfig())
         pairs = [mix(views[i], views[3 - i], i + 1, 4 - i, 1000 + i, 1003 - i) for i in range(4)]
         mixed, targets = (torch.stack(column) for column in zip(*pairs))
         return {"views": views, "mixed": mixed, "targets": targets}

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from tinyvit_lib.bench import main, matched_window_sizes
+from benchmarks.bench import main, matched_window_sizes
 
 
 def test_quick_bench_writes_every_number(tmp_path):

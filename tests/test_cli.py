@@ -82,23 +82,27 @@ def test_original_command_lines_parse(tmp_path):
             "--dataset cifar100 --train-data ./data --name tinyvit_5m_baseline",
             "--dataset cifar100 --train-data ./data --name tinyvit_5m_distill --use-distillation "
             "--logits-path ./logits/cifar100_logits.pkl --distill-alpha 0.5 --distill-temp 1.0",
-            "--dataset cifar100 --train-data ./data --name copy --no-verify-files")]
-        print(json.dumps([[s.dataset, s.data_root, s.logits_path, s.train.distill_alpha, s.train.distill_temp,
-                           s.verify_files] for s in specs]))
+            "--dataset cifar100 --train-data ./data --name copy --no-verify-files",
+            "--dataset cifar100 --train-data ./data --name new --use-distillation "
+            "--logits-path ./logits/c --alpha 0.25 --temperature 4 --seed 3 --data-seed 7")]
+        print(json.dumps([[s.data.dataset, s.data.root, s.logits_path, s.train.alpha, s.train.temperature,
+                           s.data.verify_files, s.train.seed, s.data.data_seed] for s in specs]))
     """)
     out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    base, distill, copy = json.loads(out.stdout.strip().splitlines()[-1])
-    assert base == ["cifar100", "./data", None, 0.0, 1.0, True]
-    assert distill == ["cifar100", "./data", "./logits/cifar100_logits.pkl", 0.5, 1.0, True]
-    assert copy[-1] is False
+    base, distill, copy, new = json.loads(out.stdout.strip().splitlines()[-1])
+    assert base == ["cifar100", "./data", None, 0.5, 1.0, True, 0, 0]  # no teacher: alpha is not used
+    assert distill == ["cifar100", "./data", "./logits/cifar100_logits.pkl", 0.5, 1.0, True, 0, 0]
+    assert copy[5] is False
+    assert new == ["cifar100", "./data", "./logits/c", 0.25, 4.0, True, 3, 7]  # the new names
 
 
 def test_bad_values_exit_2_with_one_line_and_write_nothing(tmp_path):
     common = ["--dataset", "synthetic", "--output-dir", str(tmp_path / "runs"), "--name", "x"]
     cases = {
         "epochs=-1": ["--epochs", "-1"],
-        "distill_alpha=1.5": ["--use-distillation", "--teacher-model", "resnet18", "--distill-alpha", "1.5"],
+        "alpha=1.5": ["--use-distillation", "--teacher-model", "resnet18", "--distill-alpha", "1.5"],
+        "temperature=0.0": ["--use-distillation", "--teacher-model", "resnet18", "--temperature", "0"],
         "unknown model 'resnet9000'": ["--model", "resnet9000"],
         "checkpoint not found": [
             "--use-distillation",
@@ -285,7 +289,7 @@ def test_inspect_describes_a_store_without_a_teacher_or_data(tmp_path):
     for expected in (
         "teacher  resnet18, 11,181,642 parameters",
         "dataset  synthetic, split train, 40 images",
-        "records  static, k=3, 1 epoch(s), base seed 0: 40 records of 24 bytes (official format: 16)",
+        "records  static, k=3, 1 epoch(s), data seed 0: 40 records of 24 bytes (official format: 16)",
         "layout   seed int64, rest float32, index int16 x 3, value float16 x 3",
         "file     epoch-0000.bin, 960 bytes, checksum ok",
     ):
@@ -297,12 +301,13 @@ def test_inspect_describes_a_store_without_a_teacher_or_data(tmp_path):
 
 
 def test_mixed_views_through_both_command_lines(tmp_path):
-    # --augment ... --mix --mix-preset in both CLIs; a student that mixes otherwise is refused in
-    # one line before anything trains, one that matches trains (on a subset of the store's data).
+    # --augment ... --mix PRESET in both CLIs; a student that mixes otherwise is refused in one line
+    # before its data loads (the store records its data spec), one that matches trains (on a subset of
+    # the store's data).
     store = tmp_path / "fm"
     data = ["--dataset", "synthetic", "--augment", "light"]
     teacher = ["--teacher-model", "resnet18", "--teacher-checkpoint", _teacher_checkpoint(tmp_path), "--k", "10"]
-    fm = ["--mix", "--mix-preset", "function-matching"]
+    fm = ["--mix", "function-matching"]
     make = data + teacher + ["--mode", "replay", "--epochs", "1"] + fm
     made, verified, not_replay, subset = run_cases(
         [
@@ -316,7 +321,7 @@ def test_mixed_views_through_both_command_lines(tmp_path):
     )
     assert made[0] == 0, made
     assert verified[0] == 0 and verified[1].rstrip().endswith(": ok"), verified
-    assert_refused(not_replay, "--mix stores mixed views of augmented images: use it with --mode replay")
+    assert_refused(not_replay, "--mix full stores mixed views of augmented images: use it with --mode replay")
     assert_refused(subset, "not a subset")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     student = data + ["--output-dir", str(tmp_path / "runs"), "--epochs", "1", "--batch-size", "16"]
@@ -324,13 +329,13 @@ def test_mixed_views_through_both_command_lines(tmp_path):
     unmixed, full, matching = run_cases(
         [
             student + ["--name", "unmixed"],
-            student + ["--name", "full", "--mix", "--mix-preset", "full"],
+            student + ["--name", "full", "--mix"],
             student + ["--name", "matching"] + fm,
         ],
         tmp_path,
     )
-    assert_refused(unmixed, "data views not mixed")
-    assert_refused(full, "'mixup_alpha': 0.8")
+    assert_refused(unmixed, "mix: store 'function-matching', run None")
+    assert_refused(full, "mix: store 'function-matching', run 'full'")
     assert matching[0] == 0, matching
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["matching"]  # the refused runs wrote nothing
 
@@ -362,7 +367,7 @@ def test_a_carved_store_a_student_and_its_fine_tuning_through_the_command_lines(
         tmp_path,
     )
     assert carved[0] == 0 and finetuned[0] == 0, (carved, finetuned)
-    assert_refused(uncarved, "does not fit this training data")
+    assert_refused(uncarved, "was written for other data: val_per_class: store 4, run None")
     assert missing[0] == 2 and "nope.pt" in missing[2]
     config = json.loads((tmp_path / "runs" / "finetuned" / "config.json").read_text())
     assert config["model"]["spec"]["init_from"] == pretrained and config["model"]["init"]

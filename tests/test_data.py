@@ -173,7 +173,7 @@ def test_batched_fetch_equals_per_sample(fashion_root, in_chans):
 
 
 def test_views_stable_under_shuffle_workers_and_epochs(fashion_root):
-    dataset = get_dataset("fashion-mnist", fashion_root, augment=AugmentConfig(), base_seed=3)
+    dataset = get_dataset("fashion-mnist", fashion_root, augment=AugmentConfig(), data_seed=3)
     reference = _collect(DataLoader(dataset, batch_size=4))
     shuffled = _collect(DataLoader(dataset, batch_size=3, shuffle=True, num_workers=2))
     assert reference.keys() == shuffled.keys() == set(range(FASHION_TRAIN))
@@ -271,7 +271,7 @@ def test_image_folder_ids_labels_and_decoding(folder_root):
 
 
 def test_imagenet_subset_is_deterministic(folder_root):
-    subset = get_dataset("imagenet-subset", folder_root, num_classes=2, max_per_class=3)
+    subset = get_dataset("imagenet-subset", folder_root, num_classes=2, files_per_class=3)
     assert subset.classes == ["ant", "bee"] and subset.targets == [0, 0, 0, 1, 1, 1]
     assert subset.ids == [
         "train/ant/img0.png",
@@ -282,7 +282,7 @@ def test_imagenet_subset_is_deterministic(folder_root):
         "train/bee/img2.png",
     ]
     full = get_dataset("imagenet", folder_root, augment=AugmentConfig())
-    part = get_dataset("imagenet-subset", folder_root, num_classes=2, max_per_class=3, augment=AugmentConfig())
+    part = get_dataset("imagenet-subset", folder_root, num_classes=2, files_per_class=3, augment=AugmentConfig())
     assert torch.equal(part[3][0], full[4][0])  # seeds follow the string ID, not the position
     train_loader, val_loader = get_imagenet_subset_loaders(
         folder_root, num_classes=3, max_per_class=1, batch_size=2, img_size=16
@@ -293,11 +293,12 @@ def test_imagenet_subset_is_deterministic(folder_root):
 @pytest.mark.parametrize(
     "options, match",
     [
-        (dict(num_classes=2, max_per_class=0), "max_per_class=0"),
-        (dict(num_classes=-1, max_per_class=2), "num_classes=-1"),
-        (dict(num_classes=0, max_per_class=2), "num_classes=0"),
-        (dict(num_classes=4, max_per_class=2), "num_classes=4"),
-        (dict(num_classes=2), "max_per_class"),
+        (dict(num_classes=2, files_per_class=0), "files_per_class=0"),
+        (dict(num_classes=-1, files_per_class=2), "num_classes=-1"),
+        (dict(num_classes=0, files_per_class=2), "num_classes=0"),
+        (dict(num_classes=4, files_per_class=2), "num_classes=4"),
+        (dict(num_classes=2), "needs files_per_class"),
+        (dict(files_per_class=2), "needs num_classes"),
     ],
 )
 def test_imagenet_subset_bad_sizes(folder_root, options, match):
@@ -356,7 +357,7 @@ def test_class_folders_may_be_links(folder_root, tmp_path):
 
 def test_val_class_folders_must_match_train(folder_root):
     shutil.rmtree(folder_root / "val" / "bee")  # labels of cat in val would become bee's
-    for name, options in (("imagenet", {}), ("imagenet-subset", dict(num_classes=2, max_per_class=1))):
+    for name, options in (("imagenet", {}), ("imagenet-subset", dict(num_classes=2, files_per_class=1))):
         with pytest.raises(ValueError, match="missing from val: bee; extra in val: none"):
             get_dataset(name, folder_root, "val", **options)
     (folder_root / "val" / "bee").mkdir()
@@ -406,7 +407,7 @@ def test_undecodable_images_are_named_when_the_dataset_is_built(folder_root):
     [
         (lambda: get_dataset("mnist"), "name='mnist'"),
         (lambda: get_dataset("synthetic", split="dev"), "split='dev'"),
-        (lambda: get_dataset("synthetic", max_per_class=3), "max_per_class=3"),
+        (lambda: get_dataset("synthetic", files_per_class=3), "files_per_class=3 does not apply to synthetic"),
         (lambda: get_dataset("synthetic", num_samples=0), "num_samples=0"),
         (lambda: get_dataset("synthetic", augment=AugmentConfig(), transform=lambda x, s: x), "not both"),
     ],
@@ -445,8 +446,8 @@ def test_synthetic_is_fixed_and_learnable():
 
 
 def test_training_order_depends_on_seed_and_epoch_only():
-    def order(base_seed: int, epoch: int) -> list[int]:
-        dataset = get_dataset("synthetic", num_samples=20, base_seed=base_seed)
+    def order(data_seed: int, epoch: int) -> list[int]:
+        dataset = get_dataset("synthetic", num_samples=20, data_seed=data_seed)
         dataset.set_epoch(epoch)
         train_loader, _ = make_loaders(dataset, dataset, batch_size=6)
         return [int(i) for _, _, ids in train_loader for i in ids]
@@ -468,3 +469,69 @@ def test_real_fashion_mnist_from_debian():
     assert train.num_classes == 10 and set(train.targets) == set(test.targets) == set(range(10))
     assert train.load_image(0).shape == (1, 28, 28) and train[0][0].shape == (1, 32, 32)
     assert train.fingerprint()["size"] == 60_000
+
+
+# ----------------------------------------------------------------------------- a run's data: DataSpec
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        (dict(dataset="mnist"), "unknown dataset 'mnist'"),
+        (dict(augment="heavy"), "unknown augment preset 'heavy'"),
+        (dict(mix="cutmix"), "unknown mix preset 'cutmix'"),
+        (dict(augment="none", mix="full"), "mix='full' mixes augmented views"),
+        (dict(check_images="fast"), "check_images='fast'"),
+        (dict(max_per_class=0), "max_per_class=0"),
+        (dict(val_per_class=0), "val_per_class=0"),
+        (dict(max_val_per_class=-2), "max_val_per_class=-2"),
+    ],
+)
+def test_data_spec_refuses_bad_values_naming_them(fields, match):
+    with pytest.raises(ValueError, match=match):
+        data.DataSpec(**fields)
+
+
+def test_data_spec_fills_img_size_and_a_store_records_the_store_fields_only():
+    assert (data.DataSpec(dataset="synthetic").img_size, data.DataSpec(dataset="imagenet").img_size) == (32, 224)
+    assert data.DataSpec(dataset="cifar100", img_size=64).img_size == 64
+    spec = data.DataSpec(dataset="synthetic", root="/elsewhere", mix="full", max_per_class=3, val_per_class=2)
+    assert tuple(spec.for_store()) == data.STORE_FIELDS  # not root, nor how files are checked
+    assert spec.for_store() == dict(
+        dataset="synthetic", img_size=32, augment="light", mix="full", max_per_class=3, val_per_class=2, data_seed=0
+    )
+
+
+def _per_class(dataset: DatasetWithIDs) -> list[int]:
+    return np.bincount(dataset.targets, minlength=dataset.num_classes).tolist()
+
+
+def test_build_gives_the_pool_the_labelled_set_and_the_validation_set():
+    pool, validation = data.build(data.DataSpec(dataset="synthetic", val_per_class=4))
+    whole = get_dataset("synthetic")
+    assert len(pool) == len(whole) - 40 and _per_class(validation) == [4] * 10
+    assert not set(pool.ids) & set(validation.ids) and set(pool.ids) | set(validation.ids) == set(whole.ids)
+    assert isinstance(validation.transform, data.EvalTransform) and isinstance(pool.transform, data.TrainTransform)
+    spec = data.DataSpec(dataset="synthetic", val_per_class=4, max_per_class=3, max_val_per_class=2)
+    labelled, cut = data.build(spec)
+    assert _per_class(labelled) == [3] * 10 and set(labelled.ids) <= set(pool.ids)
+    assert _per_class(cut) == [2] * 10 and set(cut.ids) <= set(validation.ids)
+    assert data.build(spec)[0].fingerprint() == labelled.fingerprint()  # the same images on every call
+
+
+def test_build_mixes_the_training_views_only_when_the_spec_says():
+    spec = data.DataSpec(dataset="synthetic", val_per_class=2, max_per_class=3)
+    plain, _ = data.build(spec)
+    assert plain.mix is None and isinstance(plain[0][1], int)
+    mixed, validation = data.build(data.DataSpec(dataset="synthetic", val_per_class=2, max_per_class=3, mix="full"))
+    assert mixed.mix is not None and mixed.mix.config == data.MIX_PRESETS["full"] and validation.mix is None
+    targets = torch.stack([target for _, target, _ in mixed.__getitems__(list(range(len(mixed))))])
+    assert targets.shape == (30, 10) and torch.allclose(targets.sum(1), torch.ones(30))
+    assert (targets.max(1).values < 1).any()  # soft targets: views mixed with partners of other classes
+
+
+def test_the_test_set_needs_a_carved_validation_set():
+    with pytest.raises(ValueError, match="val_per_class=None: this data validates on the held-out split"):
+        data.test_set(data.DataSpec(dataset="synthetic"))
+    held_out = data.test_set(data.DataSpec(dataset="synthetic", val_per_class=2))
+    assert (held_out.split, len(held_out)) == ("test", 256) and isinstance(held_out.transform, data.EvalTransform)

@@ -45,13 +45,29 @@ def test_alpha_one_t_one_is_soft_target_cross_entropy_minus_teacher_entropy():
     assert torch.allclose(loss, soft_ce - entropy, atol=1e-6)
 
 
-def test_teacher_probs_equal_teacher_logits():
+def test_the_loss_softens_both_sides_with_its_own_temperature():
+    # The teacher gives logits; only the loss applies T, to the teacher's side as to the student's.
     torch.manual_seed(0)
-    student, teacher, labels = torch.randn(4, 6), torch.randn(4, 6), torch.randint(0, 6, (4,))
-    loss = DistillationLoss(0.5, 4.0)
-    assert torch.allclose(
-        loss(student, labels, teacher_logits=teacher), loss(student, labels, teacher_probs=(teacher / 4.0).softmax(-1))
-    )
+    student, teacher = torch.randn(4, 6), torch.randn(4, 6)
+    loss = DistillationLoss(1.0, 4.0)(student, torch.zeros(4, dtype=torch.long), teacher)
+    p = (teacher / 4.0).softmax(-1)
+    by_hand = (p * (p.log() - (student / 4.0).log_softmax(-1))).sum(-1).mean() * 16
+    assert torch.allclose(loss, by_hand, atol=1e-6)
+    assert not torch.allclose(loss, DistillationLoss(1.0, 1.0)(student, torch.zeros(4, dtype=torch.long), teacher))
+
+
+def test_defaults_are_one_place():
+    from tinyvit_lib.compat import FastDistillation
+    from tinyvit_lib.distill import ALPHA, TEMPERATURE
+    from tinyvit_lib.train import build_parser
+    from tinyvit_lib.trainer import TrainConfig
+
+    cli = build_parser().parse_args(["--name", "x"])
+    loss, fd, config = DistillationLoss(), FastDistillation().loss, TrainConfig()
+    assert (ALPHA, TEMPERATURE) == (0.5, 1.0)
+    for alpha, temperature in ((loss.alpha, loss.temperature), (fd.alpha, fd.temperature)):
+        assert (alpha, temperature) == (ALPHA, TEMPERATURE)
+    assert (config.alpha, config.temperature, cli.alpha, cli.temperature) == (ALPHA, TEMPERATURE) * 2
 
 
 def test_zero_when_student_equals_teacher_and_alpha_one():
@@ -59,9 +75,10 @@ def test_zero_when_student_equals_teacher_and_alpha_one():
     assert DistillationLoss(1.0, 2.0)(z, torch.zeros(3, dtype=torch.long), teacher_logits=z).abs() < 1e-6
 
 
-def test_sparse_distribution_with_zeros_is_finite():
-    probs = torch.tensor([[0.9, 0.1, 0.0, 0.0]])
-    loss = DistillationLoss(1.0, 1.0)(torch.randn(1, 4), torch.tensor([0]), teacher_probs=probs)
+def test_a_teacher_with_vanishing_classes_gives_a_finite_loss():
+    teacher = torch.tensor([[9.0, 7.0, -200.0, -200.0]])  # softmax underflows to exact zeros
+    assert (teacher.softmax(-1) == 0).any()
+    loss = DistillationLoss(1.0, 1.0)(torch.randn(1, 4), torch.tensor([0]), teacher)
     assert torch.isfinite(loss)
 
 
@@ -89,7 +106,7 @@ def test_bad_hyperparameters(kwargs, match):
 
 def test_missing_or_mismatched_teacher():
     loss = DistillationLoss(0.5, 1.0)
-    with pytest.raises(ValueError, match="needs a teacher"):
+    with pytest.raises(ValueError, match="needs the teacher's logits"):
         loss(torch.randn(2, 3), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="does not match"):
         loss(torch.randn(2, 3), torch.tensor([0, 1]), teacher_logits=torch.randn(2, 4))

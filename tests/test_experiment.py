@@ -8,11 +8,11 @@ from dataclasses import replace
 import torch
 
 from tinyvit_lib import experiment
+from tinyvit_lib.data import DataSpec, training_set
 from tinyvit_lib.distill import precompute
 from tinyvit_lib.experiment import (
     ResultsLog,
     RunSpec,
-    datasets_for,
     prepare_run,
     run_digest,
     run_or_reuse,
@@ -23,19 +23,11 @@ from tinyvit_lib.teachers import build_model
 from tinyvit_lib.trainer import TrainConfig
 
 
-def _spec(tmp_path, **changes) -> RunSpec:
+def _spec(tmp_path, augment: str = "light", **changes) -> RunSpec:
     config = TrainConfig(epochs=1, batch_size=8, lr=1e-3, warmup_epochs=0.0, seed=0)
+    data = DataSpec(dataset="synthetic", img_size=32, augment=augment, max_per_class=4, max_val_per_class=2)
     return replace(
-        RunSpec(
-            name="run",
-            dataset="synthetic",
-            model="tinyvit_5m",
-            img_size=32,
-            max_per_class=4,
-            max_val_per_class=2,
-            output_dir=str(tmp_path / "runs"),
-            train=config,
-        ),
+        RunSpec(name="run", data=data, model="tinyvit_5m", output_dir=str(tmp_path / "runs"), train=config),
         **changes,
     )
 
@@ -58,11 +50,11 @@ def test_run_or_reuse_reuses_only_the_same_run(tmp_path):
 
 def test_a_run_from_an_older_store_is_not_reused(tmp_path):
     spec = _spec(tmp_path, augment="none")
-    train_set, _ = datasets_for(spec)
+    train_set = training_set(spec.data)
     teacher = build_model("resnet18", num_classes=train_set.num_classes, img_size=32).eval()
     store = tmp_path / "store"
     precompute(teacher, train_set, store, k=3, progress=False)
-    distilled = replace(spec, name="kd", logits_path=str(store), train=replace(spec.train, distill_alpha=0.5))
+    distilled = replace(spec, name="kd", logits_path=str(store), train=replace(spec.train, alpha=0.5))
     identity = teacher_identity(distilled)
     assert identity and run_or_reuse(distilled, progress=False).reused is False
     assert run_or_reuse(distilled, progress=False).reused
@@ -86,11 +78,11 @@ def test_a_moved_project_reuses_its_runs(tmp_path):
     # Runs and the store they were distilled from move together (a renamed or copied project folder):
     # the paths change, the content does not, so nothing is retrained.
     spec = _spec(tmp_path / "before", augment="none")
-    train_set, _ = datasets_for(spec)
+    train_set = training_set(spec.data)
     teacher = build_model("resnet18", num_classes=train_set.num_classes, img_size=32).eval()
     precompute(teacher, train_set, tmp_path / "before" / "store", k=3, progress=False)
     distilled = replace(
-        spec, name="kd", logits_path=str(tmp_path / "before" / "store"), train=replace(spec.train, distill_alpha=0.5)
+        spec, name="kd", logits_path=str(tmp_path / "before" / "store"), train=replace(spec.train, alpha=0.5)
     )
     assert not run_or_reuse(distilled, progress=False).reused
     digest = run_digest(distilled.run_dir)
@@ -176,3 +168,31 @@ def test_a_last_checkpoint_that_is_not_a_run_is_retrained_not_a_crash(tmp_path):
     torch.save([torch.zeros(1)], spec.run_dir / "last.pt")  # a file in the run's place that is not a run
     result = run_or_reuse(spec, progress=False)
     assert not result.reused and len(result.history) == 1
+
+
+def test_a_student_whose_data_differs_from_its_store_is_refused_before_its_data_loads(tmp_path, monkeypatch):
+    import pytest
+
+    from tinyvit_lib import data
+    from tinyvit_lib.logit_store import LogitStore, StoreMismatch
+
+    spec = _spec(tmp_path)
+    spec = replace(spec, data=replace(spec.data, val_per_class=2))
+    written = training_set(spec.data)
+    teacher = build_model("resnet18", num_classes=written.num_classes, img_size=32).eval()
+    store = tmp_path / "store"
+    precompute(teacher, written, store, k=3, mode="replay", epochs=1, spec=spec.data, progress=False)
+    assert LogitStore.open(store).header.data == spec.data.for_store()  # the header records the spec
+    student = replace(spec, name="kd", logits_path=str(store), train=replace(spec.train, alpha=1.0))
+    assert prepare_run(student).teacher is not None  # the spec it was written from reads it
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the data was loaded before the store was checked")
+
+    monkeypatch.setattr(data, "build", no_loading)
+    other = replace(student, data=replace(spec.data, data_seed=1, augment="full"))
+    with pytest.raises(StoreMismatch, match=r"augment: store 'light', run 'full'; data_seed: store 0, run 1"):
+        prepare_run(other)
+    # A subset of the store's images reads it only when the store covers the whole pool.
+    with pytest.raises(StoreMismatch, match=r"max_per_class: store 4, run 3"):
+        prepare_run(replace(student, data=replace(spec.data, max_per_class=3)))

@@ -104,7 +104,7 @@ def shown_distributions(tmp_path) -> Iterator[plt.Figure]:
         k=3,
         num_classes=10,
         epochs=1,
-        base_seed=0,
+        data_seed=0,
     )
     writer = StoreWriter(tmp_path / "store", header, batch_size=4)
     writer.append(0, encode_records(logits, [-1] * 4, 3))

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-from tinyvit_lib import AugmentConfig, TinyViT, TinyViTConfig, get_dataset, with_mix_preset
+from tinyvit_lib import MIX_PRESETS, AugmentConfig, TinyViT, TinyViTConfig, get_dataset
+from tinyvit_lib.compat import FastDistillation
 from tinyvit_lib.data import per_class_subset
 from tinyvit_lib.distill import (
     DistillationLoss,
-    FastDistillation,
     OnlineTeacher,
     StoredTeacher,
     VerifyTolerance,
@@ -33,6 +33,7 @@ from tinyvit_lib.distill import (
 )
 from tinyvit_lib.logit_store import (
     LogitStore,
+    StoreHeader,
     StoreMismatch,
     StoreWriter,
     describe_store,
@@ -44,7 +45,7 @@ from tinyvit_lib.logit_store import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-LIGHT = AugmentConfig(randaugment_ops=0, erase_prob=0.0, mixup_alpha=0.0, cutmix_alpha=0.0, scale=(0.5, 1.0))
+LIGHT = AugmentConfig(randaugment_ops=0, erase_prob=0.0, scale=(0.5, 1.0))
 
 
 def tiny_teacher(seed: int = 0) -> TinyViT:
@@ -60,9 +61,9 @@ def tiny_teacher(seed: int = 0) -> TinyViT:
 
 
 def data(augment=None, n: int = 96, mix: bool = False):
-    if mix:
-        augment = with_mix_preset(augment, "full")
-    return get_dataset("synthetic", split="train", num_samples=n, augment=augment, mix=mix)
+    return get_dataset(
+        "synthetic", split="train", num_samples=n, augment=augment, mix=MIX_PRESETS["full"] if mix else None
+    )
 
 
 def test_record_size_is_within_8_bytes_of_official():
@@ -92,7 +93,7 @@ def test_sparse_rebuild_keeps_the_top_k_and_the_total_remainder():
 
 def test_static_store_round_trip_and_lookups(tmp_path):
     teacher, dataset = tiny_teacher(), data()
-    store, stats = precompute(teacher, dataset, tmp_path / "s", k=4, batch_size=32, in_chans=3, progress=False)
+    store, stats = precompute(teacher, dataset, tmp_path / "s", k=4, batch_size=32, progress=False)
     assert stats.images == 96 and store.bytes_per_record == 12 + 16
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["epoch-0000.bin", "manifest.json"]
     images = torch.stack([dataset[i][0] for i in (5, 17, 90)])
@@ -110,7 +111,7 @@ def test_static_store_round_trip_and_lookups(tmp_path):
 
 def test_refusals(tmp_path):
     teacher, dataset = tiny_teacher(), data()
-    store, _ = precompute(teacher, dataset, tmp_path / "s", k=4, batch_size=32, in_chans=3, progress=False)
+    store, _ = precompute(teacher, dataset, tmp_path / "s", k=4, batch_size=32, progress=False)
     other = store.header.__class__(**dict(store.header.to_dict(), k=5))
     with pytest.raises(StoreMismatch, match="k: store 4, asked 5"):
         LogitStore.open(tmp_path / "s", expect=other)
@@ -140,7 +141,7 @@ def test_refusals(tmp_path):
 
 def test_truncated_corrupted_and_unfinished_stores_are_detected(tmp_path):
     teacher, dataset = tiny_teacher(), data()
-    precompute(teacher, dataset, tmp_path / "s", k=4, batch_size=32, in_chans=3, progress=False)
+    precompute(teacher, dataset, tmp_path / "s", k=4, batch_size=32, progress=False)
     records = tmp_path / "s" / "epoch-0000.bin"
     original = records.read_bytes()
     records.write_bytes(original[:-10])
@@ -157,11 +158,11 @@ def test_truncated_corrupted_and_unfinished_stores_are_detected(tmp_path):
 
 def test_subset_training_reads_the_full_store(tmp_path):
     teacher, dataset = tiny_teacher(), data()
-    precompute(teacher, dataset, tmp_path / "s", k=10, batch_size=32, in_chans=3, progress=False)
+    precompute(teacher, dataset, tmp_path / "s", k=10, batch_size=32, progress=False)
     subset = per_class_subset(dataset, 3)
     stored = StoredTeacher.open(tmp_path / "s", subset)
     images = torch.stack([subset[i][0] for i in range(4)])
-    probs = stored.probs(images, torch.arange(4), epoch=0, temperature=1.0)
+    probs = stored.logits(images, torch.arange(4), epoch=0).softmax(-1)
     assert torch.allclose(probs, teacher(images).softmax(-1), atol=5e-3)
 
 
@@ -177,37 +178,35 @@ def test_replay_store_matches_online_teacher_on_the_same_views(tmp_path):
         dataset.set_epoch(epoch)
         ids = torch.tensor([3, 7, 11, 20, 41, 50, 77, 95])
         images = torch.stack([dataset[int(i)][0] for i in ids])  # the views the student sees this epoch
-        reference = loss(student, ids, teacher_probs=online.probs(images, ids, epoch, 2.0))
+        reference = loss(student, ids, online.logits(images, ids, epoch))
         full, top3 = (
-            loss(
-                student, ids, teacher_probs=StoredTeacher.open(tmp_path / name, dataset).probs(images, ids, epoch, 2.0)
-            )
+            loss(student, ids, StoredTeacher.open(tmp_path / name, dataset).logits(images, ids, epoch))
             for name in ("full", "top3")
         )
         assert abs(full - reference) < 2e-3 * reference.abs() + 1e-4
         assert abs(top3 - reference) > abs(full - reference)  # the sparse approximation shows
         assert abs(top3 - reference) < 0.25 * reference.abs()
     with pytest.raises(ValueError, match="holds epochs 0..1, asked 2"):
-        StoredTeacher.open(tmp_path / "full", dataset).probs(images, ids, 2, 1.0)
-    reseeded = get_dataset("synthetic", split="train", num_samples=96, augment=LIGHT, base_seed=1)
-    with pytest.raises(StoreMismatch, match="base_seed: store 0, data 1"):
+        StoredTeacher.open(tmp_path / "full", dataset).logits(images, ids, 2)
+    reseeded = get_dataset("synthetic", split="train", num_samples=96, augment=LIGHT, data_seed=1)
+    with pytest.raises(StoreMismatch, match="data_seed: store 0, data 1"):
         StoredTeacher.open(tmp_path / "full", reseeded)
 
 
-def test_stored_probabilities_need_sample_ids_not_images(tmp_path):
+def test_stored_logits_need_sample_ids_not_images(tmp_path):
     teacher, dataset = tiny_teacher(), data(augment=LIGHT)
     precompute(teacher, dataset, tmp_path / "s", k=10, mode="replay", epochs=2, batch_size=32, progress=False)
     stored = StoredTeacher.open(tmp_path / "s", dataset)
     ids = torch.tensor([4, 9, 60])
     dataset.set_epoch(1)
     images = torch.stack([dataset[int(i)][0] for i in ids])
-    by_id = stored.probs_for_ids(ids, epoch=1, temperature=2.0)
-    assert by_id.device == torch.device("cpu") and torch.equal(by_id, stored.probs(images, ids, 1, 2.0))
-    assert torch.allclose(by_id, (teacher(images) / 2.0).softmax(-1), atol=5e-3)  # the view the student sees
+    by_id = stored.logits_for_ids(ids, epoch=1)
+    assert by_id.device == torch.device("cpu") and torch.equal(by_id, stored.logits(images, ids, 1))
+    assert torch.allclose(by_id.softmax(-1), teacher(images).softmax(-1), atol=5e-3)  # the view the student sees
     # The original plan's facade reads the same records from the IDs: its loss is the library's.
     fd = FastDistillation(k=10, temperature=2.0, alpha=0.7).load(tmp_path / "s", dataset)
     student, labels = torch.randn(3, 10), torch.tensor([1, 2, 3])
-    expected = DistillationLoss(0.7, 2.0)(student, labels, teacher_probs=by_id)
+    expected = DistillationLoss(0.7, 2.0)(student, labels, by_id)
     assert torch.equal(fd.compute_loss(student, ids, labels, epoch=1), expected)
     with pytest.raises(ValueError, match="holds epochs 0..1, asked 2"):
         fd.compute_loss(student, ids, labels, epoch=2)
@@ -218,7 +217,7 @@ def test_fast_distillation_facade(tmp_path):
     fd = FastDistillation(k=10, temperature=1.0, alpha=1.0)
     with pytest.raises(ValueError, match="load a logit store first"):
         fd.compute_loss(torch.randn(2, 10), torch.tensor([0, 1]), torch.tensor([0, 1]))
-    fd.precompute_logits(teacher, dataset, tmp_path / "s", batch_size=32, in_chans=3, progress=False)
+    fd.precompute_logits(teacher, dataset, tmp_path / "s", batch_size=32, progress=False)
     fd.load(tmp_path / "s", dataset)
     images = torch.stack([dataset[i][0] for i in range(4)])
     logits = teacher(images).detach()
@@ -574,10 +573,17 @@ def test_manifest_fields_are_checked_by_name_and_an_unsealed_manifest_is_refused
         (lambda m: m["files"].append(m["files"][0]), "'files' must list 1 record file(s), one per epoch"),
         (
             lambda m: m.update(version="1"),
-            "is not a tinyvit-logit-store v1 or v2 store (format='tinyvit-logit-store', version='1')",
+            "is not a tinyvit-logit-store v1, v2 or v3 store (format='tinyvit-logit-store', version='1')",
         ),
         (lambda m: m.update(extra=1), "missing field(s) [], unknown field(s) ['extra']"),
         (lambda m: m.update(record=[28]), "'record' must hold bytes and layout, got [28]"),
+        (lambda m: m["header"].update(data="synthetic"), "header data must be of type dict | None, got 'synthetic'"),
+        (
+            lambda m: m["header"].update(data={"augment": ["light"]}),
+            "header data must map names to JSON scalars, got {'augment': ['light']}",
+        ),
+        (lambda m: m["header"].pop("data"), "header: missing field(s) ['data'], unknown field(s) []"),
+        (lambda m: m["header"].update(base_seed=0), "header: missing field(s) [], unknown field(s) ['base_seed']"),
     ]
     for edit, message in cases:
         for seal in (True, False):
@@ -634,3 +640,93 @@ def test_an_output_path_that_cannot_be_written_is_refused_naming_the_reason(tmp_
         with pytest.raises(ValueError, match=re.escape(f"cannot write a logit store at {path}: {reason}")):
             precompute(tiny_teacher(), data(), path, k=4, progress=False)
     assert [p.name for p in tmp_path.iterdir()] == ["file"] and (tmp_path / "file").read_text() == "x"
+
+
+# ----------------------------------------------------------------------------- the data spec in the header
+
+SPEC = dict(
+    dataset="synthetic", img_size=32, augment="light", mix=None, max_per_class=None, val_per_class=2, data_seed=3
+)
+
+
+def small_header(**changes) -> StoreHeader:
+    """A static header of 8 samples of 10 classes, k=3 (no teacher needed to write its store)."""
+    fields = dict(
+        teacher=dict(name="t"),
+        dataset=dict(name="synthetic", size=8, num_classes=10),
+        img_size=32,
+        transform="eval",
+        mode="static",
+        k=3,
+        num_classes=10,
+        epochs=1,
+        data_seed=3,
+    )
+    return StoreHeader(**{**fields, **changes})
+
+
+def write_small_store(path: Path, header: StoreHeader) -> LogitStore:
+    """The store of `header` (`small_header`) with records of made-up logits."""
+    logits = torch.arange(8 * 10, dtype=torch.float32).view(8, 10).remainder(7)
+    with StoreWriter(path, header, batch_size=4) as writer:
+        for batch in writer.todo(0):
+            positions = list(writer.positions(batch))
+            writer.append(0, encode_records(logits[positions], [-1] * len(positions), header.k))
+        return writer.finish()
+
+
+def test_a_header_records_the_data_spec_it_was_written_from(tmp_path):
+    header = small_header(data=SPEC)
+    store = write_small_store(tmp_path / "s", header)
+    assert LogitStore.open(tmp_path / "s").header == header == store.header
+    written = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert written["version"] == 3 and written["header"]["data"] == SPEC
+    assert written["header"]["data_seed"] == 3 and "base_seed" not in written["header"]
+    info = describe_store(tmp_path / "s")
+    assert info["data"] == SPEC and info["data_seed"] == 3 and info["version"] == 3
+    other = small_header(data=dict(SPEC, augment="none"))
+    assert header.differences(other) == [f"data: store {SPEC!r}, asked {dict(SPEC, augment='none')!r}"]
+    assert header.differences(small_header()) == [f"data: store {SPEC!r}, asked None"]
+    with pytest.raises(StoreMismatch, match="made for something else: data: store"):
+        LogitStore.open(tmp_path / "s", expect=other)
+    for data, message in (
+        ([1], "data must be of type dict | None, got [1]"),
+        ({"mix": ("full",)}, "data must map names to JSON scalars, got {'mix': ('full',)}"),
+        ({1: "synthetic"}, "data must map names to JSON scalars"),
+        ({"img_size": float("nan")}, "data must map names to JSON scalars"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            small_header(data=data)
+
+
+def as_older_version(path: Path, version: int) -> None:
+    """Rewrite the manifest of the store at `path` as `version` (1 or 2) wrote it: the header's
+    `data_seed` called `base_seed`, no `data` (and in version 1 no `mix`), sealed again."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    dropped = ("data", "data_seed", "mix") if version == 1 else ("data", "data_seed")
+    header = {key: value for key, value in manifest["header"].items() if key not in dropped}
+    manifest = dict(manifest, version=version, header=dict(header, base_seed=manifest["header"]["data_seed"]))
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_older_store_opens_with_base_seed_read_as_data_seed_and_no_data_spec(tmp_path, version):
+    write_small_store(tmp_path / "s", small_header(data=SPEC))
+    records = LogitStore.open(tmp_path / "s").records(0, np.arange(8)).tobytes()
+    as_older_version(tmp_path / "s", version)
+    store = LogitStore.open(tmp_path / "s")
+    assert store.header == small_header() and store.header.data_seed == 3 and store.header.data is None
+    assert store.records(0, np.arange(8)).tobytes() == records
+    info = describe_store(tmp_path / "s")
+    assert info["version"] == version and info["data_seed"] == 3 and info["data"] is None and info["mix"] == {}
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    for header, message in (
+        (dict(manifest["header"], data=SPEC), "unknown field(s) ['data']"),  # no data spec before version 3
+        ({**manifest["header"], "data_seed": 3}, "unknown field(s) ['data_seed']"),
+    ):
+        edited = dict(manifest, header=header)
+        edited["manifest_sha256"] = manifest_digest(edited)
+        (tmp_path / "s" / "manifest.json").write_text(json.dumps(edited))
+        with pytest.raises(ValueError, match=re.escape(message)):
+            LogitStore.open(tmp_path / "s")

@@ -6,19 +6,20 @@ import pytest
 import torch
 from test_logit_store import tiny_teacher
 
-from tinyvit_lib import AugmentConfig, get_dataset, with_mix_preset
+from tinyvit_lib import MIX_PRESETS, AugmentConfig, get_dataset
+from tinyvit_lib.augment import MixConfig
 from tinyvit_lib.data import per_class_subset
 from tinyvit_lib.distill import OnlineTeacher, StoredTeacher, _replayed_view, precompute, verify_store
 from tinyvit_lib.logit_store import MANIFEST, LogitStore, StoreMismatch, describe_store, record_dtype
 from tinyvit_lib.trainer import TrainConfig, train
 
-LIGHT = AugmentConfig(randaugment_ops=0, erase_prob=0.0, mixup_alpha=0.0, cutmix_alpha=0.0, scale=(0.5, 1.0))
+LIGHT = AugmentConfig(randaugment_ops=0, erase_prob=0.0, scale=(0.5, 1.0))
 PRESETS = ("full", "function-matching")
 
 
-def mixed(preset: str = "full", n: int = 96, mix: bool = True, base_seed: int = 0):
-    augment = with_mix_preset(LIGHT, preset) if mix else LIGHT
-    return get_dataset("synthetic", split="train", num_samples=n, augment=augment, mix=mix, base_seed=base_seed)
+def mixed(preset: str = "full", n: int = 96, mix: bool = True, data_seed: int = 0):
+    config = MIX_PRESETS[preset] if mix else None
+    return get_dataset("synthetic", split="train", num_samples=n, augment=LIGHT, mix=config, data_seed=data_seed)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -61,7 +62,8 @@ def test_the_rebuilt_mixed_view_is_the_teachers_view_bit_for_bit(tmp_path):
         images = torch.stack([dataset[int(i)][0] for i in ids])
         for i, record, image in zip(ids.tolist(), records, images):  # rebuilt from the store alone: bit for bit
             assert torch.equal(_replayed_view(store, dataset, epoch, i, record), image)
-        assert torch.allclose(stored.probs(images, ids, epoch, 1.0), online.probs(images, ids, epoch, 1.0), atol=2e-3)
+        stored_probs, online_probs = stored.logits(images, ids, epoch).softmax(-1), online.logits(images).softmax(-1)
+        assert torch.allclose(stored_probs, online_probs, atol=2e-3)
     report = verify_store(store, teacher, dataset, samples=64)
     assert report["ok"] and report["max_value_error"] <= report["value_tolerance"]
 
@@ -82,19 +84,20 @@ def test_a_mixed_store_refuses_students_that_mix_otherwise(tmp_path):
     stored = StoredTeacher.open(tmp_path / "s", dataset)
     dataset.partners = lambda indices, epoch: [(i + 1) % len(dataset) for i in indices]  # a loader pairing otherwise
     with pytest.raises(ValueError, match="epoch 0: the data loader mixes these samples with other partners"):
-        stored.probs_for_ids(torch.arange(4), 0, 1.0)
+        stored.logits_for_ids(torch.arange(4), 0)
 
 
 def test_mixed_views_are_refused_where_they_cannot_be_stored(tmp_path):
-    with pytest.raises(ValueError, match="mix=True needs an augmentation that mixes"):
-        get_dataset("synthetic", split="train", num_samples=8, augment=LIGHT, mix=True)
+    for augment, mix, error, match in (
+        (None, MIX_PRESETS["full"], ValueError, "mixes augmented views, but augment=None"),
+        (LIGHT, MixConfig(mix_prob=0.0), ValueError, "mixes nothing"),
+        (LIGHT, True, TypeError, "mix=True must be a MixConfig"),
+    ):
+        with pytest.raises(error, match=match):
+            get_dataset("synthetic", split="train", num_samples=8, augment=augment, mix=mix)
     with pytest.raises(ValueError, match="over the dataset, not a subset"):
         precompute(tiny_teacher(), per_class_subset(mixed(), 2), tmp_path / "sub", k=4, mode="replay", progress=False)
     assert not (tmp_path / "sub").exists()
-    with pytest.raises(ValueError, match=r"TrainConfig.mix=False but the training set mixes"):
-        train(tiny_teacher().train(), mixed(), None, TrainConfig(epochs=1, batch_size=8), run_dir=tmp_path / "r")
-    with pytest.raises(ValueError, match=r"TrainConfig.mix=True but the training set does not mix"):
-        train(tiny_teacher(), mixed(mix=False), None, TrainConfig(epochs=1, batch_size=8, mix=True), run_dir=tmp_path)
 
 
 def test_truncated_or_flipped_mixed_store_is_refused(tmp_path):
@@ -118,8 +121,10 @@ def test_a_version_1_store_reads_as_an_unmixed_one(tmp_path):
     dataset = mixed(mix=False, n=32)
     store, _ = precompute(tiny_teacher(), dataset, tmp_path / "s", k=4, mode="replay", progress=False)
     manifest = json.loads((tmp_path / "s" / MANIFEST).read_text())
-    manifest["version"] = 1  # what the previous version wrote: no `mix` in the header, the same records
-    del manifest["header"]["mix"]
+    manifest["version"] = 1  # what version 1 wrote: no `mix` or `data` in the header, `base_seed`, the same records
+    header = manifest["header"]
+    del header["mix"], header["data"]
+    header["base_seed"] = header.pop("data_seed")
     manifest["manifest_sha256"] = manifest_digest(manifest)
     (tmp_path / "s" / MANIFEST).write_text(json.dumps(manifest))
     old = LogitStore.open(tmp_path / "s", expect=store.header)
@@ -135,9 +140,7 @@ def _online_and_replay_students(tmp_path, dataset) -> tuple[float, list[float], 
     teacher = tiny_teacher()
     precompute(teacher, dataset, tmp_path / "s", k=10, mode="replay", epochs=2, batch_size=16, progress=False)
     # fp32 (no autocast, wherever bf16 is native): the comparison is of the targets, not of bf16's rounding
-    config = TrainConfig(
-        epochs=2, batch_size=16, mix=dataset.mix is not None, distill_alpha=1.0, clip_grad=0.0, amp=False
-    )
+    config = TrainConfig(epochs=2, batch_size=16, alpha=1.0, clip_grad=0.0, amp=False)
     start = torch.cat([p.detach().flatten() for p in tiny_teacher(seed=1).parameters()])
     weights, losses = {}, {}
     for name, source in (("online", OnlineTeacher(teacher)), ("store", StoredTeacher.open(tmp_path / "s", dataset))):

@@ -6,11 +6,13 @@ from pathlib import Path
 
 import pytest
 
+from tinyvit_lib.data import DataSpec
 from tinyvit_lib.experiment import RunSpec
 from tinyvit_lib.profiles import (
     CONDITIONS,
     PATIENCE_CONDITIONS,
     PROFILES,
+    STORES,
     Budget,
     Profile,
     Sweep,
@@ -21,6 +23,7 @@ from tinyvit_lib.profiles import (
     project_root,
     resolve_profile,
     run_spec,
+    store_specs,
     sweep_spec,
     teacher_spec,
 )
@@ -75,7 +78,7 @@ def test_the_gpu_profiles_read_data_root_when_resolved(monkeypatch):
     monkeypatch.delenv("TINYVIT_FAST", raising=False)
     monkeypatch.setenv("DATA_ROOT", "/data/cifar")
     assert resolve_profile("cifar100").data_root == "/data/cifar"
-    assert run_spec(resolve_profile("cifar100"), "x").data_root == "/data/cifar"
+    assert run_spec(resolve_profile("cifar100"), "x").data.root == "/data/cifar"
     assert resolve_profile("default").data_root is None  # Fashion-MNIST is found without it
     monkeypatch.delenv("DATA_ROOT")
     assert resolve_profile("imagenet-subset").data_root is None
@@ -119,24 +122,25 @@ def test_every_profile_sweeps_within_its_store_and_spans_its_patience_curve():
 def test_the_default_replay_student_is_pinned_field_by_field(default):
     # Pinned: a changed profile or builder would silently retrain every committed result.
     replay = distillation_runs(default, 1)["replay store"]
-    config = TrainConfig(
-        epochs=4, batch_size=128, lr=2e-3, warmup_epochs=1.0, seed=1, distill_alpha=1.0, distill_temp=1.0
-    )
-    assert replay == RunSpec(
-        name="tinyvit_5m_replay_a1_t1_s1",
+    config = TrainConfig(epochs=4, batch_size=128, lr=2e-3, warmup_epochs=1.0, seed=1, alpha=1.0, temperature=1.0)
+    data = DataSpec(
         dataset="fashion-mnist",
-        model="tinyvit_5m",
         img_size=32,
         augment="light",
         max_per_class=300,
         max_val_per_class=50,
         val_per_class=500,
+    )
+    assert replay == RunSpec(
+        name="tinyvit_5m_replay_a1_t1_s1",
+        data=data,
+        model="tinyvit_5m",
         logits_path=str(project_root() / "logits/default/replay"),
         output_dir=str(project_root() / "runs/default"),
         train=config,
     )
     teacher = teacher_spec(default)
-    assert (teacher.model, teacher.max_per_class, teacher.val_per_class, teacher.train.epochs) == (
+    assert (teacher.model, teacher.data.max_per_class, teacher.data.val_per_class, teacher.train.epochs) == (
         "resnet18",
         None,
         500,
@@ -145,7 +149,7 @@ def test_the_default_replay_student_is_pinned_field_by_field(default):
     online = distillation_runs(default, 0)["online teacher"]
     assert online.teacher_checkpoint == str(default.teacher_checkpoint) and online.logits_path is None
     mixed = distillation_runs(default, 0)["mixed store"]
-    assert mixed.train.mix and mixed.mix_preset == "function-matching"
+    assert mixed.data.mix == "function-matching" and replay.data.mix is None
     assert mixed.logits_path == str(default.store_path("mixed"))
 
 
@@ -153,16 +157,16 @@ def test_the_four_conditions_share_seed_labelled_set_and_budget(default):
     runs = condition_runs(default, 2)
     assert list(runs) == list(CONDITIONS)
     finals = [chain[-1] for chain in runs.values()]
-    assert {(s.max_per_class, s.val_per_class, s.train.seed, s.train.epochs, s.model) for s in finals} == {
+    assert {(s.data.max_per_class, s.data.val_per_class, s.train.seed, s.train.epochs, s.model) for s in finals} == {
         (300, 500, 2, 4, "tinyvit_5m")
     }
     distilled, supervised = runs["pretrain-distilled"][0], runs["pretrain-supervised"][0]
-    assert distilled.max_per_class is None and supervised.max_per_class is None  # the whole pool
-    assert (distilled.train.distill_alpha, distilled.logits_path) == (1.0, str(default.store_path("pool")))
-    assert (supervised.train.distill_alpha, supervised.logits_path) == (0.0, None)
+    assert distilled.data.max_per_class is None and supervised.data.max_per_class is None  # the whole pool
+    assert (distilled.train.alpha, distilled.logits_path) == (1.0, str(default.store_path("pool")))
+    assert (supervised.distills, supervised.logits_path, supervised.teacher_model) == (False, None, None)
     for pretrained, finetuned in (runs["pretrain-distilled"], runs["pretrain-supervised"]):
         assert finetuned.init_from == str(pretrained.run_dir / "last.pt")
-        assert (finetuned.train.distill_alpha, finetuned.train.lr) == (0.0, default.finetune.lr)
+        assert (finetuned.distills, finetuned.train.lr) == (False, default.finetune.lr)
     assert pretrain_spec(default, 0, distilled=True, max_per_class=7).name == "tinyvit_5m_pretrain_distilled_p7_s0"
 
 
@@ -192,3 +196,48 @@ def test_sweep_names_follow_the_rule(default):
 def test_an_unknown_role_is_refused(default):
     with pytest.raises(ValueError, match="unknown role 'teachr'"):
         run_spec(default, "x", role="teachr")
+
+
+def test_the_stores_cover_exactly_the_data_of_their_students(default):
+    from tinyvit_lib.distill import store_spec_differences
+    from tinyvit_lib.logit_store import StoreHeader
+
+    stores = store_specs(default)
+    assert list(stores) == list(STORES)
+    students = distillation_runs(default, 0)
+    readers = {
+        "static": students["static store"],
+        "replay": students["replay store"],
+        "mixed": students["mixed store"],
+        "pool": pretrain_spec(default, 0, distilled=True),
+    }
+    for name, (mode, spec, epochs) in stores.items():
+        header = StoreHeader(
+            teacher={},
+            dataset={"size": 10},
+            img_size=32,
+            transform="",
+            mode=mode,
+            k=10,
+            num_classes=10,
+            epochs=epochs,
+            data_seed=0,
+            data=spec.for_store(),
+        )
+        assert store_spec_differences(header, readers[name].data) == [], name
+        assert Path(readers[name].logits_path) == default.store_path(name)
+    variant = pretrain_spec(default, 0, distilled=True, max_per_class=default.sweep.variant_pool_per_class)
+    pool_header = StoreHeader(
+        teacher={},
+        dataset={"size": 10},
+        img_size=32,
+        transform="",
+        mode="replay",
+        k=10,
+        num_classes=10,
+        epochs=1,
+        data_seed=0,
+        data=stores["pool"][1].for_store(),
+    )
+    assert store_spec_differences(pool_header, variant.data) == []  # a cut of the pool reads the pool store
+    assert store_spec_differences(pool_header, students["replay store"].data) == []

@@ -9,15 +9,14 @@ import pytest
 import torch
 from test_logit_store import tiny_teacher
 
-from tinyvit_lib import AugmentConfig, get_dataset, with_mix_preset
-from tinyvit_lib.data import SubsetWithIDs, carve_validation, training_images, validation_indices
+from tinyvit_lib import MIX_PRESETS, AugmentConfig, get_dataset
+from tinyvit_lib.data import DataSpec, SubsetWithIDs, build, carve_validation, training_images, validation_indices
 from tinyvit_lib.distill import StoredTeacher, precompute
 from tinyvit_lib.experiment import (
     ResultsLog,
     RunSpec,
     choose_on_validation,
     condition_summary,
-    datasets_for,
     paired_gain,
     prepare_run,
     run_differences,
@@ -29,21 +28,16 @@ from tinyvit_lib.experiment import test_set as final_test_set  # not a test: pyt
 from tinyvit_lib.trainer import TrainConfig
 from tinyvit_lib.utils import load_checkpoint
 
-LIGHT = AugmentConfig(randaugment_ops=0, erase_prob=0.0, mixup_alpha=0.0, cutmix_alpha=0.0, scale=(0.5, 1.0))
+LIGHT = AugmentConfig(randaugment_ops=0, erase_prob=0.0, scale=(0.5, 1.0))
+MATCHING = MIX_PRESETS["function-matching"]
 
 
-def _spec(tmp_path, **changes) -> RunSpec:
+def _spec(tmp_path, max_per_class: int = 3, val_per_class: int | None = 4, **changes) -> RunSpec:
     config = TrainConfig(epochs=1, batch_size=8, lr=1e-3, warmup_epochs=0.0, seed=0)
-    spec = RunSpec(
-        name="run",
-        dataset="synthetic",
-        img_size=32,
-        max_per_class=3,
-        max_val_per_class=2,
-        val_per_class=4,
-        output_dir=str(tmp_path / "runs"),
-        train=config,
+    data = DataSpec(
+        dataset="synthetic", img_size=32, max_per_class=max_per_class, max_val_per_class=2, val_per_class=val_per_class
     )
+    spec = RunSpec(name="run", data=data, output_dir=str(tmp_path / "runs"), train=config)
     return replace(spec, **changes)
 
 
@@ -66,8 +60,7 @@ def test_the_validation_carve_is_chosen_by_permanent_id_alone():
 
 
 def test_pool_validation_and_labelled_set_are_disjoint_and_pair_within_themselves():
-    augment = with_mix_preset(LIGHT, "function-matching")
-    dataset = get_dataset("synthetic", split="train", num_samples=200, augment=augment, mix=True)
+    dataset = get_dataset("synthetic", split="train", num_samples=200, augment=LIGHT, mix=MATCHING)
     pool, val = carve_validation(dataset, 4)
     assert not set(pool.ids) & set(val.ids) and len(pool) + len(val) == len(dataset)
     labelled = training_images(dataset, val_per_class=4, max_per_class=3)
@@ -81,29 +74,28 @@ def test_pool_validation_and_labelled_set_are_disjoint_and_pair_within_themselve
 
 
 def test_a_mixed_store_of_the_labelled_set_is_written_and_read(tmp_path):
-    augment = with_mix_preset(LIGHT, "function-matching")
-    dataset = get_dataset("synthetic", split="train", num_samples=120, augment=augment, mix=True)
+    dataset = get_dataset("synthetic", split="train", num_samples=120, augment=LIGHT, mix=MATCHING)
     labelled = training_images(dataset, val_per_class=2, max_per_class=4)
     store = precompute(tiny_teacher(), labelled, tmp_path / "mixed", k=4, mode="replay", epochs=1, progress=False)[0]
     again = training_images(
-        get_dataset("synthetic", split="train", num_samples=120, augment=augment, mix=True),
+        get_dataset("synthetic", split="train", num_samples=120, augment=LIGHT, mix=MATCHING),
         val_per_class=2,
         max_per_class=4,
     )
     StoredTeacher(store, again, epochs=1)  # the student's own labelled set fits the store
 
 
-def test_datasets_for_a_carved_run_and_the_test_set_only_for_it(tmp_path):
+def test_the_datasets_of_a_carved_run_and_the_test_set_only_for_it(tmp_path):
     spec = _spec(tmp_path)
-    train_set, val_set = datasets_for(spec)
+    train_set, val_set = build(spec.data)
     whole = validation_set(spec)
     assert len(train_set) == 30 and len(val_set) == 20 and len(whole) == 40
     assert set(val_set.ids) <= set(whole.ids) and not set(whole.ids) & set(train_set.ids)
     assert all(i.startswith("train/") for i in whole.ids)
     assert len(final_test_set(spec)) == 256 and final_test_set(spec).ids[0].startswith("test/")
-    held_out = replace(spec, val_per_class=None)  # validates on the held-out split (quick runs)
+    held_out = _spec(tmp_path, val_per_class=None)  # validates on the held-out split (quick runs)
     assert validation_set(held_out).ids[0].startswith("test/")
-    with pytest.raises(ValueError, match=r"run 'run' validated on the held-out split \(val_per_class=None\)"):
+    with pytest.raises(ValueError, match=r"run 'run': val_per_class=None: this data validates on the held-out split"):
         final_test_set(held_out)
 
 
@@ -132,8 +124,8 @@ def test_a_row_holds_test_numbers_only_when_asked(tmp_path):
     reported = sweep_point(results, "a", spec, test=True, condition="labels only", seed=0)
     assert reported["val_top1"] == row["val_top1"] and reported["test_top1"] is not None
     assert sweep_point(ResultsLog(tmp_path / "rows.jsonl"), "a", spec, test=True) == reported  # logged, reused
-    with pytest.raises(ValueError, match="validated on the held-out split"):
-        sweep_point(results, "b", replace(spec, name="b", val_per_class=None), test=True)
+    with pytest.raises(ValueError, match="validates on the held-out split"):
+        sweep_point(results, "b", _spec(tmp_path, name="b", val_per_class=None), test=True)
 
 
 def test_choices_are_made_on_validation_numbers_only():

@@ -93,7 +93,7 @@ def test_infinite_floats_are_refused(tmp_path):
     distill = ["--use-distillation", "--teacher-model", "resnet18"]
     results = run_cases([[*common, "--lr", "inf"], [*common, *distill, "--distill-temp", "inf"]], tmp_path)
     assert_refused(results[0], "lr=inf")
-    assert_refused(results[1], "distill_temp=inf")
+    assert_refused(results[1], "temperature=inf")
     assert not (tmp_path / "runs").exists()
 
 

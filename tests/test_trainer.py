@@ -17,7 +17,7 @@ from tinyvit_lib.trainer import TrainConfig, evaluate, load_checkpoint, param_gr
 from tinyvit_lib.utils import cpu_has_native_bf16
 
 REPO = Path(__file__).resolve().parent.parent
-LIGHT = AugmentConfig(randaugment_ops=0, erase_prob=0.0, mixup_alpha=0.0, cutmix_alpha=0.0, scale=(0.5, 1.0))
+LIGHT = AugmentConfig(randaugment_ops=0, erase_prob=0.0, scale=(0.5, 1.0))
 
 
 def tiny_model(num_classes: int = 10) -> TinyViT:
@@ -179,25 +179,23 @@ def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path):
     assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1
 
 
-def test_distillation_needs_a_teacher(tmp_path):
+def test_without_a_teacher_alpha_is_not_used(tmp_path):
+    # alpha weighs the teacher's term; a run without a teacher trains on labels alone, bit for bit.
     train_set, val_set = synthetic(n_train=64, n_val=32)
-    with pytest.raises(ValueError, match="distill_alpha=0.5 needs a teacher"):
-        train(
-            tiny_model(),
-            train_set,
-            val_set,
-            TrainConfig(epochs=1, batch_size=32, distill_alpha=0.5),
-            run_dir=tmp_path / "run",
-            progress=False,
-        )
-    assert not (tmp_path / "run").exists()
+    weights = []
+    for alpha in (0.0, 0.5):
+        config = TrainConfig(epochs=1, batch_size=32, alpha=alpha, amp=False)
+        torch.manual_seed(0)
+        train(tiny_model(), train_set, val_set, config, run_dir=tmp_path / f"a{alpha}", progress=False)
+        weights.append(load_checkpoint(tmp_path / f"a{alpha}" / "last.pt")["model"])
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def test_bad_config_values():
     with pytest.raises(ValueError, match="epochs=-1"):
         TrainConfig(epochs=-1)
-    with pytest.raises(ValueError, match="distill_alpha=1.5"):
-        TrainConfig(distill_alpha=1.5)
+    with pytest.raises(ValueError, match="alpha=1.5"):
+        TrainConfig(alpha=1.5)
 
 
 DDP_SCRIPT = """

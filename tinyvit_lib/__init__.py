@@ -1,25 +1,19 @@
 """tinyvit_lib: TinyViT and fast pretraining distillation, as used by the course's notebooks."""
 
 from .augment import (
+    AUGMENT_PRESETS,
     MIX_PRESETS,
     AugmentConfig,
     EvalTransform,
+    MixConfig,
     PairMix,
     TrainTransform,
     mix_partners,
     sample_seed,
-    with_mix_preset,
 )
-from .data import (
-    DATASETS,
-    DatasetWithIDs,
-    get_CIFAR_100,
-    get_dataset,
-    get_ImageNet1K,
-    get_imagenet_subset_loaders,
-    make_loaders,
-)
-from .distill import DistillationLoss, FastDistillation, OnlineTeacher, StoredTeacher, precompute, verify_store
+from .compat import FastDistillation, get_CIFAR_100, get_ImageNet1K, get_imagenet_subset_loaders
+from .data import DATASETS, DatasetWithIDs, DataSpec, build, get_dataset, make_loaders
+from .distill import DistillationLoss, OnlineTeacher, StoredTeacher, precompute, verify_store
 from .experiment import RunSpec, load_trained, run, run_or_reuse
 from .logit_store import LogitStore
 from .model import (
@@ -64,18 +58,21 @@ __all__ = [
     "tinyvit_11m",
     "tinyvit_21m",
     "DATASETS",
+    "DataSpec",
+    "build",
     "DatasetWithIDs",
     "get_CIFAR_100",
     "get_dataset",
     "get_ImageNet1K",
     "get_imagenet_subset_loaders",
     "make_loaders",
+    "AUGMENT_PRESETS",
     "AugmentConfig",
+    "MixConfig",
     "EvalTransform",
     "PairMix",
     "MIX_PRESETS",
     "mix_partners",
-    "with_mix_preset",
     "TrainTransform",
     "sample_seed",
     "DistillationLoss",

@@ -4,7 +4,7 @@ Fast pretraining distillation stores the teacher's logits for one augmented view
 and epoch; the student must later see exactly that view. So every random choice made for one
 sample in one epoch comes from one integer seed:
 
-    seed = sample_seed(base_seed, epoch, sample_id)        # sample_id: the permanent string ID
+    seed = sample_seed(data_seed, epoch, sample_id)        # sample_id: the permanent string ID
 
 and `TrainTransform(image, seed)` returns the same tensor bit for bit for the same image and seed,
 in any process, worker, shuffle or run (on the same torch build and CPU kind). It runs
@@ -13,11 +13,11 @@ afterwards (`seeded_rng`): the v2 transforms used here draw only from that gener
 Python's `random` or NumPy.
 
 Mixup/CutMix pair samples across the whole dataset, not within a batch: in each epoch every sample
-has a partner (`mix_partners`, a random pairing drawn from the base seed and the epoch), and
-`PairMix` mixes the two views with one draw seeded from the two samples' seeds. A mixed view
-therefore depends only on the two images and their two seeds, and is rebuilt exactly whatever the
-batch size, process count or data order (the official code pairs sample i with sample B-1-i of its
-batch, which ties a store to the batch layout of its precompute).
+has a partner (`mix_partners`, a random pairing drawn from the data seed and the epoch), and
+`PairMix` mixes the two views (as its `MixConfig` says) with one draw seeded from the two samples'
+seeds. A mixed view therefore depends only on the two images and their two seeds, and is rebuilt
+exactly whatever the batch size, process count or data order (the official code pairs sample i
+with sample B-1-i of its batch, which ties a store to the batch layout of its precompute).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import hashlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,13 +37,12 @@ from torchvision.transforms.v2 import functional as TF
 __all__ = [
     "AugmentConfig",
     "AUGMENT_PRESETS",
+    "MixConfig",
     "TrainTransform",
     "EvalTransform",
     "MIX_PRESETS",
     "PairMix",
     "mix_partners",
-    "with_mix_preset",
-    "mixing_settings",
     "derive_seed",
     "sample_seed",
     "seeded_rng",
@@ -61,21 +60,21 @@ def derive_seed(*parts: int | str) -> int:
     return int.from_bytes(digest, "little") >> (64 - _SEED_BITS)
 
 
-def sample_seed(base_seed: int, epoch: int, sample_id: str) -> int:
+def sample_seed(data_seed: int, epoch: int, sample_id: str) -> int:
     """The seed of every random choice made for one sample in one epoch.
 
     `sample_id` is the sample's permanent string ID (`DatasetWithIDs.ids[i]`), so the seed does
     not depend on shuffling, worker count, rank or which subset the sample is part of.
     """
-    return derive_seed("sample", base_seed, epoch, sample_id)
+    return derive_seed("sample", data_seed, epoch, sample_id)
 
 
 @contextmanager
 def seeded_rng(seed: int) -> Iterator[Callable[[int], None]]:
     """Run the body with torch's CPU generator seeded to `seed`, then restore its previous state.
 
-    `torch.random.fork_rng` does the same but also reseeds every accelerator backend, which is
-    ~100x slower per call; torchvision's transforms only draw from the CPU generator. The body gets
+    `torch.random.fork_rng` does the same but also reseeds every accelerator backend, which costs
+    far more per call; torchvision's transforms only draw from the CPU generator. The body gets
     `reseed(seed)`, which seeds the generator again (for many samples under one save and restore).
 
     Raises:
@@ -98,14 +97,14 @@ def seeded_rng(seed: int) -> Iterator[Callable[[int], None]]:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """The training augmentation. Defaults follow TinyViT's ImageNet recipe (Swin/DeiT style).
+    """The training augmentation of one image's view (`TrainTransform`); mixing two views is
+    `MixConfig`'s. Defaults follow TinyViT's ImageNet recipe (Swin/DeiT style).
 
     Differences from the official (timm) pipeline: torchvision's RandAugment uses a fixed
-    magnitude (timm's "rand-m9-mstd0.5-inc1" adds magnitude noise), and label smoothing belongs
-    to the loss, not to the mixed targets.
+    magnitude (timm's "rand-m9-mstd0.5-inc1" adds magnitude noise).
 
     Raises:
-        ValueError: a probability outside [0, 1], a negative alpha or count, or a bad range.
+        ValueError: a probability outside [0, 1], a negative count, or a bad range.
     """
 
     scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area fraction
@@ -114,67 +113,81 @@ class AugmentConfig:
     randaugment_ops: int = 2  # 0 turns RandAugment off
     randaugment_magnitude: int = 9
     erase_prob: float = 0.25  # RandomErasing with per-pixel normal noise (timm's "pixel" mode)
-    mixup_alpha: float = 0.8  # 0 turns Mixup off
-    cutmix_alpha: float = 1.0  # 0 turns CutMix off
-    mix_prob: float = 1.0  # probability that a pair is mixed at all
-    mix_switch_prob: float = 0.5  # probability of CutMix rather than Mixup when both are on
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scale", tuple(self.scale))  # lists from JSON
         object.__setattr__(self, "ratio", tuple(self.ratio))
-        for name in ("hflip", "erase_prob", "mix_prob", "mix_switch_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name}={getattr(self, name)} must be a probability in [0, 1]")
-        for name in ("mixup_alpha", "cutmix_alpha", "randaugment_ops", "randaugment_magnitude"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        _check_probabilities(self, ("hflip", "erase_prob"))
+        _check_non_negative(self, ("randaugment_ops", "randaugment_magnitude"))
         for name in ("scale", "ratio"):
             low, high = getattr(self, name)
             if not 0 < low <= high:
                 raise ValueError(f"{name}={getattr(self, name)} must be (low, high) with 0 < low <= high")
-
-    @property
-    def mixing(self) -> bool:
-        """Whether `PairedMix` changes anything under this config."""
-        return self.mix_prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
 
     def to_dict(self) -> dict:
         """Plain values, for a logit store's manifest or a checkpoint."""
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class MixConfig:
+    """How `PairMix` mixes a view with its partner's: Mixup, CutMix, or one of the two per pair.
+    Defaults follow TinyViT's ImageNet recipe (DeiT's). Label smoothing belongs to the loss, not to
+    the mixed targets.
+
+    Raises:
+        ValueError: a probability outside [0, 1] or a negative alpha.
+    """
+
+    mixup_alpha: float = 0.8  # 0 turns Mixup off
+    cutmix_alpha: float = 1.0  # 0 turns CutMix off
+    mix_prob: float = 1.0  # probability that a pair is mixed at all
+    mix_switch_prob: float = 0.5  # probability of CutMix rather than Mixup when both are on
+
+    def __post_init__(self) -> None:
+        _check_probabilities(self, ("mix_prob", "mix_switch_prob"))
+        _check_non_negative(self, ("mixup_alpha", "cutmix_alpha"))
+
+    @property
+    def mixing(self) -> bool:
+        """Whether `PairMix` changes anything under this config."""
+        return self.mix_prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
+
+    def to_dict(self) -> dict[str, float]:
+        """The settings that decide a mixed view, by field name: what a mixed store records and compares."""
+        return asdict(self)
+
+
+def _check_probabilities(config: AugmentConfig | MixConfig, names: tuple[str, ...]) -> None:
+    """Raises ValueError naming the first of `names` whose value is outside [0, 1]."""
+    for name in names:
+        if not 0.0 <= getattr(config, name) <= 1.0:
+            raise ValueError(f"{name}={getattr(config, name)} must be a probability in [0, 1]")
+
+
+def _check_non_negative(config: AugmentConfig | MixConfig, names: tuple[str, ...]) -> None:
+    """Raises ValueError naming the first of `names` whose value is negative."""
+    for name in names:
+        if getattr(config, name) < 0:
+            raise ValueError(f"{name}={getattr(config, name)} must be >= 0")
+
+
 # Named recipes for the CLI and the profiles. "full" is TinyViT's ImageNet recipe; "light" suits
 # the course's short runs on small images, where heavy augmentation costs more than it gives.
 AUGMENT_PRESETS: dict[str, AugmentConfig | None] = {
     "none": None,  # the deterministic evaluation transform
-    "light": AugmentConfig(scale=(0.35, 1.0), randaugment_ops=0, erase_prob=0.0, mixup_alpha=0.0, cutmix_alpha=0.0),
+    "light": AugmentConfig(scale=(0.35, 1.0), randaugment_ops=0, erase_prob=0.0),
     "full": AugmentConfig(),
 }
 
-# Named mixing recipes for `--mix-preset`: the fields of AugmentConfig they set.
-MIX_PRESETS: dict[str, dict[str, float]] = {
+# Named mixing recipes for `--mix-preset` and `DataSpec.mix`.
+MIX_PRESETS: dict[str, MixConfig] = {
     # TinyViT's ImageNet recipe (DeiT's): Mixup 0.8 or CutMix 1.0, one of the two per pair.
-    "full": dict(mixup_alpha=0.8, cutmix_alpha=1.0, mix_prob=1.0, mix_switch_prob=0.5),
+    "full": MixConfig(mixup_alpha=0.8, cutmix_alpha=1.0, mix_prob=1.0, mix_switch_prob=0.5),
     # Beyer et al. (CVPR 2022), "function matching": Mixup with its coefficient uniform in [0, 1]
     # (Beta(1, 1)), on every image, no CutMix.
-    "function-matching": dict(mixup_alpha=1.0, cutmix_alpha=0.0, mix_prob=1.0, mix_switch_prob=0.0),
+    "function-matching": MixConfig(mixup_alpha=1.0, cutmix_alpha=0.0, mix_prob=1.0, mix_switch_prob=0.0),
 }
-
-
-def with_mix_preset(config: AugmentConfig, preset: str) -> AugmentConfig:
-    """`config` with the mixing settings of `MIX_PRESETS[preset]` (the rest of the views unchanged).
-
-    Raises:
-        ValueError: an unknown preset (the known ones are named).
-    """
-    if preset not in MIX_PRESETS:
-        raise ValueError(f"unknown mix preset {preset!r}; choose one of {sorted(MIX_PRESETS)}")
-    return replace(config, **MIX_PRESETS[preset])
-
-
-def mixing_settings(config: AugmentConfig) -> dict[str, float]:
-    """The fields of `config` that decide a mixed view (what a mixed store records and compares)."""
-    return {name: getattr(config, name) for name in MIX_PRESETS["full"]}
 
 
 class TrainTransform:
@@ -227,8 +240,7 @@ class TrainTransform:
 
     def reference(self, image: torch.Tensor, seed: int) -> torch.Tensor:
         """The view as the torchvision pipeline makes it, one v2 call per step: what `__call__` and
-        `batch` equal bit for bit, at 3.7x their cost (128 light views of 28x28 images: 21.9 against
-        5.9 ms, a one-off script). For tests and `make bench`."""
+        `batch` equal bit for bit, at a few times their cost. For tests and `make bench`."""
         with seeded_rng(seed):
             return self.pipeline(image)
 
@@ -238,7 +250,7 @@ class TrainTransform:
 
         Each image's random draws and geometric steps run alone, in the pipeline's order: the crop box
         drawn as v2 draws it (`_crop_box`), v2's kernels and its other transforms' parameter draws
-        called without their per-call dispatch (3-4x the work of the kernels on a 32x32 image);
+        called without their per-call dispatch (which outweighs the kernels' work on small images);
         scaling and normalising then run once on the batch; the erasing boxes (drawn with the rest,
         they depend only on the image shape) go in last. The global generator is saved and restored
         once per batch.
@@ -383,11 +395,11 @@ def _resize_bicubic(image: torch.Tensor, size: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=4)  # asked once per batch: a randperm of 1.28M for ImageNet is not free
-def mix_partners(size: int, base_seed: int, epoch: int) -> torch.Tensor:
+def mix_partners(size: int, data_seed: int, epoch: int) -> torch.Tensor:
     """(size,) int64: the partner of each position in `epoch`, a random pairing of the positions
-    [0, size) drawn from (base_seed, epoch) alone: partner[partner[i]] == i. With an odd size one
+    [0, size) drawn from (data_seed, epoch) alone: partner[partner[i]] == i. With an odd size one
     position is its own partner (its view stays unmixed). Cached: index it, never write to it."""
-    order = torch.randperm(size, generator=torch.Generator().manual_seed(derive_seed("partners", base_seed, epoch)))
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(derive_seed("partners", data_seed, epoch)))
     partner = torch.arange(size)
     pairs = order[: size - size % 2].view(-1, 2)  # (size // 2, 2)
     partner[pairs[:, 0]], partner[pairs[:, 1]] = pairs[:, 1], pairs[:, 0]
@@ -408,7 +420,7 @@ class PairMix:
         ValueError: `num_classes` < 1.
     """
 
-    def __init__(self, num_classes: int, config: AugmentConfig) -> None:
+    def __init__(self, num_classes: int, config: MixConfig) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes={num_classes} must be >= 1")
         self.num_classes, self.config = num_classes, config
@@ -462,8 +474,7 @@ class PairMix:
         self, view: torch.Tensor, partner: torch.Tensor, label: int, partner_label: int, seed: int, partner_seed: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The same through torchvision's `v2.MixUp` / `v2.CutMix` called on the two-image batch
-        (what `__call__` equals bit for bit, at 1.8x its cost: 21.5 against 11.9 ms for 128 pairs, a
-        one-off script). For tests."""
+        (what `__call__` equals bit for bit, at more than its cost). For tests."""
         target = F.one_hot(torch.tensor([label, partner_label]), self.num_classes).to(view.dtype)  # (2, K)
         if seed == partner_seed or not self.config.mixing:
             return view, target[0]

@@ -14,7 +14,7 @@ int means the same image on every machine because `fingerprint()` pins the order
 the content. IDs are positions or paths, so they are unique even where images are identical
 (Fashion-MNIST holds a few exact duplicates): nothing is merged.
 
-Augmentation seeds come from the string ID (`augment.sample_seed(base_seed, epoch, ids[i])`), so a
+Augmentation seeds come from the string ID (`augment.sample_seed(data_seed, epoch, ids[i])`), so a
 sample gets the same view whether it is read from the full dataset or from a subset.
 
 Where the data lives (`get_dataset`'s `root`):
@@ -26,6 +26,22 @@ Where the data lives (`get_dataset`'s `root`):
     imagenet(-subset)    root/train/<class>/... and root/val/<class>/... with the same class folders
                          (root required); links are followed except into a folder that contains
                          them (a loop), and an image reached by two paths is refused (`_scan_folder`)
+
+Options of `get_dataset` that apply to some datasets only (the others refuse num_classes,
+files_per_class and num_samples, and ignore verify and check_images):
+
+    num_classes          imagenet-subset (required): the first N class folders in sorted order;
+                         synthetic: the number of classes (default 10)
+    files_per_class      imagenet-subset (required): at most M image files per class, the first in
+                         sorted order: a cut of the folder scan (the labelled set of a run is
+                         `per_class_subset`'s max_per_class, taken after the validation carve)
+    num_samples          synthetic: the number of images (default 1024 train / 256 test)
+    verify               cifar100: refuse files whose md5 differs from the official release
+    check_images         image folders: "header" (each file non-empty and starting like a JPEG, PNG,
+                         GIF, BMP, TIFF, PPM/PGM or WebP file), "decode" (in full, slow) or "off"
+
+Training views (`augment`) never flip an image horizontally where a mirror image changes the class
+(synthetic).
 """
 
 from __future__ import annotations
@@ -47,10 +63,28 @@ from torchvision import datasets as tv_datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.datasets.utils import check_integrity
 
-from .augment import AugmentConfig, EvalTransform, PairMix, TrainTransform, derive_seed, mix_partners, sample_seed
+from .augment import (
+    AUGMENT_PRESETS,
+    MIX_PRESETS,
+    AugmentConfig,
+    EvalTransform,
+    MixConfig,
+    PairMix,
+    TrainTransform,
+    derive_seed,
+    mix_partners,
+    sample_seed,
+)
 
 __all__ = [
     "DATASETS",
+    "DataSpec",
+    "STORE_FIELDS",
+    "build",
+    "training_set",
+    "dataset_channels",
+    "validation_set",
+    "test_set",
     "DatasetWithIDs",
     "ArrayDatasetWithIDs",
     "FolderDatasetWithIDs",
@@ -67,10 +101,6 @@ __all__ = [
     "MIN_IMG_SIZE",
     "MAX_IMG_SIZE",
     "CHECK_IMAGES",
-    # compatibility: the original plan's loaders (see the end of the file)
-    "get_CIFAR_100",
-    "get_ImageNet1K",
-    "get_imagenet_subset_loaders",
 ]
 
 # (uint8 image (C, H, W), seed) -> tensor; a transform may also have `batch(images, seeds)` -> (B, C, H', W')
@@ -127,16 +157,74 @@ _IMAGE_MAGIC = {
 _IMAGE_PREFIXES = tuple(prefix for prefixes in _IMAGE_MAGIC.values() for prefix in prefixes)
 
 
-class DatasetWithIDs(Dataset):
-    """A dataset whose items are `(image, label, sample_id)`; see the module docstring for IDs.
+class _IdentifiedSamples(Dataset):
+    """The identity of a dataset's samples: permanent string IDs (see the module docstring), labels,
+    class names, the stored images, and a fingerprint of them all.
 
-    `transform(image, seed)` receives the uint8 image (C, H, W) and the seed of this sample for the
-    current epoch (`seed_for`). A grayscale image is repeated to 3 channels after the transform
-    when `out_chans` is 3, so a 1-channel student and an RGB teacher see the same pixels.
-    `set_epoch` writes to shared memory, so it also reaches persistent DataLoader workers when it is
-    called before the epoch's iterator is created.
+    Subclasses provide `load_image(index)` and `_hash_content(digest)` (and `load_images` where the
+    images stack into one batch).
 
-    Subclasses provide `load_image(index)` and `_hash_content(digest)`.
+    Raises:
+        ValueError: `ids` and `targets` of different lengths, or IDs that are not unique.
+    """
+
+    def __init__(self, *, name: str, split: str, ids: list[str], targets: list[int], classes: list[str]) -> None:
+        if len(ids) != len(targets):
+            raise ValueError(f"{len(ids)} ids but {len(targets)} labels")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{name}/{split}: sample IDs are not unique")
+        self.name, self.split = name, split
+        self.ids, self.targets, self.classes = ids, targets, classes
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def load_image(self, index: int) -> torch.Tensor:
+        """The stored image, uint8 (C, H, W), before any transform."""
+        raise NotImplementedError
+
+    def load_images(self, indices: list[int]) -> torch.Tensor | None:
+        """The stored images at `indices` as one uint8 batch (B, C, H, W), or None where images
+        differ in size (files)."""
+        return None
+
+    def fingerprint(self) -> dict[str, str | int]:
+        """Cheap identity of the data: name, split, size, classes, a hash of the ordered ID list and a
+        hash of the content (labels and class names, plus the image bytes for array datasets or the
+        file sizes for folder datasets: a file rewritten at the same size goes unnoticed there). Equal
+        fingerprints mean every int sample_id names the same image. Recomputed on each call (it reads
+        every image of an array dataset, and makes one stat() per file for folders)."""
+        content = hashlib.sha256()
+        content.update(np.asarray(self.targets, dtype="<i8").tobytes())
+        content.update("\n".join(self.classes).encode())
+        self._hash_content(content)
+        return {
+            "name": self.name,
+            "split": self.split,
+            "size": len(self),
+            "num_classes": self.num_classes,
+            "ids_sha256": hashlib.sha256("\n".join(self.ids).encode()).hexdigest(),
+            "content_sha256": content.hexdigest(),
+        }
+
+    def _hash_content(self, digest: hashlib._Hash) -> None:
+        raise NotImplementedError
+
+
+class _SeededViews(_IdentifiedSamples):
+    """The samples' views: `transform(image, seed)` receives the uint8 image (C, H, W) and the seed of
+    the sample in the current epoch (`seed_for`), so a view depends on the image, `data_seed` and the
+    epoch alone. `set_epoch` writes to shared memory, so it also reaches persistent DataLoader workers
+    when it is called before the epoch's iterator is created. `out_chans` is where a grayscale view is
+    repeated to 3 channels (`_to_out_chans`), so a 1-channel student and an RGB teacher see the same
+    pixels.
+
+    Raises:
+        ValueError: `ids` and `targets` of different lengths, or IDs that are not unique.
     """
 
     def __init__(
@@ -149,24 +237,11 @@ class DatasetWithIDs(Dataset):
         classes: list[str],
         transform: Transform,
         out_chans: int,
-        base_seed: int = 0,
+        data_seed: int = 0,
     ) -> None:
-        if len(ids) != len(targets):
-            raise ValueError(f"{len(ids)} ids but {len(targets)} labels")
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"{name}/{split}: sample IDs are not unique")
-        self.name, self.split = name, split
-        self.ids, self.targets, self.classes = ids, targets, classes
-        self.transform, self.out_chans, self.base_seed = transform, out_chans, base_seed
-        self.mix: PairMix | None = None  # Mixup/CutMix with a partner drawn per epoch (`get_dataset(mix=True)`)
+        super().__init__(name=name, split=split, ids=ids, targets=targets, classes=classes)
+        self.transform, self.out_chans, self.data_seed = transform, out_chans, data_seed
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
 
     @property
     def epoch(self) -> int:
@@ -178,11 +253,43 @@ class DatasetWithIDs(Dataset):
 
     def seed_for(self, index: int, epoch: int | None = None) -> int:
         """The augmentation seed of sample `index` in `epoch` (default: the current epoch)."""
-        return sample_seed(self.base_seed, self.epoch if epoch is None else epoch, self.ids[index])
+        return sample_seed(self.data_seed, self.epoch if epoch is None else epoch, self.ids[index])
 
-    def load_image(self, index: int) -> torch.Tensor:
-        """The stored image, uint8 (C, H, W), before any transform."""
-        raise NotImplementedError
+    def views(self, indices: list[int], epoch: int) -> torch.Tensor:
+        """The transformed images at `indices` in `epoch`, (B, C, H', W') (before any channel repeat):
+        a batch at a time where the transform has `batch(images, seeds)`, as the course's transforms do."""
+        seeds = [self.seed_for(i, epoch) for i in indices]
+        if not hasattr(self.transform, "batch"):
+            return torch.stack([self.transform(self.load_image(i), seed) for i, seed in zip(indices, seeds)])
+        images = self.load_images(indices)
+        return self.transform.batch(images if images is not None else [self.load_image(i) for i in indices], seeds)
+
+    def _to_out_chans(self, views: torch.Tensor) -> torch.Tensor:
+        """(..., C, H', W') -> (..., out_chans, H', W'): a grayscale view repeated to RGB (a view, no copy)."""
+        if self.out_chans == 3 and views.shape[-3] == 1:
+            return views.expand(*views.shape[:-3], 3, -1, -1)
+        return views
+
+    def _item(self, index: int) -> tuple[torch.Tensor, int, int]:
+        """One unmixed item through a transform without `batch` (its outputs need not stack)."""
+        image = self.transform(self.load_image(index), self.seed_for(index))  # (C, H', W')
+        return self._to_out_chans(image), self.targets[index], index
+
+
+class DatasetWithIDs(_SeededViews):
+    """A dataset whose items are `(image, label, sample_id)`: its samples' identity (IDs, labels,
+    classes, fingerprint: `_IdentifiedSamples`), their views per epoch (`_SeededViews`), and here the
+    items themselves, a batch at a time, with views mixed in pairs when `mix` is set.
+
+    Mixing (`mix`, an `augment.PairMix`, set by `get_dataset(..., mix=...)`): each view is mixed with
+    its partner's, the partner drawn per epoch over `pair_root()` (`partners`), and the label becomes
+    the mixed view's soft target, float (num_classes,).
+
+    Raises:
+        ValueError: `ids` and `targets` of different lengths, or IDs that are not unique.
+    """
+
+    mix: PairMix | None = None  # Mixup/CutMix with a partner drawn per epoch (set by `get_dataset(mix=...)`)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor, int]:
         """(image, label, sample_id); sample_id == index, never negative. With `mix`, the label is the
@@ -192,11 +299,6 @@ class DatasetWithIDs(Dataset):
             IndexError: index outside [0, len).
         """
         return self.__getitems__([index])[0]
-
-    def load_images(self, indices: list[int]) -> torch.Tensor | None:
-        """The stored images at `indices` as one uint8 batch (B, C, H, W), or None where images
-        differ in size (files)."""
-        return None
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int | torch.Tensor, int]]:
         """`[self[i] for i in indices]`, computed a batch at a time: a DataLoader calls this for each
@@ -219,25 +321,7 @@ class DatasetWithIDs(Dataset):
         labels: list = [self.targets[i] for i in indices]
         if self.mix is not None:
             views, labels = self._mixed(indices, views, epoch)
-        if self.out_chans == 3 and views.shape[1] == 1:
-            views = views.expand(-1, 3, -1, -1)
-        return [(view, label, i) for view, label, i in zip(views, labels, indices)]
-
-    def _item(self, index: int) -> tuple[torch.Tensor, int, int]:
-        """One unmixed item through a transform without `batch` (its outputs need not stack)."""
-        image = self.transform(self.load_image(index), self.seed_for(index))  # (C, H', W')
-        if self.out_chans == 3 and image.shape[0] == 1:
-            image = image.expand(3, -1, -1)
-        return image, self.targets[index], index
-
-    def views(self, indices: list[int], epoch: int) -> torch.Tensor:
-        """The transformed images at `indices` in `epoch`, (B, C, H', W') (before any channel repeat):
-        a batch at a time where the transform has `batch(images, seeds)`, as the course's transforms do."""
-        seeds = [self.seed_for(i, epoch) for i in indices]
-        if not hasattr(self.transform, "batch"):
-            return torch.stack([self.transform(self.load_image(i), seed) for i, seed in zip(indices, seeds)])
-        images = self.load_images(indices)
-        return self.transform.batch(images if images is not None else [self.load_image(i) for i in indices], seeds)
+        return [(view, label, i) for view, label, i in zip(self._to_out_chans(views), labels, indices)]
 
     def pair_root(self) -> tuple[DatasetWithIDs, list[int] | None]:
         """The dataset that mixing partners come from (a subset's parent, up the chain: a subset's
@@ -248,7 +332,7 @@ class DatasetWithIDs(Dataset):
         """The positions in `pair_root()` of the partners of the samples at `indices` in `epoch`."""
         root, positions = self.pair_root()
         own = indices if positions is None else [positions[i] for i in indices]
-        return mix_partners(len(root), self.base_seed, epoch)[own].tolist()
+        return mix_partners(len(root), self.data_seed, epoch)[own].tolist()
 
     def _mixed(self, indices: list[int], views: torch.Tensor, epoch: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Each view mixed with its partner's: (B, C, H', W') and B soft targets (num_classes,)."""
@@ -273,28 +357,6 @@ class DatasetWithIDs(Dataset):
             targets.append(target)
         return torch.stack(mixed), targets
 
-    def fingerprint(self) -> dict[str, str | int]:
-        """Cheap identity of the data: name, split, size, classes, a hash of the ordered ID list and a
-        hash of the content (labels and class names, plus the image bytes for array datasets or the
-        file sizes for folder datasets: a file rewritten at the same size goes unnoticed there). Equal
-        fingerprints mean every int sample_id names the same image. Recomputed on each call (~0.1 s
-        for Fashion-MNIST's 60,000 images; one stat() per file for folders)."""
-        content = hashlib.sha256()
-        content.update(np.asarray(self.targets, dtype="<i8").tobytes())
-        content.update("\n".join(self.classes).encode())
-        self._hash_content(content)
-        return {
-            "name": self.name,
-            "split": self.split,
-            "size": len(self),
-            "num_classes": self.num_classes,
-            "ids_sha256": hashlib.sha256("\n".join(self.ids).encode()).hexdigest(),
-            "content_sha256": content.hexdigest(),
-        }
-
-    def _hash_content(self, digest: hashlib._Hash) -> None:
-        raise NotImplementedError
-
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}({self.name!r}, split={self.split!r}, size={len(self)}, transform={self.transform})"
@@ -314,7 +376,7 @@ class ArrayDatasetWithIDs(DatasetWithIDs):
         classes: list[str],
         transform: Transform,
         out_chans: int,
-        base_seed: int = 0,
+        data_seed: int = 0,
     ) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
@@ -327,7 +389,7 @@ class ArrayDatasetWithIDs(DatasetWithIDs):
             classes=classes,
             transform=transform,
             out_chans=out_chans,
-            base_seed=base_seed,
+            data_seed=data_seed,
         )
         self.images = images.contiguous()
 
@@ -356,7 +418,7 @@ class FolderDatasetWithIDs(DatasetWithIDs):
         classes: list[str],
         transform: Transform,
         out_chans: int,
-        base_seed: int = 0,
+        data_seed: int = 0,
     ) -> None:
         super().__init__(
             name=name,
@@ -366,7 +428,7 @@ class FolderDatasetWithIDs(DatasetWithIDs):
             classes=classes,
             transform=transform,
             out_chans=out_chans,
-            base_seed=base_seed,
+            data_seed=data_seed,
         )
         self.root = root
 
@@ -399,7 +461,7 @@ class SubsetWithIDs(DatasetWithIDs):
             classes=parent.classes,
             transform=parent.transform,
             out_chans=parent.out_chans,
-            base_seed=parent.base_seed,
+            data_seed=parent.data_seed,
         )
         self.parent, self.indices = parent, list(indices)
         self.mix = parent.mix
@@ -498,6 +560,140 @@ def training_images(
     return dataset
 
 
+@dataclass(frozen=True, kw_only=True)
+class DataSpec:
+    """A run's data as one value: which images, at what size, in which views, and how they are
+    checked on the way in. `build(spec)` makes the datasets; a logit store records the spec it was
+    written from (`for_store`), so a student and its store agree by construction.
+
+    Raises:
+        ValueError: an unknown dataset, augmentation, mixing preset or check_images, a mix without
+            an augmentation, or a count below 1 (each names the value).
+    """
+
+    dataset: str = "fashion-mnist"  # a name of DATASETS
+    root: str | None = None  # where the data lives (see the module docstring); None: the dataset's default
+    img_size: int | None = None  # None: the dataset's own resolution (32 or 224), filled in here
+    augment: str = "light"  # a key of augment.AUGMENT_PRESETS; "none": the evaluation view
+    mix: str | None = None  # a key of augment.MIX_PRESETS: views mixed in pairs; None: not mixed
+    max_per_class: int | None = None  # the labelled set: the first N images per class of the pool
+    val_per_class: int | None = None  # validation carved from the training split, per class (None: held-out split)
+    max_val_per_class: int | None = None  # validate each epoch on this many images per class of validation
+    data_seed: int = 0  # the seed of the views and of the mixing partners (a replay store fixes it)
+    verify_files: bool = True  # cifar100: refuse files whose md5 differs from the official release
+    check_images: str = "header"  # image folders: how each file is checked ("header", "decode", "off")
+
+    def __post_init__(self) -> None:
+        if self.dataset not in _FACTS:
+            raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+        if self.augment not in AUGMENT_PRESETS:
+            raise ValueError(f"unknown augment preset {self.augment!r}; choose one of {sorted(AUGMENT_PRESETS)}")
+        if self.mix is not None and self.mix not in MIX_PRESETS:
+            raise ValueError(f"unknown mix preset {self.mix!r}; choose one of {sorted(MIX_PRESETS)}")
+        if self.mix is not None and AUGMENT_PRESETS[self.augment] is None:
+            raise ValueError(f"mix={self.mix!r} mixes augmented views: choose an augment other than 'none'")
+        if self.check_images not in CHECK_IMAGES:
+            raise ValueError(f"check_images={self.check_images!r}; choose one of {', '.join(CHECK_IMAGES)}")
+        for name in ("max_per_class", "val_per_class", "max_val_per_class"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value} must be >= 1")
+        if self.img_size is None:
+            object.__setattr__(self, "img_size", _FACTS[self.dataset].img_size)
+
+    def for_store(self) -> dict:
+        """What a logit store records of the spec: the fields that decide its images and views (not
+        where the files live, nor how they were checked)."""
+        return {name: getattr(self, name) for name in STORE_FIELDS}
+
+
+# The DataSpec fields a store records and a student's spec must match (`distill.store_spec_differences`).
+STORE_FIELDS = ("dataset", "img_size", "augment", "mix", "max_per_class", "val_per_class", "data_seed")
+
+
+def dataset_channels(name: str) -> int:
+    """The channel count of dataset `name`'s images (1: grayscale).
+
+    Raises:
+        ValueError: an unknown dataset.
+    """
+    if name not in _FACTS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return len(_FACTS[name].mean)
+
+
+def build(spec: DataSpec) -> tuple[DatasetWithIDs, DatasetWithIDs]:
+    """The datasets a run needs: (`training_set(spec)`, `validation_set(spec)` cut to
+    `max_val_per_class` images per class).
+
+    Raises:
+        ValueError, FileNotFoundError: as `get_dataset`, `training_images` and `carve_validation`.
+    """
+    train, val = training_set(spec), validation_set(spec)
+    if spec.max_val_per_class:
+        val = per_class_subset(val, spec.max_val_per_class)
+    return train, val
+
+
+def training_set(spec: DataSpec) -> DatasetWithIDs:
+    """The images `spec` trains on (or a store covers), in its views: the training split without the
+    validation carve, cut to `max_per_class`, augmented and mixed as the spec says.
+
+    Raises:
+        ValueError, FileNotFoundError: as `get_dataset` and `training_images`.
+    """
+    augment = AUGMENT_PRESETS[spec.augment]
+    mix = MIX_PRESETS[spec.mix] if spec.mix else None
+    checks = _file_checks(spec)
+    train = get_dataset(
+        spec.dataset,
+        spec.root,
+        "train",
+        img_size=spec.img_size,
+        augment=augment,
+        mix=mix,
+        data_seed=spec.data_seed,
+        **checks,
+    )
+    return training_images(train, val_per_class=spec.val_per_class, max_per_class=spec.max_per_class)
+
+
+def validation_set(spec: DataSpec) -> DatasetWithIDs:
+    """The whole validation set of `spec`, in the evaluation view: its carve from the training split
+    (`val_per_class`), or the held-out split when it has none.
+
+    Raises:
+        ValueError, FileNotFoundError: as `get_dataset` and `carve_validation`.
+    """
+    if not spec.val_per_class:
+        return get_dataset(spec.dataset, spec.root, "val", img_size=spec.img_size, **_file_checks(spec))
+    plain = get_dataset(spec.dataset, spec.root, "train", img_size=spec.img_size, **_file_checks(spec))
+    return carve_validation(plain, spec.val_per_class)[1]
+
+
+def test_set(spec: DataSpec) -> DatasetWithIDs:
+    """The held-out split, for final numbers only. It is a test set only for a spec that validates on
+    a carve of the training split, so that nothing was chosen on it.
+
+    Raises:
+        ValueError: `spec.val_per_class` is not set (validation is the held-out split itself).
+        FileNotFoundError: as `get_dataset`.
+    """
+    if not spec.val_per_class:
+        raise ValueError(
+            f"val_per_class={spec.val_per_class}: this data validates on the held-out split, so its numbers "
+            "there are not test numbers; carve a validation set (val_per_class) and rerun"
+        )
+    return get_dataset(spec.dataset, spec.root, "test", img_size=spec.img_size, **_file_checks(spec))
+
+
+test_set.__test__ = False  # a function named test_*, not a test: pytest must not collect it when imported
+
+
+def _file_checks(spec: DataSpec) -> dict:
+    return dict(verify=spec.verify_files, check_images=spec.check_images)
+
+
 def get_dataset(
     name: str,
     root: str | Path | None = None,
@@ -506,67 +702,56 @@ def get_dataset(
     img_size: int | None = None,
     in_chans: int | None = None,
     augment: AugmentConfig | None = None,
+    mix: MixConfig | None = None,
     transform: Transform | None = None,
-    base_seed: int = 0,
+    data_seed: int = 0,
     download: bool = True,
     verify: bool = True,
     num_classes: int | None = None,
-    max_per_class: int | None = None,
+    files_per_class: int | None = None,
     num_samples: int | None = None,
     check_images: str = "header",
-    mix: bool = False,
 ) -> DatasetWithIDs:
     """Build one split of one of the course's datasets (`DATASETS`). Arguments are checked, and image
     folders scanned, before anything is allocated; nothing is written except by a download.
 
     Args:
-        name: "fashion-mnist", "cifar100", "imagenet", "imagenet-subset" or "synthetic".
-        root: where the data lives (see the module docstring); fashion-mnist never looks past a given
-            root. Image folders: links are followed except into a folder that contains them (a loop);
-            an image reached by two paths is refused.
+        name, root: a name of DATASETS and where its data lives; see the module docstring, also for the
+            options only some datasets take (verify, check_images, num_classes, files_per_class, num_samples).
         split: "train", or the held-out split under either name, "val" or "test".
         img_size: output resolution in [MIN_IMG_SIZE, MAX_IMG_SIZE] (default: the dataset's, 32 or 224).
         in_chans: 1 or 3 output channels (default: the data's own); 3 on a grayscale dataset repeats it.
-        augment: training augmentation (`TrainTransform`); None gives the deterministic `EvalTransform`.
-            Horizontal flips are switched off where a mirror image changes the class (synthetic).
-        transform: instead of the two above, any callable (uint8 image (C, H, W), seed) -> tensor.
-        base_seed: the base of the per-sample augmentation seeds.
+        augment: training views (`TrainTransform`); None gives the deterministic `EvalTransform`.
+        mix: mix every view with a partner's (`augment.PairMix`); items then carry soft targets.
+        transform: instead of `augment`, any callable (uint8 image (C, H, W), seed) -> tensor.
+        data_seed: the base of the per-sample augmentation seeds and of the mixing partners.
         download: allow a torchvision download when the files are not found (needs a network).
-        verify: cifar100 only: refuse files whose md5 differs from the official release.
-        num_classes: imagenet-subset: the first N classes in sorted order; synthetic: the class count (10).
-        max_per_class: imagenet-subset: at most M images per class, in sorted file order.
-        num_samples: synthetic: the number of images (default 1024 train / 256 test).
-        check_images: image folders: "header" (each file non-empty and starting like a JPEG, PNG, GIF,
-            BMP, TIFF, PPM/PGM or WebP file: a few ms per 1,000 files), "decode" (in full, slow) or "off".
-        mix: mix every view with a partner's (Mixup/CutMix with `augment`'s mixing settings, see
-            `augment.PairMix`); items then carry soft targets. Needs an `augment` that mixes.
 
     Raises:
-        ValueError: an unknown name, split or check_images, a bad in_chans/N/M, img_size outside
-            [MIN_IMG_SIZE, MAX_IMG_SIZE], an option the dataset does not take, both `augment` and
-            `transform`, cifar100 files failing the md5 check; image folders: val class folders that
-            differ from train's (names them), an image reached twice, files failing `check_images`.
+        ValueError: an unknown name, split or check_images, a bad in_chans/N/M, img_size outside [MIN_IMG_SIZE,
+            MAX_IMG_SIZE], an option the dataset does not take, both `augment` and `transform`, `mix` without
+            `augment` or mixing nothing, cifar100 files failing the md5 check; image folders: val class folders
+            that differ from train's (names them), an image reached twice, files failing `check_images`.
+        TypeError: `mix` is not a MixConfig (nor None).
         FileNotFoundError: the data is not there (the message says how to get it), a missing root or a
             root that is not a folder, a missing split folder, or a class folder without images.
     """
     facts, split, chans = _check_request(name, split, img_size=img_size, in_chans=in_chans, check_images=check_images)
     _check_mix(mix, augment)
-    _check_options(name, num_classes=num_classes, max_per_class=max_per_class, num_samples=num_samples)
+    _check_options(name, num_classes=num_classes, files_per_class=files_per_class, num_samples=num_samples)
     transform = _pick_transform(facts, img_size, augment=augment, transform=transform)
-    common = dict(name=name, split=split, transform=transform, out_chans=chans, base_seed=base_seed)
-    dataset: DatasetWithIDs
+    common = dict(name=name, split=split, transform=transform, out_chans=chans, data_seed=data_seed)
     if name in _FOLDER_DATASETS:
         ids, targets, classes, root = _find_folder_samples(
-            name, root, split, num_classes=num_classes, max_per_class=max_per_class, check_images=check_images
+            name, root, split, num_classes=num_classes, files_per_class=files_per_class, check_images=check_images
         )
-        dataset = FolderDatasetWithIDs(root, ids, targets, classes=classes, **common)
+        dataset: DatasetWithIDs = FolderDatasetWithIDs(root, ids, targets, classes=classes, **common)
     else:
         images, targets, classes = _load_arrays(
             name, root, split, download=download, verify=verify, num_classes=num_classes, num_samples=num_samples
         )
         dataset = ArrayDatasetWithIDs(images, targets, classes=classes, **common)
-    if mix:
-        dataset.mix = PairMix(dataset.num_classes, augment)
+    dataset.mix = PairMix(dataset.num_classes, mix) if mix is not None else None
     return dataset
 
 
@@ -605,17 +790,23 @@ def _canonical_split(name: str, split: str, facts: _Facts) -> str:
     raise ValueError(f"unknown split={split!r} for {name}; choose 'train' or '{facts.splits[1]}'")
 
 
-def _check_mix(mix: bool, augment: AugmentConfig | None) -> None:
-    """Raises ValueError: mix asked of an augmentation that does not mix (or of none)."""
-    if mix and (augment is None or not augment.mixing):
+def _check_mix(mix: MixConfig | None, augment: AugmentConfig | None) -> None:
+    """Raises TypeError where `mix` is not a MixConfig, ValueError where it comes without an
+    augmentation (it mixes augmented views) or mixes nothing."""
+    if mix is None:
+        return
+    if not isinstance(mix, MixConfig):
+        raise TypeError(f"mix={mix!r} must be a MixConfig (e.g. augment.MIX_PRESETS['full']) or None")
+    if augment is None:
+        raise ValueError(f"mix={mix} mixes augmented views, but augment=None: pass an AugmentConfig too")
+    if not mix.mixing:
         raise ValueError(
-            f"mix=True needs an augmentation that mixes (mixup_alpha or cutmix_alpha > 0 and mix_prob > 0), got "
-            f"{augment}: use augment.with_mix_preset(config, 'full') or 'function-matching'"
+            f"mix={mix} mixes nothing (mix_prob=0, or both alphas 0): pass mix=None for views that are not mixed"
         )
 
 
 def _check_options(name: str, **options: int | None) -> None:
-    takes = {"imagenet-subset": {"num_classes", "max_per_class"}, "synthetic": {"num_classes", "num_samples"}}
+    takes = {"imagenet-subset": {"num_classes", "files_per_class"}, "synthetic": {"num_classes", "num_samples"}}
     for option, value in options.items():
         if value is None:
             if name == "imagenet-subset" and option in takes[name]:
@@ -813,7 +1004,7 @@ def _find_folder_samples(
     split: str,
     *,
     num_classes: int | None,
-    max_per_class: int | None,
+    files_per_class: int | None,
     check_images: str,
 ) -> tuple[list[str], list[int], list[str], Path]:
     """IDs, labels, class names and root of an image-folder split, with the checks of `get_dataset`
@@ -825,7 +1016,7 @@ def _find_folder_samples(
         raise FileNotFoundError(f"{name} root={str(root)!r} is not a folder")
     if split != "train" and (root / "train").is_dir():
         _check_same_classes(root / "train", root / split)
-    ids, targets, classes = _scan_folder(root, split, num_classes, max_per_class)
+    ids, targets, classes = _scan_folder(root, split, num_classes, files_per_class)
     _check_image_files(root, ids, check_images)
     return ids, targets, classes, root
 
@@ -859,10 +1050,10 @@ def _check_same_classes(train_dir: Path, held_out_dir: Path) -> None:
 
 
 def _scan_folder(
-    root: Path, split: str, max_classes: int | None, max_per_class: int | None
+    root: Path, split: str, max_classes: int | None, files_per_class: int | None
 ) -> tuple[list[str], list[int], list[str]]:
     """IDs "{split}/{class}/{file}", labels and class names: class folders sorted, files sorted
-    within each class (walking subfolders), first `max_classes` classes, first `max_per_class` files.
+    within each class (walking subfolders), first `max_classes` classes, first `files_per_class` files.
 
     Links: a class folder may be a link, and links inside a class folder, to files or folders, are
     followed, except a link to a folder that contains it or a folder on the way to it (a loop such
@@ -889,7 +1080,7 @@ def _scan_folder(
             raise FileNotFoundError(
                 f"class folder {split_dir / class_name} holds no images ({', '.join(IMG_EXTENSIONS)})"
             )
-        files = files[:max_per_class]
+        files = files[:files_per_class]
         ids += [f"{split}/{file}" for file in files]
         targets += [label] * len(files)
     walk.check_linked_files()
@@ -1072,7 +1263,7 @@ def _make_synthetic(split: str, num_samples: int, num_classes: int) -> tuple[tor
 
 
 class EpochShuffleSampler(Sampler[int]):
-    """A shuffled order that depends only on the dataset's `base_seed` and current epoch, so the
+    """A shuffled order that depends only on the dataset's `data_seed` and current epoch, so the
     batches of an epoch (and with them the Mixup pairs) are the same in every run and on resume.
 
     Under data parallelism every rank draws the same permutation, cuts it to a multiple of
@@ -1096,7 +1287,7 @@ class EpochShuffleSampler(Sampler[int]):
         self._skip = n
 
     def __iter__(self) -> Iterator[int]:
-        seed = derive_seed("order", self.dataset.base_seed, self.dataset.epoch)
+        seed = derive_seed("order", self.dataset.data_seed, self.dataset.epoch)
         order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(seed))
         mine = order[: len(self) * self.world_size][self.rank :: self.world_size]
         start, self._skip = self._skip, 0
@@ -1124,70 +1315,3 @@ def make_loaders(
     )
     eval_loader = DataLoader(held_out, batch_size=batch_size, num_workers=num_workers)
     return train_loader, eval_loader
-
-
-# ----------------------------------------------------------------------------- compatibility: the original plan's API
-# The loaders the original plan's command lines and API named, kept so that code written against
-# them keeps working. New code builds each split with `get_dataset` (as `experiment.datasets_for`
-# does) and, where it wants loaders, pairs a training and a held-out split with `make_loaders`.
-
-
-def get_CIFAR_100(
-    root: str | Path | None = None,
-    *,
-    batch_size: int = 128,
-    img_size: int = 32,
-    augment: AugmentConfig | None = AugmentConfig(),
-    base_seed: int = 0,
-    num_workers: int = 0,
-    download: bool = True,
-    verify: bool = True,
-) -> tuple[DataLoader, DataLoader]:
-    """(train, test) loaders for CIFAR-100; see `get_dataset` and `make_loaders` for the arguments
-    and what is raised."""
-    train = get_dataset(
-        "cifar100",
-        root,
-        "train",
-        img_size=img_size,
-        augment=augment,
-        base_seed=base_seed,
-        download=download,
-        verify=verify,
-    )
-    test = get_dataset("cifar100", root, "test", img_size=img_size, download=download, verify=verify)
-    return make_loaders(train, test, batch_size=batch_size, num_workers=num_workers)
-
-
-def get_ImageNet1K(
-    root: str | Path,
-    *,
-    batch_size: int = 128,
-    img_size: int = 224,
-    augment: AugmentConfig | None = AugmentConfig(),
-    base_seed: int = 0,
-    num_workers: int = 0,
-) -> tuple[DataLoader, DataLoader]:
-    """(train, val) loaders for an ImageNet-1k ImageFolder tree under `root`; see `get_dataset`."""
-    train = get_dataset("imagenet", root, "train", img_size=img_size, augment=augment, base_seed=base_seed)
-    val = get_dataset("imagenet", root, "val", img_size=img_size)
-    return make_loaders(train, val, batch_size=batch_size, num_workers=num_workers)
-
-
-def get_imagenet_subset_loaders(
-    root: str | Path,
-    *,
-    num_classes: int,
-    max_per_class: int,
-    batch_size: int = 128,
-    img_size: int = 224,
-    augment: AugmentConfig | None = AugmentConfig(),
-    base_seed: int = 0,
-    num_workers: int = 0,
-) -> tuple[DataLoader, DataLoader]:
-    """(train, val) loaders for the first `num_classes` classes of an ImageNet tree, at most
-    `max_per_class` images per class in each split; see `get_dataset`."""
-    subset = dict(num_classes=num_classes, max_per_class=max_per_class, img_size=img_size)
-    train = get_dataset("imagenet-subset", root, "train", augment=augment, base_seed=base_seed, **subset)
-    val = get_dataset("imagenet-subset", root, "val", **subset)
-    return make_loaders(train, val, batch_size=batch_size, num_workers=num_workers)

@@ -1,6 +1,6 @@
 """Knowledge distillation: the loss, where the teacher's predictions come from (an online model or
 a logit store), the precompute that fills a store and the check that re-runs the teacher on it.
-The original plan's `FastDistillation` facade is kept at the end of the file.
+(The original plan's `FastDistillation` facade lives in `compat`.)
 
 The loss blends ground-truth labels with the teacher's predictions:
 
@@ -29,8 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .augment import TrainTransform, mixing_settings
-from .data import DatasetWithIDs, SubsetWithIDs
+from .augment import TrainTransform
+from .data import DatasetWithIDs, DataSpec, SubsetWithIDs
 from .logit_store import (
     LogitStore,
     StoreHeader,
@@ -48,7 +48,11 @@ from .utils import progress as progress_bar
 from .utils import rank_world
 
 __all__ = [
+    "ALPHA",
+    "TEMPERATURE",
     "DistillationLoss",
+    "input_channels",
+    "store_spec_differences",
     "soft_cross_entropy",
     "Teacher",
     "OnlineTeacher",
@@ -58,7 +62,6 @@ __all__ = [
     "VerifyTolerance",
     "store_header",
     "weights_sha256",
-    "FastDistillation",
     "PrecomputeStats",
     "topk_mass",
     "precompute_or_reuse",
@@ -76,24 +79,28 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothi
     return -(target * F.log_softmax(logits, dim=-1)).sum(-1).mean()
 
 
+# One default each for the distillation hyper-parameters (DeiT's alpha, Hinton's T = 1); TrainConfig,
+# the CLI and the loss all use these. The course's profiles choose the paper's recipe, alpha = 1.
+ALPHA = 0.5
+TEMPERATURE = 1.0
+
+
 class DistillationLoss(nn.Module):
-    """(1 - alpha) * CE(student, labels) + alpha * T^2 * KL(teacher_T || student_T), batch mean.
+    """(1 - alpha) * CE(student, targets) + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)),
+    batch mean. The loss owns T: teachers, online or stored, give logits, and only `soft_term`
+    softens them.
 
     Args:
         alpha: weight of the teacher term, in [0, 1]; 0 is plain supervised training.
-        temperature: T > 0; both distributions are softened by dividing logits by T.
+        temperature: T > 0; both sides' logits are divided by T before the softmax.
         label_smoothing: applied to the hard-label term only.
 
-    The teacher is given either as dense `teacher_logits` (an online teacher, or a store with
-    every class), or as `teacher_probs`, a distribution already at temperature T (rebuilt from a
-    sparse top-k record by the logit store).
-
     Raises:
-        ValueError: alpha outside [0, 1], T <= 0, label_smoothing outside [0, 1), or a teacher that
-            is missing when alpha > 0, given twice, or of another shape than the student's logits.
+        ValueError: alpha outside [0, 1], T <= 0, label_smoothing outside [0, 1), or (from `forward`)
+            teacher logits missing when alpha > 0 or of another shape than the student's.
     """
 
-    def __init__(self, alpha: float = 0.5, temperature: float = 1.0, label_smoothing: float = 0.0) -> None:
+    def __init__(self, alpha: float = ALPHA, temperature: float = TEMPERATURE, label_smoothing: float = 0.0) -> None:
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"distillation alpha must be in [0, 1], got {alpha}")
@@ -108,37 +115,30 @@ class DistillationLoss(nn.Module):
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, temperature={self.temperature}, label_smoothing={self.label_smoothing}"
 
-    def soft_term(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
-        """T^2 * KL(teacher_probs || softmax(student / T)), batch mean."""
+    def soft_term(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """T^2 * KL(softmax(teacher / T) || softmax(student / T)), batch mean; both (B, C)."""
         T = self.temperature
+        teacher_probs = F.softmax(teacher_logits.float() / T, dim=-1)
         log_student = F.log_softmax(student_logits.float() / T, dim=-1)
-        teacher_probs = teacher_probs.float()
         kl = (torch.xlogy(teacher_probs, teacher_probs) - teacher_probs * log_student).sum(-1)
         return kl.mean() * T * T
 
     def forward(
-        self,
-        student_logits: torch.Tensor,
-        labels: torch.Tensor,
-        *,
-        teacher_logits: torch.Tensor | None = None,
-        teacher_probs: torch.Tensor | None = None,
+        self, student_logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if teacher_logits is not None and teacher_probs is not None:
-            raise ValueError("give the teacher as teacher_logits or teacher_probs, not both")
-        if teacher_logits is not None:
-            teacher_probs = F.softmax(teacher_logits.float() / self.temperature, dim=-1)
-        hard = soft_cross_entropy(student_logits.float(), labels, self.label_smoothing) if self.alpha < 1 else None
+        """The loss of a batch: `student_logits` (B, C); `targets`, class indices (B,) or soft targets
+        (B, C) of mixed views; `teacher_logits` (B, C), needed when alpha > 0."""
+        hard = soft_cross_entropy(student_logits.float(), targets, self.label_smoothing) if self.alpha < 1 else None
         if self.alpha == 0.0:
             return hard
-        if teacher_probs is None:
-            raise ValueError(f"alpha={self.alpha} needs a teacher (teacher_logits or teacher_probs)")
-        if teacher_probs.shape != student_logits.shape:
+        if teacher_logits is None:
+            raise ValueError(f"alpha={self.alpha} needs the teacher's logits")
+        if teacher_logits.shape != student_logits.shape:
             raise ValueError(
-                f"teacher shape {tuple(teacher_probs.shape)} does not match "
+                f"teacher shape {tuple(teacher_logits.shape)} does not match "
                 f"the student's logits {tuple(student_logits.shape)}"
             )
-        soft = self.soft_term(student_logits, teacher_probs)
+        soft = self.soft_term(student_logits, teacher_logits)
         return soft if hard is None else (1 - self.alpha) * hard + self.alpha * soft
 
 
@@ -146,49 +146,61 @@ class DistillationLoss(nn.Module):
 
 
 class Teacher:
-    """Where the teacher's distribution for a training batch comes from."""
+    """Where the teacher's logits for a training batch come from: a model run now, or a store."""
 
-    def probs(self, images: torch.Tensor, sample_ids: torch.Tensor, epoch: int, temperature: float) -> torch.Tensor:
-        """The teacher's distribution at `temperature`, (B, num_classes), on images.device."""
+    def logits(
+        self, images: torch.Tensor, sample_ids: torch.Tensor | None = None, epoch: int | None = None
+    ) -> torch.Tensor:
+        """The teacher's logits for the batch's views, float32 (B, num_classes) on images.device."""
         raise NotImplementedError
 
     def to(self, device: torch.device) -> Teacher:
         return self
 
 
+def input_channels(model: nn.Module) -> int:
+    """The channel count a model's first convolution takes.
+
+    Raises:
+        ValueError: the model has no convolution to read it from.
+    """
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is None:
+        raise ValueError(f"cannot tell the input channels of {type(model).__name__}: it has no Conv2d")
+    return first.in_channels
+
+
 class OnlineTeacher(Teacher):
     """Runs a model on the same augmented batch as the student: the slow baseline that stored
-    logits remove. A grayscale batch is repeated to 3 channels for an RGB teacher.
+    logits remove. A grayscale batch is repeated to the model's channel count for an RGB teacher.
 
-    The teacher runs as `inference_copy` makes it: BatchNorm folded into its convolutions and
-    channels-last memory (1.1x (ResNet-18) to 1.4x (TinyViT-5M) faster on a CPU; the same logits up
-    to float rounding). `model` itself is left as it was. On a CPU the teacher computes in fp32
-    whatever the input size: its answers become the student's targets, stored in fp16, and bf16
-    autocast would round them 8x more coarsely than the store does."""
+    The teacher runs as `inference_copy` makes it (BatchNorm folded, channels-last memory: the same
+    logits up to float rounding); `model` itself is left as it was. On a CPU it computes in fp32: its
+    answers become the student's targets, stored in fp16, and bf16 autocast would round them more
+    coarsely than the store does. On CUDA it runs under bf16 autocast."""
 
-    def __init__(self, model: nn.Module, in_chans: int = 3) -> None:
+    def __init__(self, model: nn.Module) -> None:
+        self.in_chans = input_channels(model)
         self.model = inference_copy(model)
-        self.in_chans = in_chans
 
     def to(self, device: torch.device) -> OnlineTeacher:
         self.model.to(device)
         return self
 
     @torch.no_grad()
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, num_classes) float32 logits."""
+    def logits(
+        self, images: torch.Tensor, sample_ids: torch.Tensor | None = None, epoch: int | None = None
+    ) -> torch.Tensor:
+        """(B, C, H, W) -> (B, num_classes) float32 logits; `sample_ids` and `epoch` are not needed."""
         if images.shape[1] != self.in_chans:
             images = images.expand(-1, self.in_chans, -1, -1)
         images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
             return self.model(images).float()
 
-    def probs(self, images, sample_ids, epoch, temperature):
-        return F.softmax(self.logits(images) / temperature, dim=-1)
-
 
 class StoredTeacher(Teacher):
-    """The teacher's distribution read from a logit store instead of computed.
+    """The teacher's logits read from a logit store instead of computed.
 
     Static stores are looked up by sample; replay stores also check that the data loader made
     exactly the view the teacher saw (same augmentation seed), so a mismatched pipeline fails
@@ -211,17 +223,8 @@ class StoredTeacher(Teacher):
                 f"epochs: the replay store holds {header.epochs} epoch(s) of views, the run trains {epochs} "
                 f"(precompute --mode replay --epochs {epochs} or more)"
             )
-        if isinstance(dataset, SubsetWithIDs) and dataset.parent.fingerprint() == header.dataset:
-            self.positions = torch.tensor(dataset.indices, dtype=torch.long)  # subset position -> store position
-        elif dataset.fingerprint() == header.dataset:
-            self.positions = None
-        else:
-            fp = dataset.fingerprint()
-            problems += [
-                f"dataset {key}: store {header.dataset.get(key)!r}, data {fp.get(key)!r}"
-                for key in fp
-                if fp.get(key) != header.dataset.get(key)
-            ]
+        self.positions, fingerprint_problems = _store_positions(header, dataset)
+        problems += fingerprint_problems
         img_size = getattr(dataset.transform, "img_size", None)
         if img_size != header.img_size:
             problems.append(f"img_size: store {header.img_size}, data {img_size}")
@@ -231,8 +234,8 @@ class StoredTeacher(Teacher):
         if header.mode == "replay":
             if repr(dataset.transform) != header.transform:
                 problems.append(f"transform: store {header.transform}, data {dataset.transform!r}")
-            if dataset.base_seed != header.base_seed:
-                problems.append(f"base_seed: store {header.base_seed}, data {dataset.base_seed}")
+            if dataset.data_seed != header.data_seed:
+                problems.append(f"data_seed: store {header.data_seed}, data {dataset.data_seed}")
         if problems:
             raise StoreMismatch(f"logit store {store.path} does not fit this training data: " + "; ".join(problems))
         self.store, self.dataset = store, dataset
@@ -245,14 +248,18 @@ class StoredTeacher(Teacher):
         `verify` checks the record files' checksums (see the class docstring for what is raised)."""
         return cls(LogitStore.open(path, verify=verify), dataset, epochs=epochs)
 
-    def probs(self, images, sample_ids, epoch, temperature):
-        return self.probs_for_ids(sample_ids, epoch, temperature, images.device)
-
-    def probs_for_ids(
-        self, sample_ids: torch.Tensor, epoch: int, temperature: float, device: torch.device | str = "cpu"
+    def logits(
+        self, images: torch.Tensor | None, sample_ids: torch.Tensor | None = None, epoch: int | None = None
     ) -> torch.Tensor:
-        """The stored distribution at `temperature` of the samples `sample_ids` (B,) in `epoch`,
-        (B, num_classes) on `device`: no images needed, the IDs locate the records.
+        """The stored logits of the batch's samples in `epoch`, on images.device (the IDs locate the
+        records; the images are not read). See `logits_for_ids`."""
+        if sample_ids is None or epoch is None:
+            raise ValueError("a stored teacher needs the batch's sample_ids and epoch to find its records")
+        return self.logits_for_ids(sample_ids, epoch, "cpu" if images is None else images.device)
+
+    def logits_for_ids(self, sample_ids: torch.Tensor, epoch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The stored logits of the samples `sample_ids` (B,) in `epoch`, float32 (B, num_classes) on
+        `device`; the classes outside a record's top k share its remaining probability mass evenly.
 
         Raises:
             ValueError: a replay store whose stored seeds differ from the dataset's seeds for these
@@ -275,8 +282,45 @@ class StoredTeacher(Teacher):
                 f"epoch {epoch}: the data loader mixes these samples with other partners than the stored views "
                 f"(store {self.store.path}); the student would not see what the teacher saw"
             )
-        logits = rebuild_logits(records, self.store.header.num_classes).to(device)
-        return F.softmax(logits / temperature, dim=-1)
+        return rebuild_logits(records, self.store.header.num_classes).to(device)
+
+
+def _store_positions(header: StoreHeader, dataset: DatasetWithIDs) -> tuple[torch.Tensor | None, list[str]]:
+    """Where `dataset`'s samples sit in a store with `header`: (None: the same positions, or the store
+    position of each subset position; the fingerprint differences when the store is of other data)."""
+    if isinstance(dataset, SubsetWithIDs) and dataset.parent.fingerprint() == header.dataset:
+        return torch.tensor(dataset.indices, dtype=torch.long), []  # subset position -> store position
+    fp = dataset.fingerprint()
+    if fp == header.dataset:
+        return None, []
+    return None, [
+        f"dataset {key}: store {header.dataset.get(key)!r}, data {fp.get(key)!r}"
+        for key in fp
+        if fp.get(key) != header.dataset.get(key)
+    ]
+
+
+def store_spec_differences(header: StoreHeader, spec: DataSpec) -> list[str]:
+    """Why a student whose data is `spec` cannot read a store with `header`, one "field: store X, run Y"
+    line per field ([]: it can). A store covers the images and views of the spec it was written from:
+    the dataset, resolution, validation carve and mixing always; the augmentation and the data seed
+    for a replay store (a static store holds evaluation views); the labelled subset unless the store
+    covers the whole pool (then any subset of it reads its records). A store written without a spec
+    returns []: it is checked by fingerprint once the data is loaded (`StoredTeacher`)."""
+    if header.data is None:
+        return []
+    fields = ("dataset", "img_size", "val_per_class", "mix")
+    fields += ("augment", "data_seed") if header.mode == "replay" else ()
+    run = spec.for_store()
+    problems = [
+        f"{name}: store {header.data.get(name)!r}, run {run[name]!r}"
+        for name in fields
+        if header.data.get(name) != run[name]
+    ]
+    stored_cut = header.data.get("max_per_class")
+    if stored_cut is not None and stored_cut != spec.max_per_class:
+        problems.append(f"max_per_class: store {stored_cut!r}, run {spec.max_per_class!r}")
+    return problems
 
 
 # ----------------------------------------------------------------------------- precompute and verify
@@ -284,7 +328,7 @@ class StoredTeacher(Teacher):
 
 def data_mixing(dataset: DatasetWithIDs) -> dict[str, float]:
     """The mixing settings of `dataset`'s views as a store records them ({}: views not mixed)."""
-    return mixing_settings(dataset.mix.config) if dataset.mix is not None else {}
+    return dataset.mix.config.to_dict() if dataset.mix is not None else {}
 
 
 def weights_sha256(weights: nn.Module | dict[str, torch.Tensor]) -> str:
@@ -299,9 +343,18 @@ def weights_sha256(weights: nn.Module | dict[str, torch.Tensor]) -> str:
 
 
 def store_header(
-    teacher: nn.Module, teacher_name: str, dataset: DatasetWithIDs, *, k: int, mode: str, epochs: int = 1
+    teacher: nn.Module,
+    teacher_name: str,
+    dataset: DatasetWithIDs,
+    *,
+    k: int,
+    mode: str,
+    epochs: int = 1,
+    spec: DataSpec | None = None,
 ) -> StoreHeader:
-    """What a store of this teacher on this dataset promises (compared when it is reopened)."""
+    """What a store of this teacher on this dataset promises (compared when it is reopened); `spec`,
+    the data spec `dataset` was built from, is recorded so that students are checked against it
+    before their data loads (`store_spec_differences`)."""
     return StoreHeader(
         teacher=dict(
             name=teacher_name,
@@ -315,8 +368,9 @@ def store_header(
         k=k,
         num_classes=dataset.num_classes,
         epochs=epochs,
-        base_seed=dataset.base_seed,
+        data_seed=dataset.data_seed,
         mix=data_mixing(dataset),
+        data=None if spec is None else spec.for_store(),
     )
 
 
@@ -409,14 +463,15 @@ def precompute(
     teacher_name: str = "teacher",
     batch_size: int = 256,
     device: torch.device | str = "cpu",
-    in_chans: int = 3,
     num_workers: int = 0,
     progress: bool = True,
+    spec: DataSpec | None = None,
 ) -> tuple[LogitStore, PrecomputeStats]:
     """Run the teacher once over `dataset` and store its top-k logits at `path`.
 
     static: one record per sample, from the dataset's evaluation transform. replay: one record per
     sample and epoch, from the augmented view of that epoch (its seed stored), for `epochs` epochs.
+    `spec`: the data spec `dataset` was built from, recorded in the store's header.
     Resumable (run it again after a kill: complete batches whose records carry their views' seeds
     are kept, the result is byte-identical) and sharded under torchrun (each rank writes its share;
     rank 0 assembles the store). One precompute per path at a time (see `StoreWriter`).
@@ -438,13 +493,13 @@ def precompute(
     _check_precompute_arguments(dataset, mode, num_workers)
     device = torch.device(device)
     rank, world = rank_world()
-    header = store_header(teacher, teacher_name, dataset, k=k, mode=mode, epochs=epochs)  # checks k, mode, epochs
+    header = store_header(teacher, teacher_name, dataset, k=k, mode=mode, epochs=epochs, spec=spec)  # checks k, mode
     seeds = dataset_seeds(dataset) if mode == "replay" else None
     partners = (lambda epoch, positions: dataset.partners(positions.tolist(), epoch)) if header.mix else None
     with StoreWriter(
         path, header, batch_size=batch_size, rank=rank, world_size=world, seeds=seeds, partners=partners
     ) as writer:
-        online = OnlineTeacher(teacher, in_chans=in_chans).to(device)
+        online = OnlineTeacher(teacher).to(device)
         images_done, t0 = 0, time.perf_counter()
         for epoch in range(header.epochs):
             images_done += _write_epoch(
@@ -492,7 +547,6 @@ def verify_store(
     dataset: DatasetWithIDs,
     *,
     samples: int = 256,
-    in_chans: int = 3,
     device: torch.device | str = "cpu",
     seed: int = 0,
     tolerance: VerifyTolerance | None = None,
@@ -519,7 +573,7 @@ def verify_store(
     g = torch.Generator().manual_seed(seed)
     count = min(samples, header.size * header.epochs)
     picks = torch.randperm(header.size * header.epochs, generator=g)[:count]
-    online = OnlineTeacher(teacher, in_chans=in_chans).to(torch.device(device))
+    online = OnlineTeacher(teacher).to(torch.device(device))
     worst, largest, mismatched = 0.0, 0.0, 0
     for chunk in picks.split(64):
         epochs, positions = chunk // header.size, chunk % header.size
@@ -625,6 +679,7 @@ def precompute_or_reuse(
     teacher_name: str = "teacher",
     batch_size: int = 256,
     force: bool = False,
+    spec: DataSpec | None = None,
     **kwargs,
 ) -> tuple[LogitStore, PrecomputeStats | None]:
     """The store at `path` if it was made by this teacher, on this data, with these settings;
@@ -635,7 +690,7 @@ def precompute_or_reuse(
         And what `precompute` raises.
     """
     path = Path(path)
-    expected = store_header(teacher, teacher_name, dataset, k=k, mode=mode, epochs=epochs)
+    expected = store_header(teacher, teacher_name, dataset, k=k, mode=mode, epochs=epochs, spec=spec)
     if not force and (path / "manifest.json").exists():
         try:
             return LogitStore.open(path, expect=expected), None
@@ -655,59 +710,6 @@ def precompute_or_reuse(
         epochs=epochs,
         teacher_name=teacher_name,
         batch_size=batch_size,
+        spec=spec,
         **kwargs,
     )
-
-
-# ----------------------------------------------------------------------------- compatibility: the original plan's API
-# `FastDistillation` is the one-object workflow the original plan named; it is kept so that code and
-# command lines written against that plan keep working. New code calls the pieces directly, as the
-# trainer and the notebooks do: `precompute` (or `precompute_or_reuse`), `StoredTeacher` and
-# `DistillationLoss`.
-
-
-class FastDistillation:
-    """The fast-distillation workflow in one object: precompute a teacher's sparse logits once,
-    then compute the distillation loss of any student batch from them.
-
-        fd = FastDistillation(k=10, temperature=1.0, alpha=0.5)
-        fd.precompute_logits(teacher, eval_train_set, "logits/fmnist")      # once
-        fd.load("logits/fmnist", train_set)                                # in every student run
-        loss = fd.compute_loss(student_logits, sample_ids, labels, epoch)
-
-    Raises:
-        ValueError: as `DistillationLoss` for alpha/temperature; `compute_loss` before `load`.
-    """
-
-    def __init__(self, k: int = 10, temperature: float = 1.0, alpha: float = 0.5, label_smoothing: float = 0.0) -> None:
-        if k < 1:
-            raise ValueError(f"k={k} must be >= 1")
-        self.k = k
-        self.loss = DistillationLoss(alpha, temperature, label_smoothing)
-        self.teacher: StoredTeacher | None = None
-
-    def precompute_logits(
-        self, teacher: nn.Module, dataset: DatasetWithIDs, path: str | Path, *, mode: str = "static", **kwargs
-    ) -> LogitStore:
-        """Write the store at `path` (see `precompute` for the options and what is raised)."""
-        store, _ = precompute(teacher, dataset, path, k=self.k, mode=mode, **kwargs)
-        return store
-
-    def load(self, path: str | Path, dataset: DatasetWithIDs) -> FastDistillation:
-        """Open the store at `path` for training on `dataset` (checked against the store)."""
-        self.teacher = StoredTeacher.open(path, dataset)
-        return self
-
-    def compute_loss(
-        self, student_logits: torch.Tensor, sample_ids: torch.Tensor, labels: torch.Tensor, epoch: int = 0
-    ) -> torch.Tensor:
-        """The distillation loss of a student batch: `student_logits` (B, C), the batch's `sample_ids`
-        and `labels` (B,), and the `epoch` whose stored views the batch shows (replay stores).
-
-        Raises:
-            ValueError: no store loaded yet, or as `StoredTeacher.probs_for_ids` and `DistillationLoss`.
-        """
-        if self.teacher is None:
-            raise ValueError("load a logit store first (FastDistillation.load)")
-        probs = self.teacher.probs_for_ids(sample_ids, epoch, self.loss.temperature, student_logits.device)
-        return self.loss(student_logits, labels, teacher_probs=probs)

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .augment import AUGMENT_PRESETS, MIX_PRESETS, with_mix_preset
-from .data import DatasetWithIDs, carve_validation, get_dataset, per_class_subset, training_images
-from .distill import OnlineTeacher, StoredTeacher, Teacher, weights_sha256
+from . import data
+from .data import DatasetWithIDs, DataSpec
+from .distill import OnlineTeacher, StoredTeacher, Teacher, store_spec_differences, weights_sha256
+from .logit_store import LogitStore, StoreMismatch
 from .teachers import build_model, load_weights
 from .trainer import TrainConfig, TrainResult, evaluate, train
 from .utils import FileLock, atomic_write_text, check_writable_folder, load_checkpoint
@@ -28,7 +29,7 @@ from .utils import FileLock, atomic_write_text, check_writable_folder, load_chec
 __all__ = [
     "RunSpec",
     "PreparedRun",
-    "datasets_for",
+    "open_store",
     "validation_set",
     "test_set",
     "measure",
@@ -50,52 +51,40 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RunSpec:
-    """A run, in the CLI's terms. `name` is the folder under `output_dir`.
+    """A run, described by values: its data (`DataSpec`), the model, where the teacher comes from
+    (none, a model run online, or a logit store), and the hyper-parameters. `name` is the folder
+    under `output_dir`.
 
     Raises:
-        ValueError: an unknown augmentation or mix preset, or max_per_class < 1.
+        ValueError: both an online teacher and a store, or a teacher checkpoint without its model.
     """
 
     name: str
-    dataset: str = "fashion-mnist"
-    data_root: str | None = None
+    data: DataSpec = DataSpec()
     model: str = "tinyvit_5m"
-    img_size: int | None = None  # None: the dataset's course default
-    augment: str = "light"  # a key of AUGMENT_PRESETS
-    mix_preset: str = "full"  # with train.mix: the mixing settings, a key of MIX_PRESETS
-    max_per_class: int | None = None  # a deterministic per-class subset of the training images (the labelled set)
-    max_val_per_class: int | None = None  # validate each epoch on this many images per class of the validation set
-    # Validation carved from the training split: this many images per class, chosen by permanent ID
-    # (`data.validation_indices`), never trained on; the rest is the pool. None: validate on the held-out
-    # split (quick runs), which then is no clean test set (`test_set` refuses such a run).
-    val_per_class: int | None = None
     init_from: str | None = None  # start from this checkpoint's weights (written by `run`): fine-tuning
-    teacher_model: str | None = None  # online distillation
-    teacher_checkpoint: str | None = None
+    teacher_model: str | None = None  # online distillation: the teacher's architecture
+    teacher_checkpoint: str | None = None  # its weights
     logits_path: str | None = None  # distillation from a logit store
     output_dir: str = "runs"
-    data_seed: int = 0  # the data order and augmentation (a replay store fixes it); train.seed: init, drop path
-    verify_files: bool = True  # cifar100: refuse files whose md5 differs from the official release
-    check_images: str = "header"  # image folders: check files when the dataset is built ("decode", "off")
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        if self.augment not in AUGMENT_PRESETS:
-            raise ValueError(f"unknown augment preset {self.augment!r}; choose one of {sorted(AUGMENT_PRESETS)}")
-        if self.mix_preset not in MIX_PRESETS:
-            raise ValueError(f"unknown mix preset {self.mix_preset!r}; choose one of {sorted(MIX_PRESETS)}")
-        for name in ("max_per_class", "max_val_per_class", "val_per_class"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name}={value} must be >= 1")
         if self.teacher_model and self.logits_path:
             raise ValueError("choose one teacher: an online teacher_model or a logits_path store, not both")
+        if self.teacher_checkpoint and not self.teacher_model:
+            raise ValueError("teacher_checkpoint needs teacher_model (the architecture to load it into)")
 
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
+
+    @property
+    def distills(self) -> bool:
+        """Whether the run learns from a teacher: it has one, and alpha > 0."""
+        return bool(self.teacher_model or self.logits_path) and self.train.alpha > 0
 
 
 @dataclass
@@ -108,110 +97,75 @@ class PreparedRun:
     model_config: dict
 
 
-def datasets_for(spec: RunSpec) -> tuple[DatasetWithIDs, DatasetWithIDs]:
-    """The (training, validation) datasets of a run: transforms, mixing, base seed and subsets as the
-    spec says.
-
-    Raises:
-        ValueError: mixing asked with augment "none" (see `get_dataset`), or as `get_dataset`.
-    """
-    checks = _file_checks(spec)
-    augment = AUGMENT_PRESETS[spec.augment]
-    if spec.train.mix and augment is not None:
-        augment = with_mix_preset(augment, spec.mix_preset)
-    train_set = get_dataset(
-        spec.dataset,
-        spec.data_root,
-        "train",
-        img_size=spec.img_size,
-        augment=augment,
-        base_seed=spec.data_seed,
-        mix=spec.train.mix,
-        **checks,
-    )
-    train_set = training_images(train_set, val_per_class=spec.val_per_class, max_per_class=spec.max_per_class)
-    val_set = validation_set(spec)
-    if spec.max_val_per_class:
-        val_set = per_class_subset(val_set, spec.max_val_per_class)
-    return train_set, val_set
-
-
 def validation_set(spec: RunSpec) -> DatasetWithIDs:
-    """The whole validation set of a run, in the evaluation view: its carve from the training split
-    (`spec.val_per_class`), or the held-out split when it has none.
-
-    Raises:
-        ValueError, FileNotFoundError: as `get_dataset` and `carve_validation`.
-    """
-    checks = _file_checks(spec)
-    if not spec.val_per_class:
-        return get_dataset(spec.dataset, spec.data_root, "val", img_size=spec.img_size, **checks)
-    plain = get_dataset(spec.dataset, spec.data_root, "train", img_size=spec.img_size, **checks)
-    return carve_validation(plain, spec.val_per_class)[1]
-
-
-def _file_checks(spec: RunSpec) -> dict:
-    """How a run's data files are checked on the way in (`get_dataset`'s verify and check_images)."""
-    return dict(verify=spec.verify_files, check_images=spec.check_images)
+    """The whole validation set of a run (see `data.validation_set`)."""
+    return data.validation_set(spec.data)
 
 
 def test_set(spec: RunSpec) -> DatasetWithIDs:
-    """The held-out split, for a run's final numbers only. It is the test set only for a run that
-    never looked at it: one validated (and so chosen) on a carve of the training split.
+    """The held-out split, for a run's final numbers only: refused for a run that validated on it
+    (see `data.test_set`; the message names the run).
 
     Raises:
-        ValueError: `spec.val_per_class` is not set (the run validated on the held-out split).
-        FileNotFoundError: as `get_dataset`.
+        ValueError, FileNotFoundError: as `data.test_set`.
     """
-    if not spec.val_per_class:
-        raise ValueError(
-            f"run {spec.name!r} validated on the held-out split (val_per_class={spec.val_per_class}): its "
-            f"numbers there are not test numbers; carve a validation set (val_per_class) and rerun"
-        )
-    checks = _file_checks(spec)
-    return get_dataset(spec.dataset, spec.data_root, "test", img_size=spec.img_size, **checks)
+    try:
+        return data.test_set(spec.data)
+    except ValueError as exc:
+        raise ValueError(f"run {spec.name!r}: {exc}") from None
+
+
+test_set.__test__ = False  # a function named test_*, not a test: pytest must not collect it when imported
+
+
+def open_store(spec: RunSpec) -> LogitStore:
+    """The run's logit store, checked against the run's data spec before any data is loaded.
+
+    Raises:
+        StoreMismatch: the store was written for other data (every differing field is named).
+        FileNotFoundError, ValueError: as `LogitStore.open`.
+    """
+    store = LogitStore.open(spec.logits_path)
+    problems = store_spec_differences(store.header, spec.data)
+    if problems:
+        raise StoreMismatch(f"logit store {spec.logits_path} was written for other data: " + "; ".join(problems))
+    return store
 
 
 def prepare_run(spec: RunSpec) -> PreparedRun:
     """Load the data, build the model (initialised from `spec.train.seed`, so the same spec gives the
-    same starting weights in any process) and the teacher. Writes nothing.
+    same starting weights in any process) and the teacher. Writes nothing. A store is checked against
+    the run's data spec before the data loads.
 
     Raises:
         ValueError, FileNotFoundError: bad names, missing data or checkpoints (see `get_dataset`,
-            `build_model`, `load_weights`; `init_from` included), distillation without a teacher, a
-            run folder that cannot be created or written.
+            `build_model`, `load_weights`; `init_from` included), a run folder that cannot be
+            created or written.
+        StoreMismatch: a store written for other data (see `open_store`).
         LockHeld: another process is training this run.
     """
-    config = spec.train
-    if config.distill_alpha > 0 and not (spec.teacher_model or spec.logits_path):
-        raise ValueError(f"distill_alpha={config.distill_alpha} needs a teacher: a teacher model or a logits path")
-    if spec.teacher_checkpoint and not spec.teacher_model:
-        raise ValueError("teacher_checkpoint needs teacher_model (the architecture to load it into)")
     if spec.init_from and not Path(spec.init_from).is_file():
         raise FileNotFoundError(f"init_from={spec.init_from}: no such checkpoint (a run's last.pt to fine-tune)")
     check_writable_folder(spec.run_dir, what="run folder")
     refuse_if_running(spec)
-    train_set, val_set = datasets_for(spec)
-    img_size = train_set.transform.img_size
-    in_chans = train_set.out_chans
-    model_config = dict(name=spec.model, num_classes=train_set.num_classes, in_chans=in_chans, img_size=img_size)
+    store = open_store(spec) if spec.distills and spec.logits_path else None
+    train_set, val_set = data.build(spec.data)
+    model_config = dict(
+        name=spec.model, num_classes=train_set.num_classes, in_chans=train_set.out_chans, img_size=spec.data.img_size
+    )
     with torch.random.fork_rng(devices=[]):  # the initialisation is the run's seed, not the caller's RNG state
-        torch.manual_seed(config.seed)
+        torch.manual_seed(spec.train.seed)
         model = build_model(**model_config)
     if spec.init_from:
         load_weights(model, spec.init_from)  # fine-tuning: the pretrained weights replace the initialisation
     teacher: Teacher | None = None
-    if spec.teacher_model:
-        teacher_net = build_model(
-            spec.teacher_model, num_classes=train_set.num_classes, in_chans=in_chans, img_size=img_size
-        )
+    if spec.distills and spec.teacher_model:
+        teacher_net = build_model(spec.teacher_model, **{k: v for k, v in model_config.items() if k != "name"})
         if spec.teacher_checkpoint:
             load_weights(teacher_net, spec.teacher_checkpoint)
-        teacher = OnlineTeacher(teacher_net, in_chans=in_chans)
-    elif spec.logits_path:
-        teacher = StoredTeacher.open(spec.logits_path, train_set, epochs=config.epochs)  # enough replayed epochs?
-    if config.distill_alpha == 0:
-        teacher = None
+        teacher = OnlineTeacher(teacher_net)
+    elif store is not None:
+        teacher = StoredTeacher(store, train_set, epochs=spec.train.epochs)  # enough replayed epochs?
     return PreparedRun(spec, model, train_set, val_set, teacher, model_config)
 
 
@@ -290,10 +244,12 @@ def run_differences(spec: RunSpec, checkpoint: dict) -> list[str]:
 
 
 def _flat(train: dict, spec: dict, teacher: str | None, init: str | None) -> dict:
-    # the mix preset matters only to a run that mixes (and runs saved before it existed did not mix)
-    spec = dict(spec, mix_preset=spec.get("mix_preset") if train.get("mix") else None)
-    flat = {**{f"train.{k}": v for k, v in train.items()}, **_movable(spec), "teacher (content hash)": teacher}
-    return dict(flat, **{"init_from (content hash)": init})
+    """One level of "section.field" keys: the training config, the data spec and the rest of the run spec."""
+    data_fields = spec.get("data") if isinstance(spec.get("data"), dict) else {}
+    flat = {f"train.{k}": v for k, v in train.items()}
+    flat.update({f"data.{k}": v for k, v in _movable(data_fields).items()})
+    flat.update({k: v for k, v in _movable(spec).items() if k != "data"})
+    return dict(flat, **{"teacher (content hash)": teacher, "init_from (content hash)": init})
 
 
 def refuse_if_running(spec: RunSpec) -> None:
@@ -353,17 +309,17 @@ def _plain(spec: dict) -> dict:
 
 
 def _movable(spec: dict) -> dict:
-    """A spec without the places it lives: the run folder is where its checkpoint was found, and the
-    store or teacher checkpoint is compared by content (`teacher_identity`), so a project folder that
-    was moved or cloned with its runs still reuses them. Whether data files were checked is not part
-    of what a run is."""
+    """A run spec (or its data spec) without the places it lives: the run folder is where its
+    checkpoint was found, and the store or teacher checkpoint is compared by content
+    (`teacher_identity`), so a project folder that was moved or cloned with its runs still reuses
+    them. Whether data files were checked is not part of what a run is."""
+    if "dataset" in spec:
+        return {**spec, "verify_files": None, "check_images": None}
     where = {
         "output_dir": None,
         "logits_path": bool(spec.get("logits_path")),
         "teacher_checkpoint": bool(spec.get("teacher_checkpoint")),
         "init_from": bool(spec.get("init_from")),
-        "verify_files": None,
-        "check_images": None,
     }
     return {**spec, **where}
 
@@ -457,7 +413,7 @@ _SETS: dict[tuple, DatasetWithIDs] = {}
 
 def _cached_set(build, spec: RunSpec) -> DatasetWithIDs:
     """`build(spec)` (validation_set or test_set), built once per data description in a process."""
-    key = (build.__name__, spec.dataset, spec.data_root, spec.img_size, spec.val_per_class)
+    key = (build.__name__, spec.data.dataset, spec.data.root, spec.data.img_size, spec.data.val_per_class)
     if key not in _SETS:
         _SETS[key] = build(spec)
     return _SETS[key]

@@ -23,11 +23,14 @@ top k keep their logits, every other class gets `rest` (the remainder spread uni
 official implementation does), exact at T = 1 in total mass and exact everywhere when k equals the
 class count.
 
-The manifest is checked field by field on open (types, ranges, the record layout that k and
-num_classes make, one file per epoch) and carries `manifest_sha256`, the SHA-256 of its own
-canonical JSON without that field (`manifest_digest`), so an edit or a flipped bit is refused. A
-manifest without the field (written by an older version) is refused as a `StoreMismatch`, so
-`precompute_or_reuse` rebuilds such a store.
+The manifest's header (`StoreHeader`) says what made the records: the teacher, the dataset's
+fingerprint, the view, k, the epochs, the data seed, the mixing settings and, from version 3, the
+data spec the store was written from (`data`, as the caller gives it). Manifests of versions 1 and
+2 still open (see `VERSIONS`). The manifest is checked field by field on open (types, ranges, the
+record layout that k and num_classes make, one file per epoch) and carries `manifest_sha256`, the
+SHA-256 of its own canonical JSON without that field (`manifest_digest`), so an edit or a flipped
+bit is refused. A manifest without the field (written by an older version) is refused as a
+`StoreMismatch`, so `precompute_or_reuse` rebuilds such a store.
 
 Reads go through `numpy.memmap`: a lookup by sample position is one slice, O(1). Writing is
 append-only in whole batches (`StoreWriter`), one writer per folder and rank at a time (a lock
@@ -58,6 +61,7 @@ from .utils import FileLock, atomic_write, atomic_write_text
 __all__ = [
     "FORMAT",
     "VERSION",
+    "VERSIONS",
     "record_dtype",
     "record_layout",
     "official_record_bytes",
@@ -76,7 +80,11 @@ __all__ = [
 ]
 
 FORMAT = "tinyvit-logit-store"
-VERSION = 2  # 2: the header's `mix` and mixed records; a version-1 store reads as an unmixed one
+VERSION = 3
+# Every version a store may have been written in: 2 added the header's `mix` and mixed records (a
+# version-1 store reads as an unmixed one); 3 renamed the header's `base_seed` to `data_seed` and
+# added its `data` (a version-1 or -2 store reads with data None).
+VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 PENDING = "pending.json"
 
@@ -94,6 +102,15 @@ def _short(value: object) -> str:
     """`repr(value)`, cut to 60 characters for an error message."""
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_json_scalars(value: dict) -> bool:
+    """Whether `value` maps strings to JSON scalars: str, int, finite float, bool or None."""
+    return all(
+        isinstance(key, str)
+        and (item is None or isinstance(item, (str, int, bool)) or (isinstance(item, float) and math.isfinite(item)))
+        for key, item in value.items()
+    )
 
 
 def record_dtype(k: int, num_classes: int, mixed: bool = False) -> np.dtype:
@@ -123,11 +140,17 @@ def record_layout(dtype: np.dtype) -> str:
 class StoreHeader:
     """Everything a store promises about its records; compared field by field on open.
 
+    `data` is the data spec the store was written from, as plain JSON values the caller gives
+    (`distill` passes `DataSpec.for_store()`): recorded and compared, never interpreted here; None
+    when the caller gives none (and for a store written before version 3).
+
     Raises:
         ValueError: a field of another type than its annotation (an int field given a bool too), a
             dataset without an int `size` >= 0, img_size < 0, a mode other than 'static'/'replay',
-            k outside [1, num_classes], epochs < 1 (a static store holds exactly one epoch), or a
-            num_classes that differs from the dataset's own `num_classes` (when it has one).
+            k outside [1, num_classes], epochs < 1 (a static store holds exactly one epoch), a
+            num_classes that differs from the dataset's own `num_classes` (when it has one), a `mix`
+            in a static store or with other than numbers, or a `data` that does not map strings to
+            JSON scalars (str, int, finite float, bool, None).
     """
 
     teacher: dict  # name, description, weights_sha256
@@ -138,15 +161,16 @@ class StoreHeader:
     k: int
     num_classes: int
     epochs: int
-    base_seed: int
+    data_seed: int
     mix: dict = field(default_factory=dict)  # mixed views' settings (`augment.mixing_settings`); {}: not mixed
+    data: dict | None = None  # the data spec the store was written from (see above); None: not recorded
 
     def __post_init__(self) -> None:
-        kinds = {"dict": dict, "int": int, "str": str}
+        kinds = {"dict": (dict,), "int": (int,), "str": (str,), "dict | None": (dict, type(None))}
         for spec in fields(self):
             value, kind = getattr(self, spec.name), kinds[spec.type]
-            if not isinstance(value, kind) or (kind is int and not _is_int(value)):
-                raise ValueError(f"{spec.name} must be of type {kind.__name__}, got {_short(value)}")
+            if not isinstance(value, kind) or (int in kind and not _is_int(value)):
+                raise ValueError(f"{spec.name} must be of type {spec.type}, got {_short(value)}")
         size = self.dataset.get("size")
         if not _is_int(size) or size < 0:
             raise ValueError(f"dataset size must be an int >= 0, got {_short(size)}")
@@ -172,6 +196,8 @@ class StoreHeader:
             raise ValueError(f"mix={self.mix}: only a replay store holds mixed views")
         if self.mix and not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.mix.values()):
             raise ValueError(f"mix must map setting names to numbers, got {_short(self.mix)}")
+        if self.data is not None and not _is_json_scalars(self.data):
+            raise ValueError(f"data must map names to JSON scalars, got {_short(self.data)}")
 
     @property
     def size(self) -> int:
@@ -191,8 +217,9 @@ class StoreHeader:
             k=self.k,
             num_classes=self.num_classes,
             epochs=self.epochs,
-            base_seed=self.base_seed,
+            data_seed=self.data_seed,
             mix=self.mix,
+            data=self.data,
         )
 
     def differences(self, other: StoreHeader) -> list[str]:
@@ -297,34 +324,53 @@ def _load_manifest(manifest_path: Path) -> dict:
 
 
 def _manifest_header(manifest: dict, path: Path) -> StoreHeader:
-    """The header of the manifest of the store at `path`, every field checked.
+    """The header of the manifest of the store at `path`, every field checked (a version-1 or -2
+    header read as the current one, see `_current_header`).
 
     Raises:
         ValueError: another format or version, a top-level field missing or unknown, or a header
-            whose fields are not exactly `StoreHeader`'s or fail its checks (the field is named).
+            whose fields are not exactly its version's or fail `StoreHeader`'s checks (the field is
+            named).
     """
     version = manifest.get("version")
-    if manifest.get("format") != FORMAT or not _is_int(version) or version not in (1, VERSION):
+    if manifest.get("format") != FORMAT or not _is_int(version) or version not in VERSIONS:
         raise ValueError(
-            f"{path} is not a {FORMAT} v1 or v{VERSION} store "
+            f"{path} is not a {FORMAT} " + ", ".join(f"v{v}" for v in VERSIONS[:-1]) + f" or v{VERSION} store "
             f"(format={_short(manifest.get('format'))}, version={_short(version)})"
         )
     expected = {"format", "version", "header", "record", "files", "manifest_sha256"}
     missing, unknown = sorted(expected - {"manifest_sha256"} - manifest.keys()), sorted(manifest.keys() - expected)
     if missing or unknown:
         raise ValueError(f"{path / MANIFEST}: missing field(s) {missing}, unknown field(s) {unknown}")
-    header, names = manifest["header"], {spec.name for spec in fields(StoreHeader)}
+    header = manifest["header"]
     if not isinstance(header, dict):
         raise ValueError(f"{path / MANIFEST}: the header must be a JSON object, got {_short(header)}")
+    names = _header_names(version)
     if version == 1 and "mix" not in header:  # version 1 held no mixed views: its records are v2's unmixed ones
         header = dict(header, mix={})
     if header.keys() != names:
         missing, unknown = sorted(names - header.keys()), sorted(header.keys() - names)
         raise ValueError(f"{path / MANIFEST}: header: missing field(s) {missing}, unknown field(s) {unknown}")
     try:
-        return StoreHeader(**header)
+        return StoreHeader(**_current_header(header, version))
     except ValueError as exc:
         raise ValueError(f"{path / MANIFEST}: header {exc}") from None
+
+
+def _header_names(version: int) -> set[str]:
+    """The header fields a manifest of `version` holds: before version 3, `base_seed` for
+    `data_seed` and no `data`."""
+    names = {spec.name for spec in fields(StoreHeader)}
+    return names if version >= 3 else names - {"data_seed", "data"} | {"base_seed"}
+
+
+def _current_header(header: dict, version: int) -> dict:
+    """A header of `version`'s fields (`_header_names`) under the current ones: a version-1 or -2
+    header's `base_seed` is `data_seed`, its `data` None (not recorded)."""
+    if version >= 3:
+        return header
+    current = {key: value for key, value in header.items() if key != "base_seed"}
+    return dict(current, data_seed=header["base_seed"], data=None)
 
 
 def _check_record_and_files(manifest: dict, header: StoreHeader, manifest_path: Path) -> None:
@@ -476,7 +522,7 @@ class LogitStore:
         return rebuild_logits(self.records(epoch, positions), self.header.num_classes)
 
 
-# ----------------------------------------------------------------------------- writing
+# ----------------------------------------------------------------------------- writing: claiming the folder
 
 
 def pending_settings(header: StoreHeader, *, batch_size: int, world_size: int) -> dict:
@@ -503,6 +549,227 @@ def writer_lock(path: str | Path, *, rank: int = 0, world_size: int = 1) -> File
     return FileLock(Path(path) / f".lock-rank-{rank:03d}", what=what)
 
 
+def _cannot_write(path: Path, exc: OSError) -> ValueError:
+    """The refusal of a store folder the OS will not let us create or write, naming its reason."""
+    return ValueError(f"cannot write a logit store at {path}: {exc.strerror or exc}")
+
+
+def _claim(path: Path, lock: FileLock, wanted: dict, *, rank: int) -> None:
+    """Create the store folder `path`, take this rank's `lock`, then check its pending.json against
+    `wanted` (`pending_settings`); rank 0 writes it when there is none. A refused claim holds no lock.
+
+    Raises:
+        ValueError: `path` is a file, or the folder cannot be created or written (a file above it,
+            a read-only file system, no permission: the path and the OS's reason are named).
+        FileExistsError: `path` already holds a complete store (also checked once the lock is held).
+        LockHeld: another process holds `lock`.
+        StoreMismatch: pending.json describes other settings than `wanted`.
+    """
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"cannot write a logit store at {path}: it is a file, not a folder")
+    _refuse_a_complete_store(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except OSError as exc:
+        raise _cannot_write(path, exc) from None
+    try:
+        _refuse_a_complete_store(path)  # finished by another writer while this one waited to start
+        _check_pending(path, wanted, rank=rank)
+    except BaseException:
+        _release(path, lock)
+        raise
+
+
+def _refuse_a_complete_store(path: Path) -> None:
+    """Raises FileExistsError if `path` holds a manifest (a complete store)."""
+    if (path / MANIFEST).exists():
+        raise FileExistsError(f"{path} already holds a complete logit store; remove it or choose another path")
+
+
+def _check_pending(path: Path, wanted: dict, *, rank: int) -> None:
+    """Raises StoreMismatch if the pending.json in `path` describes other settings than `wanted`;
+    rank 0 writes it if absent (ValueError if it cannot, naming the OS's reason)."""
+    found = read_pending(path)
+    if found is not None:
+        if found != wanted:
+            diffs = [k for k in wanted if found.get(k) != wanted[k]]
+            raise StoreMismatch(
+                f"{path} holds an unfinished precompute with other settings ({diffs}); "
+                "remove it or finish it with the same settings"
+            )
+    elif rank == 0:
+        try:
+            atomic_write_text(path / PENDING, json.dumps(wanted, indent=2))
+        except OSError as exc:
+            raise _cannot_write(path, exc) from None
+
+
+def _release(path: Path, lock: FileLock) -> None:
+    """Release `lock`, removing its file if the store at `path` is complete. Idempotent."""
+    if lock.held and (path / MANIFEST).exists():
+        lock.path.unlink(missing_ok=True)  # a writer arriving now finds the manifest and stops
+    lock.release()
+
+
+# ----------------------------------------------------------------------------- writing: checking and resuming parts
+
+
+def _part_file(path: Path, epoch: int, rank: int) -> Path:
+    """Rank `rank`'s part of `epoch`'s record file in the store folder `path`."""
+    return path / f"epoch-{epoch:04d}.part-{rank:03d}"
+
+
+@dataclass(frozen=True)
+class _RecordCheck:
+    """What every record of a store must carry: the seed of its sample's view (`seeds(epoch,
+    positions)` in replay mode, -1 in static mode), for mixed views its partner's position
+    (`partners(epoch, positions)`), and class indices in [0, num_classes)."""
+
+    header: StoreHeader
+    seeds: Callable[[int, np.ndarray], np.ndarray] | None
+    partners: Callable[[int, np.ndarray], np.ndarray] | None
+
+    def problem(self, epoch: int, first: int, records: np.ndarray) -> str | None:
+        """What is wrong with `records`, those of positions first, first + 1, ... in `epoch` (None:
+        nothing): the first record whose seed (or partner) is not its view's, or with a class index
+        outside [0, num_classes)."""
+        positions = np.arange(first, first + len(records), dtype=np.int64)
+        if self.header.mode == "replay":
+            expected = np.asarray(self.seeds(epoch, positions), dtype=np.int64)
+        else:
+            expected = np.full(len(records), -1, dtype=np.int64)
+        wrong_seed = records["seed"] != expected
+        partners = np.asarray(self.partners(epoch, positions), dtype=np.int64) if self.header.mix else None
+        if partners is not None:
+            wrong_seed |= records["partner"] != partners
+        wrong_index = ((records["index"] < 0) | (records["index"] >= self.header.num_classes)).any(axis=1)
+        bad = np.flatnonzero(wrong_seed | wrong_index)
+        if not bad.size:
+            return None
+        i = int(bad[0])
+        record = f"the record of position {positions[i]} in epoch {epoch}"
+        if wrong_seed[i]:
+            found, wanted = f"seed {records['seed'][i]}", str(expected[i])
+            if partners is not None:
+                found, wanted = f"{found}, partner {records['partner'][i]}", f"{wanted}, partner {partners[i]}"
+            return f"{record} carries {found}, expected {wanted}: not the view of that sample"
+        return f"{record} holds a class index outside [0, {self.header.num_classes})"
+
+
+@dataclass(frozen=True)
+class _RankParts:
+    """One rank's share of a store's batches and its part files (see `StoreWriter`): batch b holds
+    positions [b*B, (b+1)*B); rank r of `world_size` owns a contiguous run of them, `batches`."""
+
+    path: Path
+    header: StoreHeader
+    batch_size: int
+    rank: int
+    world_size: int
+
+    @property
+    def batches(self) -> range:
+        num_batches = math.ceil(self.header.size / self.batch_size)
+        share = math.ceil(num_batches / self.world_size)
+        return range(min(self.rank * share, num_batches), min((self.rank + 1) * share, num_batches))
+
+    def batch_len(self, batch: int) -> int:
+        return min(self.batch_size, self.header.size - batch * self.batch_size)
+
+    def good_batches(self, epoch: int, check: _RecordCheck) -> int:
+        """How many of this rank's batches its part of `epoch` holds whole and passing `check`, from
+        its start (a warning names the first record that fails)."""
+        part, dtype = _part_file(self.path, epoch, self.rank), self.header.dtype
+        if not part.exists():
+            return 0
+        records = np.fromfile(part, dtype=dtype, count=part.stat().st_size // dtype.itemsize)
+        done, start = 0, 0
+        for batch in self.batches:
+            length = self.batch_len(batch)
+            if start + length > len(records):
+                break
+            problem = check.problem(epoch, batch * self.batch_size, records[start : start + length])
+            if problem:  # stacklevel: the caller of `StoreWriter.todo`
+                warnings.warn(f"{part}: {problem}; keeping the {done} batch(es) before it", stacklevel=4)
+                break
+            done, start = done + 1, start + length
+        return done
+
+    def resume(self, epoch: int, check: _RecordCheck) -> range:
+        """This rank's batches of `epoch` still to compute, its part truncated to the good ones."""
+        if (self.path / epoch_file(epoch)).exists():
+            return range(0)
+        part = _part_file(self.path, epoch, self.rank)
+        done = self.good_batches(epoch, check)
+        kept = sum(self.batch_len(b) for b in self.batches[:done]) * self.header.dtype.itemsize
+        if part.exists() and part.stat().st_size != kept:
+            with open(part, "r+b") as f:
+                f.truncate(kept)
+        return self.batches[done:]
+
+    def append(self, epoch: int, records: np.ndarray) -> None:
+        with open(_part_file(self.path, epoch, self.rank), "ab") as f:
+            f.write(records.astype(self.header.dtype, copy=False).tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+
+
+# ----------------------------------------------------------------------------- writing: sealing the store
+
+
+def _epoch_entry(path: Path, epoch: int, check: _RecordCheck, *, world_size: int) -> dict:
+    """Write `epoch`'s record file from its `world_size` parts (unless an earlier `finish` did)
+    after checking every record; its manifest entry.
+
+    Raises:
+        ValueError: the parts (or the record file) hold other than `size` records, or a record
+            fails `check`; nothing is written.
+    """
+    header = check.header
+    final, expected = path / epoch_file(epoch), header.size * header.dtype.itemsize
+    if final.exists():  # assembled by a `finish` that stopped before the manifest
+        data, source = final.read_bytes(), f"{final}: remove it and run the precompute again"
+    else:
+        parts = [_part_file(path, epoch, rank) for rank in range(world_size)]
+        data = b"".join(part.read_bytes() for part in parts if part.exists())
+        source = f"epoch {epoch}'s parts: run the precompute again (it keeps the batches before this record)"
+        if len(data) != expected:
+            raise ValueError(
+                f"epoch {epoch}: the parts hold {len(data)} bytes, expected {expected}; "
+                "some rank did not finish: run the precompute again"
+            )
+    if len(data) != expected:
+        raise ValueError(f"{final} has {len(data)} bytes, expected {expected}: remove it and run the precompute again")
+    problem = check.problem(epoch, 0, np.frombuffer(data, dtype=header.dtype))
+    if problem:
+        raise ValueError(f"{problem}, in {source}")
+    if not final.exists():
+        atomic_write(final, lambda out: out.write(data))
+    return dict(name=final.name, epoch=epoch, records=header.size, sha256=hashlib.sha256(data).hexdigest())
+
+
+def _seal(path: Path, header: StoreHeader, files: list[dict]) -> None:
+    """Write the manifest of the store at `path` (its `files` entries, sealed by `manifest_digest`),
+    then remove the part files and pending.json."""
+    manifest = dict(
+        format=FORMAT,
+        version=VERSION,
+        header=header.to_dict(),
+        record=dict(bytes=header.dtype.itemsize, layout=str(header.dtype.descr)),
+        files=files,
+    )
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    atomic_write_text(path / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    for epoch in range(header.epochs):
+        for part in path.glob(f"epoch-{epoch:04d}.part-*"):
+            part.unlink(missing_ok=True)
+    (path / PENDING).unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- writing: the writer
+
+
 class StoreWriter:
     """Writes one store, resumably, in whole batches; one writer per rank when sharded.
 
@@ -524,6 +791,10 @@ class StoreWriter:
     pass, and is truncated before the first that fails (with a warning naming the record); the rest
     is computed again. `finish()` refuses to write a manifest over a record that fails.
 
+    The parts: `_claim` (the folder, the lock, pending.json), `_RecordCheck` and `_RankParts` (what
+    a record must carry; this rank's batches and part files), `_epoch_entry` and `_seal` (the
+    record files and the manifest).
+
     Args:
         seeds: replay mode (required there): the seed each record at `positions` (an int64 array)
             must carry in `epoch`, as an int64 array. Ignored in static mode.
@@ -531,9 +802,8 @@ class StoreWriter:
 
     Raises:
         ValueError: batch_size < 1, a replay header without `seeds`, a mixed one without `partners`,
-            or a folder that cannot be
-            created or written (a file at `path` or above it, a read-only file system, no
-            permission: the path and the OS's reason are named).
+            or a folder that cannot be created or written (a file at `path` or above it, a
+            read-only file system, no permission: the path and the OS's reason are named).
         FileExistsError: `path` already holds a complete store.
         LockHeld: another process is writing this store on this rank (the message names it).
         StoreMismatch: an unfinished precompute with other settings is at `path`.
@@ -559,57 +829,15 @@ class StoreWriter:
         self.path, self.header, self.batch_size = Path(path), header, batch_size
         self.rank, self.world_size, self.seeds, self.partners = rank, world_size, seeds, partners
         self._lock = writer_lock(self.path, rank=rank, world_size=world_size)
-        self._claim()
-        num_batches = math.ceil(header.size / batch_size)
-        share = math.ceil(num_batches / world_size)
-        self.batches = range(min(rank * share, num_batches), min((rank + 1) * share, num_batches))
-
-    def _claim(self) -> None:
-        """Create the folder, take this rank's lock, then check (or, on rank 0, write) pending.json
-        (see the class docstring for what is raised)."""
-        if self.path.exists() and not self.path.is_dir():
-            raise ValueError(f"cannot write a logit store at {self.path}: it is a file, not a folder")
-        self._refuse_a_complete_store()
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            self._lock.acquire()
-        except OSError as exc:
-            raise ValueError(f"cannot write a logit store at {self.path}: {exc.strerror or exc}") from None
-        try:
-            self._refuse_a_complete_store()  # finished by another writer while this one waited to start
-            self._check_pending()
-        except BaseException:
-            self.close()
-            raise
-
-    def _refuse_a_complete_store(self) -> None:
-        if (self.path / MANIFEST).exists():
-            self.close()
-            raise FileExistsError(f"{self.path} already holds a complete logit store; remove it or choose another path")
-
-    def _check_pending(self) -> None:
-        """Raises StoreMismatch if pending.json describes other settings; rank 0 writes it if absent."""
-        pending = self.path / PENDING
-        wanted = pending_settings(self.header, batch_size=self.batch_size, world_size=self.world_size)
-        found = read_pending(self.path)
-        if found is not None:
-            if found != wanted:
-                diffs = [k for k in wanted if found.get(k) != wanted[k]]
-                raise StoreMismatch(
-                    f"{self.path} holds an unfinished precompute with other settings ({diffs}); "
-                    "remove it or finish it with the same settings"
-                )
-        elif self.rank == 0:
-            try:
-                atomic_write_text(pending, json.dumps(wanted, indent=2))
-            except OSError as exc:
-                raise ValueError(f"cannot write a logit store at {self.path}: {exc.strerror or exc}") from None
+        wanted = pending_settings(header, batch_size=batch_size, world_size=world_size)
+        _claim(self.path, self._lock, wanted, rank=rank)
+        self._check = _RecordCheck(header, seeds, partners)
+        self._parts = _RankParts(self.path, header, batch_size, rank, world_size)
+        self.batches = self._parts.batches
 
     def close(self) -> None:
         """Release this rank's lock, removing its lock file if the store is complete. Idempotent."""
-        if self._lock.held and (self.path / MANIFEST).exists():
-            self._lock.path.unlink(missing_ok=True)  # a writer arriving now finds the manifest and stops
-        self._lock.release()
+        _release(self.path, self._lock)
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -617,105 +845,18 @@ class StoreWriter:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _part(self, epoch: int, rank: int) -> Path:
-        return self.path / f"epoch-{epoch:04d}.part-{rank:03d}"
-
-    def _batch_len(self, batch: int) -> int:
-        return min(self.batch_size, self.header.size - batch * self.batch_size)
-
-    def _record_problem(self, epoch: int, first: int, records: np.ndarray) -> str | None:
-        """What is wrong with `records`, those of positions first, first + 1, ... in `epoch` (None:
-        nothing): the first record whose seed is not its view's, or with a class index outside
-        [0, num_classes)."""
-        positions = np.arange(first, first + len(records), dtype=np.int64)
-        if self.header.mode == "replay":
-            expected = np.asarray(self.seeds(epoch, positions), dtype=np.int64)
-        else:
-            expected = np.full(len(records), -1, dtype=np.int64)
-        wrong_seed = records["seed"] != expected
-        partners = np.asarray(self.partners(epoch, positions), dtype=np.int64) if self.header.mix else None
-        if partners is not None:
-            wrong_seed |= records["partner"] != partners
-        wrong_index = ((records["index"] < 0) | (records["index"] >= self.header.num_classes)).any(axis=1)
-        bad = np.flatnonzero(wrong_seed | wrong_index)
-        if not bad.size:
-            return None
-        i = int(bad[0])
-        record = f"the record of position {positions[i]} in epoch {epoch}"
-        if wrong_seed[i]:
-            found, wanted = f"seed {records['seed'][i]}", str(expected[i])
-            if partners is not None:
-                found, wanted = f"{found}, partner {records['partner'][i]}", f"{wanted}, partner {partners[i]}"
-            return f"{record} carries {found}, expected {wanted}: not the view of that sample"
-        return f"{record} holds a class index outside [0, {self.header.num_classes})"
-
-    def _good_batches(self, epoch: int, part: Path) -> int:
-        """How many of this rank's batches `part` holds whole and passing `_record_problem`, from its start."""
-        if not part.exists():
-            return 0
-        records = np.fromfile(part, dtype=self.header.dtype, count=part.stat().st_size // self.header.dtype.itemsize)
-        done, start = 0, 0
-        for batch in self.batches:
-            length = self._batch_len(batch)
-            if start + length > len(records):
-                break
-            problem = self._record_problem(epoch, batch * self.batch_size, records[start : start + length])
-            if problem:
-                warnings.warn(f"{part}: {problem}; keeping the {done} batch(es) before it", stacklevel=3)
-                break
-            done, start = done + 1, start + length
-        return done
-
     def todo(self, epoch: int) -> range:
         """This rank's batches of `epoch` still to compute: a part already on disk is truncated to
         its whole batches that pass the record check, counted from its start (see the class docstring)."""
-        if (self.path / epoch_file(epoch)).exists():
-            return range(0)
-        part = self._part(epoch, self.rank)
-        done = self._good_batches(epoch, part)
-        kept = sum(self._batch_len(b) for b in self.batches[:done]) * self.header.dtype.itemsize
-        if part.exists() and part.stat().st_size != kept:
-            with open(part, "r+b") as f:
-                f.truncate(kept)
-        return self.batches[done:]
+        return self._parts.resume(epoch, self._check)
 
     def positions(self, batch: int) -> range:
         start = batch * self.batch_size
-        return range(start, start + self._batch_len(batch))
+        return range(start, start + self._parts.batch_len(batch))
 
     def append(self, epoch: int, records: np.ndarray) -> None:
         """Append one batch's records (in position order) to this rank's part for `epoch`."""
-        with open(self._part(epoch, self.rank), "ab") as f:
-            f.write(records.astype(self.header.dtype, copy=False).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-
-    def _epoch_entry(self, epoch: int) -> dict:
-        """Write `epoch`'s record file from the parts (unless an earlier `finish` did) after checking
-        every record; its manifest entry (see `finish` for what is raised)."""
-        final = self.path / epoch_file(epoch)
-        expected = self.header.size * self.header.dtype.itemsize
-        if final.exists():  # assembled by a `finish` that stopped before the manifest
-            data, source = final.read_bytes(), f"{final}: remove it and run the precompute again"
-        else:
-            parts = [self._part(epoch, rank) for rank in range(self.world_size)]
-            data = b"".join(part.read_bytes() for part in parts if part.exists())
-            source = f"epoch {epoch}'s parts: run the precompute again (it keeps the batches before this record)"
-            if len(data) != expected:
-                raise ValueError(
-                    f"epoch {epoch}: the parts hold {len(data)} bytes, expected {expected}; "
-                    "some rank did not finish: run the precompute again"
-                )
-        if len(data) != expected:
-            raise ValueError(
-                f"{final} has {len(data)} bytes, expected {expected}: remove it and run the precompute again"
-            )
-        problem = self._record_problem(epoch, 0, np.frombuffer(data, dtype=self.header.dtype))
-        if problem:
-            raise ValueError(f"{problem}, in {source}")
-        if not final.exists():
-            atomic_write(final, lambda out: out.write(data))
-        return dict(name=final.name, epoch=epoch, records=self.header.size, sha256=hashlib.sha256(data).hexdigest())
+        self._parts.append(epoch, records)
 
     def finish(self) -> LogitStore:
         """Concatenate every rank's parts into the epoch files, check every record, checksum the
@@ -726,20 +867,11 @@ class StoreWriter:
             ValueError: a part is missing or short (a rank did not finish), or a record fails the
                 check (see the class docstring); no manifest is written.
         """
-        files = [self._epoch_entry(epoch) for epoch in range(self.header.epochs)]
-        manifest = dict(
-            format=FORMAT,
-            version=VERSION,
-            header=self.header.to_dict(),
-            record=dict(bytes=self.header.dtype.itemsize, layout=str(self.header.dtype.descr)),
-            files=files,
-        )
-        manifest["manifest_sha256"] = manifest_digest(manifest)
-        atomic_write_text(self.path / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-        for epoch in range(self.header.epochs):
-            for part in self.path.glob(f"epoch-{epoch:04d}.part-*"):
-                part.unlink(missing_ok=True)
-        (self.path / PENDING).unlink(missing_ok=True)
+        files = [
+            _epoch_entry(self.path, epoch, self._check, world_size=self.world_size)
+            for epoch in range(self.header.epochs)
+        ]
+        _seal(self.path, self.header, files)
         self.close()
         return LogitStore.open(self.path, verify=False)
 
@@ -750,9 +882,10 @@ class StoreWriter:
 def describe_store(path: str | Path) -> dict:
     """What the store at `path` holds, read from its manifest and files alone (no teacher, no data).
 
-    Returns a dict: `path`, `format`, `version`, every `StoreHeader` field (teacher: name,
-    parameters, weights_sha256; dataset: its fingerprint; img_size, transform, mode, k,
-    num_classes, epochs, base_seed), `images` (records per epoch), `records` (in all),
+    Returns a dict: `path`, `format`, `version` (the manifest's), every `StoreHeader` field
+    (teacher: name, parameters, weights_sha256; dataset: its fingerprint; img_size, transform, mode,
+    k, num_classes, epochs, data_seed, mix, and `data`: the data spec the store was written from,
+    None when it records none), `images` (records per epoch), `records` (in all),
     `bytes_per_record`, `official_bytes_per_record` (`official_record_bytes(k)`), `layout` (in
     words), `files` (one dict per record file: name, epoch, bytes on disk or None, sha256 from the
     manifest, and `problem`, None when the file is there, of the right size and matches its
@@ -780,7 +913,7 @@ def describe_store(path: str | Path) -> dict:
     return dict(
         path=str(path),
         format=FORMAT,
-        version=VERSION,
+        version=manifest["version"],
         **header.to_dict(),
         images=header.size,
         records=header.size * header.epochs,

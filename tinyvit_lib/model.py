@@ -215,11 +215,10 @@ class DropPath(nn.Module):
 
 def _depthwise_in_float32(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     """Whether `conv` should leave a CPU's bf16 autocast for `x`: a depthwise convolution that is
-    strided or works on a map of at most 4x4. oneDNN's bf16 backward of these ran 4-40x slower than
-    fp32 on a 2-core AMD EPYC with AVX512-BF16 (forward and backward of a stride-2 one on
-    (128, 128, 8, 8): 27.7 ms against 1.6 ms; `make bench`, its "kernels" section), while their
-    forward, and the backward of stride-1 ones on larger maps, cost about the same or gain from
-    bf16. They hold a tiny share of the model's FLOPs."""
+    strided or works on a map of at most 4x4. oneDNN's bf16 backward of these is many times slower
+    than its fp32 one, while their forward, and the backward of stride-1 ones on larger maps, cost
+    about the same or gain from bf16; they hold a tiny share of the model's FLOPs, so fp32 costs
+    little. `make bench` times them ("kernels"; docs/performance.md)."""
     if conv.groups == 1 or x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
         return False
     return conv.stride != (1, 1) or min(x.shape[-2:]) <= 4
@@ -245,14 +244,10 @@ class OnePixelConv2d(nn.Conv2d):
     the matrix product it is: the input pixels under the kernel times the kernel taps they meet
     (the others meet only padding). The same function and gradients as the convolution.
 
-    At 32x32 a ResNet ends on 2x2 and 1x1 maps. oneDNN's convolution kernels spent up to 12 ms on
-    the weight gradient of one 3x3 convolution on (128, 512, 1, 1) in bf16 (5 ms in fp32), a
-    (128 x 512) x (512 x 512) matrix product, on a 2-core AMD EPYC with AVX512-BF16 (oneDNN's
-    verbose log, a one-off script); forward and
-    backward took 11.3 ms in bf16 and 2.8 ms as a matrix product (`make bench`, "kernels"). With these
-    convolutions a ResNet-18 training step at 32x32 ran 1.21x faster in bf16 and 1.14x in fp32
-    (a one-off script; README, "The speed policy"). `with_one_pixel_convs` turns a model's
-    convolutions into these; `inference_copy` turns them back, to fold BatchNorm into them."""
+    Why: at 32x32 a ResNet ends on 2x2 and 1x1 maps, where oneDNN's convolution kernels are slow,
+    above all on the weight gradient, which is one small matrix product. `make bench` times the
+    layer ("kernels"; docs/performance.md). `with_one_pixel_convs` turns a model's convolutions
+    into these; `inference_copy` turns them back, to fold BatchNorm into them."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         window = _one_pixel_window(self, x)
@@ -443,8 +438,8 @@ class Attention(nn.Module):
         bias = self.attention_bias(grid).to(q.dtype)  # (heads, N, N), broadcast over B
         if x.device.type == "cpu":
             # Written out: on a CPU, scaled_dot_product_attention with a float mask takes its math path
-            # plus checks for fully masked rows (isneginf, all, where: 11% of inference at 224x224);
-            # this form is the same arithmetic without them (make bench: 1.07-1.37x for inference).
+            # plus checks for fully masked rows (isneginf, all, where); this form is the same
+            # arithmetic without them.
             # Under bf16 autocast the scores leave the matmul in bf16; the bias and the softmax run
             # in float32 (a no-op in fp32), as the fused kernels accumulate.
             attn = ((q * self.head_dim**-0.5) @ k.transpose(-2, -1)).float() + bias.float()  # (B, heads, N, N)

@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .augment import AUGMENT_PRESETS, MIX_PRESETS, with_mix_preset
-from .data import CHECK_IMAGES, DATASETS, DatasetWithIDs, get_dataset, training_images
+from .augment import AUGMENT_PRESETS, MIX_PRESETS
+from .data import CHECK_IMAGES, DATASETS, DatasetWithIDs, DataSpec, training_set
 from .distill import precompute, store_header, verify_store
 from .logit_store import MANIFEST, LogitStore, describe_store, official_record_bytes
 from .teachers import build_model, load_weights
@@ -99,16 +99,19 @@ def _store_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--mix",
-        action="store_true",
-        help="replay mode: store views mixed in pairs (Mixup/CutMix), as `train --mix` makes them",
+        nargs="?",
+        const="full",
+        default=None,
+        choices=sorted(MIX_PRESETS),
+        help="replay mode: store views mixed in pairs, as `train --mix` makes them: full (Mixup 0.8 or CutMix 1.0, "
+        "what --mix alone means) or function-matching (Mixup, coefficient uniform in [0, 1])",
     )
     p.add_argument(
-        "--mix-preset",
-        default="full",
-        choices=sorted(MIX_PRESETS),
-        help="with --mix: full (Mixup 0.8 or CutMix 1.0) or function-matching (Mixup, coefficient uniform in [0, 1])",
+        "--data-seed",
+        type=int,
+        default=DataSpec.data_seed,
+        help="replay mode: the seed of the views and mixing partners (the student's --data-seed)",
     )
-    p.add_argument("--seed", type=int, default=0, help="replay mode: the base seed of the augmentation")
 
 
 def _run_arguments(p: argparse.ArgumentParser) -> None:
@@ -139,28 +142,28 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def load_dataset(args: argparse.Namespace) -> DatasetWithIDs:
-    """The training split as the store sees it: the evaluation view (static) or the student's
-    augmentation from `--seed` (replay), mixed with `--mix`, without the `--val-per-class` carve, cut
-    to `--max-per-class` (see `get_dataset` for what is raised; --mix without --mode replay is a
-    ValueError)."""
+def data_spec(args: argparse.Namespace) -> DataSpec:
+    """The data the store covers, as the student's spec names it: the evaluation view (static) or the
+    student's augmentation from `--data-seed` (replay), mixed with `--mix`, without the
+    `--val-per-class` carve, cut to `--max-per-class`.
+
+    Raises:
+        ValueError: --mix without --mode replay, or a bad value (from `DataSpec`).
+    """
     if args.mix and args.mode != "replay":
-        raise ValueError("--mix stores mixed views of augmented images: use it with --mode replay")
-    augment = AUGMENT_PRESETS[args.augment] if args.mode == "replay" else None
-    if args.mix:
-        augment = with_mix_preset(augment, args.mix_preset)
-    dataset = get_dataset(
-        args.dataset,
-        args.data_root,
-        "train",
+        raise ValueError(f"--mix {args.mix} stores mixed views of augmented images: use it with --mode replay")
+    return DataSpec(
+        dataset=args.dataset,
+        root=args.data_root,
         img_size=args.img_size,
-        augment=augment,
-        base_seed=args.seed,
-        verify=args.verify_files,
-        check_images=args.check_images,
+        augment=args.augment if args.mode == "replay" else "none",
         mix=args.mix,
+        max_per_class=args.max_per_class,
+        val_per_class=args.val_per_class,
+        data_seed=args.data_seed,
+        verify_files=args.verify_files,
+        check_images=args.check_images,
     )
-    return training_images(dataset, val_per_class=args.val_per_class, max_per_class=args.max_per_class)
 
 
 def load_teacher(args: argparse.Namespace, dataset: DatasetWithIDs) -> nn.Module:
@@ -195,7 +198,7 @@ def print_description(path: str) -> int:
     )
     print(f"  view     {info['img_size']}x{info['img_size']}, {info['transform']}")
     print(
-        f"  records  {info['mode']}, k={info['k']}, {info['epochs']} epoch(s), base seed {info['base_seed']}: "
+        f"  records  {info['mode']}, k={info['k']}, {info['epochs']} epoch(s), data seed {info['data_seed']}: "
         f"{info['records']} records of {info['bytes_per_record']} bytes "
         f"(official format: {info['official_bytes_per_record']})"
     )
@@ -211,7 +214,9 @@ def print_description(path: str) -> int:
     return 0
 
 
-def run_precompute(args: argparse.Namespace, teacher: nn.Module, dataset: DatasetWithIDs, device: torch.device) -> None:
+def run_precompute(
+    args: argparse.Namespace, teacher: nn.Module, spec: DataSpec, dataset: DatasetWithIDs, device: torch.device
+) -> None:
     """Write (or finish) the store at `--output-path`, in the process group `torchrun` describes,
     and print a summary on rank 0 (see `precompute` for what is raised)."""
     init_distributed(device)
@@ -225,8 +230,8 @@ def run_precompute(args: argparse.Namespace, teacher: nn.Module, dataset: Datase
         teacher_name=args.teacher_model,
         batch_size=args.batch_size,
         device=device,
-        in_chans=dataset.out_chans,
         num_workers=args.num_workers,
+        spec=spec,
     )
     if is_main_process():
         print(
@@ -245,9 +250,7 @@ def run_verify(
     store: LogitStore, teacher: nn.Module, dataset: DatasetWithIDs, args: argparse.Namespace, device: torch.device
 ) -> int:
     """Print `verify_store`'s numbers and tolerances; 0 within the tolerance, 1 beyond it."""
-    report = verify_store(
-        store, teacher, dataset, samples=args.verify_samples, in_chans=dataset.out_chans, device=device
-    )
+    report = verify_store(store, teacher, dataset, samples=args.verify_samples, device=device)
     print(
         f"verify: {report['records']} records, largest value error {report['max_value_error']:.4g} "
         f"(tolerance {report['value_tolerance']:.4g}), index mismatch rate {report['index_mismatch_rate']:.2%} "
@@ -269,14 +272,17 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if missing:
             raise ValueError(f"{' and '.join(missing)} required (only --inspect PATH goes without)")
-        dataset = load_dataset(args)
+        spec = data_spec(args)
+        dataset = training_set(spec)
         teacher = load_teacher(args, dataset)
         device = pick_device(args.device)
         if args.verify and (Path(args.output_path) / MANIFEST).is_file():  # check the store, write nothing
-            expected = store_header(teacher, args.teacher_model, dataset, k=args.k, mode=args.mode, epochs=args.epochs)
+            expected = store_header(
+                teacher, args.teacher_model, dataset, k=args.k, mode=args.mode, epochs=args.epochs, spec=spec
+            )
             store = LogitStore.open(args.output_path, expect=expected)
             return run_verify(store, teacher, dataset, args, device)
-        run_precompute(args, teacher, dataset, device)
+        run_precompute(args, teacher, spec, dataset, device)
         if args.verify and is_main_process():
             return run_verify(LogitStore.open(args.output_path), teacher, dataset, args, device)
     except (ValueError, FileNotFoundError, FileExistsError, LockHeld) as exc:

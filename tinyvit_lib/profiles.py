@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .augment import AUGMENT_PRESETS
-from .data import DATASETS
+from .data import DATASETS, DataSpec, dataset_channels
 from .experiment import RunSpec
 from .trainer import TrainConfig
 
@@ -37,6 +37,7 @@ __all__ = [
     "resolve_profile",
     "project_root",
     "run_spec",
+    "store_specs",
     "teacher_spec",
     "distillation_runs",
     "CONDITIONS",
@@ -121,7 +122,7 @@ class Sweep:
             raise ValueError(f"Sweep.variant_pool_per_class={self.variant_pool_per_class} must be >= 1")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Profile:
     """Every setting of one profile, and the paths it implies (computed here, nowhere else).
 
@@ -148,13 +149,13 @@ class Profile:
     sweep: Sweep  # notebook 05's grid
     data_root: str | None = None  # where the data lives; None: the dataset's default place
     data_root_from_env: bool = False  # True: resolve_profile sets data_root from $DATA_ROOT (the GPU profiles)
-    in_chans: int = 3  # input channels of the course's images (1: grayscale)
     augment: str = "light"  # a key of AUGMENT_PRESETS: the students' and the replay store's views
     k: int = 10  # logits per record in the stores notebook 02 writes
-    # alpha = 1, T = 1 is the paper's recipe: the official code trains the student on the stored teacher
-    # probabilities alone (labels only feed the accuracy meters). Notebook 04 sweeps both.
-    alpha: float = 1.0  # weight of the teacher's term in notebook 03 (0: labels only)
-    temperature: float = 1.0  # distillation temperature T in notebook 03
+    # The distillation recipe of notebooks 03 and 04 (notebook 05 sweeps both). Each profile states it; the
+    # course's is the paper's, alpha = 1 and T = 1: the official code trains the student on the stored teacher
+    # probabilities alone (labels only feed the accuracy meters).
+    alpha: float  # weight of the teacher's term (0: labels only)
+    temperature: float  # distillation temperature T
     teacher_model: str = "resnet18"  # the teacher's architecture (a torchvision classifier name)
 
     def __post_init__(self) -> None:
@@ -162,7 +163,7 @@ class Profile:
             raise ValueError(f"Profile.dataset={self.dataset!r} is unknown; choose one of {', '.join(DATASETS)}")
         if self.augment not in AUGMENT_PRESETS:
             raise ValueError(f"Profile.augment={self.augment!r} is unknown; choose one of {sorted(AUGMENT_PRESETS)}")
-        for name in ("img_size", "in_chans", "k", "replay_epochs", "val_per_class"):
+        for name in ("img_size", "k", "replay_epochs", "val_per_class"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Profile.{name}={getattr(self, name)} must be >= 1")
         if not self.seeds:
@@ -191,6 +192,11 @@ class Profile:
                     f"Profile.{what}={epochs} exceeds replay_epochs={self.replay_epochs}: the replay "
                     f"store holds one view per image and epoch"
                 )
+
+    @property
+    def in_chans(self) -> int:
+        """Input channels of the profile's images (1: grayscale)."""
+        return dataset_channels(self.dataset)
 
     @property
     def runs_dir(self) -> Path:
@@ -244,6 +250,8 @@ PROFILES: dict[str, Profile] = {
     # `make test`: every code path on the synthetic dataset, in seconds. Never a result.
     "fast": Profile(
         name="fast",
+        alpha=1.0,
+        temperature=1.0,
         dataset="synthetic",
         img_size=32,
         out_dir="build/fast",
@@ -271,9 +279,10 @@ PROFILES: dict[str, Profile] = {
     # of 55,000, a labelled set of 3,000.
     "default": Profile(
         name="default",
+        alpha=1.0,
+        temperature=1.0,
         dataset="fashion-mnist",
         img_size=32,
-        in_chans=1,
         out_dir=".",
         figures_folder="figures",
         val_per_class=500,
@@ -291,6 +300,8 @@ PROFILES: dict[str, Profile] = {
     # 45,000, a labelled set of 10,000. Sized for a GPU; not run by the course's CPU sessions.
     "cifar100": Profile(
         name="cifar100",
+        alpha=1.0,
+        temperature=1.0,
         dataset="cifar100",
         data_root_from_env=True,
         img_size=32,
@@ -311,6 +322,8 @@ PROFILES: dict[str, Profile] = {
     # val folder is the test set; the teacher sees the pool, the labelled set is 260 images per class.
     "imagenet-subset": Profile(
         name="imagenet-subset",
+        alpha=1.0,
+        temperature=1.0,
         dataset="imagenet",
         data_root_from_env=True,
         img_size=224,
@@ -358,7 +371,7 @@ def run_spec(
 ) -> RunSpec:
     """The `RunSpec` of a run of this profile; `role` names its budget ("teacher", "student",
     "pretrain", "finetune", "bias_demo"); `train_changes` override TrainConfig fields (e.g.
-    distill_alpha=0.5; `epochs` also moves the warm-up, a quarter of them up to one) and `model` the
+    alpha=0.5; `epochs` also moves the warm-up, a quarter of them up to one) and `model` the
     architecture (default: the profile's teacher for the teacher, TinyViT-5M otherwise). Every run
     validates on the profile's carve, so none sees the test set.
 
@@ -372,19 +385,35 @@ def run_spec(
     config = TrainConfig(
         epochs=epochs, batch_size=budget.batch_size, lr=budget.lr, warmup_epochs=min(1.0, epochs / 4), seed=seed
     )
-    return RunSpec(
-        name=name,
+    data = DataSpec(
         dataset=profile.dataset,
-        data_root=profile.data_root,
-        model=model or (profile.teacher_model if role == "teacher" else "tinyvit_5m"),
+        root=profile.data_root,
         img_size=profile.img_size,
         augment=profile.augment,
         max_per_class=budget.max_per_class,
         max_val_per_class=budget.max_val_per_class,
         val_per_class=profile.val_per_class,
+    )
+    return RunSpec(
+        name=name,
+        data=data,
+        model=model or (profile.teacher_model if role == "teacher" else "tinyvit_5m"),
         output_dir=str(profile.runs_dir),
         train=replace(config, **train_changes),
     )
+
+
+def store_specs(profile: Profile) -> dict[str, tuple[str, DataSpec, int]]:
+    """Notebook 02's stores (`STORES`): name -> (mode, the data spec of the images and views it covers,
+    epochs of views). The labelled-set stores cover the students' data; the pool store, pretraining's."""
+    labelled = run_spec(profile, "labelled set").data
+    pool = run_spec(profile, "pool", role="pretrain").data
+    return {
+        "static": ("static", replace(labelled, augment="none"), 1),
+        "replay": ("replay", labelled, profile.replay_epochs),
+        "mixed": ("replay", replace(labelled, mix="function-matching"), profile.replay_epochs),
+        "pool": ("replay", pool, profile.pretrain.epochs),
+    }
 
 
 def teacher_spec(profile: Profile) -> RunSpec:
@@ -412,18 +441,17 @@ def distillation_runs(
     suffix = f"_e{epochs}" if epochs != profile.student.epochs else ""
     base = run_spec(profile, f"{model}_baseline_s{seed}", seed=seed, model=model, epochs=epochs)
     base = replace(base, name=f"{model}_baseline{suffix}_s{seed}")
-    kd = dict(distill_alpha=alpha, distill_temp=temperature)
+    kd = dict(alpha=alpha, temperature=temperature)
 
-    def distilled(kind: str, mix: bool = False, **where) -> RunSpec:
+    def distilled(kind: str, mix: str | None = None, **where) -> RunSpec:
         name = f"{model}_{kind}_a{alpha:g}_t{temperature:g}{suffix}_s{seed}"
-        changes = dict(mix_preset="function-matching") if mix else {}
-        return replace(base, name=name, train=replace(base.train, mix=mix, **kd), **changes, **where)
+        return replace(base, name=name, data=replace(base.data, mix=mix), train=replace(base.train, **kd), **where)
 
     return {
         "baseline": base,
         "static store": distilled("static", logits_path=str(profile.store_path("static"))),
         "replay store": distilled("replay", logits_path=str(profile.store_path("replay"))),
-        "mixed store": distilled("mixed", mix=True, logits_path=str(profile.store_path("mixed"))),
+        "mixed store": distilled("mixed", mix="function-matching", logits_path=str(profile.store_path("mixed"))),
         "online teacher": distilled(
             "online", teacher_model=profile.teacher_model, teacher_checkpoint=str(profile.teacher_checkpoint)
         ),
@@ -440,10 +468,10 @@ def pretrain_spec(
     kind = "distilled" if distilled else "supervised"
     suffix = f"_p{cut}" if cut != profile.pretrain.max_per_class else ""
     spec = run_spec(profile, f"{model}_pretrain_{kind}{suffix}_s{seed}", role="pretrain", seed=seed, model=model)
-    spec = replace(spec, max_per_class=cut)
+    spec = replace(spec, data=replace(spec.data, max_per_class=cut))
     if not distilled:
         return spec
-    train = replace(spec.train, distill_alpha=1.0, distill_temp=profile.temperature)
+    train = replace(spec.train, alpha=1.0, temperature=profile.temperature)
     return replace(spec, train=train, logits_path=str(profile.store_path("pool")))
 
 

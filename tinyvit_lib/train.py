@@ -3,6 +3,7 @@
     python -m tinyvit_lib.train --dataset cifar100 --train-data ./data --name tinyvit_5m_baseline
     python -m tinyvit_lib.train --dataset cifar100 --train-data ./data --name tinyvit_5m_distill \\
         --use-distillation --logits-path ./logits/cifar100_logits.pkl --distill-alpha 0.5 --distill-temp 1.0
+    python -m tinyvit_lib.train --name kd --use-distillation --logits-path logits/fm --alpha 1 --temperature 2
     torchrun --nproc_per_node=2 -m tinyvit_lib.train ...     # data parallel, one process per GPU/CPU share
 
 A thin layer over `tinyvit_lib.experiment`: bad values print one line on stderr and exit with
@@ -15,7 +16,8 @@ import argparse
 import sys
 
 from .augment import AUGMENT_PRESETS, MIX_PRESETS
-from .data import CHECK_IMAGES, DATASETS
+from .data import CHECK_IMAGES, DATASETS, DataSpec
+from .distill import ALPHA, TEMPERATURE
 from .experiment import RunSpec, check_resumable, prepare_run, run
 from .trainer import TrainConfig
 from .utils import LockHeld
@@ -46,12 +48,14 @@ def _data_arguments(p: argparse.ArgumentParser) -> None:
     )
     data.add_argument("--img-size", type=int, default=None, help="resolution (default: the dataset's, 32 or 224)")
     data.add_argument("--augment", default="light", choices=sorted(AUGMENT_PRESETS))
-    data.add_argument("--mix", action="store_true", help="mix each view with a partner's (Mixup/CutMix, --mix-preset)")
     data.add_argument(
-        "--mix-preset",
-        default="full",
+        "--mix",
+        nargs="?",
+        const="full",
+        default=None,
         choices=sorted(MIX_PRESETS),
-        help="with --mix: full (Mixup 0.8 or CutMix 1.0) or function-matching (Mixup, coefficient uniform in [0, 1])",
+        help="mix each view with a partner's: full (Mixup 0.8 or CutMix 1.0, what --mix alone means) or "
+        "function-matching (Mixup, coefficient uniform in [0, 1])",
     )
     data.add_argument(
         "--max-per-class",
@@ -113,7 +117,10 @@ def _optimisation_arguments(p: argparse.ArgumentParser) -> None:
     opt.add_argument("--clip-grad", type=float, default=defaults.clip_grad)
     opt.add_argument("--seed", type=int, default=defaults.seed, help="initialisation and drop path")
     opt.add_argument(
-        "--data-seed", type=int, default=0, help="data order and augmentation (must match a replay store's --seed)"
+        "--data-seed",
+        type=int,
+        default=DataSpec.data_seed,
+        help="data order, views and mixing partners (a replay store's --data-seed)",
     )
     opt.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     opt.add_argument(
@@ -149,8 +156,12 @@ def _distillation_arguments(p: argparse.ArgumentParser) -> None:
     kd.add_argument("--logits-path", default=None, help="a logit store made by tinyvit_lib.precompute_logits")
     kd.add_argument("--teacher-model", default=None, help="online distillation: the teacher's architecture")
     kd.add_argument("--teacher-checkpoint", default=None, help="weights for --teacher-model")
-    kd.add_argument("--distill-alpha", type=float, default=0.5)
-    kd.add_argument("--distill-temp", type=float, default=1.0)
+    kd.add_argument(
+        "--alpha", "--distill-alpha", dest="alpha", type=float, default=ALPHA, help="weight of the teacher's term"
+    )
+    kd.add_argument(
+        "--temperature", "--distill-temp", dest="temperature", type=float, default=TEMPERATURE, help="distillation T"
+    )
 
 
 def spec_from_args(args: argparse.Namespace) -> RunSpec:
@@ -173,9 +184,8 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
         weight_decay=args.weight_decay,
         label_smoothing=args.label_smoothing,
         clip_grad=args.clip_grad,
-        distill_alpha=args.distill_alpha if args.use_distillation else 0.0,
-        distill_temp=args.distill_temp,
-        mix=args.mix,
+        alpha=args.alpha,
+        temperature=args.temperature,
         seed=args.seed,
         device=args.device,
         amp={"auto": None, "on": True, "off": False}[args.amp],
@@ -186,25 +196,28 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
         num_workers=args.num_workers,
         checkpoint_every=args.checkpoint_every,
     )
-    return RunSpec(
-        name=args.name,
+    data = DataSpec(
         dataset=args.dataset,
-        data_root=args.data_root,
-        model=args.model,
+        root=args.data_root,
         img_size=args.img_size,
         augment=args.augment,
-        mix_preset=args.mix_preset,
+        mix=args.mix,
         max_per_class=args.max_per_class,
         max_val_per_class=args.max_val_per_class,
         val_per_class=args.val_per_class,
+        data_seed=args.data_seed,
+        verify_files=args.verify_files,
+        check_images=args.check_images,
+    )
+    return RunSpec(
+        name=args.name,
+        data=data,
+        model=args.model,
         init_from=args.init_from,
         teacher_model=args.teacher_model,
         teacher_checkpoint=args.teacher_checkpoint,
         logits_path=args.logits_path,
         output_dir=args.output_dir,
-        data_seed=args.data_seed,
-        verify_files=args.verify_files,
-        check_images=args.check_images,
         train=config,
     )
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .data import DatasetWithIDs, EpochShuffleSampler
-from .distill import DistillationLoss, Teacher
+from .distill import ALPHA, TEMPERATURE, DistillationLoss, Teacher
 from .model import inference_copy
 from .utils import (
     FileLock,
@@ -83,17 +83,16 @@ class TrainConfig:
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
     clip_grad: float = 5.0  # max gradient norm; 0 turns clipping off
-    distill_alpha: float = 0.0  # weight of the teacher term (0: no teacher)
-    distill_temp: float = 1.0
-    mix: bool = False  # the training set mixes views in pairs (`get_dataset(..., mix=True)`): checked, not applied
+    alpha: float = ALPHA  # weight of the teacher's term, used when the run has a teacher (`DistillationLoss`)
+    temperature: float = TEMPERATURE  # distillation temperature T, used when the run has a teacher
     seed: int = 0
     device: str = "auto"  # "auto" (CUDA, then MPS, then CPU), or any torch device string
     # autocast; None: on for CUDA, and on a CPU with native bf16 (`utils.autocast_by_default`), off elsewhere
     amp: bool | None = None
     amp_dtype: str = "bfloat16"  # or "float16" (GPUs without bf16): then a GradScaler scales the loss
     compile: bool = False
-    # The speed policy (`make bench` measures it): weights and inputs channels-last made a TinyViT-5M
-    # training step at 32x32 1.4x faster on a CPU (oneDNN's convolutions), a fused AdamW update 1.1x more.
+    # The speed policy (`make bench` measures it; docs/performance.md): weights and inputs channels-last
+    # (oneDNN's convolutions prefer it), and a fused AdamW update.
     channels_last: bool = True
     fused_adamw: bool = True  # on CPU and CUDA; other devices use the plain loop
     num_workers: int = 0
@@ -109,13 +108,13 @@ class TrainConfig:
             "weight_decay": self.weight_decay >= 0,
             "label_smoothing": 0 <= self.label_smoothing < 1,
             "clip_grad": self.clip_grad >= 0,
-            "distill_alpha": 0 <= self.distill_alpha <= 1,
-            "distill_temp": self.distill_temp > 0,
+            "alpha": 0 <= self.alpha <= 1,
+            "temperature": self.temperature > 0,
             "num_workers": self.num_workers >= 0,
             "checkpoint_every": self.checkpoint_every >= 0,
             "amp_dtype": self.amp_dtype in ("bfloat16", "float16"),
         }
-        floats = ("lr", "min_lr", "warmup_epochs", "weight_decay", "clip_grad", "distill_temp")
+        floats = ("lr", "min_lr", "warmup_epochs", "weight_decay", "clip_grad", "temperature")
         bad = [name for name, ok in checks.items() if not ok]
         bad += [name for name in floats if name not in bad and not math.isfinite(getattr(self, name))]
         if bad:
@@ -233,8 +232,8 @@ def evaluate(
 
     The model runs as `inference_copy` makes it (BatchNorm folded, channels-last: the same outputs up
     to float rounding); `model` itself is left as it was. `amp` None is the inference policy: bf16
-    autocast on CUDA and on a CPU with native bf16 (1.5-2.6x faster there at 32 and 224 in `make bench`; top-1 can
-    move by a borderline image), fp32 elsewhere. Under DDP each rank evaluates its share of a
+    autocast on CUDA and on a CPU with native bf16 (top-1 can move by a borderline image), fp32
+    elsewhere. Under DDP each rank evaluates its share of a
     dataset and the sums are reduced, so every rank returns the numbers for the whole set.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -278,7 +277,7 @@ class TrainParts:
     schedule: CosineSchedule
     scaler: torch.amp.GradScaler  # a no-op unless autocasting to float16
     criterion: DistillationLoss
-    teacher: Teacher | None  # None unless distilling (distill_alpha > 0)
+    teacher: Teacher | None  # None unless distilling (a teacher and alpha > 0)
     sampler: EpochShuffleSampler
     loader: DataLoader
     steps_per_epoch: int
@@ -321,12 +320,12 @@ def train(
 
     Args:
         model: any classifier returning logits (TinyViT or a torchvision model).
-        train_set: a `DatasetWithIDs` with its training transform; its `base_seed` fixes the data
+        train_set: a `DatasetWithIDs` with its training transform; its `data_seed` fixes the data
             order and augmentation, `config.seed` the initial RNG state (drop path).
         val_set: evaluated after each epoch (None: no evaluation; best.pt follows train loss).
-        config: hyper-parameters; `distill_alpha > 0` needs a `teacher`.
+        config: hyper-parameters; `alpha` and `temperature` apply when there is a `teacher`.
         run_dir: the run's folder (created); holds config.json, log.jsonl, last.pt, best.pt.
-        teacher: an `OnlineTeacher` or a logit store's teacher (see `Teacher`).
+        teacher: an `OnlineTeacher` or a `StoredTeacher` (None: labels only, whatever `config.alpha`).
         resume: continue from run_dir/last.pt (exactly where it stopped, mid-epoch included).
         model_config: extra description saved in checkpoints (e.g. how to rebuild the model).
         on_epoch: called with each epoch's record (e.g. to plot live in a notebook).
@@ -334,15 +333,13 @@ def train(
     Returns a `TrainResult` with the per-epoch history and the best top-1.
 
     Raises:
-        ValueError: distillation without a teacher; a batch larger than the data; resume without
+        ValueError: a batch larger than the data; resume without
             a readable checkpoint or with a different config.
         FloatingPointError: a NaN or infinite loss (named by step; the last good checkpoint stays).
         LockHeld: another process is training in `run_dir` (one writer per run).
         OSError: a checkpoint could not be written (a full disk): no temporary file is left and
             log.jsonl has no record of the unsaved epoch.
     """
-    if config.distill_alpha > 0 and teacher is None:
-        raise ValueError(f"distill_alpha={config.distill_alpha} needs a teacher (an online model or a logit store)")
     run_dir = Path(run_dir)
     parts = _build(model, train_set, config, teacher)
     with _one_writer(run_dir):
@@ -420,14 +417,9 @@ def _build(model: nn.Module, train_set: DatasetWithIDs, config: TrainConfig, tea
     order that fixes the RNG state (the run's seed, then the model on its device).
 
     Raises:
-        ValueError: the global batch is larger than the training set, or `config.mix` differs from
-            whether the training set mixes.
+        ValueError: the global batch is larger than the training set.
     """
-    if config.mix != (getattr(train_set, "mix", None) is not None):
-        raise ValueError(
-            f"TrainConfig.mix={config.mix} but the training set {'does not mix' if config.mix else 'mixes'} its "
-            "views: build it with get_dataset(..., mix=True) (and an augmentation that mixes) to train on mixed views"
-        )
+    alpha = config.alpha if teacher is not None else 0.0  # no teacher: labels only
     device = pick_device(config.device)
     init_distributed(device)
     rank, world = rank_world()
@@ -459,8 +451,8 @@ def _build(model: nn.Module, train_set: DatasetWithIDs, config: TrainConfig, tea
         optimizer=optimizer,
         schedule=schedule,
         scaler=torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16),
-        criterion=DistillationLoss(config.distill_alpha, config.distill_temp, config.label_smoothing),
-        teacher=teacher if config.distill_alpha > 0 else None,
+        criterion=DistillationLoss(alpha, config.temperature, config.label_smoothing),
+        teacher=teacher if alpha > 0 else None,
         sampler=sampler,
         loader=loader,
         steps_per_epoch=steps_per_epoch,
@@ -592,12 +584,12 @@ def train_step(
     if parts.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     targets = labels  # class indices (B,), or a mixing set's soft targets (B, num_classes)
-    teacher_probs = None
+    teacher_logits = None
     if parts.teacher is not None:
-        teacher_probs = parts.teacher.probs(images, sample_ids, epoch, parts.criterion.temperature)
+        teacher_logits = parts.teacher.logits(images, sample_ids, epoch)
     with torch.autocast(parts.device.type, dtype=parts.amp_dtype, enabled=parts.amp):
         logits = parts.forward_model(images)
-    loss = parts.criterion(logits.float(), targets, teacher_probs=teacher_probs)
+    loss = parts.criterion(logits.float(), targets, teacher_logits)
     loss_value = loss.item()
     if not math.isfinite(loss_value):
         return loss_value

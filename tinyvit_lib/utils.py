@@ -138,7 +138,7 @@ class FileLock:
     one. The holder writes its PID and host into the file, so a second process is told who holds
     it. The file stays in place after release (a logit store's writer removes its own once the store
     is complete, see `logit_store.StoreWriter`). `flock` protects processes on one machine; several
-    machines writing one network folder are not protected (see README, "Known limits").
+    machines writing one network folder are not protected (see docs/cli.md, "One writer at a time").
 
         with FileLock(run_dir / ".lock", what=f"run {run_dir}"):
             ...
@@ -228,16 +228,16 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX-BF16). Elsewhere oneDNN
-    emulates bf16, and TinyViT ran 7-10x slower under bf16 autocast than in fp32 (AVX2 AMD EPYC)."""
+    emulates bf16, which makes bf16 autocast several times slower than fp32."""
     capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
     return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
 
 
 def autocast_by_default(device: torch.device) -> bool:
     """Whether training and evaluation on `device` autocast unless told otherwise (`amp=None`): on
-    CUDA, and on a CPU that computes bf16 natively, where bf16 was faster at every size measured
-    (README, "The speed policy") once the depthwise convolutions whose bf16 backward oneDNN runs
-    slowly stay in fp32 (`model.ConvBN`). Never on a CPU that emulates bf16, MPS or others."""
+    CUDA, and on a CPU that computes bf16 natively, where bf16 pays for training and inference
+    (docs/performance.md) once the depthwise convolutions whose bf16 backward oneDNN runs slowly
+    stay in fp32 (`model.ConvBN`). Never on a CPU that emulates bf16, MPS or others."""
     return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
 
 
@@ -245,9 +245,9 @@ def keep_freed_memory() -> bool:
     """Make glibc keep freed memory for reuse instead of handing large blocks back to the OS.
 
     By default every block over 32 MB is mapped on allocation and unmapped on release, so each
-    large activation is paid for again in page faults: at 224x224 a GELU over a (32, 256, 56, 56)
-    tensor takes 46 ms into a fresh buffer and 11 ms into a reused one, and a training step of
-    TinyViT-5M runs 1.6x faster with this setting (a caching allocator does the same on a GPU).
+    large activation is paid for again in page faults (at 224x224 and batch 32, TinyViT-5M's first
+    stage makes such blocks); with this setting freed blocks are reused, as a caching allocator does
+    on a GPU.
     Process-wide; the process keeps its peak memory until it ends. Returns False where glibc is absent.
     """
     name = ctypes.util.find_library("c")

@@ -1,4 +1,4 @@
-"""`python -m tinyvit_lib.bench` (`make bench`): how fast is this TinyViT, and is fast distillation fast?
+"""`python -m benchmarks.bench` (`make bench`): how fast is this TinyViT, and is fast distillation fast?
 
 Prints, from one run on this machine:
   * training and inference images/s of our TinyViT-5M and of timm's `tiny_vit_5m_224`, at 32x32
@@ -61,10 +61,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from .augment import AUGMENT_PRESETS, with_mix_preset
-from .data import get_dataset
-from .distill import DistillationLoss, OnlineTeacher, StoredTeacher, precompute
-from .model import (
+from tinyvit_lib.augment import AUGMENT_PRESETS, MIX_PRESETS
+from tinyvit_lib.data import get_dataset
+from tinyvit_lib.distill import DistillationLoss, OnlineTeacher, StoredTeacher, precompute
+from tinyvit_lib.model import (
     ConvBN,
     TinyViT,
     default_window_sizes,
@@ -73,9 +73,9 @@ from .model import (
     tinyvit_5m,
     with_one_pixel_convs,
 )
-from .teachers import build_model
-from .trainer import TrainConfig, TrainState, _build, pick_device, train_one_epoch, train_step
-from .utils import cpu_has_native_bf16, keep_freed_memory
+from tinyvit_lib.teachers import build_model
+from tinyvit_lib.trainer import TrainConfig, TrainState, _build, pick_device, train_one_epoch, train_step
+from tinyvit_lib.utils import cpu_has_native_bf16, keep_freed_memory
 
 # (task, img_size) -> batch size. Training batches are the course's; inference batches are twice.
 SECTIONS: dict[str, tuple[str, int, int]] = {
@@ -432,8 +432,8 @@ def _distill_steps(
 
     def step(source) -> Callable[[], None]:
         def run() -> None:
-            probs = None if source is None else source.probs(images, ids, 0, 1.0)
-            loss = (ce if source is None else kd)(student(images), labels, teacher_probs=probs)
+            teacher_logits = None if source is None else source.logits(images, ids, 0)
+            loss = (ce if source is None else kd)(student(images), labels, teacher_logits)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -561,9 +561,9 @@ def _epoch_data_and_teacher(case: EpochCase, *, device: torch.device, samples: i
         split="train",
         img_size=case.img_size,
         in_chans=3,
-        augment=with_mix_preset(augment, "full") if case.mix else augment,
+        augment=augment,
         num_samples=samples,
-        mix=case.mix,
+        mix=MIX_PRESETS["full"] if case.mix else None,
     )
     if case.old_path:
         dataset.transform = dataset.transform.reference  # one v2 call per step and sample, as before
@@ -597,8 +597,7 @@ class EpochTimer:
             epochs=samples + 1,
             batch_size=case.batch,
             warmup_epochs=0,
-            distill_alpha=0.0 if case.source is None else 1.0,
-            mix=case.mix,
+            alpha=0.0 if case.source is None else 1.0,
             device=str(device),
             amp=False if case.old_path else None,
             channels_last=not case.old_path,
@@ -803,7 +802,7 @@ def ours_vs_timm_eager(rows: list[dict]) -> dict[str, dict[str, dict[str, float]
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m tinyvit_lib.bench",
+        prog="python -m benchmarks.bench",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
