@@ -20,7 +20,7 @@ import torch
 from test_data import write_cifar100
 from test_logit_store import edit_a_value_keeping_the_checksum
 
-from tinyvit_lib.data import get_dataset, per_class_subset
+from tinyvit_lib.data import DataSpec, get_dataset, per_class_subset
 from tinyvit_lib.distill import precompute
 from tinyvit_lib.teachers import build_model
 from tinyvit_lib.utils import FileLock
@@ -273,6 +273,7 @@ def test_inspect_describes_a_store_without_a_teacher_or_data(tmp_path):
         k=3,
         teacher_name="resnet18",
         progress=False,
+        spec=DataSpec(dataset="synthetic", augment="none", max_per_class=4),
     )
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -290,6 +291,8 @@ def test_inspect_describes_a_store_without_a_teacher_or_data(tmp_path):
         "teacher  resnet18, 11,181,642 parameters",
         "dataset  synthetic, split train, 40 images",
         "records  static, k=3, 1 epoch(s), data seed 0: 40 records of 24 bytes (official format: 16)",
+        "spec     dataset='synthetic', img_size=32, augment='none', mix=None, max_per_class=4, val_per_class=None, "
+        "data_seed=0",
         "layout   seed int64, rest float32, index int16 x 3, value float16 x 3",
         "file     epoch-0000.bin, 960 bytes, checksum ok",
     ):

@@ -197,6 +197,8 @@ def print_description(path: str) -> int:
         f"content sha256 {str(data.get('content_sha256'))[:16]}"
     )
     print(f"  view     {info['img_size']}x{info['img_size']}, {info['transform']}")
+    if info.get("data"):
+        print("  spec     " + ", ".join(f"{name}={value!r}" for name, value in info["data"].items()))
     print(
         f"  records  {info['mode']}, k={info['k']}, {info['epochs']} epoch(s), data seed {info['data_seed']}: "
         f"{info['records']} records of {info['bytes_per_record']} bytes "
