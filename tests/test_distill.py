@@ -5,7 +5,10 @@ import math
 import pytest
 import torch
 
-from tinyvit_lib.distill import DistillationLoss, soft_cross_entropy
+from tinyvit_lib.data import DataSpec, get_dataset
+from tinyvit_lib.distill import DistillationLoss, precompute, soft_cross_entropy, store_spec_differences
+from tinyvit_lib.logit_store import StoreHeader
+from tinyvit_lib.teachers import build_model
 
 
 def test_matches_hand_computation():
@@ -110,3 +113,44 @@ def test_missing_or_mismatched_teacher():
         loss(torch.randn(2, 3), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="does not match"):
         loss(torch.randn(2, 3), torch.tensor([0, 1]), teacher_logits=torch.randn(2, 4))
+
+
+def _header(mode: str, **data) -> StoreHeader:
+    spec = DataSpec(dataset="synthetic", **data)
+    return StoreHeader(
+        teacher={}, dataset={"size": 10}, img_size=32, transform="", mode=mode, k=3, num_classes=10, epochs=1,
+        data_seed=spec.data_seed, data=spec.for_store(),
+    )  # fmt: skip
+
+
+def test_a_store_names_every_field_in_which_a_student_differs():
+    student = DataSpec(dataset="synthetic", val_per_class=4, max_per_class=3)
+    assert store_spec_differences(_header("replay", val_per_class=4, max_per_class=3), student) == []
+    assert store_spec_differences(_header("replay", val_per_class=4), student) == []  # the pool serves any cut
+    assert store_spec_differences(_header("replay", val_per_class=4, data_seed=2), student) == [
+        "data_seed: store 2, run 0"
+    ]
+    # A static store holds evaluation views: the student's augmentation and data seed do not matter.
+    assert store_spec_differences(_header("static", augment="none", val_per_class=4, data_seed=2), student) == []
+    assert store_spec_differences(_header("static", augment="none", max_per_class=3), student) == [
+        "val_per_class: store None, run 4"
+    ]
+    # Mixed views under a carve pair within the set the store covers: a cut of it pairs otherwise.
+    mixed = DataSpec(dataset="synthetic", val_per_class=4, max_per_class=3, mix="full")
+    assert store_spec_differences(_header("replay", val_per_class=4, mix="full"), mixed) == [
+        "max_per_class: store None, run 3"
+    ]
+
+
+def test_a_store_records_only_a_spec_that_describes_its_data(tmp_path):
+    dataset = get_dataset("synthetic", split="train", num_samples=40)
+    teacher = build_model("resnet18", num_classes=10, img_size=32)
+    wrong = DataSpec(dataset="synthetic", img_size=48, augment="light", mix="full")
+    with pytest.raises(ValueError, match=r"img_size: spec 48, data 32; augmented: spec True, data False; mix: spec"):
+        precompute(teacher, dataset, tmp_path / "s", k=3, spec=wrong, progress=False)
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_data_spec_refuses_what_it_cannot_build():
+    with pytest.raises(ValueError, match="dataset='imagenet-subset' needs num_classes and files_per_class"):
+        DataSpec(dataset="imagenet-subset")

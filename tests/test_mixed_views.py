@@ -125,6 +125,10 @@ def test_a_version_1_store_reads_as_an_unmixed_one(tmp_path):
     header = manifest["header"]
     del header["mix"], header["data"]
     header["base_seed"] = header.pop("data_seed")
+    # and its view description listed the mixing settings: the same view, described as it was then
+    header["transform"] = header["transform"].replace(
+        "))", ", mixup_alpha=0.0, cutmix_alpha=0.0, mix_prob=1.0, mix_switch_prob=0.5))"
+    )
     manifest["manifest_sha256"] = manifest_digest(manifest)
     (tmp_path / "s" / MANIFEST).write_text(json.dumps(manifest))
     old = LogitStore.open(tmp_path / "s", expect=store.header)

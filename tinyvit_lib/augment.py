@@ -180,7 +180,7 @@ AUGMENT_PRESETS: dict[str, AugmentConfig | None] = {
     "full": AugmentConfig(),
 }
 
-# Named mixing recipes for `--mix-preset` and `DataSpec.mix`.
+# Named mixing recipes for `--mix PRESET` and `DataSpec.mix`.
 MIX_PRESETS: dict[str, MixConfig] = {
     # TinyViT's ImageNet recipe (DeiT's): Mixup 0.8 or CutMix 1.0, one of the two per pair.
     "full": MixConfig(mixup_alpha=0.8, cutmix_alpha=1.0, mix_prob=1.0, mix_switch_prob=0.5),

@@ -586,6 +586,11 @@ class DataSpec:
     def __post_init__(self) -> None:
         if self.dataset not in _FACTS:
             raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+        if self.dataset == "imagenet-subset":
+            raise ValueError(
+                "dataset='imagenet-subset' needs num_classes and files_per_class, which a DataSpec does not hold: "
+                "use dataset='imagenet' (the imagenet-subset profile does), or get_dataset for the subset"
+            )
         if self.augment not in AUGMENT_PRESETS:
             raise ValueError(f"unknown augment preset {self.augment!r}; choose one of {sorted(AUGMENT_PRESETS)}")
         if self.mix is not None and self.mix not in MIX_PRESETS:

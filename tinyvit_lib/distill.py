@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .augment import TrainTransform
+from .augment import MIX_PRESETS, TrainTransform
 from .data import DatasetWithIDs, DataSpec, SubsetWithIDs
 from .logit_store import (
     LogitStore,
@@ -259,7 +259,7 @@ class StoredTeacher(Teacher):
 
     def logits_for_ids(self, sample_ids: torch.Tensor, epoch: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """The stored logits of the samples `sample_ids` (B,) in `epoch`, float32 (B, num_classes) on
-        `device`; the classes outside a record's top k share its remaining probability mass evenly.
+        `device`; the classes outside a record's top k hold its `rest` logit (see `rebuild_logits`).
 
         Raises:
             ValueError: a replay store whose stored seeds differ from the dataset's seeds for these
@@ -305,8 +305,9 @@ def store_spec_differences(header: StoreHeader, spec: DataSpec) -> list[str]:
     line per field ([]: it can). A store covers the images and views of the spec it was written from:
     the dataset, resolution, validation carve and mixing always; the augmentation and the data seed
     for a replay store (a static store holds evaluation views); the labelled subset unless the store
-    covers the whole pool (then any subset of it reads its records). A store written without a spec
-    returns []: it is checked by fingerprint once the data is loaded (`StoredTeacher`)."""
+    covers the whole pool (then any subset of it reads its records; not for mixed views under a
+    validation carve, whose subsets pair within themselves). A store written without a spec returns
+    []: it is checked by fingerprint once the data is loaded (`StoredTeacher`)."""
     if header.data is None:
         return []
     fields = ("dataset", "img_size", "val_per_class", "mix")
@@ -318,7 +319,8 @@ def store_spec_differences(header: StoreHeader, spec: DataSpec) -> list[str]:
         if header.data.get(name) != run[name]
     ]
     stored_cut = header.data.get("max_per_class")
-    if stored_cut is not None and stored_cut != spec.max_per_class:
+    pairs_within = header.data.get("mix") is not None and header.data.get("val_per_class") is not None
+    if (stored_cut is not None or pairs_within) and stored_cut != spec.max_per_class:
         problems.append(f"max_per_class: store {stored_cut!r}, run {spec.max_per_class!r}")
     return problems
 
@@ -412,6 +414,29 @@ def _check_precompute_arguments(dataset: DatasetWithIDs, mode: str, num_workers:
         )
 
 
+def _check_spec_describes(spec: DataSpec, dataset: DatasetWithIDs) -> None:
+    """Raises ValueError: `spec` (what a store will record) is not the spec of `dataset`'s views: another
+    resolution, augmentation on or off, data seed or mixing (each differing field named)."""
+    augmented = isinstance(dataset.transform, TrainTransform)
+    described = dict(
+        img_size=getattr(dataset.transform, "img_size", None),
+        augmented=augmented,
+        data_seed=dataset.data_seed if augmented else spec.data_seed,
+        mix=data_mixing(dataset),
+    )
+    stated = dict(
+        img_size=spec.img_size,
+        augmented=spec.augment != "none",
+        data_seed=spec.data_seed,
+        mix=MIX_PRESETS[spec.mix].to_dict() if spec.mix else {},
+    )
+    differing = [
+        f"{key}: spec {stated[key]!r}, data {described[key]!r}" for key in stated if stated[key] != described[key]
+    ]
+    if differing:
+        raise ValueError("the data spec to record is not the dataset's: " + "; ".join(differing))
+
+
 def _write_epoch(
     writer: StoreWriter,
     online: OnlineTeacher,
@@ -483,7 +508,7 @@ def precompute(
         ValueError: k outside [1, classes], epochs < 1 (or != 1 for a static store), an unknown mode,
             batch_size < 1 or num_workers < 0 (from `StoreHeader`, `StoreWriter` and here); a static
             store asked of an augmented dataset, a replay store of an unaugmented one, mixed views
-            of a subset;
+            of a subset; a `spec` that is not the dataset's (`_check_spec_describes`);
             a teacher whose class count differs; a `path` that cannot be written (a file, read-only:
             the OS's reason is named); records that fail the check when the store is assembled.
         StoreMismatch: an unfinished precompute with other settings is at `path`.
@@ -491,6 +516,8 @@ def precompute(
         LockHeld: another precompute is writing `path` (the message names its process and host).
     """
     _check_precompute_arguments(dataset, mode, num_workers)
+    if spec is not None:
+        _check_spec_describes(spec, dataset)
     device = torch.device(device)
     rank, world = rank_world()
     header = store_header(teacher, teacher_name, dataset, k=k, mode=mode, epochs=epochs, spec=spec)  # checks k, mode
@@ -629,7 +656,7 @@ def _replayed_view(store: LogitStore, dataset: DatasetWithIDs, epoch: int, posit
 # ----------------------------------------------------------------------------- what a store holds
 
 
-def topk_mass(logits: torch.Tensor, ks: list[int], temperature: float = 1.0) -> list[float]:
+def topk_mass(logits: torch.Tensor, ks: list[int], temperature: float = TEMPERATURE) -> list[float]:
     """Mean probability held by the k largest classes, for each k, at `temperature`. logits: (N, C)."""
     probs = F.softmax(logits.float() / temperature, dim=-1).sort(dim=-1, descending=True).values
     cumulative = probs.cumsum(dim=-1).mean(dim=0)  # (C,)

@@ -148,7 +148,7 @@ def prepare_run(spec: RunSpec) -> PreparedRun:
         raise FileNotFoundError(f"init_from={spec.init_from}: no such checkpoint (a run's last.pt to fine-tune)")
     check_writable_folder(spec.run_dir, what="run folder")
     refuse_if_running(spec)
-    store = open_store(spec) if spec.distills and spec.logits_path else None
+    store = open_store(spec) if spec.logits_path else None  # checked even when alpha = 0 leaves it unused
     train_set, val_set = data.build(spec.data)
     model_config = dict(
         name=spec.model, num_classes=train_set.num_classes, in_chans=train_set.out_chans, img_size=spec.data.img_size
@@ -164,7 +164,7 @@ def prepare_run(spec: RunSpec) -> PreparedRun:
         if spec.teacher_checkpoint:
             load_weights(teacher_net, spec.teacher_checkpoint)
         teacher = OnlineTeacher(teacher_net)
-    elif store is not None:
+    elif spec.distills and store is not None:
         teacher = StoredTeacher(store, train_set, epochs=spec.train.epochs)  # enough replayed epochs?
     return PreparedRun(spec, model, train_set, val_set, teacher, model_config)
 
@@ -232,7 +232,7 @@ def run_differences(spec: RunSpec, checkpoint: dict) -> list[str]:
     """What differs between `spec` and the run saved in `checkpoint` (written by `run`): one
     "field: run X, asked Y" line per field of the data, model, optimisation or teacher (the teacher
     by content: `teacher_identity`); empty when the checkpoint is a run of exactly this spec. Where
-    the run, its store and its teacher's checkpoint live is not compared (see `_movable`)."""
+    the run, its store and its teacher's checkpoint live is not compared (see `_movable_run`)."""
     saved = checkpoint.get("model_config") if isinstance(checkpoint.get("model_config"), dict) else {}
     ran = _flat(checkpoint.get("config") or {}, saved.get("spec") or {}, saved.get("teacher"), saved.get("init"))
     asked = _flat(asdict(spec.train), _plain(asdict(spec)), teacher_identity(spec), init_identity(spec))
@@ -244,11 +244,14 @@ def run_differences(spec: RunSpec, checkpoint: dict) -> list[str]:
 
 
 def _flat(train: dict, spec: dict, teacher: str | None, init: str | None) -> dict:
-    """One level of "section.field" keys: the training config, the data spec and the rest of the run spec."""
+    """One level of "section.field" keys: the training config, the data spec and the rest of the run
+    spec. Without a teacher, alpha and temperature play no part in what a run is."""
     data_fields = spec.get("data") if isinstance(spec.get("data"), dict) else {}
     flat = {f"train.{k}": v for k, v in train.items()}
-    flat.update({f"data.{k}": v for k, v in _movable(data_fields).items()})
-    flat.update({k: v for k, v in _movable(spec).items() if k != "data"})
+    if not ((spec.get("teacher_model") or spec.get("logits_path")) and train.get("alpha", 0) > 0):
+        flat.update({"train.alpha": None, "train.temperature": None})
+    flat.update({f"data.{k}": v for k, v in _movable_data(data_fields).items()})
+    flat.update({k: v for k, v in _movable_run(spec).items() if k != "data"})
     return dict(flat, **{"teacher (content hash)": teacher, "init_from (content hash)": init})
 
 
@@ -308,13 +311,10 @@ def _plain(spec: dict) -> dict:
     return {k: v for k, v in spec.items() if k != "train"}
 
 
-def _movable(spec: dict) -> dict:
-    """A run spec (or its data spec) without the places it lives: the run folder is where its
-    checkpoint was found, and the store or teacher checkpoint is compared by content
-    (`teacher_identity`), so a project folder that was moved or cloned with its runs still reuses
-    them. Whether data files were checked is not part of what a run is."""
-    if "dataset" in spec:
-        return {**spec, "verify_files": None, "check_images": None}
+def _movable_run(spec: dict) -> dict:
+    """A run spec without the places it lives: the run folder is where its checkpoint was found, and
+    the store or teacher checkpoint is compared by content (`teacher_identity`), so a project folder
+    that was moved or cloned with its runs still reuses them."""
     where = {
         "output_dir": None,
         "logits_path": bool(spec.get("logits_path")),
@@ -322,6 +322,11 @@ def _movable(spec: dict) -> dict:
         "init_from": bool(spec.get("init_from")),
     }
     return {**spec, **where}
+
+
+def _movable_data(data_spec: dict) -> dict:
+    """A data spec without how its files were checked, which is not part of what a run is."""
+    return {**data_spec, "verify_files": None, "check_images": None}
 
 
 def load_trained(path: str | Path) -> nn.Module:

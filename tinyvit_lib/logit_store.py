@@ -47,6 +47,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Callable
@@ -162,7 +163,7 @@ class StoreHeader:
     num_classes: int
     epochs: int
     data_seed: int
-    mix: dict = field(default_factory=dict)  # mixed views' settings (`augment.mixing_settings`); {}: not mixed
+    mix: dict = field(default_factory=dict)  # mixed views' settings (`augment.MixConfig.to_dict`); {}: not mixed
     data: dict | None = None  # the data spec the store was written from (see above); None: not recorded
 
     def __post_init__(self) -> None:
@@ -364,13 +365,20 @@ def _header_names(version: int) -> set[str]:
     return names if version >= 3 else names - {"data_seed", "data"} | {"base_seed"}
 
 
+# Before version 3, a view's description (`transform`) also listed the pair-mixing settings, which the
+# header's `mix` holds; the view they describe is the same.
+_OLD_MIX_FIELDS = re.compile(r", mixup_alpha=[^,)]*, cutmix_alpha=[^,)]*, mix_prob=[^,)]*, mix_switch_prob=[^,)]*")
+
+
 def _current_header(header: dict, version: int) -> dict:
     """A header of `version`'s fields (`_header_names`) under the current ones: a version-1 or -2
-    header's `base_seed` is `data_seed`, its `data` None (not recorded)."""
+    header's `base_seed` is `data_seed`, its `data` None (not recorded), and its `transform` loses
+    the mixing settings that the view descriptions of those versions listed."""
     if version >= 3:
         return header
     current = {key: value for key, value in header.items() if key != "base_seed"}
-    return dict(current, data_seed=header["base_seed"], data=None)
+    transform = _OLD_MIX_FIELDS.sub("", str(header.get("transform", "")))
+    return dict(current, data_seed=header["base_seed"], data=None, transform=transform)
 
 
 def _check_record_and_files(manifest: dict, header: StoreHeader, manifest_path: Path) -> None:
