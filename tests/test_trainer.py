@@ -309,3 +309,14 @@ def test_compile_cache_is_a_lasting_folder_unless_set(monkeypatch, tmp_path):
     assert compile_cache_dir() == tmp_path / ".cache" / "tinyvit_lib" / "inductor"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     assert compile_cache_dir() == tmp_path / "mine"
+
+
+def test_an_emulated_avx2_cpu_is_not_taken_for_one_with_native_bf16(monkeypatch):
+    # How an AVX-512 machine stands in for an AVX2-only laptop: either cap turns the bf16 policy off.
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not cpu_has_native_bf16()
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    script = "from tinyvit_lib.utils import cpu_has_native_bf16; print(cpu_has_native_bf16())"
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]

@@ -227,10 +227,19 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX-BF16). Elsewhere oneDNN
-    emulates bf16, which makes bf16 autocast several times slower than fp32."""
+    """Whether this process computes in bf16 natively: the CPU has AVX512-BF16 or AMX-BF16, and
+    PyTorch's kernels may use AVX-512 (not capped by ATEN_CPU_CAPABILITY, as when an AVX2-only CPU is
+    emulated) and so may oneDNN's (not capped by ONEDNN_MAX_CPU_ISA). Elsewhere oneDNN emulates bf16,
+    which makes bf16 autocast several times slower than fp32."""
     capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+    has_bf16 = bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+    capped = torch.backends.cpu.get_cpu_capability() != "AVX512"
+    capped = capped or os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _ONEDNN_ISAS_WITHOUT_BF16
+    return has_bf16 and not capped
+
+
+# oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA) below the first with bf16 instructions (AVX512_CORE_BF16)
+_ONEDNN_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
 
 
 def autocast_by_default(device: torch.device) -> bool:
