@@ -277,6 +277,8 @@ def test_cpu_autocast_by_default_only_where_bf16_is_native(monkeypatch, native, 
     from tinyvit_lib.trainer import _build, _policy
 
     monkeypatch.setattr(utils.torch.cpu, "get_capabilities", lambda: {"avx512_bf16": native}, raising=False)
+    monkeypatch.setattr(utils.torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")  # not an emulated AVX2
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     train_set = get_dataset("synthetic", split="train", num_samples=8, img_size=img_size, augment=LIGHT)
     parts = _build(tiny_model(), train_set, TrainConfig(epochs=1, batch_size=4, device="cpu"), None)
     assert parts.amp is expected
