@@ -64,8 +64,8 @@ lab: $(VENV)/.ready  ## open JupyterLab on the project kernel
 format: $(VENV)/.ready  ## apply ruff's formatting and safe lint fixes (what `make test` checks)
 	$(BIN)/ruff format $(LINTED) && $(BIN)/ruff check --fix $(LINTED)
 
-bench: $(VENV)/.ready  ## training/inference images/s of our TinyViT-5M vs timm's, on this machine (benchmarks/bench.py)
-	$(BIN)/python -m benchmarks.bench
+bench: $(VENV)/.ready  ## images/s of our TinyViT-5M vs timm's on this machine (BENCH_ARGS="--isa avx2": as an AVX2-only CPU)
+	$(BIN)/python -m benchmarks.bench $(BENCH_ARGS)
 
 clean:  ## remove executed notebooks and test outputs (keeps .venv, data, runs)
 	rm -rf build .pytest_cache

@@ -49,6 +49,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -134,6 +135,9 @@ def machine() -> dict:
 
     return dict(
         cpu=cpu,
+        isa=torch.backends.cpu.get_cpu_capability(),  # PyTorch's kernels (ATEN_CPU_CAPABILITY caps it)
+        onednn_max_isa=os.environ.get("ONEDNN_MAX_CPU_ISA", "default"),
+        native_bf16=cpu_has_native_bf16(),
         cores=os.cpu_count(),
         threads=torch.get_num_threads(),
         torch=torch.__version__,
@@ -824,8 +828,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave glibc's allocator at its defaults (model rows; the trainer, so the epoch rows, always set it)",
     )
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--isa",
+        choices=["native", "avx2"],
+        default="native",
+        help="avx2: run as on an AVX2-only CPU (PyTorch's and oneDNN's kernels capped at AVX2, no native bf16, "
+        "so the fp32 policy), in a fresh process",
+    )
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     return p
+
+
+def rerun_as_avx2(argv: list[str]) -> int:
+    """Run this benchmark again in a process whose kernels are capped at AVX2 (the caps must be set
+    before torch loads); returns its exit status."""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
+    return subprocess.call([sys.executable, "-m", "benchmarks.bench", *argv], env=env)
 
 
 def model_sections(
@@ -892,6 +910,8 @@ def further_sections(
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.isa == "avx2" and torch.backends.cpu.get_cpu_capability() != "AVX2":
+        return rerun_as_avx2(sys.argv[1:] if argv is None else argv)
     sections = [s for s in args.sections.split(",") if s]
     policies = [s for s in args.policies.split(",") if s]
     unknown = sorted(set(sections) - set(ALL_SECTIONS)) + sorted(set(policies) - set(POLICIES))
@@ -911,7 +931,8 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     info["malloc_keeps_freed_memory"] = False if args.system_malloc else keep_freed_memory()
     print(
-        f"machine: {info['cpu']}, {info['cores']} cores, {info['threads']} torch threads, torch {info['torch']}, "
+        f"machine: {info['cpu']} (kernels {info['isa']}, oneDNN {info['onednn_max_isa']}, native bf16 "
+        f"{info['native_bf16']}), {info['cores']} cores, {info['threads']} torch threads, torch {info['torch']}, "
         f"timm {info['timm']}, device {device}, glibc keeps freed memory: {info['malloc_keeps_freed_memory']}"
     )
     results: dict = dict(
