@@ -22,6 +22,7 @@ from tinyvit_lib.model import (
     default_window_sizes,
     official_to_ours,
     ours_to_official,
+    small_map_depthwise,
     stage_resolutions,
     with_one_pixel_convs,
 )
@@ -221,7 +222,8 @@ def test_cpu_autocast_keeps_strided_and_small_depthwise_convolutions_in_float32(
     assert y.dtype == (torch.float32 if in_float32 else torch.bfloat16)
     y.float().sum().backward()
     assert x.grad.dtype == torch.float32 and block.conv.weight.grad.dtype == torch.float32
-    if in_float32:  # the same numbers as without autocast
+    if in_float32:  # the same numbers as oneDNN's fp32 convolution without autocast
+        block.small_map_products = False
         assert torch.equal(y, block(x))
     assert block(x).dtype == torch.float32  # no autocast, no change
 
@@ -287,6 +289,66 @@ def test_one_pixel_conv_is_the_convolution_with_its_gradients(conv, shape, as_ma
         plain.zero_grad()
         fast.zero_grad()
     assert type(with_one_pixel_convs(fast, undo=True)) is torch.nn.Conv2d
+
+
+@pytest.mark.parametrize(
+    "side, kernel, stride",
+    [((1, 1), 3, 1), ((2, 2), 3, 1), ((2, 2), 3, 2), ((1, 2), 3, 1), ((2, 1), 3, 2), ((2, 2), 5, 1), ((3, 3), 3, 2)],
+)
+def test_small_map_depthwise_is_the_convolution_with_its_gradients(side, kernel, stride):
+    torch.manual_seed(0)
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(5, 6, *side).contiguous(memory_format=memory_format).requires_grad_()
+        weight = torch.randn(6, 1, kernel, kernel, requires_grad=True)
+        ref = torch.nn.functional.conv2d(x, weight, None, stride, kernel // 2, 1, 6)
+        out = small_map_depthwise(x, weight, stride, kernel // 2)
+        assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
+        grad = torch.randn_like(ref)
+        expected, got = torch.autograd.grad(ref, (x, weight), grad), torch.autograd.grad(out, (x, weight), grad)
+        if side == (1, 1):  # only the centre tap meets the pixel: the same output and input gradient
+            assert torch.equal(out, ref) and torch.equal(got[0], expected[0])
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "side, groups, autocast, as_products",
+    [(2, 16, False, True), (1, 16, False, True), (4, 16, False, False), (2, 1, False, False), (2, 16, True, False)],
+)
+def test_conv_bn_takes_small_map_products_only_in_fp32_on_tiny_depthwise_maps(side, groups, autocast, as_products):
+    from tinyvit_lib import model as model_module
+
+    torch.manual_seed(0)
+    block = model_module.ConvBN(16, 16, 3, groups=groups)
+    x = torch.randn(4, 16, side, side).contiguous(memory_format=torch.channels_last)
+    calls = []
+    real = model_module.small_map_depthwise
+    model_module.small_map_depthwise = lambda *args: calls.append(1) or real(*args)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = block(x)
+        block.small_map_products = False
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y_onednn = block(x)
+    finally:
+        model_module.small_map_depthwise = real
+    assert len(calls) == int(as_products)
+    torch.testing.assert_close(y, y_onednn, atol=1e-5, rtol=1e-5)
+
+
+def test_a_whole_fp32_step_with_small_map_products_matches_onednn():
+    torch.manual_seed(0)
+    fast = perturb_(tinyvit_5m(img_size=32, num_classes=10)).train()
+    slow = copy.deepcopy(fast)
+    for m in slow.modules():
+        if hasattr(m, "small_map_products"):
+            m.small_map_products = False
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8)
+    for model in (fast, slow):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    for (name, a), b in zip(fast.named_parameters(), slow.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-3, msg=name)
 
 
 def test_inference_copy_of_a_model_fx_cannot_trace_runs_unfused():

@@ -25,6 +25,7 @@ are; `load_pretrained` also maps the official Cream naming (`layers.i`, `.c.`, `
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -46,6 +47,7 @@ __all__ = [
     "tinyvit_21m",
     "build_tinyvit",
     "ConvBN",
+    "small_map_depthwise",
     "OnePixelConv2d",
     "with_one_pixel_convs",
     "PatchEmbed",
@@ -272,8 +274,50 @@ def with_one_pixel_convs(module: nn.Module, *, undo: bool = False) -> nn.Module:
     return module
 
 
+@functools.lru_cache(maxsize=64)
+def _tap_index(
+    size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]
+) -> torch.Tensor:
+    """(Ho * Wo, H * W) index of the kernel tap (row-major, kh * kw of them) that joins output pixel
+    o to input pixel p of a `size` map, or kh * kw where no tap does. Geometry only, kept on the CPU."""
+    (H, W), (kh, kw), (sh, sw), (ph, pw) = size, kernel, stride, padding
+    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    oy, ox = torch.arange(Ho).repeat_interleave(Wo), torch.arange(Wo).repeat(Ho)  # (O,)
+    py, px = torch.arange(H).repeat_interleave(W), torch.arange(W).repeat(H)  # (P,)
+    dy = py[None, :] - oy[:, None] * sh + ph  # (O, P) kernel row meeting input row py
+    dx = px[None, :] - ox[:, None] * sw + pw
+    inside = (dy >= 0) & (dy < kh) & (dx >= 0) & (dx < kw)
+    return torch.where(inside, dy * kw + dx, kh * kw)
+
+
+def small_map_depthwise(x: torch.Tensor, weight: torch.Tensor, stride, padding) -> torch.Tensor:
+    """A depthwise convolution (no bias, no dilation, zero padding) of `x` (B, C, H, W) with `weight`
+    (C, 1, kh, kw), computed as what it is on a small map: each output pixel a weighted sum of the
+    input pixels, with one (Ho * Wo, H * W) mixing matrix per channel gathered from the taps.
+
+    The same function as `F.conv2d(..., groups=C)` (rounding aside: the sums run in another order;
+    on a 1x1 map with the kernel centred on it, the output and the input's gradient bit for bit); its cost grows with (H * W)**2, so it
+    pays only on maps of a few pixels, where oneDNN's AVX2 kernels spend milliseconds on kilobytes
+    (`ConvBN` uses it on maps of at most 4 pixels; `make bench`, "kernels"). Returns a channels-last
+    (B, C, Ho, Wo)."""
+    B, C, H, W = x.shape
+    pair = nn.modules.utils._pair
+    index = _tap_index((H, W), tuple(weight.shape[-2:]), pair(stride), pair(padding))  # (O, P)
+    Ho = (H + 2 * pair(padding)[0] - weight.shape[-2]) // pair(stride)[0] + 1
+    taps = torch.cat([weight.reshape(C, -1), weight.new_zeros(C, 1)], dim=1)  # (C, kh * kw + 1), last = none
+    mixing = taps.t()[index.to(x.device)]  # (O, P, C)
+    pixels = x.permute(0, 2, 3, 1).reshape(B, 1, H * W, C)  # (B, 1, P, C), a view when channels-last
+    out = (pixels * mixing).sum(dim=2)  # (B, O, C)
+    return out.view(B, Ho, -1, C).permute(0, 3, 1, 2)
+
+
 class ConvBN(nn.Sequential):
-    """Convolution without bias followed by BatchNorm ('same' padding for odd kernels)."""
+    """Convolution without bias followed by BatchNorm ('same' padding for odd kernels).
+
+    In fp32 on a CPU, a depthwise convolution on a map of at most 4 pixels runs as
+    `small_map_depthwise` (set `small_map_products = False` for oneDNN's kernel throughout)."""
+
+    small_map_products: bool = True
 
     def __init__(
         self,
@@ -295,7 +339,24 @@ class ConvBN(nn.Sequential):
         if _depthwise_in_float32(self.conv, x):
             with torch.autocast("cpu", enabled=False):
                 return super().forward(x.float())
+        if self._as_small_map_products(x):
+            return self.bn(small_map_depthwise(x, self.conv.weight, self.conv.stride, self.conv.padding))
         return super().forward(x)
+
+    def _as_small_map_products(self, x: torch.Tensor) -> bool:
+        """Whether this depthwise convolution runs as `small_map_depthwise` on `x`: in fp32 on a CPU
+        (bf16 autocast keeps its own rule, `_depthwise_in_float32`), on a map of at most 4 pixels."""
+        conv = self.conv
+        return (
+            self.small_map_products
+            and conv.groups == conv.in_channels == conv.out_channels
+            and x.shape[-2] * x.shape[-1] <= 4
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
+            and conv.dilation == (1, 1)
+            and conv.padding_mode == "zeros"
+        )
 
     @torch.no_grad()
     def fused(self) -> nn.Conv2d:
