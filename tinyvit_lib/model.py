@@ -295,11 +295,11 @@ def small_map_depthwise(x: torch.Tensor, weight: torch.Tensor, stride, padding) 
     (C, 1, kh, kw), computed as what it is on a small map: each output pixel a weighted sum of the
     input pixels, with one (Ho * Wo, H * W) mixing matrix per channel gathered from the taps.
 
-    The same function as `F.conv2d(..., groups=C)` (rounding aside: the sums run in another order;
-    on a 1x1 map with the kernel centred on it, the output and the input's gradient bit for bit); its cost grows with (H * W)**2, so it
-    pays only on maps of a few pixels, where oneDNN's AVX2 kernels spend milliseconds on kilobytes
-    (`ConvBN` uses it on maps of at most 4 pixels; `make bench`, "kernels"). Returns a channels-last
-    (B, C, Ho, Wo)."""
+    The same function as `F.conv2d(..., groups=C)`, rounding aside: the sums run in another order
+    (on a 1x1 map with the kernel centred on it, the output and the input's gradient are the same
+    bits). Its cost grows with (H * W)**2, so it pays only on maps of a few pixels, where oneDNN's
+    AVX2 kernels spend milliseconds on kilobytes (`ConvBN` uses it on maps of at most 4 pixels;
+    `make bench`, "kernels"). Returns a channels-last (B, C, Ho, Wo)."""
     B, C, H, W = x.shape
     pair = nn.modules.utils._pair
     index = _tap_index((H, W), tuple(weight.shape[-2:]), pair(stride), pair(padding))  # (O, P)
