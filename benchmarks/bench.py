@@ -18,7 +18,10 @@ Prints, from one run on this machine:
     on mixed views (labels, a mixed store), and the ResNet-18 teacher (and the teacher on the
     trainer's path before the speed work); timm's matched eager step is timed in turns with the
     student's epochs at 32, for the ratio of the two;
-  * where inference time goes: torch.profiler's top operators of ours at 224 under the fast policy.
+  * where a training step's time goes, per model and size (the student and the teacher at 32 and 224):
+    its FLOP rate against the matmul peak and its operators timed one by one (`step_profile`);
+  * the logit store at the paper's scale: one epoch of 13.2M records written and read at random
+    (`store_bench`; `--store-dir` puts it on the disk to measure).
 
 Every contender runs under each policy alike:
   eager  fp32, NCHW input, AdamW, inference in eval mode: the models as their code ships (ours
@@ -62,6 +65,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.step_profile import profile_section
+from benchmarks.store_bench import store_section
 from tinyvit_lib.augment import AUGMENT_PRESETS, MIX_PRESETS
 from tinyvit_lib.data import get_dataset
 from tinyvit_lib.distill import DistillationLoss, OnlineTeacher, StoredTeacher, precompute
@@ -85,7 +90,7 @@ SECTIONS: dict[str, tuple[str, int, int]] = {
     "train224": ("train", 224, 32),
     "infer224": ("infer", 224, 64),
 }
-ALL_SECTIONS = (*SECTIONS, "kernels", "distill", "epoch", "profile")
+ALL_SECTIONS = (*SECTIONS, "kernels", "distill", "epoch", "profile", "store")
 NUM_CLASSES = 1000
 CONTENDED_SHARE = 0.2  # other processes' CPU use during a sample, in cores, above which it is retimed
 SAMPLE_S = 0.5  # a timed sample is this long at least: several steps of a fast contender
@@ -470,23 +475,36 @@ class KernelCase:
 KERNEL_CASES = (
     KernelCase("depthwise 3x3 stride 2 on 8x8", "depthwise in fp32", 128, 8, stride=2),  # TinyViT-5M at 32
     KernelCase("depthwise 3x3 on 2x2", "depthwise in fp32", 160, 2),
+    KernelCase("depthwise 3x3 stride 2 on 2x2", "depthwise in fp32", 320, 2, stride=2),
+    KernelCase("depthwise 3x3 on 1x1", "depthwise in fp32", 320, 1),
     KernelCase("3x3 on 1x1 (ResNet-18's last stage)", "one pixel as a matmul", 512, 1),
 )
 
 
 def _kernel_variants(case: KernelCase) -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], bool]]:
-    """{name: (forward, under bf16 autocast)}: the layer in fp32, in bf16 as oneDNN runs it, and in
-    bf16 through the library's rule (which may leave parts in fp32)."""
+    """{name: (forward, under bf16 autocast)}: the layer as oneDNN runs it in fp32 and in bf16, and
+    the library's layer in bf16 (its bf16 rule, which may leave parts in fp32) and in fp32 (where
+    `ConvBN` computes a depthwise convolution on a map of at most 4 pixels as `small_map_depthwise`)."""
     if case.rule == "depthwise in fp32":
         layer = ConvBN(case.channels, case.channels, 3, stride=case.stride, groups=case.channels)
 
         def plain(x: torch.Tensor) -> torch.Tensor:
-            return nn.Sequential.forward(layer, x)  # ConvBN without its rule
+            return nn.Sequential.forward(layer, x)  # ConvBN without its rules
 
-        return {"fp32": (plain, False), "bf16": (plain, True), "bf16, rule": (layer, True)}
+        return {
+            "fp32": (plain, False),
+            "bf16": (plain, True),
+            "bf16, rule": (layer, True),
+            "fp32, rule": (layer, False),
+        }
     plain_conv = nn.Conv2d(case.channels, case.channels, 3, padding=1, bias=False)
     rule = with_one_pixel_convs(copy.deepcopy(plain_conv))
-    return {"fp32": (plain_conv, False), "bf16": (plain_conv, True), "bf16, rule": (rule, True)}
+    return {
+        "fp32": (plain_conv, False),
+        "bf16": (plain_conv, True),
+        "bf16, rule": (rule, True),
+        "fp32, rule": (rule, False),
+    }
 
 
 def _layer_step(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, bf16: bool) -> Callable[[], None]:
@@ -502,10 +520,17 @@ def _layer_step(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
 
 def kernel_section(*, device: torch.device, warmup: int, repeats: int, batch: int) -> list[dict]:
     """Forward and backward (input and weight gradients) of each `KERNEL_CASES` layer, channels-last,
-    in fp32, in bf16 autocast as oneDNN runs it, and in bf16 through the library's rule, timed in
-    turns: the evidence for `model.ConvBN`'s fp32 depthwise convolutions and `OnePixelConv2d`."""
-    print("the convolution rules (forward + backward, ms; bf16 autocast as oneDNN runs it, and through the rule)")
-    print(f"{'layer':<38}{'batch':>6}{'fp32':>9}{'bf16':>9}{'rule':>9}{'rule / bf16':>13}{'rule / fp32':>13}")
+    as oneDNN runs it in fp32 and in bf16 autocast, and through the library's rules in bf16 and in
+    fp32, timed in turns: the evidence for `model.ConvBN`'s fp32 depthwise convolutions under bf16,
+    its `small_map_depthwise` in fp32, and `OnePixelConv2d`."""
+    print(
+        "the convolution rules (forward + backward, ms: oneDNN in fp32 and in bf16 autocast, and the library's "
+        "layer in bf16 and in fp32; speed-ups of the rule in bf16 over oneDNN's bf16 and fp32, and in fp32)"
+    )
+    print(
+        f"{'layer':<38}{'batch':>6}{'fp32':>9}{'bf16':>9}{'rule bf16':>10}{'rule fp32':>10}"
+        f"{'bf16 rule/bf16':>15}{'/fp32':>7}{'fp32 rule/fp32':>15}"
+    )
     rows = []
     for case in KERNEL_CASES:
         torch.manual_seed(0)
@@ -520,10 +545,12 @@ def kernel_section(*, device: torch.device, warmup: int, repeats: int, batch: in
         ms = {name: seconds * 1e3 for name, seconds in times.items()}
         row = dict(layer=case.label, rule=case.rule, batch=batch, ms=ms)
         row["rule_vs_bf16"], row["rule_vs_fp32"] = ms["bf16"] / ms["bf16, rule"], ms["fp32"] / ms["bf16, rule"]
+        row["fp32_rule_vs_fp32"] = ms["fp32"] / ms["fp32, rule"]
         rows.append(row)
         print(
-            f"{case.label:<38}{batch:>6}{ms['fp32']:>9.2f}{ms['bf16']:>9.2f}{ms['bf16, rule']:>9.2f}"
-            f"{row['rule_vs_bf16']:>12.2f}x{row['rule_vs_fp32']:>12.2f}x",
+            f"{case.label:<38}{batch:>6}{ms['fp32']:>9.2f}{ms['bf16']:>9.2f}{ms['bf16, rule']:>10.2f}"
+            f"{ms['fp32, rule']:>10.2f}{row['rule_vs_bf16']:>14.2f}x{row['rule_vs_fp32']:>6.2f}x"
+            f"{row['fp32_rule_vs_fp32']:>14.2f}x",
             flush=True,
         )
     return rows
@@ -756,22 +783,6 @@ def _epoch_ratios(by_case: dict[str, dict], rows: list[dict]) -> dict[str, float
     return out
 
 
-def profile_table(timm, *, device: torch.device, section: str = "infer224", rows: int = 12) -> str:
-    """torch.profiler's top operators (by own CPU time) of our model in `section` under the fast
-    policy: where the time that does not reach the matmul peak goes."""
-    from torch.profiler import ProfilerActivity, profile
-
-    task, img_size, batch = SECTIONS[section]
-    torch.manual_seed(0)
-    step = make_step(tinyvit_5m(img_size=img_size, num_classes=NUM_CLASSES), task, FAST, img_size, batch, device)
-    for _ in range(2):
-        step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(3):
-            step()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=36)
-
-
 # ----------------------------------------------------------------------------- report
 
 HEADER = (
@@ -839,6 +850,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="avx2: run as on an AVX2-only CPU (PyTorch's and oneDNN's kernels capped at AVX2, no native bf16, "
         "so the fp32 policy), in a fresh process",
     )
+    p.add_argument(
+        "--store-dir",
+        default=None,
+        help="store section: write the 0.7 GB store in a temporary folder here, on the disk your stores will "
+        "live on (default: the system's temporary folder)",
+    )
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     return p
 
@@ -889,9 +906,18 @@ def model_sections(
 
 
 def further_sections(
-    sections: list[str], timm, *, device: torch.device, quick: bool, warmup: int, repeats: int, peaks, models
+    sections: list[str],
+    timm,
+    *,
+    device: torch.device,
+    quick: bool,
+    warmup: int,
+    repeats: int,
+    peaks,
+    models,
+    store_dir: str | None = None,
 ) -> dict:
-    """The sections after the model rows that `sections` names: kernels, distill, epoch, profile."""
+    """The sections after the model rows that `sections` names: kernels, distill, epoch, profile, store."""
     results: dict = {}
     if "kernels" in sections:
         results["kernels"] = kernel_section(device=device, warmup=warmup, repeats=repeats, batch=8 if quick else 128)
@@ -906,9 +932,18 @@ def further_sections(
     if "epoch" in sections:
         results["epoch"] = epoch_section(device=device, quick=quick, rows=models, timm=timm, peaks=peaks)
     if "profile" in sections:
-        table = profile_table(timm, device=device, section="infer32" if quick else "infer224")
-        results["profile_table"] = table
-        print("where inference time goes (ours, fast policy, top operators by own CPU time):\n" + table)
+        print("where a training step's time goes (the trainer's default policy; operators timed one by one)")
+        results["profile"] = profile_section(
+            device=device,
+            peaks=peaks,
+            quick=quick,
+            make_step=make_step,
+            flops_per_image=flops_per_image,
+            default_policy=FAST,
+        )
+    if "store" in sections:
+        with tempfile.TemporaryDirectory(dir=store_dir, prefix="tinyvit-store-bench-") as tmp:
+            results["store"] = store_section(Path(tmp), quick=quick)
     return results
 
 
@@ -964,6 +999,7 @@ def main(argv: list[str] | None = None) -> int:
             repeats=repeats,
             peaks=peaks,
             models=results["models"],
+            store_dir=args.store_dir,
         )
     )
     results["wall_s"] = round(time.perf_counter() - started, 1)

@@ -11,7 +11,7 @@ from benchmarks.bench import main, matched_window_sizes
 def test_quick_bench_writes_every_number(tmp_path):
     pytest.importorskip("timm")
     out = tmp_path / "bench.json"
-    sections = "train32,infer32,kernels,distill,epoch,profile"
+    sections = "train32,infer32,kernels,distill,epoch,profile,store"
     assert main(["--quick", "--sections", sections, "--system-malloc", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     assert {(row["section"], row["policy"]) for row in results["models"]} == {
@@ -30,8 +30,9 @@ def test_quick_bench_writes_every_number(tmp_path):
     assert set(results["matmul_peak_gflops"]) == {"fp32", "bf16"}
     assert set(results["ours_vs_timm_eager"]) == {"train32", "infer32"}
     assert results["ours_vs_timm_eager"]["train32"]["fast"]["vs_timm_matched"] > 0
-    assert [row["rule"] for row in results["kernels"]] == ["depthwise in fp32"] * 2 + ["one pixel as a matmul"]
+    assert [row["rule"] for row in results["kernels"]] == ["depthwise in fp32"] * 4 + ["one pixel as a matmul"]
     assert all(min(row["ms"].values()) > 0 and row["rule_vs_bf16"] > 0 for row in results["kernels"])
+    assert all(row["fp32_rule_vs_fp32"] > 0 for row in results["kernels"])
     assert results["distill"]["store_vs_ce"] > 0 and results["distill"]["precompute_images_per_s"] > 0
     epoch_rows = {row["case"]: row for row in results["epoch"]["rows"]}
     assert set(epoch_rows) == {
@@ -49,7 +50,15 @@ def test_quick_bench_writes_every_number(tmp_path):
     assert epoch_rows["student 32, labels"]["reference_images_per_s"] > 0  # timm's step, timed in the same turns
     assert results["epoch"]["student32_vs_train32_row"] > 0
     assert results["epoch"]["mixed_store_vs_mixed_ce"] > 0
-    assert "aten::" in results["profile_table"]
+    profiles = {(row["model"], row["img_size"]): row for row in results["profile"]}
+    assert set(profiles) == {("tinyvit_5m", 32), ("resnet18", 32)}  # --quick leaves out 224
+    for row in profiles.values():
+        assert row["images_per_s"] > 0 and 0 < row["fraction_of_peak"] and row["gflops_per_s"] > 0
+        assert "convolution" in row["table"] and 0.5 < row["operators_share_of_step"] < 1.5
+    store = results["store"]
+    assert store["records"] == 132_000 and store["bytes_per_record"] == 52  # k = 10 of 21,841 classes
+    for name in ("write_1_processes", "write_2_processes", "read_cold", "read_warm"):
+        assert min(store[name].values()) > 0
     assert results["wall_s"] > 0 and results["machine"]["threads"] >= 1
 
 

@@ -291,6 +291,15 @@ def test_one_pixel_conv_is_the_convolution_with_its_gradients(conv, shape, as_ma
     assert type(with_one_pixel_convs(fast, undo=True)) is torch.nn.Conv2d
 
 
+def test_one_pixel_conv_gives_a_channels_last_weight_its_gradient_in_that_layout():
+    # so that the optimizer's gradient needs no copy into the weight's layout (a ResNet-18 step at
+    # 32x32 spent 5 ms in that copy)
+    conv = with_one_pixel_convs(torch.nn.Conv2d(16, 8, 3, padding=1, bias=False)).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 16, 1, 1)
+    (grad,) = torch.autograd.grad(conv(x).sum(), conv.weight)
+    assert grad.is_contiguous(memory_format=torch.channels_last) and not grad.is_contiguous()
+
+
 @pytest.mark.parametrize(
     "side, kernel, stride",
     [((1, 1), 3, 1), ((2, 2), 3, 1), ((2, 2), 3, 2), ((1, 2), 3, 1), ((2, 1), 3, 2), ((2, 2), 5, 1), ((3, 3), 3, 2)],

@@ -258,8 +258,11 @@ class OnePixelConv2d(nn.Conv2d):
         (r0, r1), (c0, c1) = window
         pad_h, pad_w = self.padding
         pixels = x[:, :, r0:r1, c0:c1].permute(0, 2, 3, 1).flatten(1)  # (B, h * w * C_in)
-        taps = self.weight[:, :, r0 + pad_h : r1 + pad_h, c0 + pad_w : c1 + pad_w]  # (C_out, C_in, h, w)
-        out = F.linear(pixels, taps.permute(0, 2, 3, 1).flatten(1), self.bias)  # (B, C_out)
+        # Sliced after the permute: the slice's gradient is then laid out as a channels-last weight
+        # is (a view when it is one), so the weight's gradient needs no copy into its layout.
+        rows, cols = slice(r0 + pad_h, r1 + pad_h), slice(c0 + pad_w, c1 + pad_w)
+        taps = self.weight.permute(0, 2, 3, 1)[:, rows, cols]  # (C_out, h, w, C_in)
+        out = F.linear(pixels, taps.flatten(1), self.bias)  # (B, C_out)
         return out[:, :, None, None]  # (B, C_out, 1, 1)
 
 
