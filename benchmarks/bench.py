@@ -9,8 +9,9 @@ Prints, from one run on this machine:
   * each row's FLOP rate as a fraction of this machine's peak for its precision, the peak measured
     in the same run (a large fp32 and a large bf16 matmul);
   * the convolutions that the library's CPU speed rules single out (strided and tiny-map depthwise
-    convolutions kept in fp32 under bf16 autocast; a one-pixel output as a matrix product), forward
-    and backward in fp32, in bf16 as oneDNN runs them, and through the rule;
+    convolutions kept in fp32 under bf16 autocast, and computed as mixing matrices in fp32; a
+    one-pixel output, and in fp32 a 2x2 map, as a matrix product), forward and backward in fp32,
+    in bf16 as oneDNN runs them, and through the rules in bf16 and in fp32;
   * the cost of a training step that distills from a logit store, and from an online teacher,
     relative to a plain cross-entropy step, and the precompute's throughput;
   * the trainer end to end: an epoch of `train_one_epoch` (data, views, teacher, step, bookkeeping)
@@ -77,7 +78,7 @@ from tinyvit_lib.model import (
     fuse_for_inference,
     stage_resolutions,
     tinyvit_5m,
-    with_one_pixel_convs,
+    with_small_map_convs,
 )
 from tinyvit_lib.teachers import build_model
 from tinyvit_lib.trainer import TrainConfig, TrainState, _build, pick_device, train_one_epoch, train_step
@@ -186,10 +187,10 @@ def flops_per_image(model: nn.Module, task: str, img_size: int) -> float:
     step (the usual rule: the backward pass costs twice the forward; FlopCounterMode's own count of
     a depthwise convolution's backward is 14x its forward here, not a cost the kernels pay).
     Convolutions count every kernel tap, padding included (the usual convention), also where
-    `OnePixelConv2d` skips the taps that meet only padding."""
+    `SmallMapConv2d` skips the taps that meet only padding."""
     images = torch.randn(2, 3, img_size, img_size)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        with_one_pixel_convs(copy.deepcopy(model).eval(), undo=True)(images)
+        with_small_map_convs(copy.deepcopy(model).eval(), undo=True)(images)
     return counter.get_total_flops() / len(images) * (3 if task == "train" else 1)
 
 
@@ -466,7 +467,7 @@ class KernelCase:
     """A convolution that one of the library's CPU speed rules singles out, at the course's batch."""
 
     label: str
-    rule: str  # "depthwise in fp32" (ConvBN) or "one pixel as a matmul" (OnePixelConv2d)
+    rule: str  # "depthwise in fp32" (ConvBN) or "small map as a matmul" (SmallMapConv2d)
     channels: int
     size: int  # the input map, size x size
     stride: int = 1
@@ -477,7 +478,8 @@ KERNEL_CASES = (
     KernelCase("depthwise 3x3 on 2x2", "depthwise in fp32", 160, 2),
     KernelCase("depthwise 3x3 stride 2 on 2x2", "depthwise in fp32", 320, 2, stride=2),
     KernelCase("depthwise 3x3 on 1x1", "depthwise in fp32", 320, 1),
-    KernelCase("3x3 on 1x1 (ResNet-18's last stage)", "one pixel as a matmul", 512, 1),
+    KernelCase("3x3 on 2x2 (ResNet-18's third stage)", "small map as a matmul", 256, 2),
+    KernelCase("3x3 on 1x1 (ResNet-18's last stage)", "small map as a matmul", 512, 1),
 )
 
 
@@ -498,7 +500,7 @@ def _kernel_variants(case: KernelCase) -> dict[str, tuple[Callable[[torch.Tensor
             "fp32, rule": (layer, False),
         }
     plain_conv = nn.Conv2d(case.channels, case.channels, 3, padding=1, bias=False)
-    rule = with_one_pixel_convs(copy.deepcopy(plain_conv))
+    rule = with_small_map_convs(copy.deepcopy(plain_conv))
     return {
         "fp32": (plain_conv, False),
         "bf16": (plain_conv, True),
@@ -522,7 +524,7 @@ def kernel_section(*, device: torch.device, warmup: int, repeats: int, batch: in
     """Forward and backward (input and weight gradients) of each `KERNEL_CASES` layer, channels-last,
     as oneDNN runs it in fp32 and in bf16 autocast, and through the library's rules in bf16 and in
     fp32, timed in turns: the evidence for `model.ConvBN`'s fp32 depthwise convolutions under bf16,
-    its `small_map_depthwise` in fp32, and `OnePixelConv2d`."""
+    its `small_map_depthwise` in fp32, and `SmallMapConv2d`."""
     print(
         "the convolution rules (forward + backward, ms: oneDNN in fp32 and in bf16 autocast, and the library's "
         "layer in bf16 and in fp32; speed-ups of the rule in bf16 over oneDNN's bf16 and fp32, and in fp32)"
@@ -641,7 +643,7 @@ class EpochTimer:
         torch.manual_seed(0)
         model = build_model(case.model, num_classes=10, img_size=case.img_size)
         if case.old_path:
-            with_one_pixel_convs(model, undo=True)  # a teacher's convolutions as torchvision ships them
+            with_small_map_convs(model, undo=True)  # a teacher's convolutions as torchvision ships them
         self.parts = _build(model, self.dataset, self.config, teacher)
         self.state = TrainState()
         self.dataset.set_epoch(0)

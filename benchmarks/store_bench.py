@@ -8,8 +8,10 @@ library's own `StoreWriter` (the part files, the record check, the checksum, the
     processes, each appending its part; rank 0 seals the store), in MB/s and records/s;
   * reads records in training order (a random permutation, in batches of 128, through
     `LogitStore.records`, as `distill.StoredTeacher` does) with the file's pages dropped from the
-    page cache first (cold: `posix_fadvise(DONTNEED)`, which needs no privileges) and after one
-    sequential pass over it (warm), in records/s for one process;
+    page cache first (cold: `posix_fadvise(DONTNEED)`, which needs no privileges; the share of the
+    file still cached is measured with `mincore`) and after one sequential pass over it (warm), in
+    records/s for one process. On a virtual machine "cold" means cold in the guest: the host may
+    still cache the disk;
   * compares the read rate with what training can consume: the paper's TinyViT-5M throughput,
     3,060 images/s per V100, so about 25,000 records/s for 8 GPUs.
 
@@ -19,6 +21,8 @@ so the writer's check passes. `--quick` writes 132,000 records. Nothing here fai
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import multiprocessing
 import os
 import shutil
@@ -107,21 +111,46 @@ def drop_from_page_cache(file: Path) -> None:
         os.close(fd)
 
 
-def read_rate(store: LogitStore, order: np.ndarray, seconds: float) -> dict:
-    """Records/s reading `order` batch by batch for about `seconds` (at least 20 batches)."""
-    batches, started, times = 0, time.perf_counter(), []
-    while batches < 20 or time.perf_counter() - started < seconds:
-        positions = order[batches * READ_BATCH : (batches + 1) * READ_BATCH]
-        if not len(positions):
-            break
+def resident_fraction(file: Path) -> float | None:
+    """The fraction of `file`'s pages in this machine's page cache (Linux `mincore`); None where it
+    cannot tell."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    except (OSError, AttributeError):
+        return None
+    size, page = file.stat().st_size, os.sysconf("SC_PAGE_SIZE")
+    pages = ctypes.create_string_buffer((size + page - 1) // page)
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if address in (None, ctypes.c_void_p(-1).value):
+            return None
+        try:
+            if libc.mincore(address, size, pages) != 0:
+                return None
+        finally:
+            libc.munmap(address, size)
+    finally:
+        os.close(fd)
+    return float((np.frombuffer(pages.raw, dtype=np.uint8) & 1).mean())
+
+
+def read_rate(store: LogitStore, order: np.ndarray, batches: int) -> dict:
+    """Records/s reading the first `batches` batches of `order` (batch after batch, as training does)."""
+    times = []
+    for b in range(min(batches, len(order) // READ_BATCH)):
+        positions = order[b * READ_BATCH : (b + 1) * READ_BATCH]
         t0 = time.perf_counter()
         store.records(0, positions)
         times.append(time.perf_counter() - t0)
-        batches += 1
     return dict(
-        records_per_s=READ_BATCH * batches / sum(times),
+        records_per_s=READ_BATCH * len(times) / sum(times),
         median_batch_ms=1000 * statistics.median(times),
-        batches=batches,
+        batches=len(times),
     )
 
 
@@ -149,20 +178,26 @@ def store_section(root: Path, *, quick: bool, processes: int = 2) -> dict:
         result[f"write_{world}_processes"] = dict(seconds=seconds, mb_per_s=mb / seconds, records_per_s=size / seconds)
         rate = f"{mb / seconds:.0f} MB/s, {size / seconds:,.0f} records/s"
         print(f"  write, {world} process(es): {seconds:.1f} s, {rate}")
-    store = LogitStore.open(root / "store", verify=False)
+    store, file = LogitStore.open(root / "store", verify=False), root / "store" / epoch_file(0)
     order = np.random.default_rng(0).permutation(size)
-    drop_from_page_cache(root / "store" / epoch_file(0))
-    result["read_cold"] = read_rate(store, order, seconds=1 if quick else 10)
-    with open(root / "store" / epoch_file(0), "rb") as f:  # one sequential pass: the file in the page cache
-        while f.read(1 << 24):
-            pass
-    result["read_warm"] = read_rate(store, order[::-1].copy(), seconds=1 if quick else 5)
-    for name in ("read_cold", "read_warm"):
+    drop_from_page_cache(file)
+    # Cold: few enough batches that most of them still meet pages not yet read (a page holds about 78
+    # records, so 200 batches touch about a sixth of the file's pages); the share of the file in the
+    # page cache is reported before each read.
+    for name, batches in (("read_cold", 200), ("read_warm", 2000)):
+        if name == "read_warm":
+            with open(file, "rb") as f:  # one sequential pass: the file in the page cache
+                while f.read(1 << 24):
+                    pass
+        resident = resident_fraction(file)
+        result[name] = dict(read_rate(store, order[::-1].copy() if name == "read_warm" else order, batches))
+        result[name]["resident_before"] = resident
         r = result[name]
         print(
-            f"  {name.replace('_', ', ')}: {r['records_per_s']:,.0f} records/s per process "
-            f"(batches of {READ_BATCH}, median {r['median_batch_ms']:.2f} ms), "
-            f"{r['records_per_s'] / TRAINING_RATE:.2f}x what 8 V100s consume ({TRAINING_RATE:,}/s)"
+            f"  {name.replace('_', ', ')} ({'?' if resident is None else f'{resident:.0%}'} of the file in the page "
+            f"cache): {r['records_per_s']:,.0f} records/s per process (batches of {READ_BATCH}, median "
+            f"{r['median_batch_ms']:.2f} ms), {r['records_per_s'] / TRAINING_RATE:.1f}x what 8 V100s consume "
+            f"({TRAINING_RATE:,}/s)"
         )
     shutil.rmtree(root / "store", ignore_errors=True)
     return result

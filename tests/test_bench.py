@@ -30,7 +30,7 @@ def test_quick_bench_writes_every_number(tmp_path):
     assert set(results["matmul_peak_gflops"]) == {"fp32", "bf16"}
     assert set(results["ours_vs_timm_eager"]) == {"train32", "infer32"}
     assert results["ours_vs_timm_eager"]["train32"]["fast"]["vs_timm_matched"] > 0
-    assert [row["rule"] for row in results["kernels"]] == ["depthwise in fp32"] * 4 + ["one pixel as a matmul"]
+    assert [row["rule"] for row in results["kernels"]] == ["depthwise in fp32"] * 4 + ["small map as a matmul"] * 2
     assert all(min(row["ms"].values()) > 0 and row["rule_vs_bf16"] > 0 for row in results["kernels"])
     assert all(row["fp32_rule_vs_fp32"] > 0 for row in results["kernels"])
     assert results["distill"]["store_vs_ce"] > 0 and results["distill"]["precompute_images_per_s"] > 0
@@ -57,8 +57,11 @@ def test_quick_bench_writes_every_number(tmp_path):
         assert "convolution" in row["table"] and 0.5 < row["operators_share_of_step"] < 1.5
     store = results["store"]
     assert store["records"] == 132_000 and store["bytes_per_record"] == 52  # k = 10 of 21,841 classes
-    for name in ("write_1_processes", "write_2_processes", "read_cold", "read_warm"):
+    for name in ("write_1_processes", "write_2_processes"):
         assert min(store[name].values()) > 0
+    for name in ("read_cold", "read_warm"):
+        assert store[name]["records_per_s"] > 0 and store[name]["batches"] > 0
+    assert store["read_warm"]["resident_before"] == 1.0  # read once: the whole file is in the page cache
     assert results["wall_s"] > 0 and results["machine"]["threads"] >= 1
 
 

@@ -17,14 +17,15 @@ from tinyvit_lib import (
     tinyvit_21m,
 )
 from tinyvit_lib.model import (
-    OnePixelConv2d,
+    SmallMapConv2d,
     _one_pixel_window,
     default_window_sizes,
     official_to_ours,
     ours_to_official,
+    small_map_conv,
     small_map_depthwise,
     stage_resolutions,
-    with_one_pixel_convs,
+    with_small_map_convs,
 )
 
 
@@ -240,13 +241,13 @@ def test_a_bf16_training_step_of_the_whole_model_keeps_float32_weights_and_finit
 def test_inference_copy_folds_batchnorm_and_leaves_the_model_alone():
     from tinyvit_lib.teachers import build_model
 
-    resnet = build_model("resnet18", num_classes=10)  # its convolutions are OnePixelConv2d: fx must still fold them
-    assert any(isinstance(m, OnePixelConv2d) for m in resnet.modules())
+    resnet = build_model("resnet18", num_classes=10)  # its convolutions are SmallMapConv2d: fx must still fold them
+    assert any(isinstance(m, SmallMapConv2d) for m in resnet.modules())
     for model in (perturb_(tinyvit_5m(img_size=32, num_classes=10)), perturb_(resnet)):
         model.train()
         before = {k: v.clone() for k, v in model.state_dict().items()}
         runner = inference_copy(model)
-        assert not any(isinstance(m, (torch.nn.BatchNorm2d, OnePixelConv2d)) for m in runner.modules())
+        assert not any(isinstance(m, (torch.nn.BatchNorm2d, SmallMapConv2d)) for m in runner.modules())
         assert not runner.training and not any(p.requires_grad for p in runner.parameters())
         assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
         x = torch.randn(2, 3, 32, 32)
@@ -256,26 +257,34 @@ def test_inference_copy_folds_batchnorm_and_leaves_the_model_alone():
 
 
 @pytest.mark.parametrize(
-    "conv, shape, as_matmul",
+    "conv, shape, path",
     [
-        (dict(kernel_size=3, padding=1, bias=False), (1, 1), True),  # ResNet-18's last stage at 32x32
-        (dict(kernel_size=3, stride=2, padding=1, bias=False), (2, 2), True),  # its downsampling 3x3 onto 1x1
-        (dict(kernel_size=1, stride=2, bias=False), (2, 2), True),  # its shortcut: one input pixel of four
-        (dict(kernel_size=(3, 1), padding=(1, 0)), (1, 1), True),  # asymmetric, with a bias
-        (dict(kernel_size=1, stride=4, padding=1), (1, 1), True),  # the one pixel sees only padding: the bias
-        (dict(kernel_size=3, padding=1), (1, 3), False),  # a 1x3 output: the convolution itself
-        (dict(kernel_size=3, padding=1), (2, 2), False),
-        (dict(kernel_size=3, padding=1, groups=4), (1, 1), False),  # grouped: the convolution itself
+        (dict(kernel_size=3, padding=1, bias=False), (1, 1), "one pixel"),  # ResNet-18's last stage at 32x32
+        (dict(kernel_size=3, stride=2, padding=1, bias=False), (2, 2), "one pixel"),  # its 3x3 onto 1x1
+        (dict(kernel_size=1, stride=2, bias=False), (2, 2), "one pixel"),  # its shortcut: one input pixel of four
+        (dict(kernel_size=(3, 1), padding=(1, 0)), (1, 1), "one pixel"),  # asymmetric, with a bias
+        (dict(kernel_size=1, stride=4, padding=1), (1, 1), "one pixel"),  # the one pixel sees only padding: the bias
+        (dict(kernel_size=3, padding=1, bias=False), (2, 2), "product"),  # ResNet-18's third stage at 32x32
+        (dict(kernel_size=3, padding=1), (1, 3), "product"),  # a 1x3 map, with a bias
+        (dict(kernel_size=(3, 1), padding=(1, 0)), (2, 1), "product"),
+        (dict(kernel_size=1), (2, 2), "product"),
+        (dict(kernel_size=3, padding=1), (3, 3), "convolution"),  # 9 pixels: the convolution itself
+        (dict(kernel_size=3, stride=2, padding=1), (4, 4), "convolution"),
+        (dict(kernel_size=3, padding=1, groups=4), (1, 1), "convolution"),  # grouped: the convolution itself
     ],
 )
-def test_one_pixel_conv_is_the_convolution_with_its_gradients(conv, shape, as_matmul):
+def test_small_map_conv_is_the_convolution_with_its_gradients(conv, shape, path, monkeypatch):
+    from tinyvit_lib import model as model_module
+
+    calls = []
+    monkeypatch.setattr(model_module, "small_map_conv", lambda *a: calls.append(1) or small_map_conv(*a))
     torch.manual_seed(0)
     plain = torch.nn.Conv2d(8, 12, **conv)
-    fast = with_one_pixel_convs(copy.deepcopy(plain))
-    assert type(fast) is OnePixelConv2d and fast.state_dict().keys() == plain.state_dict().keys()
+    fast = with_small_map_convs(copy.deepcopy(plain))
+    assert type(fast) is SmallMapConv2d and fast.state_dict().keys() == plain.state_dict().keys()
     for memory_format in (torch.contiguous_format, torch.channels_last):
         x = torch.randn(5, 8, *shape).contiguous(memory_format=memory_format).requires_grad_()
-        assert (_one_pixel_window(fast, x) is not None) == as_matmul
+        assert (_one_pixel_window(fast, x) is not None) == (path == "one pixel")
         x_fast = x.detach().clone().requires_grad_()
         out, out_fast = plain(x), fast(x_fast)
         assert out_fast.shape == out.shape
@@ -288,14 +297,30 @@ def test_one_pixel_conv_is_the_convolution_with_its_gradients(conv, shape, as_ma
             torch.testing.assert_close(getattr(fast, name).grad, param.grad, atol=1e-5, rtol=1e-5)
         plain.zero_grad()
         fast.zero_grad()
-    assert type(with_one_pixel_convs(fast, undo=True)) is torch.nn.Conv2d
+    assert len(calls) == (2 if path == "product" else 0)
+    assert type(with_small_map_convs(fast, undo=True)) is torch.nn.Conv2d
 
 
-def test_one_pixel_conv_gives_a_channels_last_weight_its_gradient_in_that_layout():
+def test_small_map_conv_keeps_onednn_under_bf16_autocast(monkeypatch):
+    from tinyvit_lib import model as model_module
+
+    calls = []
+    monkeypatch.setattr(model_module, "small_map_conv", lambda *a: calls.append(1) or small_map_conv(*a))
+    conv = with_small_map_convs(torch.nn.Conv2d(8, 8, 3, padding=1))
+    x = torch.randn(4, 8, 2, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv(x).dtype == torch.bfloat16
+    assert not calls  # so the bf16 training of the committed results is unchanged
+    conv(x)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("side", [1, 2])
+def test_small_map_conv_gives_a_channels_last_weight_its_gradient_in_that_layout(side):
     # so that the optimizer's gradient needs no copy into the weight's layout (a ResNet-18 step at
     # 32x32 spent 5 ms in that copy)
-    conv = with_one_pixel_convs(torch.nn.Conv2d(16, 8, 3, padding=1, bias=False)).to(memory_format=torch.channels_last)
-    x = torch.randn(4, 16, 1, 1)
+    conv = with_small_map_convs(torch.nn.Conv2d(16, 8, 3, padding=1, bias=False)).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 16, side, side)
     (grad,) = torch.autograd.grad(conv(x).sum(), conv.weight)
     assert grad.is_contiguous(memory_format=torch.channels_last) and not grad.is_contiguous()
 

@@ -48,8 +48,9 @@ __all__ = [
     "build_tinyvit",
     "ConvBN",
     "small_map_depthwise",
-    "OnePixelConv2d",
-    "with_one_pixel_convs",
+    "SmallMapConv2d",
+    "with_small_map_convs",
+    "small_map_conv",
     "PatchEmbed",
     "MBConv",
     "PatchMerging",
@@ -241,20 +242,33 @@ def _one_pixel_window(conv: nn.Conv2d, x: torch.Tensor) -> tuple[tuple[int, int]
     return spans[0], spans[1]
 
 
-class OnePixelConv2d(nn.Conv2d):
-    """`nn.Conv2d` (the same parameters and state dict) that computes an output of one pixel as
-    the matrix product it is: the input pixels under the kernel times the kernel taps they meet
-    (the others meet only padding). The same function and gradients as the convolution.
+class SmallMapConv2d(nn.Conv2d):
+    """`nn.Conv2d` (the same parameters and state dict) that computes a convolution on a small map
+    as the matrix product it is:
+
+    * an output of one pixel: the input pixels under the kernel times the kernel taps they meet
+      (the others meet only padding), in any precision; the same function and gradients;
+    * in fp32 on a CPU, an input of at most 4 pixels (a 2x2 map): `small_map_conv`, one product
+      with a matrix gathered from the taps; the same function, rounding aside.
 
     Why: at 32x32 a ResNet ends on 2x2 and 1x1 maps, where oneDNN's convolution kernels are slow,
     above all on the weight gradient, which is one small matrix product. `make bench` times the
-    layer ("kernels"; docs/performance.md). `with_one_pixel_convs` turns a model's convolutions
-    into these; `inference_copy` turns them back, to fold BatchNorm into them."""
+    layer ("kernels"; docs/performance.md). Under bf16 autocast a 2x2 map keeps oneDNN's kernel.
+    `with_small_map_convs` turns a model's convolutions into these; `inference_copy` turns them
+    back, to fold BatchNorm into them. Set `small_map_products = False` for oneDNN's kernel on
+    the 2x2 maps."""
+
+    small_map_products: bool = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         window = _one_pixel_window(self, x)
-        if window is None:
-            return super().forward(x)
+        if window is not None:
+            return self._one_pixel(x, window)
+        if self._as_one_product(x):
+            return small_map_conv(x, self.weight, self.bias, self.stride, self.padding)
+        return super().forward(x)
+
+    def _one_pixel(self, x: torch.Tensor, window: tuple[tuple[int, int], tuple[int, int]]) -> torch.Tensor:
         (r0, r1), (c0, c1) = window
         pad_h, pad_w = self.padding
         pixels = x[:, :, r0:r1, c0:c1].permute(0, 2, 3, 1).flatten(1)  # (B, h * w * C_in)
@@ -265,12 +279,28 @@ class OnePixelConv2d(nn.Conv2d):
         out = F.linear(pixels, taps.flatten(1), self.bias)  # (B, C_out)
         return out[:, :, None, None]  # (B, C_out, 1, 1)
 
+    def _as_one_product(self, x: torch.Tensor) -> bool:
+        """Whether `x` goes through `small_map_conv`: fp32 on a CPU outside autocast, a map of at
+        most 4 pixels, an ungrouped convolution without dilation and with zero padding."""
+        return (
+            self.small_map_products
+            and x.dim() == 4
+            and x.shape[-2] * x.shape[-1] <= 4
+            and self.groups == 1
+            and self.dilation == (1, 1)
+            and self.padding_mode == "zeros"
+            and not isinstance(self.padding, str)
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
+        )
 
-def with_one_pixel_convs(module: nn.Module, *, undo: bool = False) -> nn.Module:
-    """Every plain `nn.Conv2d` in `module` made a `OnePixelConv2d` in place (the class changes, the
+
+def with_small_map_convs(module: nn.Module, *, undo: bool = False) -> nn.Module:
+    """Every plain `nn.Conv2d` in `module` made a `SmallMapConv2d` in place (the class changes, the
     parameters, buffers and hooks stay; nothing is drawn from the RNG); `undo=True` turns them back
     (torch.fx's conv + BatchNorm fusion matches plain `nn.Conv2d` only). Returns `module`."""
-    source, target = (OnePixelConv2d, nn.Conv2d) if undo else (nn.Conv2d, OnePixelConv2d)
+    source, target = (SmallMapConv2d, nn.Conv2d) if undo else (nn.Conv2d, SmallMapConv2d)
     for child in module.modules():
         if type(child) is source:
             child.__class__ = target
@@ -312,6 +342,43 @@ def small_map_depthwise(x: torch.Tensor, weight: torch.Tensor, stride, padding) 
     pixels = x.permute(0, 2, 3, 1).reshape(B, 1, H * W, C)  # (B, 1, P, C), a view when channels-last
     out = (pixels * mixing).sum(dim=2)  # (B, O, C)
     return out.view(B, Ho, -1, C).permute(0, 3, 1, 2)
+
+
+@functools.lru_cache(maxsize=64)
+def _tap_selector(
+    size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]
+) -> torch.Tensor:
+    """(Ho * Wo * H * W, kh * kw) float 0/1 matrix: row o * H * W + p selects the tap joining output
+    pixel o to input pixel p (`_tap_index`), a row of zeros where none does."""
+    index = _tap_index(size, kernel, stride, padding)
+    taps = kernel[0] * kernel[1]
+    return F.one_hot(index.flatten(), taps + 1)[:, :taps].float()
+
+
+def small_map_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding) -> torch.Tensor:
+    """An ungrouped convolution (no dilation, zero padding) of `x` (B, C_in, H, W) with `weight`
+    (C_out, C_in, kh, kw), computed as what it is on a small map: one matrix product of the
+    (B, H * W * C_in) pixels with a (Ho * Wo * C_out, H * W * C_in) matrix whose blocks are the taps
+    joining each output pixel to each input pixel (zeros where none does). The matrix is built by a
+    product with a 0/1 tap selector (`_tap_selector`), so its gradient reaches the taps as a product
+    too, in the weight's channels-last layout when it has one.
+
+    The same function as `F.conv2d`, rounding aside (the sums run in another order). It does
+    (H * W) * (Ho * Wo) pixel pairs' work where the convolution does Ho * Wo * kh * kw, so it pays only
+    on maps of a few pixels: on a 2x2 map with a 3x3 kernel, 16 pairs against 36 taps, 9 of them
+    padding (`SmallMapConv2d` uses it on maps of at most 4 pixels). Returns a channels-last
+    (B, C_out, Ho, Wo)."""
+    B, C, H, W = x.shape
+    C_out, _, kh, kw = weight.shape
+    pair = nn.modules.utils._pair
+    selector = _tap_selector((H, W), (kh, kw), pair(stride), pair(padding)).to(x.device)  # (O * P, kh * kw)
+    outputs = selector.shape[0] // (H * W)  # Ho * Wo
+    taps = weight.permute(0, 2, 3, 1).reshape(C_out, kh * kw, C)  # (C_out, kh * kw, C_in), a view if channels-last
+    matrix = (selector @ taps).view(C_out, outputs, H * W * C).transpose(0, 1).reshape(outputs * C_out, H * W * C)
+    pixels = x.permute(0, 2, 3, 1).reshape(B, H * W * C)  # (B, P * C_in)
+    out = F.linear(pixels, matrix, None if bias is None else bias.repeat(outputs))  # (B, Ho * Wo * C_out)
+    Ho = (H + 2 * pair(padding)[0] - kh) // pair(stride)[0] + 1
+    return out.view(B, Ho, -1, C_out).permute(0, 3, 1, 2)
 
 
 class ConvBN(nn.Sequential):
@@ -914,7 +981,7 @@ def inference_copy(model: nn.Module) -> nn.Module:
         else:
             from torch.fx.experimental.optimization import fuse
 
-            folded = with_one_pixel_convs(copy.deepcopy(model).eval(), undo=True)
+            folded = with_small_map_convs(copy.deepcopy(model).eval(), undo=True)
             try:
                 folded = fuse(folded)
             except Exception:  # noqa: BLE001 -- any model fx cannot trace runs unfused

@@ -3,9 +3,10 @@
 A torchvision classifier is adapted to the task: its first convolution takes `in_chans` channels
 and its classifier outputs `num_classes`; the architecture is otherwise torchvision's (a ResNet
 keeps its stride-4 stem, which at 32x32 makes it cheap enough to train on a laptop CPU). In
-training its convolutions compute a one-pixel output as a matrix product (`model.OnePixelConv2d`:
-the same function and state dict, faster on the 1x1 maps where a ResNet ends at 32x32); its
-inference copy (`model.inference_copy`) runs torchvision's convolutions with BatchNorm folded in.
+training its convolutions compute a one-pixel output, and in fp32 a 2x2 map, as a matrix product
+(`model.SmallMapConv2d`: the same function and state dict, faster on the 2x2 and 1x1 maps where a
+ResNet ends at 32x32); its inference copy (`model.inference_copy`) runs torchvision's convolutions
+with BatchNorm folded in.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch.nn as nn
 import torchvision
 
-from .model import PRESETS, build_tinyvit, load_pretrained, state_dict_problems, with_one_pixel_convs
+from .model import PRESETS, build_tinyvit, load_pretrained, state_dict_problems, with_small_map_convs
 from .utils import load_checkpoint
 
 __all__ = ["build_model", "load_weights", "model_names", "describe_model"]
@@ -59,7 +60,7 @@ def build_model(name: str, *, num_classes: int, in_chans: int = 3, img_size: int
         for child_name, child in parent.named_children():
             if child is first:
                 setattr(parent, child_name, _first_conv_for(first, in_chans))
-    return with_one_pixel_convs(model)
+    return with_small_map_convs(model)
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
