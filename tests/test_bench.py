@@ -61,7 +61,7 @@ def test_quick_bench_writes_every_number(tmp_path):
         assert min(store[name].values()) > 0
     for name in ("read_cold", "read_warm"):
         assert store[name]["records_per_s"] > 0 and store[name]["batches"] > 0
-    assert store["read_warm"]["resident_before"] == 1.0  # read once: the whole file is in the page cache
+    assert store["read_warm"]["resident_before"] >= 0.9  # read once: the file is in the page cache
     assert results["wall_s"] > 0 and results["machine"]["threads"] >= 1
 
 
