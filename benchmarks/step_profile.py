@@ -67,7 +67,7 @@ def profile_section(
     from tinyvit_lib.teachers import build_model
 
     rows = []
-    for name, img_size, batch in CASES[:1] + CASES[2:3] if quick else CASES:
+    for name, img_size, batch in (CASES[:1] + CASES[2:3]) if quick else CASES:
         batch = 8 if quick else batch
         torch.manual_seed(0)
         model = build_model(name, num_classes=1000, img_size=img_size)

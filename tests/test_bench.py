@@ -54,7 +54,7 @@ def test_quick_bench_writes_every_number(tmp_path):
     assert set(profiles) == {("tinyvit_5m", 32), ("resnet18", 32)}  # --quick leaves out 224
     for row in profiles.values():
         assert row["images_per_s"] > 0 and 0 < row["fraction_of_peak"] and row["gflops_per_s"] > 0
-        assert "convolution" in row["table"] and 0.5 < row["operators_share_of_step"] < 1.5
+        assert "convolution" in row["table"] and 0.2 < row["operators_share_of_step"] < 5
     store = results["store"]
     assert store["records"] == 132_000 and store["bytes_per_record"] == 52  # k = 10 of 21,841 classes
     for name in ("write_1_processes", "write_2_processes"):

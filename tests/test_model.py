@@ -371,7 +371,11 @@ def test_conv_bn_takes_small_map_products_only_in_fp32_on_tiny_depthwise_maps(si
     torch.testing.assert_close(y, y_onednn, atol=1e-5, rtol=1e-5)
 
 
-def test_a_whole_fp32_step_with_small_map_products_matches_onednn():
+def test_a_whole_fp32_step_with_small_map_products_matches_onednn(monkeypatch):
+    from tinyvit_lib import model as model_module
+
+    calls = []
+    monkeypatch.setattr(model_module, "small_map_depthwise", lambda *a: calls.append(1) or small_map_depthwise(*a))
     torch.manual_seed(0)
     fast = perturb_(tinyvit_5m(img_size=32, num_classes=10)).train()
     slow = copy.deepcopy(fast)
@@ -381,6 +385,7 @@ def test_a_whole_fp32_step_with_small_map_products_matches_onednn():
     x, y = torch.randn(8, 3, 32, 32), torch.arange(8)
     for model in (fast, slow):
         torch.nn.functional.cross_entropy(model(x), y).backward()
+    assert len(calls) == 9  # stage 2's six local convs, the merge into stage 3, stage 3's two: 2x2 and 1x1 maps
     for (name, a), b in zip(fast.named_parameters(), slow.parameters()):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-3, msg=name)
 
@@ -466,3 +471,25 @@ def test_inference_copy_leaves_the_global_rng_alone():
     torch.manual_seed(0)
     inference_copy(model)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_small_map_products_train_after_a_first_call_under_inference_mode():
+    # the tap geometry is cached: made under inference_mode it must still be saved for backward
+    from tinyvit_lib.model import _tap_index, _tap_selector
+
+    _tap_index.cache_clear()
+    _tap_selector.cache_clear()
+    conv = with_small_map_convs(torch.nn.Conv2d(4, 4, 3, padding=1))
+    depthwise = torch.nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
+    x = torch.randn(2, 4, 2, 2)
+    with torch.inference_mode():
+        conv(x)
+        small_map_depthwise(x, depthwise.weight, 1, 1)
+    (conv(x).sum() + small_map_depthwise(x, depthwise.weight, 1, 1).sum()).backward()
+    assert conv.weight.grad is not None and depthwise.weight.grad is not None
+
+
+def test_a_kernel_larger_than_the_padded_small_map_gets_the_convolution_error():
+    conv = with_small_map_convs(torch.nn.Conv2d(4, 4, 3))  # no padding: a 2x2 map is too small
+    with pytest.raises(RuntimeError, match="[Kk]ernel size"):
+        conv(torch.randn(1, 4, 2, 2))

@@ -280,8 +280,9 @@ class SmallMapConv2d(nn.Conv2d):
         return out[:, :, None, None]  # (B, C_out, 1, 1)
 
     def _as_one_product(self, x: torch.Tensor) -> bool:
-        """Whether `x` goes through `small_map_conv`: fp32 on a CPU outside autocast, a map of at
-        most 4 pixels, an ungrouped convolution without dilation and with zero padding."""
+        """Whether `x` goes through `small_map_conv`: fp32 on a CPU outside autocast, a batched map of
+        at most 4 pixels that the kernel fits (padding included), an ungrouped convolution without
+        dilation and with zero padding; anything else gets the convolution (and its errors)."""
         return (
             self.small_map_products
             and x.dim() == 4
@@ -290,6 +291,7 @@ class SmallMapConv2d(nn.Conv2d):
             and self.dilation == (1, 1)
             and self.padding_mode == "zeros"
             and not isinstance(self.padding, str)
+            and all(n + 2 * p >= k for n, p, k in zip(x.shape[-2:], self.padding, self.kernel_size))
             and x.device.type == "cpu"
             and x.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")
@@ -315,12 +317,13 @@ def _tap_index(
     o to input pixel p of a `size` map, or kh * kw where no tap does. Geometry only, kept on the CPU."""
     (H, W), (kh, kw), (sh, sw), (ph, pw) = size, kernel, stride, padding
     Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
-    oy, ox = torch.arange(Ho).repeat_interleave(Wo), torch.arange(Wo).repeat(Ho)  # (O,)
-    py, px = torch.arange(H).repeat_interleave(W), torch.arange(W).repeat(H)  # (P,)
-    dy = py[None, :] - oy[:, None] * sh + ph  # (O, P) kernel row meeting input row py
-    dx = px[None, :] - ox[:, None] * sw + pw
-    inside = (dy >= 0) & (dy < kh) & (dx >= 0) & (dx < kw)
-    return torch.where(inside, dy * kw + dx, kh * kw)
+    with torch.inference_mode(False):  # cached: never an inference tensor that backward could not save
+        oy, ox = torch.arange(Ho).repeat_interleave(Wo), torch.arange(Wo).repeat(Ho)  # (O,)
+        py, px = torch.arange(H).repeat_interleave(W), torch.arange(W).repeat(H)  # (P,)
+        dy = py[None, :] - oy[:, None] * sh + ph  # (O, P) kernel row meeting input row py
+        dx = px[None, :] - ox[:, None] * sw + pw
+        inside = (dy >= 0) & (dy < kh) & (dx >= 0) & (dx < kw)
+        return torch.where(inside, dy * kw + dx, kh * kw)
 
 
 def small_map_depthwise(x: torch.Tensor, weight: torch.Tensor, stride, padding) -> torch.Tensor:
@@ -332,7 +335,9 @@ def small_map_depthwise(x: torch.Tensor, weight: torch.Tensor, stride, padding) 
     (on a 1x1 map with the kernel centred on it, the output and the input's gradient are the same
     bits). Its cost grows with (H * W)**2, so it pays only on maps of a few pixels, where oneDNN's
     AVX2 kernels spend milliseconds on kilobytes (`ConvBN` uses it on maps of at most 4 pixels;
-    `make bench`, "kernels"). Returns a channels-last (B, C, Ho, Wo)."""
+    `make bench`, "kernels"). Returns a channels-last (B, C, Ho, Wo). It checks nothing: its callers
+    pass only what `ConvBN._as_small_map_products` admits (a kernel larger than the padded map
+    raises from torch with a shape error)."""
     B, C, H, W = x.shape
     pair = nn.modules.utils._pair
     index = _tap_index((H, W), tuple(weight.shape[-2:]), pair(stride), pair(padding))  # (O, P)
@@ -352,7 +357,8 @@ def _tap_selector(
     pixel o to input pixel p (`_tap_index`), a row of zeros where none does."""
     index = _tap_index(size, kernel, stride, padding)
     taps = kernel[0] * kernel[1]
-    return F.one_hot(index.flatten(), taps + 1)[:, :taps].float()
+    with torch.inference_mode(False):  # cached: see `_tap_index`
+        return F.one_hot(index.flatten(), taps + 1)[:, :taps].float()
 
 
 def small_map_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding) -> torch.Tensor:
@@ -367,7 +373,8 @@ def small_map_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     (H * W) * (Ho * Wo) pixel pairs' work where the convolution does Ho * Wo * kh * kw, so it pays only
     on maps of a few pixels: on a 2x2 map with a 3x3 kernel, 16 pairs against 36 taps, 9 of them
     padding (`SmallMapConv2d` uses it on maps of at most 4 pixels). Returns a channels-last
-    (B, C_out, Ho, Wo)."""
+    (B, C_out, Ho, Wo). It checks nothing: its caller passes only what
+    `SmallMapConv2d._as_one_product` admits (a kernel larger than the padded map raises from torch)."""
     B, C, H, W = x.shape
     C_out, _, kh, kw = weight.shape
     pair = nn.modules.utils._pair
@@ -420,6 +427,7 @@ class ConvBN(nn.Sequential):
         return (
             self.small_map_products
             and conv.groups == conv.in_channels == conv.out_channels
+            and x.dim() == 4
             and x.shape[-2] * x.shape[-1] <= 4
             and x.device.type == "cpu"
             and x.dtype == torch.float32
