@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from dataclasses import replace
 from pathlib import Path
 
@@ -74,8 +75,9 @@ def main() -> None:
     atomic_write_text(args.out, json.dumps(rows, indent=1) + "\n")
     for model in ("student", "teacher"):
         gain = paired_gain([r for r in rows if r["model"] == model], "products", "oneDNN", "val_top1")
-        n = len(gain["per_seed"])
-        half = T_95[n] * gain["se"] if gain["se"] is not None else float("nan")
+        diffs = list(gain["per_seed"].values())
+        n = len(diffs)
+        half = T_95[n] * statistics.stdev(diffs) / n**0.5 if n > 1 else float("nan")  # from unrounded values
         print(
             f"{model}, validation top-1, products - oneDNN: {gain['mean']:+.2f} +- {half:.2f} (95% t-interval, "
             f"t = {T_95[n]} at {n} seeds; resolved: {abs(gain['mean']) > half}) per seed {gain['per_seed']}"

@@ -496,21 +496,19 @@ def precompute(
 
     static: one record per sample, from the dataset's evaluation transform. replay: one record per
     sample and epoch, from the augmented view of that epoch (its seed stored), for `epochs` epochs.
-    `spec`: the data spec `dataset` was built from, recorded in the store's header.
-    Resumable (run it again after a kill: complete batches whose records carry their views' seeds
-    are kept, the result is byte-identical) and sharded under torchrun (each rank writes its share;
-    rank 0 assembles the store). One precompute per path at a time (see `StoreWriter`).
-
-    The arguments are checked before anything is written (the teacher's class count once it has run
-    on the first batch).
+    `spec`: the data spec `dataset` was built from, recorded in the store's header. Resumable (run
+    it again after a kill: complete batches whose records carry their views' seeds are kept, the
+    result is byte-identical) and sharded under torchrun (each rank writes its share; rank 0
+    assembles the store). One precompute per path at a time (see `StoreWriter`). The arguments are
+    checked before anything is written (the teacher's class count once it has run on a batch).
 
     Raises:
         ValueError: k outside [1, classes], epochs < 1 (or != 1 for a static store), an unknown mode,
             batch_size < 1 or num_workers < 0 (from `StoreHeader`, `StoreWriter` and here); a static
             store asked of an augmented dataset, a replay store of an unaugmented one, mixed views
-            of a subset; a `spec` that is not the dataset's (`_check_spec_describes`);
-            a teacher whose class count differs; a `path` that cannot be written (a file, read-only:
-            the OS's reason is named); records that fail the check when the store is assembled.
+            of a subset; a `spec` that is not the dataset's (`_check_spec_describes`); a teacher whose
+            class count differs; a `path` that cannot be written (a file, read-only: the OS's reason
+            is named); records that fail the check when the store is assembled.
         StoreMismatch: an unfinished precompute with other settings is at `path`.
         FileExistsError: a complete store is already at `path`.
         LockHeld: another precompute is writing `path` (the message names its process and host).
