@@ -18,9 +18,10 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from tinyvit_lib.experiment import evaluate_run, paired_gain, run_or_reuse, validation_set
+from tinyvit_lib.experiment import evaluate_run, run_or_reuse, validation_set
 from tinyvit_lib.experiment import test_set as final_test_set
 from tinyvit_lib.profiles import distillation_runs, resolve_profile
+from tinyvit_lib.stats import describe_gain, paired_gain
 from tinyvit_lib.utils import atomic_write_text
 
 POLICIES = {"fp32 eager": dict(channels_last=False, fused_adamw=False, amp=False), "default": {}}
@@ -66,10 +67,7 @@ def main() -> None:
         by_policy = [dict(r, condition=r["policy"]) for r in rows if r["condition"] == condition]
         for metric in ("val_top1", "test_top1"):
             gain = paired_gain(by_policy, fast, eager, metric)
-            print(
-                f"{condition}, {metric}: {fast} - {eager} = {gain['mean']:+.2f} (s.e. {gain['se']}, "
-                f"resolved: {gain['resolved']}) per seed {gain['per_seed']}"
-            )
+            print(f"{condition}, {metric}: {fast} - {eager} = {describe_gain(gain)}, per seed {gain['per_seed']}")
 
 
 if __name__ == "__main__":

@@ -18,18 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from tinyvit_lib.experiment import evaluate_run, paired_gain, run_or_reuse, validation_set
+from tinyvit_lib.experiment import evaluate_run, run_or_reuse, validation_set
 from tinyvit_lib.model import ConvBN, SmallMapConv2d
 from tinyvit_lib.profiles import distillation_runs, resolve_profile, teacher_spec
+from tinyvit_lib.stats import describe_gain, paired_gain
 from tinyvit_lib.utils import atomic_write_text, cpu_has_native_bf16
 
-T_95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}  # two-sided 95% t multipliers for n seeds (n - 1 dof)
 KERNELS = {"oneDNN": False, "products": True}
 
 
@@ -75,13 +74,7 @@ def main() -> None:
     atomic_write_text(args.out, json.dumps(rows, indent=1) + "\n")
     for model in ("student", "teacher"):
         gain = paired_gain([r for r in rows if r["model"] == model], "products", "oneDNN", "val_top1")
-        diffs = list(gain["per_seed"].values())
-        n = len(diffs)
-        half = T_95[n] * statistics.stdev(diffs) / n**0.5 if n > 1 else float("nan")  # from unrounded values
-        print(
-            f"{model}, validation top-1, products - oneDNN: {gain['mean']:+.2f} +- {half:.2f} (95% t-interval, "
-            f"t = {T_95[n]} at {n} seeds; resolved: {abs(gain['mean']) > half}) per seed {gain['per_seed']}"
-        )
+        print(f"{model}, validation top-1, products - oneDNN: {describe_gain(gain)}, per seed {gain['per_seed']}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
     python scripts/run_notebooks.py --profile default --kernel tinyvit --out build/executed notebooks/0*.ipynb
 
-Each executed copy is also written as HTML beside it (same stem, `.html`), as `jupyter nbconvert
+A profile that names its notebooks (`Profile.notebooks`: the long one runs 02 and 04) runs only
+those; a profile other than the default writes its executed copies to a subfolder of `--out` named
+after it. Each executed copy is also written as HTML beside it (same stem, `.html`), as `jupyter nbconvert
 --to html` would, so a reader sees the outputs in a browser without Jupyter.
 
 Prints one line per notebook: its name, its wall time and where its executed copy went; on an error,
@@ -26,6 +28,7 @@ from jupyter_client.manager import AsyncKernelManager
 from jupyter_core.paths import jupyter_runtime_dir
 from nbconvert import HTMLExporter
 
+from tinyvit_lib.profiles import PROFILES
 from tinyvit_lib.utils import atomic_write_text
 
 
@@ -87,10 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernel", default="tinyvit")
     p.add_argument("--out", type=Path, default=Path("build/executed"))
     args = p.parse_args(argv)
+    if args.profile not in PROFILES:
+        p.error(f"unknown profile {args.profile!r}; choose one of {', '.join(PROFILES)}")
+    chosen = PROFILES[args.profile].notebooks  # None: every notebook
+    notebooks = [nb for nb in args.notebooks if chosen is None or nb.name[:2] in chosen]
+    if args.profile != "default":  # each profile's executed copies in their own folder
+        args.out = args.out / args.profile
     args.out.mkdir(parents=True, exist_ok=True)
-    print(f"profile {args.profile}: {len(args.notebooks)} notebook(s), executed copies in {args.out}/", flush=True)
+    skipped = f" (the profile runs {', '.join(chosen)} only)" if len(notebooks) < len(args.notebooks) else ""
+    print(f"profile {args.profile}: {len(notebooks)} notebook(s){skipped}, executed copies in {args.out}/", flush=True)
     total, no_html = 0.0, []
-    for notebook in args.notebooks:
+    for notebook in notebooks:
         executed = args.out / notebook.name
         try:
             seconds = run(notebook, args.out, kernel=args.kernel, profile=args.profile)
@@ -107,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         if html is None:
             no_html.append(notebook.name)
         print(f"{notebook.name:<36} {minutes(seconds):>12}  -> {executed}{' (+ .html)' if html else ''}", flush=True)
-    print(f"all {len(args.notebooks)} notebook(s) in {minutes(total)}")
+    print(f"all {len(notebooks)} notebook(s) in {minutes(total)}")
     if no_html:
         print(f"no HTML for {len(no_html)} notebook(s): {', '.join(no_html)}", file=sys.stderr)
         return 1

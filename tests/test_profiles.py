@@ -241,3 +241,14 @@ def test_the_stores_cover_exactly_the_data_of_their_students(default):
     )
     assert store_spec_differences(pool_header, variant.data) == []  # a cut of the pool reads the pool store
     assert store_spec_differences(pool_header, students["replay store"].data) == []
+
+
+def test_the_long_profile_reaches_the_regime_where_patience_shows():
+    P = PROFILES["long"]
+    images = P.student.max_per_class * 10  # Fashion-MNIST's 10 classes
+    steps = [e * (images // P.student.batch_size) for e in P.patience]
+    assert P.patience[-1] / P.patience[0] >= 64 and steps[-1] >= 6500 and P.patience[-1] >= 300
+    assert P.replay_epochs == P.patience[-1] and P.notebooks == ("02", "04")
+    assert P.figure("04_patience.png").name == "04_patience_long.png" and P.results_dir.name == "long"
+    spec = patience_spec(P, 0, "consistent teacher", P.patience[-1])
+    assert spec.train.eval_every == P.patience[-1] // 16 and spec.train.batch_size == 32

@@ -25,6 +25,7 @@ from tinyvit_lib.experiment import (
     validation_set,
 )
 from tinyvit_lib.experiment import test_set as final_test_set  # not a test: pytest collects test_*
+from tinyvit_lib.stats import describe_gain, t_multiplier, t_quantile
 from tinyvit_lib.trainer import TrainConfig
 from tinyvit_lib.utils import load_checkpoint
 
@@ -137,7 +138,18 @@ def test_choices_are_made_on_validation_numbers_only():
         choose_on_validation([*rows, dict(key="c", test_top1=99.0)])
 
 
-def test_gains_are_paired_by_seed_with_their_standard_error():
+def test_t_multipliers_are_students():
+    # two-sided 95% multipliers from tables of Student's t: 12.706 (1 dof), 4.303 (2), 2.776 (4), 2.262 (9)
+    for n, t in ((2, 12.706), (3, 4.303), (5, 2.776), (10, 2.262)):
+        assert abs(t_multiplier(n) - t) < 1e-3
+    assert abs(t_multiplier(3, level=0.8) - 1.886) < 1e-3 and abs(t_quantile(0.025, 2) + 4.303) < 1e-3
+    with pytest.raises(ValueError, match="n=1: an interval needs at least two values"):
+        t_multiplier(1)
+    with pytest.raises(ValueError, match="p=1.0 must be in"):
+        t_quantile(1.0, 3)
+
+
+def test_gains_are_paired_by_seed_with_a_95_percent_t_interval():
     rows = [
         *(dict(condition="labels only", seed=s, test_top1=v) for s, v in ((0, 80.0), (1, 82.0), (2, 81.0))),
         *(dict(condition="distilled", seed=s, test_top1=v) for s, v in ((2, 84.0), (0, 83.0), (1, 84.0))),
@@ -145,12 +157,18 @@ def test_gains_are_paired_by_seed_with_their_standard_error():
     gain = paired_gain(rows, "distilled", "labels only")
     # gains 3, 2, 3: mean 2.67, sample sd 0.577, SE 0.333
     assert gain["per_seed"] == {0: 3.0, 1: 2.0, 2: 3.0} and (gain["mean"], gain["se"], gain["n"]) == (2.67, 0.33, 3)
-    assert gain["interval"] == (2.0, 3.33) and gain["resolved"] and gain["z"] == 8.0
+    # 95%: 2.667 +- 4.303 x 0.333 (2 dof), not the 82% of +-2 SE
+    assert gain["t"] == 4.3 and gain["interval"] == (1.23, 4.1) and gain["resolved"] and gain["z"] == 8.0
+    assert describe_gain(gain) == "+2.67 [+1.23, +4.10] (95% t-interval, t = 4.30 at 3 seeds; resolved)"
     summary = condition_summary(rows, "test_top1")
     assert list(summary) == ["labels only", "distilled"] and summary["labels only"]["mean"] == 81.0
     assert summary["labels only"]["se"] == 0.58 and summary["distilled"]["per_seed"][2] == 84.0
+    assert summary["labels only"]["half_width"] == 2.48  # 4.303 x 0.577
     noisy = [*rows[:3], *(dict(r, test_top1=r["test_top1"] - 3.5 + 2 * r["seed"]) for r in rows[3:])]
     assert not paired_gain(noisy, "distilled", "labels only")["resolved"]
+    # +-2 SE would call gains 3, 1, 3 resolved (2.33 +- 1.33 excludes zero); the 95% interval does not
+    wide = [*rows[:3], *(dict(r, test_top1=r["test_top1"] - (r["seed"] == 1)) for r in rows[3:])]
+    assert paired_gain(wide, "distilled", "labels only")["interval"][0] < 0
     one = paired_gain(rows[:1] + rows[4:5], "distilled", "labels only")
     assert one["se"] is None and one["interval"] is None and not one["resolved"]
     with pytest.raises(ValueError, match=r"'distilled' has seeds \[0, 2\], 'labels only' has \[0, 1, 2\]"):

@@ -36,8 +36,8 @@ def broken_export(executed: Path) -> Path:
 def test_each_executed_notebook_gets_its_html_with_the_outputs(script, tmp_path, capsys):
     ok = notebook(tmp_path / "01_ok.ipynb", "answer = 6 * 7", "print(f'the answer is {answer}')")
     failing = notebook(tmp_path / "02_failing.ipynb", "raise ValueError('no such dataset: xyz')")
-    out = tmp_path / "executed"
-    status = script.main([str(ok), str(failing), "--kernel", KERNEL, "--out", str(out), "--profile", "fast"])
+    status = script.main([str(ok), str(failing), "--kernel", KERNEL, "--out", str(tmp_path), "--profile", "fast"])
+    out = tmp_path / "fast"  # a profile other than the default: its own folder
     assert status == 1  # the second notebook failed
     assert (out / "01_ok.ipynb").exists()
     assert "the answer is 42" in (out / "01_ok.html").read_text()
@@ -72,3 +72,13 @@ def test_a_file_nbconvert_cannot_read_is_reported_not_raised(script, tmp_path, c
     assert script.try_export_html(not_a_notebook) is None
     assert "broken.ipynb: no HTML written" in capsys.readouterr().err
     assert not not_a_notebook.with_suffix(".html").exists()
+
+
+def test_a_profile_runs_only_the_notebooks_it_names(script, tmp_path, capsys):
+    books = [notebook(tmp_path / f"0{i}_nb.ipynb", f"print({i})") for i in (1, 2, 3, 4)]
+    status = script.main([*map(str, books), "--kernel", KERNEL, "--out", str(tmp_path / "out"), "--profile", "long"])
+    assert status == 0
+    assert sorted(p.name for p in (tmp_path / "out" / "long").glob("*.ipynb")) == ["02_nb.ipynb", "04_nb.ipynb"]
+    assert "2 notebook(s) (the profile runs 02, 04 only)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        script.main([str(books[0]), "--profile", "nope"])

@@ -7,13 +7,22 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 
 from tinyvit_lib import AugmentConfig, TinyViT, TinyViTConfig, get_dataset
-from tinyvit_lib.trainer import TrainConfig, evaluate, load_checkpoint, param_groups, read_log, train
+from tinyvit_lib.trainer import (
+    TrainConfig,
+    evaluate,
+    load_checkpoint,
+    param_groups,
+    read_log,
+    saved_config,
+    train,
+)
 from tinyvit_lib.utils import cpu_has_native_bf16
 
 REPO = Path(__file__).resolve().parent.parent
@@ -322,3 +331,21 @@ def test_an_emulated_avx2_cpu_is_not_taken_for_one_with_native_bf16(monkeypatch)
     env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+def test_eval_every_validates_on_its_epochs_and_the_last_and_keeps_best_among_them(tmp_path):
+    train_set, val_set = synthetic(n_train=64, n_val=32)
+    config = TrainConfig(epochs=5, batch_size=32, eval_every=2, amp=False)
+    result = train(tiny_model(), train_set, val_set, config, run_dir=tmp_path / "run", progress=False)
+    assert ["top1" in r for r in result.history] == [False, True, False, True, True]  # epochs 2, 4 and the last
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    validated = [r for r in result.history if "top1" in r]
+    assert best["history"][-1]["top1"] == max(r["top1"] for r in validated)  # an unvalidated epoch is never best
+    with pytest.raises(ValueError, match="eval_every=0"):
+        TrainConfig(eval_every=0)
+
+
+def test_a_run_saved_before_a_config_field_existed_reads_as_its_default():
+    saved = {k: v for k, v in asdict(TrainConfig(epochs=3)).items() if k != "eval_every"}
+    assert saved_config(saved) == asdict(TrainConfig(epochs=3))
+    assert saved_config({}) == {}  # no config at all stays no config (not a run's checkpoint)

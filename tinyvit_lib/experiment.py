@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,8 +20,9 @@ from . import data
 from .data import DatasetWithIDs, DataSpec
 from .distill import OnlineTeacher, StoredTeacher, Teacher, store_spec_differences, weights_sha256
 from .logit_store import LogitStore, StoreMismatch
+from .stats import condition_summary, paired_gain
 from .teachers import build_model, load_weights
-from .trainer import TrainConfig, TrainResult, evaluate, train
+from .trainer import TrainConfig, TrainResult, evaluate, saved_config, train
 from .utils import FileLock, atomic_write_text, check_writable_folder, load_checkpoint
 
 __all__ = [
@@ -234,7 +233,8 @@ def run_differences(spec: RunSpec, checkpoint: dict) -> list[str]:
     by content: `teacher_identity`); empty when the checkpoint is a run of exactly this spec. Where
     the run, its store and its teacher's checkpoint live is not compared (see `_movable_run`)."""
     saved = checkpoint.get("model_config") if isinstance(checkpoint.get("model_config"), dict) else {}
-    ran = _flat(checkpoint.get("config") or {}, saved.get("spec") or {}, saved.get("teacher"), saved.get("init"))
+    config = saved_config(checkpoint.get("config") or {})
+    ran = _flat(config, saved.get("spec") or {}, saved.get("teacher"), saved.get("init"))
     asked = _flat(asdict(spec.train), _plain(asdict(spec)), teacher_identity(spec), init_identity(spec))
     return [
         f"{key}: run {ran.get(key)!r}, asked {asked.get(key)!r}"
@@ -473,49 +473,3 @@ def choose_on_validation(rows: list[dict], metric: str = "val_top1") -> dict:
     if not rows or any(metric not in row for row in rows):
         raise ValueError(f"every row needs {metric!r} to choose on (rows: {[row.get('key') for row in rows]})")
     return max(rows, key=lambda row: row[metric])
-
-
-def condition_summary(rows: list[dict], metric: str) -> dict[str, dict]:
-    """Per condition (in order of first appearance): mean of `metric` over its rows, its standard
-    error (sample standard deviation / sqrt(n); None for one row), n and the per-seed values."""
-    summary = {}
-    for condition in dict.fromkeys(row["condition"] for row in rows):
-        values = {row["seed"]: row[metric] for row in rows if row["condition"] == condition}
-        mean, se = _mean_se(list(values.values()))
-        summary[condition] = dict(
-            mean=round(mean, 2), se=None if se is None else round(se, 2), n=len(values), per_seed=values
-        )
-    return summary
-
-
-def paired_gain(rows: list[dict], condition: str, reference: str, metric: str = "test_top1") -> dict:
-    """`condition` minus `reference` on `metric`, paired by seed: the per-seed gains, their mean, its
-    standard error (None with one seed), n, the ±2 SE interval and whether it excludes zero
-    (`resolved`), and how many standard errors the mean is from zero (`z`).
-
-    Raises:
-        ValueError: the two conditions were not run with the same seeds (both seed lists named).
-    """
-    runs = {(row["condition"], row["seed"]): row[metric] for row in rows}
-    seeds = sorted(s for c, s in runs if c == condition)
-    other = sorted(s for c, s in runs if c == reference)
-    if not seeds or seeds != other:
-        raise ValueError(f"pair by seed: {condition!r} has seeds {seeds}, {reference!r} has {other}")
-    gains = {seed: runs[condition, seed] - runs[reference, seed] for seed in seeds}
-    mean, se = _mean_se(list(gains.values()))
-    interval = None if se is None else (round(mean - 2 * se, 2), round(mean + 2 * se, 2))
-    return dict(
-        mean=round(mean, 2),
-        se=None if se is None else round(se, 2),
-        n=len(gains),
-        per_seed={seed: round(gain, 2) for seed, gain in gains.items()},
-        interval=interval,
-        resolved=interval is not None and (interval[0] > 0 or interval[1] < 0),
-        z=None if not se else round(mean / se, 1),
-    )
-
-
-def _mean_se(values: list[float]) -> tuple[float, float | None]:
-    """The mean and its standard error (sample standard deviation / sqrt(n); None for one value)."""
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
-    return statistics.fmean(values), se

@@ -349,23 +349,63 @@ def plot_conditions(summary: dict[str, dict], *, title: str = "", ylabel: str = 
 
 
 def plot_patience(
-    table: dict[tuple[str, int], dict], conditions: list[str], lengths: list[int], *, title: str = ""
+    table: dict[tuple[str, int], dict],
+    conditions: list[str],
+    lengths: list[int],
+    *,
+    gaps: dict[str, dict[int, dict]] | None = None,
+    curves: dict[str, list[tuple[int, float]]] | None = None,
+    steps_per_epoch: int | None = None,
+    title: str = "",
 ) -> plt.Figure:
     """Accuracy against schedule length (log x), one line per condition: `table[condition, epochs]`
-    is a `condition_summary` entry (mean, se); error bars are ±1 SE."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    is a `condition_summary` entry, drawn with its 95% t-interval. With `gaps` (a label -> epochs ->
+    `paired_gain`), a second panel draws each paired gap with its 95% t-interval; with `curves` (a
+    condition -> (epoch, mean validation top-1) of the longest schedule), a third draws them, to show
+    whether a condition overfits late. `steps_per_epoch` adds optimiser steps to the x labels."""
+    panels = 1 + (gaps is not None) + (curves is not None)
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+    ticks = [f"{e}\n({e * steps_per_epoch:,} steps)" if steps_per_epoch else str(e) for e in lengths]
+
+    def lengths_axis(ax: plt.Axes) -> None:
+        ax.set_xscale("log")
+        ax.set_xticks(lengths, ticks, fontsize=7)
+        ax.minorticks_off()
+        ax.set_xlabel("epochs on the labelled set (log scale)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+
+    ax = axes[0, 0]
     for i, condition in enumerate(conditions):
         shift = 1 + 0.02 * (i - (len(conditions) - 1) / 2)  # keep the error bars of a length apart
         means = [table[condition, e]["mean"] for e in lengths]
-        errors = [table[condition, e]["se"] or 0.0 for e in lengths]
+        errors = [table[condition, e].get("half_width") or 0.0 for e in lengths]
         ax.errorbar([e * shift for e in lengths], means, yerr=errors, marker="o", capsize=3, label=condition)
-    ax.set_xscale("log")
-    ax.set_xticks(lengths, [str(e) for e in lengths])
-    ax.minorticks_off()
-    ax.set_xlabel("epochs on the labelled set (log scale)")
-    ax.set_ylabel("test top-1 (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.set_ylabel("test top-1 (%), 95% t-interval")
     ax.set_title(title or "patience and consistency", fontsize=10)
+    lengths_axis(ax)
+    if gaps is not None:
+        ax = axes[0, 1]
+        for i, (label, by_length) in enumerate(gaps.items()):
+            shift = 1 + 0.03 * (i - (len(gaps) - 1) / 2)
+            means = [by_length[e]["mean"] for e in lengths]
+            errors = [
+                [m - (by_length[e]["interval"] or (m, m))[0] for m, e in zip(means, lengths, strict=True)],
+                [(by_length[e]["interval"] or (m, m))[1] - m for m, e in zip(means, lengths, strict=True)],
+            ]
+            ax.errorbar([e * shift for e in lengths], means, yerr=errors, marker="o", capsize=3, label=label)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_ylabel("paired gap, test top-1 points (95% t-interval)")
+        ax.set_title("gaps, paired by seed", fontsize=10)
+        lengths_axis(ax)
+    if curves is not None:
+        ax = axes[0, panels - 1]
+        for condition, points in curves.items():
+            ax.plot([e for e, _ in points], [v for _, v in points], marker=".", label=condition)
+        ax.set_xlabel("epoch of the longest schedule")
+        ax.set_ylabel("validation top-1 (%), mean over seeds")
+        ax.set_title(f"during the longest schedule ({lengths[-1]} epochs)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

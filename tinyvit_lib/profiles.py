@@ -145,6 +145,7 @@ class Profile:
     seeds: tuple[int, ...]  # every reported condition runs once per seed; sweeps choose on the first
     val_per_class: int  # validation images carved from each class of the training split (by permanent ID)
     patience: tuple[int, ...]  # notebook 04's schedule lengths (epochs on the labelled set)
+    patience_evals: int = 16  # a patience run validates every max(1, epochs // patience_evals) epochs and at the end
     replay_epochs: int  # views per labelled image in the replay and mixed stores: students may train that many epochs
     sweep: Sweep  # notebook 05's grid
     data_root: str | None = None  # where the data lives; None: the dataset's default place
@@ -157,13 +158,16 @@ class Profile:
     alpha: float  # weight of the teacher's term (0: labels only)
     temperature: float  # distillation temperature T
     teacher_model: str = "resnet18"  # the teacher's architecture (a torchvision classifier name)
+    figure_suffix: str = ""  # added to every figure's stem (`figure`), so profiles sharing a folder do not collide
+    # the notebooks `make run-all` executes for this profile, by number (None: all of them)
+    notebooks: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
             raise ValueError(f"Profile.dataset={self.dataset!r} is unknown; choose one of {', '.join(DATASETS)}")
         if self.augment not in AUGMENT_PRESETS:
             raise ValueError(f"Profile.augment={self.augment!r} is unknown; choose one of {sorted(AUGMENT_PRESETS)}")
-        for name in ("img_size", "k", "replay_epochs", "val_per_class"):
+        for name in ("img_size", "k", "replay_epochs", "val_per_class", "patience_evals"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Profile.{name}={getattr(self, name)} must be >= 1")
         if not self.seeds:
@@ -241,6 +245,12 @@ class Profile:
             )
         return self.logits_dir / f"replay_k{k}"
 
+    def figure(self, name: str) -> Path:
+        """Where a notebook saves figure `name`: figure("04_patience.png") is figures/04_patience.png in
+        the default profile and figures/04_patience_long.png in the long one."""
+        stem, dot, ext = name.rpartition(".")
+        return self.figures_dir / (f"{stem}{self.figure_suffix}.{ext}" if dot else f"{name}{self.figure_suffix}")
+
     def results_file(self, name: str) -> Path:
         """A notebook's results file, e.g. results_file("05_sweep.jsonl")."""
         return self.results_dir / name
@@ -265,6 +275,7 @@ PROFILES: dict[str, Profile] = {
         finetune=Budget(epochs=2, batch_size=32, lr=1e-3, max_per_class=12, max_val_per_class=2),
         seeds=(0,),
         patience=(1, 2),
+        patience_evals=1,  # the 2-epoch runs validate only at the end: the path of the long profile's runs
         replay_epochs=2,
         sweep=Sweep(
             temperatures=(1.0,),
@@ -295,6 +306,31 @@ PROFILES: dict[str, Profile] = {
         patience=(2, 4, 16),  # 1 epoch (23 steps) left every condition at chance: no point of a curve
         replay_epochs=16,
         sweep=Sweep(alphas=(0.5, 1.0), ks=(1, 3, 5, 10), epochs=4, variant_pool_per_class=500),
+    ),
+    # Notebook 04 where patience can show (`make run-all PROFILE=long` runs notebooks 02 and 04): the
+    # default profile's data and teacher recipe, a labelled set of 64 images per class at batch 32 (20
+    # steps an epoch), and schedules of 5 to 336 epochs (100 to 6,720 optimiser steps, 67x). Sized to
+    # fit 3 hours on a 2-core CPU with native bf16 (the arithmetic is in the README).
+    "long": Profile(
+        name="long",
+        alpha=1.0,
+        temperature=1.0,
+        dataset="fashion-mnist",
+        img_size=32,
+        out_dir=".",
+        figures_folder="figures",
+        figure_suffix="_long",
+        notebooks=("02", "04"),
+        val_per_class=500,
+        bias_demo=Budget(epochs=1, batch_size=128, lr=2e-3, max_per_class=1000, max_val_per_class=100),
+        teacher=Budget(epochs=2, batch_size=128, lr=2e-3),
+        student=Budget(epochs=5, batch_size=32, lr=1e-3, max_per_class=64, max_val_per_class=50),
+        pretrain=Budget(epochs=1, batch_size=128, lr=2e-3, max_val_per_class=50),
+        finetune=Budget(epochs=5, batch_size=32, lr=5e-4, max_per_class=64, max_val_per_class=50),
+        seeds=(0, 1, 2),
+        patience=(5, 20, 80, 336),
+        replay_epochs=336,
+        sweep=Sweep(epochs=5),
     ),
     # A GPU with CIFAR-100 in DATA_ROOT (or downloadable): 32x32 RGB; 5,000 validation images, a pool of
     # 45,000, a labelled set of 10,000. Sized for a GPU; not run by the course's CPU sessions.
@@ -496,7 +532,8 @@ def condition_runs(profile: Profile, seed: int, *, model: str = "tinyvit_5m") ->
 
 def patience_spec(profile: Profile, seed: int, condition: str, epochs: int) -> RunSpec:
     """Notebook 04's run of `condition` (one of `PATIENCE_CONDITIONS`) for `epochs` on the labelled
-    set; at the student budget's epochs it is notebook 03's run of the same teaching (and reuses it).
+    set, validating about `profile.patience_evals` times; at the student budget's epochs, where it
+    validates every epoch, it is notebook 03's run of the same teaching (and reuses it).
 
     Raises:
         ValueError: an unknown condition.
@@ -504,7 +541,9 @@ def patience_spec(profile: Profile, seed: int, condition: str, epochs: int) -> R
     kinds = dict(zip(PATIENCE_CONDITIONS, ("baseline", "static store", "replay store", "mixed store"), strict=True))
     if condition not in kinds:
         raise ValueError(f"unknown patience condition {condition!r}; choose one of {PATIENCE_CONDITIONS}")
-    return distillation_runs(profile, seed, epochs=epochs)[kinds[condition]]
+    spec = distillation_runs(profile, seed, epochs=epochs)[kinds[condition]]
+    eval_every = max(1, epochs // profile.patience_evals)  # 1 below 2 x patience_evals epochs: notebook 03's runs
+    return replace(spec, train=replace(spec.train, eval_every=eval_every))
 
 
 def sweep_spec(

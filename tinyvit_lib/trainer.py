@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -61,6 +61,7 @@ __all__ = [
     "param_groups",
     "CosineSchedule",
     "read_log",
+    "saved_config",
 ]
 
 CHECKPOINT_FORMAT = 1
@@ -97,6 +98,7 @@ class TrainConfig:
     fused_adamw: bool = True  # on CPU and CUDA; other devices use the plain loop
     num_workers: int = 0
     checkpoint_every: int = 0  # also save last.pt every this many steps (0: at epoch ends only)
+    eval_every: int = 1  # validate after every this many epochs, and always after the last
 
     def __post_init__(self) -> None:
         checks = {
@@ -112,6 +114,7 @@ class TrainConfig:
             "temperature": self.temperature > 0,
             "num_workers": self.num_workers >= 0,
             "checkpoint_every": self.checkpoint_every >= 0,
+            "eval_every": self.eval_every >= 1,
             "amp_dtype": self.amp_dtype in ("bfloat16", "float16"),
         }
         floats = ("lr", "min_lr", "warmup_epochs", "weight_decay", "clip_grad", "temperature")
@@ -119,6 +122,14 @@ class TrainConfig:
         bad += [name for name in floats if name not in bad and not math.isfinite(getattr(self, name))]
         if bad:
             raise ValueError("invalid training config: " + ", ".join(f"{n}={getattr(self, n)}" for n in bad))
+
+
+def saved_config(saved: dict) -> dict:
+    """A checkpoint's training config with the fields it predates filled in with their defaults: a run
+    saved before a field existed ran as that field's default does (e.g. `eval_every` = 1)."""
+    if not saved:
+        return saved
+    return {f.name: f.default for f in fields(TrainConfig)} | saved
 
 
 @dataclass
@@ -347,7 +358,7 @@ def train(
         saver = CheckpointSaver(parts, config, model_config, run_dir, resumed=resume)
         while state.epoch < config.epochs:
             record = train_one_epoch(parts, state, train_set, config, saver=saver, progress=progress)
-            if val_set is not None:
+            if val_set is not None and _validates(state.epoch, config):  # state.epoch: epochs finished
                 record.update(_validate(parts, config, val_set))
             _end_epoch(state, record, saver)
             if on_epoch is not None and is_main_process():
@@ -355,6 +366,11 @@ def train(
     if parts.world > 1:
         dist.barrier()
     return TrainResult(run_dir=run_dir, history=state.history, best_top1=state.best_top1)
+
+
+def _validates(epoch: int, config: TrainConfig) -> bool:
+    """Whether the run validates after `epoch` (counted from 1): every `eval_every` epochs and the last."""
+    return epoch % config.eval_every == 0 or epoch == config.epochs
 
 
 def _validate(parts: TrainParts, config: TrainConfig, val_set: DatasetWithIDs) -> dict:
@@ -659,10 +675,19 @@ def _score(record: dict) -> float:
     return record.get("top1", -record["train_loss"])
 
 
+def _improves(record: dict, history: list[dict]) -> bool:
+    """Whether `record` is a new best among the epochs measured the same way: a validated epoch
+    against the validated ones; an epoch without validation only while none was validated."""
+    if "top1" not in record and any("top1" in r for r in history):
+        return False
+    alike = [r for r in history if ("top1" in r) == ("top1" in record)]
+    return not alike or _score(record) > max(_score(r) for r in alike)
+
+
 def _end_epoch(state: TrainState, record: dict, saver: CheckpointSaver) -> None:
     """Add the epoch's record to the history, save best.pt (if it improved) and last.pt, and only
     then append the record to log.jsonl, so the log never names an epoch whose checkpoint is missing."""
-    improved = not state.history or _score(record) > max(_score(r) for r in state.history)
+    improved = _improves(record, state.history)
     state.history.append(record)
     state.best_top1 = max(state.best_top1, record.get("top1", 0.0))
     saver.save(state, *(("best.pt", "last.pt") if improved else ("last.pt",)))
@@ -679,7 +704,7 @@ def _restore(parts: TrainParts, config: TrainConfig, path: Path) -> TrainState:
         FileNotFoundError, ValueError: no readable checkpoint at `path`, or one saved with another config.
     """
     ckpt = load_checkpoint(path)
-    saved = ckpt.get("config", {}) if isinstance(ckpt, dict) else {}
+    saved = saved_config(ckpt.get("config", {}) if isinstance(ckpt, dict) else {})
     if saved != asdict(config):
         changed = sorted(k for k, v in asdict(config).items() if saved.get(k) != v)
         raise ValueError(f"cannot resume {path}: the config differs in {changed}")
