@@ -6,8 +6,14 @@ import pytest
 import torch
 
 from tinyvit_lib.data import DataSpec, get_dataset
-from tinyvit_lib.distill import DistillationLoss, precompute, soft_cross_entropy, store_spec_differences
-from tinyvit_lib.logit_store import StoreHeader
+from tinyvit_lib.distill import (
+    DistillationLoss,
+    precompute,
+    soft_cross_entropy,
+    store_spec_differences,
+    topk_fidelity,
+)
+from tinyvit_lib.logit_store import StoreHeader, encode_records, rebuild_logits
 from tinyvit_lib.teachers import build_model
 
 
@@ -154,3 +160,26 @@ def test_a_store_records_only_a_spec_that_describes_its_data(tmp_path):
 def test_a_data_spec_refuses_what_it_cannot_build():
     with pytest.raises(ValueError, match="dataset='imagenet-subset' needs num_classes and files_per_class"):
         DataSpec(dataset="imagenet-subset")
+
+
+def test_topk_fidelity_is_exact_where_the_record_is_and_says_how_far_it_is_elsewhere():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 10) * 3
+    rows = {(r["k"], r["temperature"]): r for r in topk_fidelity(logits, [1, 3, 9, 10], [1.0, 4.0])}
+    for k in (9, 10):  # a tail of one class or none: only the fp16 rounding of the kept logits is lost
+        assert rows[k, 1.0]["tv"] < 2e-3 and rows[k, 4.0]["tv"] < 2e-3
+    assert rows[3, 1.0]["tv"] > 0.01 and rows[1, 1.0]["kl"] > rows[3, 1.0]["kl"] > rows[9, 1.0]["kl"]
+    assert rows[10, 1.0]["tail_mass"] < 1e-12 and 0 < rows[3, 1.0]["tail_mass"] < rows[1, 1.0]["tail_mass"] < 1
+    # at T = 1 the tail's mass is exact; at T = 4 the rebuilt tail is too heavy (power-mean inequality)
+    rebuilt = rebuild_logits(encode_records(logits, [0] * 64, 3), 10)
+    top = logits.topk(3, dim=1).indices
+    outside = torch.ones_like(logits, dtype=torch.bool).scatter_(1, top, False)
+    for temperature, heavier in ((1.0, False), (4.0, True)):
+        true_tail = (logits / temperature).softmax(-1)[outside].view(64, 7).sum(-1)
+        rebuilt_tail = (rebuilt / temperature).softmax(-1)[outside].view(64, 7).sum(-1)
+        if heavier:
+            assert (rebuilt_tail >= true_tail - 1e-6).all() and (rebuilt_tail - true_tail).mean() > 0.01
+        else:
+            assert torch.allclose(rebuilt_tail, true_tail, atol=2e-3)
+    with pytest.raises(ValueError, match=r"\[11, 0.0\] out of range"):
+        topk_fidelity(logits, [11], [0.0])

@@ -64,6 +64,7 @@ __all__ = [
     "weights_sha256",
     "PrecomputeStats",
     "topk_mass",
+    "topk_fidelity",
     "precompute_or_reuse",
     "storage_comparison",
     "dataset_seeds",
@@ -659,6 +660,46 @@ def topk_mass(logits: torch.Tensor, ks: list[int], temperature: float = TEMPERAT
     probs = F.softmax(logits.float() / temperature, dim=-1).sort(dim=-1, descending=True).values
     cumulative = probs.cumsum(dim=-1).mean(dim=0)  # (C,)
     return [float(cumulative[k - 1]) for k in ks]
+
+
+def topk_fidelity(logits: torch.Tensor, ks: list[int], temperatures: list[float]) -> list[dict]:
+    """How far the distribution a k-record rebuilds is from the teacher's, for each k and T.
+
+    Each row of `logits` (N, C) is encoded as a store record (`encode_records`: top-k logits in fp16
+    and the remainder) and rebuilt (`rebuild_logits`); at temperature T the rows compare
+    p = softmax(z / T) with p̂ = softmax(ẑ / T). Returns one dict per (k, T): k, temperature, the
+    mean KL(p ‖ p̂) in nats, the mean total variation ½ Σ|p − p̂| (0: the same distribution, 1:
+    disjoint), and the mean probability the teacher puts outside the top k (`tail_mass`).
+
+    When is p̂ = p? The top k keep their logits and every other class gets the log-mean-exp of the
+    tail's logits, so at T = 1 the tail's total mass is exact and only its shape is lost: p̂ = p when
+    the tail is uniform, in particular when k >= C - 1 (a tail of one class, or none). At T != 1 the
+    tail's mass is wrong as well: (C - k) exp(mean-exp / T) differs from the sum of exp(z_j / T)
+    unless the tail's logits are equal (by the power-mean inequality the rebuilt tail is too heavy
+    at T > 1 and too light at T < 1). Apart from that, the fp16 rounding of the kept logits (|Δz| <=
+    |z| / 2048) is the only difference.
+
+    Raises:
+        ValueError: a k outside 1..C or a temperature that is not positive.
+    """
+    num_classes = logits.shape[1]
+    bad = [k for k in ks if not 1 <= k <= num_classes] + [t for t in temperatures if not t > 0]
+    if bad:
+        raise ValueError(f"topk_fidelity: {bad} out of range (k in 1..{num_classes}, T > 0)")
+    logits = logits.detach().float().cpu()
+    rows = []
+    for k in ks:
+        rebuilt = rebuild_logits(encode_records(logits, [0] * len(logits), k), num_classes)
+        for temperature in temperatures:
+            log_p = F.log_softmax(logits.double() / temperature, dim=-1)
+            log_q = F.log_softmax(rebuilt.double() / temperature, dim=-1)
+            p = log_p.exp()
+            kl = (p * (log_p - log_q)).sum(-1).clamp(min=0.0)
+            tv = 0.5 * (p - log_q.exp()).abs().sum(-1)
+            tail = 1.0 - p.sort(dim=-1, descending=True).values[:, :k].sum(-1)
+            row = dict(k=k, temperature=temperature, kl=kl.mean().item(), tv=tv.mean().item())
+            rows.append(dict(row, tail_mass=tail.clamp(min=0.0).mean().item()))
+    return rows
 
 
 def storage_comparison(store: LogitStore, *, sample: int = 2000) -> list[dict]:

@@ -147,6 +147,23 @@ def plot_topk_mass(ks: list[int], mass_by_temperature: dict[float, list[float]])
     return fig
 
 
+def plot_topk_fidelity(rows: list[dict]) -> plt.Figure:
+    """Mean total variation between the teacher's distribution and the one its k-record rebuilds,
+    against k, one line per temperature (`distill.topk_fidelity` rows)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for temperature in dict.fromkeys(r["temperature"] for r in rows):
+        mine = [r for r in rows if r["temperature"] == temperature]
+        ax.plot([r["k"] for r in mine], [r["tv"] for r in mine], marker="o", ms=3, label=f"T = {temperature:g}")
+    ax.set_yscale("symlog", linthresh=1e-4)
+    ax.set_xlabel("k (logits kept per record)")
+    ax.set_ylabel("total variation, teacher vs rebuilt")
+    ax.set_title("how far a k-record is from the teacher's distribution", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def plot_storage(rows: list[dict]) -> plt.Figure:
     """Horizontal bars of bytes per image for each way of storing the teacher's output."""
     fig, ax = plt.subplots(figsize=(6.5, 0.5 * len(rows) + 1.2))
@@ -225,15 +242,27 @@ def plot_xy(
     y: str,
     *,
     label: str | None = None,
+    group: str | None = None,
     baseline: float | None = None,
     xlabel: str | None = None,
     ylabel: str | None = None,
     logx: bool = False,
     title: str = "",
 ) -> plt.Figure:
-    """One point per row (y against x), annotated with `label`; an optional horizontal baseline."""
+    """One point per row (y against x), annotated with `label`, one line per value of `group` (None:
+    one line); an optional horizontal baseline."""
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    ax.plot([r[x] for r in rows], [r[y] for r in rows], marker="o")
+    values = list(dict.fromkeys(r[group] for r in rows)) if group else [None]
+    for value in values:
+        mine = [r for r in rows if group is None or r[group] == value]
+        ax.plot(
+            [r[x] for r in mine],
+            [r[y] for r in mine],
+            marker="o",
+            label=None if group is None else f"{group} {value:g}",
+        )
+    if group:
+        ax.legend(fontsize=8)
     if label:
         for r in rows:
             ax.annotate(str(r[label]), (r[x], r[y]), textcoords="offset points", xytext=(4, 4), fontsize=8)

@@ -102,6 +102,7 @@ class Sweep:
     epochs: int  # every sweep point's epochs (a name gains _e{epochs} when they differ from the student budget's)
     # the variants' pretraining pool: this many images per class of the pool (None: all of it, as notebook 03)
     variant_pool_per_class: int | None = None
+    fidelity_per_class: int | None = 1000  # pool images per class for the top-k fidelity measure (None: all)
 
     def __post_init__(self) -> None:
         for name in ("temperatures", "alphas", "ks", "variants"):
@@ -118,8 +119,9 @@ class Sweep:
                 raise ValueError(f"Sweep.{name} holds {bad}: each must be {rule}")
         if self.epochs < 1:
             raise ValueError(f"Sweep.epochs={self.epochs} must be >= 1")
-        if self.variant_pool_per_class is not None and self.variant_pool_per_class < 1:
-            raise ValueError(f"Sweep.variant_pool_per_class={self.variant_pool_per_class} must be >= 1")
+        for name in ("variant_pool_per_class", "fidelity_per_class"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"Sweep.{name}={getattr(self, name)} must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -284,6 +286,7 @@ PROFILES: dict[str, Profile] = {
             variants=("tinyvit_5m", "tinyvit_11m"),
             epochs=2,
             variant_pool_per_class=16,
+            fidelity_per_class=8,
         ),
     ),
     # `make run-all` on a laptop CPU: Fashion-MNIST at 32x32, grayscale. 5,000 validation images, a pool
