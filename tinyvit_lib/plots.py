@@ -377,6 +377,37 @@ def plot_conditions(summary: dict[str, dict], *, title: str = "", ylabel: str = 
     return fig
 
 
+def plot_paired(rows: list[dict], pairs: list[tuple[str, str]], gains: list[dict], metric: str = "test_top1"):
+    """One panel per (condition, reference) pair: each seed's two numbers joined by a line (what
+    pairing by seed compares), and beside them the per-seed differences with their mean and 95%
+    t-interval (`gains`: the pairs' `paired_gain`s, in order)."""
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 3.6), squeeze=False)
+    for ax, (condition, reference), gain in zip(axes[0], pairs, gains, strict=True):
+        values = {(r["condition"], r["seed"]): r[metric] for r in rows}
+        for seed in gain["per_seed"]:
+            ax.plot([0, 1], [values[reference, seed], values[condition, seed]], marker="o", color="tab:gray")
+            ax.annotate(
+                f"seed {seed}", (1, values[condition, seed]), xytext=(4, 0), textcoords="offset points", fontsize=7
+            )
+        ax.set_xticks([0, 1], [reference, condition], fontsize=8)
+        ax.set_xlim(-0.3, 1.6)
+        ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
+        twin = ax.twinx()  # the differences, on their own scale
+        diffs = list(gain["per_seed"].values())
+        twin.scatter([1.4] * len(diffs), diffs, color="tab:blue", s=14)
+        if gain["interval"] is not None:
+            lo, hi = gain["interval"]
+            twin.errorbar(
+                [1.4], [gain["mean"]], yerr=[[gain["mean"] - lo], [hi - gain["mean"]]], color="tab:blue", capsize=4
+            )
+        twin.axhline(0, color="tab:blue", lw=0.6, ls=":")
+        twin.set_ylabel("per-seed difference, mean and 95% t-interval", color="tab:blue", fontsize=8)
+        ax.set_title(f"{condition} − {reference}", fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def plot_patience(
     table: dict[tuple[str, int], dict],
     conditions: list[str],
