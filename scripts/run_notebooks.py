@@ -41,6 +41,15 @@ class IPCKernelManager(AsyncKernelManager):
         runtime.mkdir(parents=True, exist_ok=True)
         super().__init__(transport="ipc", ip=str(runtime / f"kernel-{uuid.uuid4().hex[:12]}-ipc"), **kwargs)
 
+    async def _async_interrupt_kernel(self) -> None:
+        """Interrupt the kernel, except while shutting it down: jupyter_client's shutdown sends SIGINT
+        first, and an idle ipykernel then logs "ERROR | KeyboardInterrupt caught in kernel" although
+        nothing went wrong. papermill shuts the kernel down only after the last cell, so there is
+        nothing to interrupt then."""
+        if self.shutting_down:
+            return
+        await super()._async_interrupt_kernel()
+
 
 def run(notebook: Path, out_dir: Path, *, kernel: str, profile: str) -> float:
     """Execute `notebook` into `out_dir` with the given profile; returns the wall time in seconds."""

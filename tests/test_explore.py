@@ -86,9 +86,11 @@ def test_sweep_explorer_starts_on_validation_top1_when_the_rows_have_it():
     assert {"val_top1", "test_top1", "seconds"} <= set(show.widget.children[1].options)
 
 
-def test_sweep_explorer_refuses_rows_without_numbers():
-    with pytest.raises(ValueError, match="numeric"):
-        sweep_explorer([dict(key="grid/a", model="tinyvit_5m")])
+def test_sweep_explorer_refuses_rows_without_measurements_and_offers_only_measurements_as_metric():
+    with pytest.raises(ValueError, match="has a measured field"):
+        sweep_explorer([dict(key="grid/a", model="tinyvit_5m", alpha=0.5)])  # a setting, not a result
+    metrics = set(sweep_explorer(ROWS).widget.children[1].options)
+    assert metrics == {"top1", "seconds", "bytes_per_image"}  # not alpha, k, temperature or params_m
 
 
 @pytest.fixture

@@ -82,3 +82,23 @@ def test_a_profile_runs_only_the_notebooks_it_names(script, tmp_path, capsys):
     assert "2 notebook(s) (the profile runs 02, 04 only)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         script.main([str(books[0]), "--profile", "nope"])
+
+
+def test_shutting_a_kernel_down_does_not_interrupt_it(script, monkeypatch):
+    """jupyter_client's shutdown interrupts the kernel first; an idle ipykernel logs that SIGINT as
+    "ERROR | KeyboardInterrupt caught in kernel", which a learner reads as a failure."""
+    import asyncio
+
+    from jupyter_client.manager import AsyncKernelManager
+
+    sent = []
+
+    async def interrupt(self) -> None:  # what jupyter_client would do: send the kernel SIGINT
+        sent.append(self.shutting_down)
+
+    monkeypatch.setattr(AsyncKernelManager, "_async_interrupt_kernel", interrupt)
+    manager = script.IPCKernelManager(kernel_name=KERNEL)
+    for shutting_down in (True, False):
+        manager.shutting_down = shutting_down
+        asyncio.run(manager._async_interrupt_kernel())
+    assert sent == [False]  # only the interrupt outside a shutdown reached the kernel

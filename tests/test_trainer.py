@@ -17,6 +17,7 @@ from tinyvit_lib import AugmentConfig, TinyViT, TinyViTConfig, get_dataset
 from tinyvit_lib.trainer import (
     TrainConfig,
     evaluate,
+    history_table,
     load_checkpoint,
     param_groups,
     read_log,
@@ -349,3 +350,12 @@ def test_a_run_saved_before_a_config_field_existed_reads_as_its_default():
     saved = {k: v for k, v in asdict(TrainConfig(epochs=3)).items() if k != "eval_every"}
     assert saved_config(saved) == asdict(TrainConfig(epochs=3))
     assert saved_config({}) == {}  # no config at all stays no config (not a run's checkpoint)
+
+
+def test_history_table_shows_each_epoch_as_a_line_and_marks_missing_fields():
+    table = history_table([dict(epoch=1, train_loss=1.0), dict(epoch=2, train_loss=0.5, top1=50.0)])
+    assert table.splitlines() == [
+        "epoch  train loss  val top-1 %",
+        "    1       1.000            -",
+        "    2       0.500        50.00",
+    ]

@@ -47,30 +47,51 @@ def distribution_explorer(
     )
 
 
+# What a sweep row measured (a metric can be any of these); every other numeric field is a setting
+# (alpha, temperature, k, epochs, seed, ...), which can be an axis or a grouping but is not a result.
+MEASURED = (
+    "val_top1",
+    "val_top5",
+    "test_top1",
+    "test_top5",
+    "top1",
+    "top5",
+    "seconds",
+    "total_seconds",
+    "bytes_per_image",
+)
+
+
 def sweep_explorer(rows: list[dict]):
     """Pick the x axis, the metric and the grouping field of the sweep results and see them plotted
     (`plot_sweep_series`: one line per series, rows without the grouping field as loose markers).
 
-    Every numeric field of any row can be chosen; the metric starts on validation top-1 (`val_top1`)
-    where the rows have it, else on `top1`.
+    The x axis and the grouping can be any numeric field of any row; the metric only a measured
+    quantity (`MEASURED`), starting on validation top-1 (`val_top1`) where the rows have it.
 
     Raises:
-        ValueError: no row has a numeric field.
+        ValueError: no row has a numeric field, or none has a measured one.
     """
     import ipywidgets as widgets
 
     numeric = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-    if not numeric:
-        raise ValueError(f"sweep_explorer: none of the {len(rows)} row(s) has a numeric field to plot")
+    measured = [k for k in MEASURED if k in numeric]
+    if not measured:
+        raise ValueError(
+            f"sweep_explorer: none of the {len(rows)} row(s) has a measured field ({', '.join(MEASURED)}) to plot"
+        )
 
     def show(x: str, metric: str, group: str) -> None:
         plot_sweep_series(rows, x=x, y=metric, group=group)
         plt.show()
 
-    def dropdown(*preferred: str) -> widgets.Dropdown:
-        """The numeric fields, set on the first of `preferred` that some row has (else the first field)."""
-        return widgets.Dropdown(options=numeric, value=next((p for p in preferred if p in numeric), numeric[0]))
+    def dropdown(options: list[str], *preferred: str) -> widgets.Dropdown:
+        """`options`, set on the first of `preferred` that is one of them (else the first option)."""
+        return widgets.Dropdown(options=options, value=next((p for p in preferred if p in options), options[0]))
 
     return widgets.interact(
-        show, x=dropdown("alpha"), metric=dropdown("val_top1", "top1"), group=dropdown("temperature")
+        show,
+        x=dropdown(numeric, "alpha"),
+        metric=dropdown(measured, "val_top1", "top1"),
+        group=dropdown(numeric, "temperature"),
     )

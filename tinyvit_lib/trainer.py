@@ -61,6 +61,7 @@ __all__ = [
     "param_groups",
     "CosineSchedule",
     "read_log",
+    "history_table",
     "saved_config",
 ]
 
@@ -224,6 +225,29 @@ def read_log(run_dir: str | Path) -> list[dict]:
     """The per-epoch records of a run (`log.jsonl`), oldest first."""
     path = Path(run_dir) / "log.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+HISTORY_COLUMNS = (  # (record field, heading, format) of `history_table`, in order
+    ("epoch", "epoch", "{:d}"),
+    ("step", "steps", "{:,d}"),
+    ("lr", "lr", "{:.2e}"),
+    ("train_loss", "train loss", "{:.3f}"),
+    ("val_loss", "val loss", "{:.3f}"),
+    ("top1", "val top-1 %", "{:.2f}"),
+    ("images_per_s", "images/s", "{:,.0f}"),
+    ("epoch_time_s", "seconds", "{:.1f}"),
+)
+
+
+def history_table(history: list[dict]) -> str:
+    """A run's per-epoch records as a small text table (one line per epoch; a field the record lacks,
+    such as validation on an epoch that did not validate, is "-")."""
+    columns = [(key, head, fmt) for key, head, fmt in HISTORY_COLUMNS if any(key in r for r in history)]
+    cells = [[fmt.format(r[key]) if key in r else "-" for key, _, fmt in columns] for r in history]
+    widths = [max([len(head)] + [len(row[i]) for row in cells]) for i, (_, head, _) in enumerate(columns)]
+    lines = ["  ".join(head.rjust(w) for (_, head, _), w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- evaluation
