@@ -3,6 +3,7 @@
 logged sweep point is reused only while it was measured on the weights now on disk."""
 
 import json
+import shutil
 from dataclasses import replace
 
 import torch
@@ -14,8 +15,10 @@ from tinyvit_lib.experiment import (
     ResultsLog,
     RunSpec,
     prepare_run,
+    reusable_row,
     run_digest,
     run_or_reuse,
+    spec_digest,
     sweep_point,
     teacher_identity,
 )
@@ -133,7 +136,12 @@ def test_a_sweep_point_is_reused_only_while_its_digest_matches_the_run(tmp_path,
         "seconds",
         "run",
         "run_digest",
+        "spec_digest",
+        "teacher_identity",
+        "init_identity",
+        "history",
     }
+    assert [r["epoch"] for r in row["history"]] == [1] and "top1" in row["history"][0]
     assert row["test_top1"] is None  # a sweep point's row never reads the test set
     # Same run on disk: the logged row comes back as it is, from a fresh log too; nothing is measured.
     assert sweep_point(ResultsLog(tmp_path / "sweep.jsonl"), "grid/T=2", spec, temperature=2.0) == row
@@ -147,6 +155,32 @@ def test_a_sweep_point_is_reused_only_while_its_digest_matches_the_run(tmp_path,
     results.add("grid/T=2", dict(again, run_digest="0" * 16, val_top1=99.0))
     assert sweep_point(results, "grid/T=2", changed, temperature=2.0) == again
     assert len(measured) == 3
+
+
+def test_a_row_stands_for_its_run_when_the_run_is_not_on_disk_and_only_then(tmp_path, monkeypatch):
+    """A fresh clone has the committed results but no runs/: its notebooks redraw from the rows."""
+    spec = _spec(tmp_path)
+    spec = replace(spec, data=replace(spec.data, val_per_class=2))  # a carved validation set: test numbers allowed
+    results = ResultsLog(tmp_path / "rows.jsonl")
+    row = sweep_point(results, "a", spec, test=True, condition="labels only", seed=0)
+    shutil.rmtree(spec.run_dir)  # the clone without runs/
+    trained = []
+    monkeypatch.setattr(experiment, "run_or_reuse", lambda *a, **k: trained.append(a[0].name))
+    reopened = ResultsLog(tmp_path / "rows.jsonl")
+    assert sweep_point(reopened, "a", spec, test=True) == row and reopened.reused == ["a"] and not trained
+    # another spec (one more epoch) is not this row's run, and neither is a row without test numbers
+    assert reusable_row(reopened, "a", replace(spec, train=replace(spec.train, epochs=2))) is None
+    reopened.add("a", dict(row, test_top1=None))
+    assert reusable_row(reopened, "a", spec, test=True) is None and reusable_row(reopened, "a", spec) is not None
+    # a row made from another teacher than the one on disk is not reused; where no teacher is on disk, it is
+    teacher = tmp_path / "teacher.pt"
+    distilled = replace(
+        spec, teacher_model="resnet18", teacher_checkpoint=str(teacher), train=replace(spec.train, alpha=1.0)
+    )
+    reopened.add("b", dict(row, spec_digest=spec_digest(distilled), teacher_identity="f" * 64))
+    assert reusable_row(reopened, "b", distilled) is not None
+    teacher.write_bytes(b"another teacher")
+    assert reusable_row(reopened, "b", distilled) is None
 
 
 def test_the_seed_fixes_the_initial_weights_whatever_the_callers_rng(tmp_path):

@@ -44,6 +44,9 @@ __all__ = [
     "evaluate_run",
     "ResultsLog",
     "sweep_point",
+    "spec_digest",
+    "reusable_row",
+    "file_sha256",
     "choose_on_validation",
     "condition_summary",
     "paired_gain",
@@ -194,16 +197,16 @@ def run(spec: RunSpec | PreparedRun, *, resume: bool = False, progress: bool = T
 def teacher_identity(spec: RunSpec) -> str | None:
     """What the run's teacher is, beyond its path: the store's manifest or the checkpoint's bytes,
     hashed, so that a run distilled from an older store or teacher is not mistaken for a current one."""
-    return _file_sha256(Path(spec.logits_path) / "manifest.json" if spec.logits_path else spec.teacher_checkpoint)
+    return file_sha256(Path(spec.logits_path) / "manifest.json" if spec.logits_path else spec.teacher_checkpoint)
 
 
 def init_identity(spec: RunSpec) -> str | None:
     """The sha256 of the checkpoint a fine-tuning run starts from (None: none), so that a run
     fine-tuned from an older pretraining is not mistaken for a current one."""
-    return _file_sha256(spec.init_from)
+    return file_sha256(spec.init_from)
 
 
-def _file_sha256(path: str | Path | None) -> str | None:
+def file_sha256(path: str | Path | None) -> str | None:
     """The sha256 of a file's bytes; None when there is no path or no such file."""
     if not path or not Path(path).is_file():
         return None
@@ -361,6 +364,7 @@ class ResultsLog:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.rows: dict[str, dict] = {}
+        self.reused: list[str] = []  # keys `sweep_point` took from the file without their runs on disk
         if self.path.exists():
             for line in self.path.read_text().splitlines():
                 if line.strip():
@@ -424,6 +428,39 @@ def _cached_set(build, spec: RunSpec) -> DatasetWithIDs:
     return _SETS[key]
 
 
+def spec_digest(spec: RunSpec) -> str:
+    """A hash of what a run is, from its spec alone: the data, model, optimisation and where its
+    teacher's targets come from, without where things live and without the content of the store or
+    checkpoints it reads (`run_differences` compares those when they are on disk). A results row
+    carries it, so a row can stand for its run in a clone that has the results but not the runs."""
+    flat = _flat(asdict(spec.train), _plain(asdict(spec)), None, None)
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def reusable_row(results: ResultsLog, key: str, spec: RunSpec, *, test: bool = False) -> dict | None:
+    """The row logged under `key` if it stands for `spec` without its run: it was made from the same
+    spec (`spec_digest`), holds test numbers if `test` asks for them, the run is not on disk (a run
+    on disk is checked by its weights instead, in `sweep_point`), and the store or checkpoints the
+    run read, where they are on disk, are the ones it was made from. None otherwise."""
+    row = results.rows.get(key)
+    if row is None or row.get("spec_digest") != spec_digest(spec) or (test and row.get("test_top1") is None):
+        return None
+    if (spec.run_dir / "last.pt").is_file():
+        return None
+    for mine, field_name in ((teacher_identity(spec), "teacher_identity"), (init_identity(spec), "init_identity")):
+        if mine is not None and mine != row.get(field_name):
+            return None
+    return row
+
+
+def _compact_history(history: list[dict]) -> list[dict]:
+    """The epochs of a run that were validated (all of them for a run without validation), with the
+    numbers the course's curves draw, rounded: what a results row keeps of a run's log."""
+    validated = [r for r in history if "top1" in r] or history
+    keep = ("epoch", "step", "train_loss", "val_loss", "top1")
+    return [{k: round(r[k], 4) if isinstance(r[k], float) else r[k] for k in keep if k in r} for r in validated]
+
+
 def sweep_point(
     results: ResultsLog,
     key: str,
@@ -438,27 +475,38 @@ def sweep_point(
     retrains), measure its `checkpoint` on validation (and, with `test`, on the test set: `measure`)
     and log the row under `key` in `results` as soon as it ends.
 
-    A logged row names the weights it was measured on (`run_digest`): it is returned as it is only
-    while those weights are the run on disk (and it holds test numbers if `test` asks for them), so a
-    row whose run is gone, was retrained or came from another clone is measured again and replaced.
-    The row holds `fields` (the point's coordinates, e.g. condition="distilled", seed=0, alpha=0.5),
-    val_top1/val_top5, test_top1/test_top5 (None unless `test`), the training seconds, the run name
-    and the digest; a new row is printed.
+    A logged row names the weights it was measured on (`run_digest`): while its run is on disk it is
+    returned as it is only if those weights are the run's (and it holds test numbers if `test` asks
+    for them); a row whose run was retrained is measured again and replaced. A row whose run is not
+    on disk (a fresh clone with the committed results) stands for it if `reusable_row` says so; its
+    key is then added to `results.reused`, and nothing is trained. The row holds `fields` (the
+    point's coordinates, e.g. condition="distilled", seed=0, alpha=0.5), val_top1/val_top5,
+    test_top1/test_top5 (None unless `test`), the training seconds, the run name, the digests and the
+    validated epochs (`history`); a new row is printed.
 
     Raises:
         ValueError, FileNotFoundError: the run cannot be prepared, trained or measured (see
             `prepare_run`, `run`, `measure`).
     """
+    if not force and (row := reusable_row(results, key, spec, test=test)) is not None:
+        results.reused.append(key)
+        return row
     result = run_or_reuse(spec, force=force, progress=False)
     digest = run_digest(spec.run_dir, checkpoint)
+    identity = dict(
+        spec_digest=spec_digest(spec),
+        teacher_identity=teacher_identity(spec),
+        init_identity=init_identity(spec),
+        history=_compact_history(result.history),
+    )
     old = results.rows.get(key, {})
     if old.get("run_digest") == digest and (not test or old.get("test_top1") is not None):
-        return old
+        return old if all(old.get(k) == v for k, v in identity.items()) else results.add(key, dict(old, **identity))
     row = dict(fields, test_top1=None, test_top5=None)  # the test set is read only when `test` asks
     row.update(measure(spec, test=test, checkpoint=checkpoint))
     row.update(seconds=round(sum(r["epoch_time_s"] for r in result.history), 1), run=spec.name, run_digest=digest)
-    print(key, {k: v for k, v in row.items() if k != "run_digest"})
-    return results.add(key, row)
+    print(key, {k: v for k, v in row.items() if k not in ("run_digest",)})
+    return results.add(key, dict(row, **identity))
 
 
 def choose_on_validation(rows: list[dict], metric: str = "val_top1") -> dict:
