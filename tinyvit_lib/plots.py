@@ -133,6 +133,30 @@ def plot_curves(histories: dict[str, list[dict]], title: str = "") -> plt.Figure
     return fig
 
 
+def plot_softened(
+    logits: torch.Tensor, temperatures: list[float], label: int, classes: list[str], *, title: str = ""
+) -> plt.Figure:
+    """One teacher's logit vector (C,) softened at each temperature (softmax(z / T)) beside the one-hot
+    label: what the student is asked to match, and what plain training asks."""
+    fig, ax = plt.subplots(figsize=(7.5, 3.4))
+    count = len(temperatures) + 1
+    width = 0.8 / count
+    x = torch.arange(len(classes)).float()
+    onehot = torch.zeros(len(classes))
+    onehot[label] = 1.0
+    ax.bar(x - 0.4 + width / 2, onehot, width, color="black", label="one-hot label")
+    for i, temperature in enumerate(temperatures, start=1):
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        ax.bar(x - 0.4 + width * (i + 0.5), probs, width, label=f"teacher, T = {temperature:g}")
+    ax.set_xticks(x, classes, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("probability")
+    ax.set_title(title or "the teacher's distribution at three temperatures", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
+
+
 def plot_topk_mass(ks: list[int], mass_by_temperature: dict[float, list[float]]) -> plt.Figure:
     """Mean share of the teacher's probability held by its k largest classes, per temperature."""
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
