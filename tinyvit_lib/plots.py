@@ -203,6 +203,39 @@ def plot_storage(rows: list[dict]) -> plt.Figure:
     return fig
 
 
+def plot_split(parts: dict[str, int], *, title: str = "") -> plt.Figure:
+    """The course's split as one bar: each part's share of the images, in order (e.g. validation
+    carve, pool, labelled set inside the pool, test), with its size written on it. A part whose name
+    starts with "  " is drawn as a band inside the part before it (the labelled set is part of the
+    pool)."""
+    fig, ax = plt.subplots(figsize=(8, 2.6))
+    total = sum(size for name, size in parts.items() if not name.startswith("  "))
+    end, outer_start = 0, 0  # where the bar ends; where the last outer part began
+    colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"])
+    for name, size in parts.items():
+        inner = name.startswith("  ")
+        start = outer_start if inner else end
+        height, y = (0.35, -0.5) if inner else (0.6, 0.0)
+        ax.barh(y, size, left=start, height=height, color=next(colors), edgecolor="white")
+        label = f"{name.strip()}\n{size:,}"
+        if size > 0.15 * total:  # wide enough to hold its label
+            ax.text(start + size / 2, y, label, ha="center", va="center", fontsize=7, color="white")
+        elif inner:  # below its band
+            ax.text(start + size / 2, y - height / 2 - 0.05, label, ha="center", va="top", fontsize=7)
+        else:  # above its part
+            ax.text(start + size / 2, y + height / 2 + 0.05, label, ha="center", va="bottom", fontsize=7)
+        if not inner:
+            outer_start, end = end, end + size
+    ax.set_yticks([])
+    ax.set_ylim(-1.15, 0.75)  # room for the labels above and below the bars
+    ax.set_xlabel("images")
+    ax.set_title(title or "the split", fontsize=10, pad=14)
+    for side in ("top", "right", "left"):
+        ax.spines[side].set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
 def plot_views_with_predictions(
     images: torch.Tensor, probs: torch.Tensor, classes: list[str], labels: list[int], titles: list[str] | None = None
 ) -> plt.Figure:
