@@ -23,6 +23,7 @@ from tinyvit_lib.profiles import (
     project_root,
     resolve_profile,
     run_spec,
+    scratch,
     store_specs,
     sweep_spec,
     teacher_spec,
@@ -252,3 +253,25 @@ def test_the_long_profile_reaches_the_regime_where_patience_shows():
     assert P.figure("04_patience.png").name == "04_patience_long.png" and P.results_dir.name == "long"
     spec = patience_spec(P, 0, "consistent teacher", P.patience[-1])
     assert spec.train.eval_every == P.patience[-1] // 16 and spec.train.batch_size == 32
+
+
+def test_a_scratch_profile_writes_under_build_try_and_reads_the_course_teacher_and_stores():
+    P = PROFILES["default"]
+    S = scratch(P)
+    root = project_root()
+    assert (
+        S.runs_dir == root / "build/try/runs/default"
+        and S.figure("03_conditions.png").parent == root / "build/try/figures"
+    )
+    assert S.results_file("03_students.jsonl") == root / "build/try/results/default/03_students.jsonl"
+    # notebook 02's products are read from the course: its teacher, stores and their results rows
+    assert S.teacher_checkpoint == P.teacher_checkpoint and S.store_path("replay") == P.store_path("replay")
+    assert S.results_file("02_teacher.jsonl") == P.results_file("02_teacher.jsonl")
+    own = scratch(P, own_teacher_and_stores=True)
+    assert own.teacher_checkpoint == root / "build/try/runs/default/teacher/best.pt"
+    assert own.store_path("pool").is_relative_to(root / "build/try") and own.results_file(
+        "02_stores.json"
+    ).is_relative_to(root / "build/try")
+    # nothing a scratch profile writes lands in a tracked folder
+    for path in (S.runs_dir, S.results_dir, S.figures_dir, own.logits_dir):
+        assert path.is_relative_to(root / "build")

@@ -35,6 +35,7 @@ __all__ = [
     "Profile",
     "PROFILES",
     "resolve_profile",
+    "scratch",
     "project_root",
     "run_spec",
     "store_specs",
@@ -163,6 +164,9 @@ class Profile:
     figure_suffix: str = ""  # added to every figure's stem (`figure`), so profiles sharing a folder do not collide
     # the notebooks `make run-all` executes for this profile, by number (None: all of them)
     notebooks: tuple[str, ...] | None = None
+    # an out_dir whose teacher, stores and notebook-02 results this profile reads instead of its own
+    # (`scratch`: exercises that leave notebook 02's products alone); None: its own
+    stores_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -211,8 +215,8 @@ class Profile:
 
     @property
     def logits_dir(self) -> Path:
-        """Where the logit stores of this profile live (see `store_path`)."""
-        return project_root() / self.out_dir / "logits" / self.name
+        """Where the logit stores of this profile live (see `store_path`; `stores_from`'s if set)."""
+        return project_root() / (self.stores_from or self.out_dir) / "logits" / self.name
 
     @property
     def results_dir(self) -> Path:
@@ -226,8 +230,8 @@ class Profile:
 
     @property
     def teacher_checkpoint(self) -> Path:
-        """The teacher's best weights, written by notebook 02's run (`teacher_spec`)."""
-        return self.runs_dir / TEACHER_RUN / "best.pt"
+        """The teacher's best weights, written by notebook 02's run (`teacher_spec`; `stores_from`'s if set)."""
+        return project_root() / (self.stores_from or self.out_dir) / "runs" / self.name / TEACHER_RUN / "best.pt"
 
     def store_path(self, store: str, k: int | None = None) -> Path:
         """The folder of notebook 02's store `store` (one of `STORES`), or, for a replay `k` below
@@ -254,7 +258,11 @@ class Profile:
         return self.figures_dir / (f"{stem}{self.figure_suffix}.{ext}" if dot else f"{name}{self.figure_suffix}")
 
     def results_file(self, name: str) -> Path:
-        """A notebook's results file, e.g. results_file("05_sweep.jsonl")."""
+        """A notebook's results file, e.g. results_file("05_sweep.jsonl"). Notebook 02's files (its
+        teacher's row and its stores' costs, "02_...") come from `stores_from` when it is set, with
+        the teacher and stores they describe."""
+        if self.stores_from and name.startswith("02_"):
+            return project_root() / self.stores_from / "results" / self.name / name
         return self.results_dir / name
 
 
@@ -381,6 +389,23 @@ PROFILES: dict[str, Profile] = {
         sweep=Sweep(epochs=100),
     ),
 }
+
+
+SCRATCH_DIR = "build/try"  # where exercises write (git-ignored): never the course's results or figures
+
+
+def scratch(profile: Profile, *, own_teacher_and_stores: bool = False) -> Profile:
+    """`profile` for an exercise: its runs, results and figures go under build/try/ (ignored by git),
+    so an exercise never overwrites the course's committed results or figures. By default it reads
+    the course's teacher, stores and notebook-02 results (an exercise of notebooks 03-05 that leaves
+    them alone starts at once); `own_teacher_and_stores=True` gives it its own, for an exercise that
+    changes notebook 02 (run notebook 02 with it first, then the others with the same line)."""
+    return replace(
+        profile,
+        out_dir=SCRATCH_DIR,
+        figures_folder=f"{SCRATCH_DIR}/figures",
+        stores_from=None if own_teacher_and_stores else profile.out_dir,
+    )
 
 
 def project_root() -> Path:
