@@ -52,7 +52,7 @@ data:  ## make sure Fashion-MNIST is on this machine (Debian package, installs i
 	fi
 
 run-all: $(VENV)/.ready data  ## execute every notebook in order (PROFILE=default|fast|cifar100|imagenet-subset, or DATASET=...)
-	@$(BIN)/python scripts/run_notebooks.py --profile $(PROFILE) --kernel $(KERNEL) --out $(OUTDIR) $(NOTEBOOKS)
+	@$(BIN)/python scripts/run_notebooks.py --profile $(PROFILE) --kernel $(KERNEL) --out $(OUTDIR) --publish executed $(NOTEBOOKS)
 
 test: $(VENV)/.ready  ## lint and format check, unit tests, then every notebook under nbval in the fast profile
 	$(BIN)/ruff check $(LINTED) && $(BIN)/ruff format --check $(LINTED)

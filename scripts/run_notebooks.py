@@ -2,10 +2,13 @@
 
     python scripts/run_notebooks.py --profile default --kernel tinyvit --out build/executed notebooks/0*.ipynb
 
-A profile that names its notebooks (`Profile.notebooks`: the long one runs 02 and 04) runs only
-those; a profile other than the default writes its executed copies to a subfolder of `--out` named
-after it. Each executed copy is also written as HTML beside it (same stem, `.html`), as `jupyter nbconvert
---to html` would, so a reader sees the outputs in a browser without Jupyter.
+With `--publish DIR`, each executed notebook of the default profile is also copied to DIR (the
+repository's `executed/`, which a code host shows with its outputs and figures); a notebook that
+fails keeps its previous copy there. A profile that names its notebooks (`Profile.notebooks`: the
+long one runs 02 and 04) runs only those; a profile other than the default writes its executed
+copies to a subfolder of `--out` named after it. Each executed copy is also written as HTML beside
+it (same stem, `.html`), as `jupyter nbconvert --to html` would, so a reader sees the outputs in a
+browser without Jupyter.
 
 Prints one line per notebook: its name, its wall time and where its executed copy went; on an error,
 the notebook, the cell's error and the executed copy (which shows the failing cell), then exit 1.
@@ -98,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default="default")
     p.add_argument("--kernel", default="tinyvit")
     p.add_argument("--out", type=Path, default=Path("build/executed"))
+    p.add_argument(
+        "--publish",
+        type=Path,
+        default=None,
+        help="default profile only: also copy each executed notebook here (a tracked folder a code host shows)",
+    )
     args = p.parse_args(argv)
     if args.profile not in PROFILES:
         p.error(f"unknown profile {args.profile!r}; choose one of {', '.join(PROFILES)}")
@@ -125,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         html = try_export_html(executed)
         if html is None:
             no_html.append(notebook.name)
+        if args.publish is not None and args.profile == "default":
+            args.publish.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(args.publish / notebook.name, executed.read_text())
         print(f"{notebook.name:<36} {minutes(seconds):>12}  -> {executed}{' (+ .html)' if html else ''}", flush=True)
     print(f"all {len(notebooks)} notebook(s) in {minutes(total)}")
     if no_html:

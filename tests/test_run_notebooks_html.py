@@ -102,3 +102,13 @@ def test_shutting_a_kernel_down_does_not_interrupt_it(script, monkeypatch):
         manager.shutting_down = shutting_down
         asyncio.run(manager._async_interrupt_kernel())
     assert sent == [False]  # only the interrupt outside a shutdown reached the kernel
+
+
+def test_the_default_profile_publishes_its_executed_notebooks_and_others_do_not(script, tmp_path):
+    book = notebook(tmp_path / "01_nb.ipynb", "print('published')")
+    for profile, published in (("default", True), ("fast", False)):
+        shown = tmp_path / f"shown-{profile}"
+        args = [str(book), "--kernel", KERNEL, "--out", str(tmp_path / "out"), "--profile", profile]
+        assert script.main([*args, "--publish", str(shown)]) == 0
+        assert (shown / "01_nb.ipynb").exists() == published
+    assert "published" in (tmp_path / "shown-default" / "01_nb.ipynb").read_text()  # with its outputs
