@@ -535,3 +535,29 @@ def test_the_test_set_needs_a_carved_validation_set():
         data.test_set(data.DataSpec(dataset="synthetic"))
     held_out = data.test_set(data.DataSpec(dataset="synthetic", val_per_class=2))
     assert (held_out.split, len(held_out)) == ("test", 256) and isinstance(held_out.transform, data.EvalTransform)
+
+
+def test_hidden_entries_are_skipped_and_counted(folder_root):
+    before = get_dataset("imagenet", folder_root)
+    (folder_root / "train" / ".ipynb_checkpoints").mkdir()  # what JupyterLab leaves in a folder it opened
+    (folder_root / "train" / ".ipynb_checkpoints" / "img0-checkpoint.png").write_bytes(b"")
+    shutil.copy(folder_root / "train" / "ant" / "img0.png", folder_root / "train" / "ant" / ".hidden.png")
+    with pytest.warns(UserWarning, match="skipped 1 hidden") as caught:  # both warnings match: none re-emitted
+        after = get_dataset("imagenet", folder_root)
+    messages = [str(w.message) for w in caught]
+    assert any("1 hidden folder(s) (names" in m for m in messages) and any(
+        "inside the class folders" in m for m in messages
+    )
+    assert (after.ids, after.targets, after.classes) == (before.ids, before.targets, before.classes)
+
+
+def test_an_image_linked_from_another_split_is_refused(folder_root):
+    leak = folder_root / "train" / "ant" / "from_val.png"
+    leak.symlink_to(folder_root / "val" / "ant" / "img0.png")
+    with pytest.raises(ValueError, match="leak between the splits") as error:
+        get_dataset("imagenet", folder_root)
+    assert str(leak) in str(error.value) and str(folder_root / "val") in str(error.value)
+    leak.unlink()
+    (folder_root / "val" / "bee" / "train_bees").symlink_to(folder_root / "train" / "bee")  # a folder, the other way
+    with pytest.raises(ValueError, match="inside .*train: an image reached from both val/ and train/"):
+        get_dataset("imagenet", folder_root, split="val")

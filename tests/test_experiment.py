@@ -6,6 +6,7 @@ import json
 import shutil
 from dataclasses import replace
 
+import pytest
 import torch
 
 from tinyvit_lib import experiment
@@ -230,3 +231,18 @@ def test_a_student_whose_data_differs_from_its_store_is_refused_before_its_data_
     # A subset of the store's images reads it only when the store covers the whole pool.
     with pytest.raises(StoreMismatch, match=r"max_per_class: store 4, run 3"):
         prepare_run(replace(student, data=replace(spec.data, max_per_class=3)))
+
+
+def test_a_results_file_with_a_cut_last_line_is_read_without_it_and_repaired(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(
+        json.dumps(dict(key="a", top1=1.0)) + "\n" + json.dumps(dict(key="b", top1=2.0)) + "\n" + '{"key": "c", "to'
+    )
+    with pytest.warns(UserWarning, match="last line was cut off"):
+        results = ResultsLog(path)
+    assert list(results.rows) == ["a", "b"]
+    results.add("c", dict(top1=3.0))  # the cut line is gone from the file, not glued to the new row
+    assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["a", "b", "c"]
+    path.write_text('{"key": "a"}\n{broken\n{"key": "b"}\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl, line 2, is not a results row"):
+        ResultsLog(path)

@@ -50,6 +50,7 @@ import gzip
 import hashlib
 import os
 import pickle  # only for its exception type: torchvision reads the CIFAR files
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -1002,6 +1003,8 @@ def _load_cifar100(root: str | Path | None, split: str, download: bool, verify: 
 
 # ----------------------------------------------------------------------------- image folders
 
+SPLIT_FOLDERS = ("train", "val", "test")  # the split folders an image folder may hold
+
 
 def _find_folder_samples(
     name: str,
@@ -1027,14 +1030,17 @@ def _find_folder_samples(
 
 
 def _class_folders(split_dir: Path) -> list[str]:
-    """The names of the class folders (or links to folders) in `split_dir`, sorted.
+    """The names of the class folders (or links to folders) in `split_dir`, sorted; hidden ones (".name",
+    such as JupyterLab's .ipynb_checkpoints) are skipped, with a warning that counts them.
 
     Raises:
         FileNotFoundError: `split_dir` is not a folder, or holds no folders.
     """
     if not split_dir.is_dir():
         raise FileNotFoundError(f"no {split_dir.name} folder {split_dir}")
-    classes = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+    folders = [entry.name for entry in os.scandir(split_dir) if entry.is_dir()]
+    classes = sorted(name for name in folders if not _hidden(name))
+    _warn_hidden(split_dir, len(folders) - len(classes), "folder(s)")
     if not classes:
         raise FileNotFoundError(f"{split_dir} has no class folders")
     return classes
@@ -1064,12 +1070,14 @@ def _scan_folder(
     followed, except a link to a folder that contains it or a folder on the way to it (a loop such
     as `ln -s . loop`), which is skipped. No image is counted twice: a folder holding images or an
     image file that two paths reach (a link to another class's folder or to one of its images, two
-    class folders linking to one place) is refused, naming both paths. Hard links are separate files.
+    class folders linking to one place) is refused, naming both paths, and so is a link into another
+    split folder (train/, val/, test/): a leak between the splits. Hard links are separate files.
+    Hidden entries (".name") are skipped, with a warning that counts them.
 
     Raises:
         FileNotFoundError: no split folder, no class folders, or a class folder without images.
-        ValueError: max_classes above the number of class folders, an image reached by two paths, or a
-            folder that cannot be listed.
+        ValueError: max_classes above the number of class folders, an image reached by two paths or
+            from two splits, or a folder that cannot be listed.
     """
     split_dir = root / split
     classes = _class_folders(split_dir)
@@ -1089,6 +1097,8 @@ def _scan_folder(
         ids += [f"{split}/{file}" for file in files]
         targets += [label] * len(files)
     walk.check_linked_files()
+    walk.check_no_other_split(root, split)
+    _warn_hidden(split_dir, walk.hidden, "file(s) or folder(s) inside the class folders")
     return ids, targets, classes
 
 
@@ -1102,6 +1112,7 @@ class _ImageWalk:
         self.folders: dict[str, tuple[str, int]] = {}  # real path -> (first path to it, images in and below it)
         self.linked_files: list[tuple[str, str]] = []  # (path, real path) of each image file that is a link
         self.found: list[str] = []  # every image file's path, in walk order
+        self.hidden = 0  # hidden entries (".name") skipped inside the class folders
 
     def class_images(self, class_name: str) -> list[str]:
         """The sorted paths of the images of one class folder.
@@ -1130,6 +1141,23 @@ class _ImageWalk:
                 )
             first_path[real] = path
 
+    def check_no_other_split(self, root: Path, split: str) -> None:
+        """Raises ValueError where a link of this split leads into another split folder of `root`
+        (train/, val/, test/): an image reached from both splits would leak between them."""
+        reached = [(path, real) for path, real in self.linked_files]
+        reached += [(first, real) for real, (first, _) in self.folders.items()]
+        for other in SPLIT_FOLDERS:
+            other_dir = root / other
+            if other == split or not other_dir.is_dir():
+                continue
+            other_real = os.path.realpath(other_dir)
+            for path, real in reached:
+                if _contains(other_real, real):
+                    raise ValueError(
+                        f"{self.split_dir / path} leads to {real}, inside {other_dir}: an image reached from both "
+                        f"{split}/ and {other}/ would leak between the splits. Copy the file instead of linking it"
+                    )
+
     def _enter(self, path: str, real: str, above: tuple[str, ...]) -> int:
         """Walk folder `path` unless another path walked it; the number of images in and below it."""
         if real in self.folders:
@@ -1151,7 +1179,11 @@ class _ImageWalk:
         except OSError as error:
             raise ValueError(f"cannot list folder {self.split_dir / path}: {error}") from error
         count = 0
+        hidden = [entry for entry in entries if _hidden(entry.name)]
+        self.hidden += len(hidden)
         for entry in entries:
+            if _hidden(entry.name):
+                continue
             entry_path = f"{path}/{entry.name}"
             if _is_folder(entry):
                 target = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real, entry.name)
@@ -1163,6 +1195,17 @@ class _ImageWalk:
                     self.linked_files.append((entry_path, os.path.realpath(entry.path)))
                 count += 1
         return count
+
+
+def _hidden(name: str) -> bool:
+    """Whether a folder entry is hidden (".name": .ipynb_checkpoints, .DS_Store, ...): never a class or an image."""
+    return name.startswith(".")
+
+
+def _warn_hidden(folder: Path, count: int, what: str) -> None:
+    """Say how many hidden entries of `folder` were skipped (none: nothing)."""
+    if count:
+        warnings.warn(f"{folder}: skipped {count} hidden {what} (names starting with '.')", stacklevel=3)
 
 
 def _is_folder(entry: os.DirEntry) -> bool:

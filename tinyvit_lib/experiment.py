@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -359,17 +360,31 @@ def evaluate_run(
 
 class ResultsLog:
     """A JSON-lines file of finished results, one row per key, appended as each run ends, so an
-    interrupted sweep keeps what it finished and a re-run skips it."""
+    interrupted sweep keeps what it finished and a re-run skips it. A last line cut off mid-append
+    (a crash, a full disk) is dropped with a warning; the next `add` rewrites the file whole.
+
+    Raises:
+        ValueError: a line other than the last is not JSON (the file and line are named)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.rows: dict[str, dict] = {}
         self.reused: list[str] = []  # keys `sweep_point` took from the file without their runs on disk
+        self.cut = False  # the file ends in a cut-off line: the next add rewrites it whole
         if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                if line.strip():
+            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+            for number, line in enumerate(lines, start=1):
+                try:
                     row = json.loads(line)
-                    self.rows[row["key"]] = row
+                except json.JSONDecodeError as error:
+                    if number < len(lines):
+                        raise ValueError(f"{self.path}, line {number}, is not a results row: {error}") from error
+                    warnings.warn(  # a crash or a full disk mid-append: the row is measured again
+                        f"{self.path}: its last line was cut off ({error}); it is dropped", stacklevel=2
+                    )
+                    self.cut = True
+                    continue
+                self.rows[row["key"]] = row
 
     def __contains__(self, key: str) -> bool:
         return key in self.rows
@@ -380,8 +395,9 @@ class ResultsLog:
         row = dict(row, key=key)
         replacing = key in self.rows
         self.rows[key] = row
-        if replacing:
+        if replacing or self.cut:
             self._rewrite()
+            self.cut = False
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as f:
