@@ -84,6 +84,7 @@ __all__ = [
     "build",
     "training_set",
     "dataset_channels",
+    "dataset_normalisation",
     "validation_set",
     "test_set",
     "DatasetWithIDs",
@@ -626,6 +627,17 @@ def dataset_channels(name: str) -> int:
     if name not in _FACTS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     return len(_FACTS[name].mean)
+
+
+def dataset_normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The per-channel (mean, std) that dataset `name`'s transforms normalise its images with.
+
+    Raises:
+        ValueError: an unknown dataset.
+    """
+    if name not in _FACTS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return tuple(_FACTS[name].mean), tuple(_FACTS[name].std)
 
 
 def build(spec: DataSpec) -> tuple[DatasetWithIDs, DatasetWithIDs]:

@@ -1,0 +1,85 @@
+"""Export: a checkpoint timm's TinyViT loads into the same function, safetensors with the input's
+description, and the CLI over them (refusals in one line, nothing written)."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from tinyvit_lib import load_pretrained, tinyvit_5m
+from tinyvit_lib.data import DataSpec
+from tinyvit_lib.experiment import RunSpec, run
+from tinyvit_lib.export import main, save_timm_checkpoint, timm_window_sizes
+from tinyvit_lib.trainer import TrainConfig
+
+
+def perturbed(**config) -> torch.nn.Module:
+    """A TinyViT whose every weight (attention biases included) is off its initial value."""
+    model = tinyvit_5m(**config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    return model.eval()
+
+
+@pytest.mark.parametrize("img_size, in_chans", [(32, 1), (224, 3)])
+def test_timm_loads_the_exported_checkpoint_into_the_same_function(tmp_path, img_size, in_chans):
+    timm = pytest.importorskip("timm")
+    ours = perturbed(img_size=img_size, num_classes=10, in_chans=in_chans)
+    call = save_timm_checkpoint(ours, tmp_path / "student.pth")
+    theirs = eval(call, {"timm": timm}).eval()  # the call the export prints, as a user would paste it
+    x = torch.randn(2, in_chans, img_size, img_size)
+    with torch.no_grad():
+        assert (ours(x) - theirs(x)).abs().max() <= 1e-5
+    if img_size == 32:  # maps of 8, 4, 2, 1: timm's windows are the clipped ones, its bias tables cut to them
+        assert timm_window_sizes(ours) == [7, 4, 2, 1] and "window_sizes=[7, 4, 2, 1]" in call and "in_chans=1" in call
+        assert theirs.stages[1].blocks[0].attn.attention_biases.shape == (4, 16)
+    else:
+        assert "window_sizes" not in call and "in_chans" not in call
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> RunSpec:
+    """A finished run of this library's trainer (synthetic data, one short epoch)."""
+    out = tmp_path_factory.mktemp("runs")
+    data = DataSpec(dataset="synthetic", img_size=32, max_per_class=4, max_val_per_class=2)
+    spec = RunSpec(
+        name="tiny", data=data, model="tinyvit_5m", output_dir=str(out), train=TrainConfig(epochs=1, batch_size=8)
+    )
+    run(spec, progress=False)
+    return spec
+
+
+def test_the_cli_writes_each_format_and_the_files_load(trained, tmp_path, capsys):
+    assert main([str(trained.run_dir / "last.pt"), "--out", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert (
+        lines[0].startswith("timm.create_model('tiny_vit_5m_224', num_classes=10")
+        and (tmp_path / "tiny_timm.pth").is_file()
+    )
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "tiny.safetensors"), "pt") as f:
+        header = {k: json.loads(v) for k, v in f.metadata().items()}
+    assert (
+        header["input"]["size"] == 32 and len(header["input"]["mean"]) == 3 and header["model"]["name"] == "tinyvit_5m"
+    )
+    reloaded = load_pretrained(tinyvit_5m(img_size=32, num_classes=10), tmp_path / "tiny.safetensors").eval()
+    from tinyvit_lib.experiment import load_trained
+
+    original = load_trained(trained.run_dir / "last.pt")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (reloaded(x) - original(x)).abs().max() <= 1e-5  # the same weights (memory layouts differ)
+
+
+def test_the_cli_refuses_in_one_line_and_writes_nothing(trained, tmp_path, capsys):
+    teacher = replace(trained, name="teacher", model="resnet18")
+    run(teacher, progress=False)
+    out = tmp_path / "out"
+    assert main([str(teacher.run_dir / "last.pt"), "--out", str(out), "--to", "timm"]) == 2
+    assert "holds a resnet18, not a TinyViT" in capsys.readouterr().err and not out.exists()
+    assert main([str(tmp_path / "missing.pt"), "--out", str(out)]) == 2
+    assert "not found" in capsys.readouterr().err and not out.exists()

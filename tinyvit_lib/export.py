@@ -1,0 +1,197 @@
+"""A trained TinyViT in the formats other code loads: a checkpoint for timm, and safetensors.
+
+timm's TinyViT (`timm.create_model("tiny_vit_5m_224", ...)`) uses this library's key names; what
+differs is the windows. timm attends over fixed windows and pads a feature map smaller than its
+window, while this library clips a window to its map. So a model trained at 32×32 (maps of 4, 2
+and 1 in stages 1-3) becomes the timm model whose windows are the clipped ones, (7, 4, 2, 1), with
+each attention-bias table cut to the offsets those windows hold; timm then computes the same
+function. `timm_checkpoint` writes the state dict and returns the exact `create_model` call.
+
+    call = save_timm_checkpoint(model, "student_timm.pth")
+    # timm.create_model("tiny_vit_5m_224", num_classes=10, in_chans=1, window_sizes=[7, 4, 2, 1],
+    #                   checkpoint_path="student_timm.pth")
+
+From the command line, over a checkpoint this library's trainer wrote:
+
+    python -m tinyvit_lib.export runs/default/<run>/last.pt --out exported/ --to timm safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .data import dataset_normalisation
+from .experiment import load_trained
+from .model import PRESETS, TinyViT, stage_resolutions
+from .utils import atomic_write, load_checkpoint
+
+__all__ = [
+    "export_checkpoint",
+    "timm_name",
+    "timm_window_sizes",
+    "timm_state_dict",
+    "timm_create_call",
+    "save_timm_checkpoint",
+    "save_safetensors",
+]
+
+TIMM_NAMES = {"tinyvit_5m": "tiny_vit_5m_224", "tinyvit_11m": "tiny_vit_11m_224", "tinyvit_21m": "tiny_vit_21m_224"}
+
+
+def timm_name(model: TinyViT) -> str:
+    """timm's name for `model`'s variant ("tiny_vit_5m_224"), from its widths and heads.
+
+    Raises:
+        ValueError: a TinyViT that is none of the three presets (timm has no name for it).
+    """
+    for preset, fields in PRESETS.items():
+        if (
+            tuple(model.config.embed_dims) == fields["embed_dims"]
+            and tuple(model.config.num_heads) == fields["num_heads"]
+        ):
+            return TIMM_NAMES[preset]
+    raise ValueError(
+        f"embed_dims={model.config.embed_dims}, num_heads={model.config.num_heads} is not one of timm's TinyViT "
+        f"variants ({', '.join(TIMM_NAMES.values())})"
+    )
+
+
+def timm_window_sizes(model: TinyViT) -> list[int]:
+    """The windows timm needs to compute `model`'s function: each stage's window clipped to its map."""
+    resolutions = stage_resolutions(model.config.img_size, len(model.config.window_sizes))
+    return [min(w, r) for w, r in zip(model.config.window_sizes, resolutions, strict=True)]
+
+
+def timm_state_dict(model: TinyViT) -> dict[str, torch.Tensor]:
+    """`model`'s weights as timm's TinyViT with `timm_window_sizes` holds them: the same keys, each
+    attention-bias table (heads, w*w) cut to the offsets of the clipped window (heads, c*c)."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for name, module in model.named_modules():
+        table = getattr(module, "attention_biases", None)
+        if table is None:
+            continue
+        window = module.window_size
+        clipped = min(window, *module.grid)  # the largest window this block attends over
+        heads = table.shape[0]
+        state[f"{name}.attention_biases"] = (
+            table.detach().view(heads, window, window)[:, :clipped, :clipped].reshape(heads, clipped * clipped).clone()
+        )
+    return state
+
+
+def timm_create_call(model: TinyViT, checkpoint_path: str | Path) -> str:
+    """The `timm.create_model(...)` call that loads `save_timm_checkpoint`'s file into the same function."""
+    args = [repr(timm_name(model)), f"num_classes={model.config.num_classes}"]
+    if model.config.in_chans != 3:
+        args.append(f"in_chans={model.config.in_chans}")
+    windows = timm_window_sizes(model)
+    if windows != [7, 7, 14, 7]:
+        args.append(f"window_sizes={windows}")
+    args.append(f"checkpoint_path={str(checkpoint_path)!r}")
+    return f"timm.create_model({', '.join(args)})"
+
+
+def save_timm_checkpoint(model: TinyViT, path: str | Path) -> str:
+    """Write `timm_state_dict(model)` to `path` (a plain state dict, as timm's `load_checkpoint` reads
+    it) and return the `create_model` call that loads it.
+
+    Raises:
+        ValueError: a model timm has no variant for (`timm_name`).
+        OSError: the file cannot be written (nothing is left half-written).
+    """
+    call = timm_create_call(model, path)  # checks the variant before anything is written
+    state = timm_state_dict(model)
+    atomic_write(path, lambda f: torch.save(state, f))
+    return call
+
+
+def save_safetensors(model: torch.nn.Module, path: str | Path, metadata: dict | None = None) -> None:
+    """`model`'s state dict as safetensors (tensors only, no code), with `metadata` in the header (each
+    value JSON-encoded, as the format holds strings), e.g. the model's config, class names and input normalisation.
+
+    Raises:
+        OSError: the file cannot be written (nothing is left half-written).
+    """
+    from safetensors.torch import save
+
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    header = {k: json.dumps(v) for k, v in (metadata or {}).items()}  # safetensors holds strings: each value as JSON
+    data = save(state, metadata=header)
+    atomic_write(path, lambda f: f.write(data))
+
+
+FORMATS = ("timm", "safetensors")
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, formats: tuple[str, ...] = FORMATS) -> list[str]:
+    """Export the model of a checkpoint written by this library's trainer (`experiment.run`) into
+    `out_dir`, one file per format (`<run>_timm.pth`, `<run>.safetensors`); returns one line per file
+    (for timm, the `create_model` call that loads it). The safetensors header holds the model's
+    config and its input's size, channels and normalisation (mean, std).
+
+    Raises:
+        FileNotFoundError, ValueError: no readable checkpoint, one without the model's description, an
+            unknown format, or a model timm has no variant for (all checked before anything is written).
+        OSError: a file cannot be written.
+    """
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ValueError(f"unknown export format(s) {unknown}; choose from {', '.join(FORMATS)}")
+    checkpoint = Path(checkpoint)
+    model = load_trained(checkpoint).to(memory_format=torch.contiguous_format)
+    config = load_checkpoint(checkpoint)["model_config"]
+    if "timm" in formats and not isinstance(model, TinyViT):
+        raise ValueError(f"{checkpoint} holds a {config['name']}, not a TinyViT: timm's TinyViT cannot load it")
+    if "timm" in formats:
+        timm_name(model)  # a variant timm knows, before anything is written
+    stem, out_dir = checkpoint.parent.name, Path(out_dir)
+    lines = []
+    if "timm" in formats:
+        lines.append(save_timm_checkpoint(model, out_dir / f"{stem}_timm.pth"))
+    if "safetensors" in formats:
+        data = (config.get("spec") or {}).get("data") or {}
+        mean, std = dataset_normalisation(data["dataset"]) if data.get("dataset") else (None, None)
+        metadata = dict(
+            model={k: config[k] for k in ("name", "num_classes", "in_chans", "img_size")},
+            input=dict(size=config["img_size"], channels=config["in_chans"], mean=mean, std=std),
+            dataset=data.get("dataset"),
+        )
+        save_safetensors(model, out_dir / f"{stem}.safetensors", metadata)
+        lines.append(str(out_dir / f"{stem}.safetensors"))
+    return lines
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m tinyvit_lib.export",
+        description="Write a trained model (a checkpoint of this library's trainer) for other code to load.",
+    )
+    p.add_argument("checkpoint", help="a run's last.pt or best.pt")
+    p.add_argument("--out", default="exported", help="folder for the exported files")
+    p.add_argument("--to", nargs="+", default=list(FORMATS), choices=FORMATS, help="formats to write")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The CLI: 0 done (one line per file written); 2 bad input (one line on stderr, nothing written);
+    1 a file that could not be written."""
+    args = build_parser().parse_args(argv)
+    try:
+        lines = export_checkpoint(args.checkpoint, args.out, tuple(args.to))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
