@@ -10,7 +10,7 @@ import torch
 from tinyvit_lib import load_pretrained, tinyvit_5m
 from tinyvit_lib.data import DataSpec
 from tinyvit_lib.experiment import RunSpec, run
-from tinyvit_lib.export import main, save_timm_checkpoint, timm_window_sizes
+from tinyvit_lib.export import main, save_onnx, save_timm_checkpoint, timm_window_sizes
 from tinyvit_lib.trainer import TrainConfig
 
 
@@ -54,11 +54,10 @@ def trained(tmp_path_factory) -> RunSpec:
 
 def test_the_cli_writes_each_format_and_the_files_load(trained, tmp_path, capsys):
     assert main([str(trained.run_dir / "last.pt"), "--out", str(tmp_path)]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert (
-        lines[0].startswith("timm.create_model('tiny_vit_5m_224', num_classes=10")
-        and (tmp_path / "tiny_timm.pth").is_file()
-    )
+    onnx_line, timm_line, _ = capsys.readouterr().out.splitlines()
+    assert "onnxruntime vs PyTorch on 8 images" in onnx_line and (tmp_path / "tiny.onnx").is_file()  # validation images
+    assert timm_line.startswith("timm.create_model('tiny_vit_5m_224', num_classes=10")
+    assert (tmp_path / "tiny_timm.pth").is_file()
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "tiny.safetensors"), "pt") as f:
@@ -83,3 +82,19 @@ def test_the_cli_refuses_in_one_line_and_writes_nothing(trained, tmp_path, capsy
     assert "holds a resnet18, not a TinyViT" in capsys.readouterr().err and not out.exists()
     assert main([str(tmp_path / "missing.pt"), "--out", str(out)]) == 2
     assert "not found" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("img_size, in_chans", [(32, 1), (224, 3)])
+def test_onnx_runs_in_onnxruntime_as_in_pytorch_and_carries_the_input_description(tmp_path, img_size, in_chans):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    model = perturbed(img_size=img_size, num_classes=10, in_chans=in_chans)
+    inputs = torch.randn(2, in_chans, img_size, img_size)
+    gap = save_onnx(model, tmp_path / "m.onnx", inputs, dict(input=dict(size=img_size), classes=list("abcdefghij")))
+    assert gap <= 1e-4
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    five = torch.randn(5, in_chans, img_size, img_size)  # another batch size: the batch is dynamic
+    with torch.no_grad():
+        assert (torch.from_numpy(session.run(None, {"image": five.numpy()})[0]) - model(five)).abs().max() <= 1e-4
+    meta = {p.key: json.loads(p.value) for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert meta["input"]["size"] == img_size and meta["classes"][0] == "a"

@@ -475,10 +475,10 @@ def test_inference_copy_leaves_the_global_rng_alone():
 
 def test_small_map_products_train_after_a_first_call_under_inference_mode():
     # the tap geometry is cached: made under inference_mode it must still be saved for backward
-    from tinyvit_lib.model import _tap_index, _tap_selector
+    from tinyvit_lib.model import _tap_index_array, _tap_selector_array
 
-    _tap_index.cache_clear()
-    _tap_selector.cache_clear()
+    _tap_index_array.cache_clear()
+    _tap_selector_array.cache_clear()
     conv = with_small_map_convs(torch.nn.Conv2d(4, 4, 3, padding=1))
     depthwise = torch.nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
     x = torch.randn(2, 4, 2, 2)
@@ -493,3 +493,18 @@ def test_a_kernel_larger_than_the_padded_small_map_gets_the_convolution_error():
     conv = with_small_map_convs(torch.nn.Conv2d(4, 4, 3))  # no padding: a 2x2 map is too small
     with pytest.raises(RuntimeError, match="[Kk]ernel size"):
         conv(torch.randn(1, 4, 2, 2))
+
+
+def test_tracing_the_model_leaves_no_fake_tensor_behind():
+    """torch.export (what ONNX export runs) traces with fake tensors; the small-map geometry cached
+    during a trace must not come back as fake tensors in a later real call."""
+    from tinyvit_lib.model import _tap_index_array, _tap_selector_array
+
+    _tap_index_array.cache_clear()
+    _tap_selector_array.cache_clear()
+    model = tinyvit_5m(img_size=32, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.export.export(model, (x,))  # the first call of the small-map rules happens under tracing
+    with torch.no_grad():
+        out = model(x)
+    assert type(out) is torch.Tensor and out.shape == (2, 10)

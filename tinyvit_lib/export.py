@@ -1,4 +1,4 @@
-"""A trained TinyViT in the formats other code loads: a checkpoint for timm, and safetensors.
+"""A trained model in the formats other code loads: a checkpoint for timm, safetensors, and ONNX.
 
 timm's TinyViT (`timm.create_model("tiny_vit_5m_224", ...)`) uses this library's key names; what
 differs is the windows. timm attends over fixed windows and pads a feature map smaller than its
@@ -11,21 +11,28 @@ function. `timm_checkpoint` writes the state dict and returns the exact `create_
     # timm.create_model("tiny_vit_5m_224", num_classes=10, in_chans=1, window_sizes=[7, 4, 2, 1],
     #                   checkpoint_path="student_timm.pth")
 
+ONNX (`save_onnx`) goes through torch.export with a dynamic batch size, and is checked in
+onnxruntime against PyTorch on the inputs given (the largest logit difference is returned). The
+model's input size, channels, normalisation and class names ride along in the ONNX metadata and the
+safetensors header, so a runtime without this library can prepare an image and name the answer.
+
 From the command line, over a checkpoint this library's trainer wrote:
 
-    python -m tinyvit_lib.export runs/default/<run>/last.pt --out exported/ --to timm safetensors
+    python -m tinyvit_lib.export runs/default/<run>/last.pt --out exported/ --to onnx timm safetensors
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
 from pathlib import Path
 
 import torch
 
-from .data import dataset_normalisation
+from .data import DataSpec, dataset_normalisation, training_set, validation_set
 from .experiment import load_trained
 from .model import PRESETS, TinyViT, stage_resolutions
 from .utils import atomic_write, load_checkpoint
@@ -38,6 +45,7 @@ __all__ = [
     "timm_create_call",
     "save_timm_checkpoint",
     "save_safetensors",
+    "save_onnx",
 ]
 
 TIMM_NAMES = {"tinyvit_5m": "tiny_vit_5m_224", "tinyvit_11m": "tiny_vit_11m_224", "tinyvit_21m": "tiny_vit_21m_224"}
@@ -125,14 +133,58 @@ def save_safetensors(model: torch.nn.Module, path: str | Path, metadata: dict | 
     atomic_write(path, lambda f: f.write(data))
 
 
-FORMATS = ("timm", "safetensors")
+FORMATS = ("onnx", "timm", "safetensors")
+ONNX_TOLERANCE = 1e-4  # the largest logit difference onnxruntime may show against PyTorch in fp32
+
+
+def save_onnx(model: torch.nn.Module, path: str | Path, inputs: torch.Tensor, metadata: dict | None = None) -> float:
+    """Write `model` (in eval mode, fp32) as ONNX with a dynamic batch size and `metadata` (each value
+    JSON-encoded) in the model's metadata, then run the file in onnxruntime on `inputs` (B, C, H, W)
+    and return the largest |logit difference| against PyTorch.
+
+    Raises:
+        ValueError: the difference exceeds `ONNX_TOLERANCE` (the file is removed).
+        OSError: the file cannot be written.
+    """
+    import onnx
+    import onnxruntime
+
+    path = Path(path)
+    model = model.eval().float()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates its steps
+        torch.onnx.export(
+            model,
+            (inputs,),
+            str(path),
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_shapes=({0: batch},),
+            dynamo=True,
+        )
+    graph = onnx.load(str(path))
+    for key, value in (metadata or {}).items():
+        graph.metadata_props.add(key=key, value=json.dumps(value))
+    data = graph.SerializeToString()
+    atomic_write(path, lambda f: f.write(data))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    theirs = torch.from_numpy(session.run(None, {"image": inputs.numpy()})[0])
+    with torch.no_grad():
+        gap = float((theirs - model(inputs)).abs().max())
+    if gap > ONNX_TOLERANCE:
+        path.unlink()
+        raise ValueError(f"onnxruntime differs from PyTorch by {gap:.2e} > {ONNX_TOLERANCE:g} on the check inputs")
+    return gap
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, formats: tuple[str, ...] = FORMATS) -> list[str]:
     """Export the model of a checkpoint written by this library's trainer (`experiment.run`) into
-    `out_dir`, one file per format (`<run>_timm.pth`, `<run>.safetensors`); returns one line per file
-    (for timm, the `create_model` call that loads it). The safetensors header holds the model's
-    config and its input's size, channels and normalisation (mean, std).
+    `out_dir`, one file per format (`<run>.onnx`, `<run>_timm.pth`, `<run>.safetensors`); returns one
+    line per file (for ONNX, its difference from PyTorch in onnxruntime on the run's first validation
+    images; for timm, the `create_model` call that loads it). The ONNX metadata and the safetensors
+    header hold the model's description, its input's size, channels and normalisation (mean, std)
+    and the class names.
 
     Raises:
         FileNotFoundError, ValueError: no readable checkpoint, one without the model's description, an
@@ -150,20 +202,49 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, formats: tupl
     if "timm" in formats:
         timm_name(model)  # a variant timm knows, before anything is written
     stem, out_dir = checkpoint.parent.name, Path(out_dir)
+    metadata = _metadata(config)
     lines = []
+    if "onnx" in formats:
+        images = _check_images(config)
+        gap = save_onnx(model, out_dir / f"{stem}.onnx", images, metadata)
+        lines.append(
+            f"{out_dir / f'{stem}.onnx'} (onnxruntime vs PyTorch on {len(images)} images: max |Δlogit| {gap:.1e})"
+        )
     if "timm" in formats:
         lines.append(save_timm_checkpoint(model, out_dir / f"{stem}_timm.pth"))
     if "safetensors" in formats:
-        data = (config.get("spec") or {}).get("data") or {}
-        mean, std = dataset_normalisation(data["dataset"]) if data.get("dataset") else (None, None)
-        metadata = dict(
-            model={k: config[k] for k in ("name", "num_classes", "in_chans", "img_size")},
-            input=dict(size=config["img_size"], channels=config["in_chans"], mean=mean, std=std),
-            dataset=data.get("dataset"),
-        )
         save_safetensors(model, out_dir / f"{stem}.safetensors", metadata)
         lines.append(str(out_dir / f"{stem}.safetensors"))
     return lines
+
+
+def _metadata(config: dict) -> dict:
+    """What a runtime needs to use the model: its description, the input's size, channels and
+    normalisation, and the class names (None where the run's data cannot be opened here)."""
+    data = (config.get("spec") or {}).get("data") or {}
+    mean, std = dataset_normalisation(data["dataset"]) if data.get("dataset") else (None, None)
+    try:
+        classes = training_set(DataSpec(**data)).classes if data else None
+    except (ValueError, FileNotFoundError, TypeError):
+        classes = None
+    return dict(
+        model={k: config[k] for k in ("name", "num_classes", "in_chans", "img_size")},
+        input=dict(size=config["img_size"], channels=config["in_chans"], mean=mean, std=std, layout="NCHW"),
+        classes=classes,
+        dataset=data.get("dataset"),
+    )
+
+
+def _check_images(config: dict, count: int = 8) -> torch.Tensor:
+    """Inputs to compare onnxruntime with PyTorch on: the run's first validation images where its data
+    opens here, else normalised noise of the model's input shape."""
+    data = (config.get("spec") or {}).get("data")
+    try:
+        held_out = validation_set(DataSpec(**data))
+        return torch.stack([held_out[i][0] for i in range(min(count, len(held_out)))])
+    except (ValueError, FileNotFoundError, TypeError):
+        generator = torch.Generator().manual_seed(0)
+        return torch.randn(count, config["in_chans"], config["img_size"], config["img_size"], generator=generator)
 
 
 def build_parser() -> argparse.ArgumentParser:

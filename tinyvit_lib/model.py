@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -309,21 +310,28 @@ def with_small_map_convs(module: nn.Module, *, undo: bool = False) -> nn.Module:
     return module
 
 
-@functools.lru_cache(maxsize=64)
 def _tap_index(
     size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]
 ) -> torch.Tensor:
     """(Ho * Wo, H * W) index of the kernel tap (row-major, kh * kw of them) that joins output pixel
-    o to input pixel p of a `size` map, or kh * kw where no tap does. Geometry only, kept on the CPU."""
+    o to input pixel p of a `size` map, or kh * kw where no tap does. Geometry only, on the CPU: a
+    fresh tensor over a cached array, so no tensor outlives the mode it was made in (inference mode,
+    or the fake tensors of torch.export and torch.compile)."""
+    return torch.from_numpy(_tap_index_array(*_plain_ints(size, kernel, stride, padding)))
+
+
+@functools.lru_cache(maxsize=64)
+def _tap_index_array(
+    size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]
+) -> np.ndarray:
     (H, W), (kh, kw), (sh, sw), (ph, pw) = size, kernel, stride, padding
     Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
-    with torch.inference_mode(False):  # cached: never an inference tensor that backward could not save
-        oy, ox = torch.arange(Ho).repeat_interleave(Wo), torch.arange(Wo).repeat(Ho)  # (O,)
-        py, px = torch.arange(H).repeat_interleave(W), torch.arange(W).repeat(H)  # (P,)
-        dy = py[None, :] - oy[:, None] * sh + ph  # (O, P) kernel row meeting input row py
-        dx = px[None, :] - ox[:, None] * sw + pw
-        inside = (dy >= 0) & (dy < kh) & (dx >= 0) & (dx < kw)
-        return torch.where(inside, dy * kw + dx, kh * kw)
+    oy, ox = np.repeat(np.arange(Ho), Wo), np.tile(np.arange(Wo), Ho)  # (O,)
+    py, px = np.repeat(np.arange(H), W), np.tile(np.arange(W), H)  # (P,)
+    dy = py[None, :] - oy[:, None] * sh + ph  # (O, P) kernel row meeting input row py
+    dx = px[None, :] - ox[:, None] * sw + pw
+    inside = (dy >= 0) & (dy < kh) & (dx >= 0) & (dx < kw)
+    return np.where(inside, dy * kw + dx, kh * kw).astype(np.int64)
 
 
 def small_map_depthwise(x: torch.Tensor, weight: torch.Tensor, stride, padding) -> torch.Tensor:
@@ -349,16 +357,27 @@ def small_map_depthwise(x: torch.Tensor, weight: torch.Tensor, stride, padding) 
     return out.view(B, Ho, -1, C).permute(0, 3, 1, 2)
 
 
-@functools.lru_cache(maxsize=64)
 def _tap_selector(
     size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]
 ) -> torch.Tensor:
     """(Ho * Wo * H * W, kh * kw) float 0/1 matrix: row o * H * W + p selects the tap joining output
-    pixel o to input pixel p (`_tap_index`), a row of zeros where none does."""
-    index = _tap_index(size, kernel, stride, padding)
+    pixel o to input pixel p (`_tap_index`), a row of zeros where none does. A fresh tensor over a
+    cached array, as `_tap_index`."""
+    return torch.from_numpy(_tap_selector_array(*_plain_ints(size, kernel, stride, padding)))
+
+
+def _plain_ints(*pairs: tuple) -> tuple[tuple[int, int], ...]:
+    """Each pair as Python ints (a traced shape's sizes are symbolic: static ones become plain here)."""
+    return tuple((int(a), int(b)) for a, b in pairs)
+
+
+@functools.lru_cache(maxsize=64)
+def _tap_selector_array(
+    size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]
+) -> np.ndarray:
+    index = _tap_index_array(size, kernel, stride, padding).reshape(-1)
     taps = kernel[0] * kernel[1]
-    with torch.inference_mode(False):  # cached: see `_tap_index`
-        return F.one_hot(index.flatten(), taps + 1)[:, :taps].float()
+    return np.eye(taps + 1, dtype=np.float32)[index][:, :taps]
 
 
 def small_map_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding) -> torch.Tensor:
