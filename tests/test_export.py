@@ -98,3 +98,40 @@ def test_onnx_runs_in_onnxruntime_as_in_pytorch_and_carries_the_input_descriptio
         assert (torch.from_numpy(session.run(None, {"image": five.numpy()})[0]) - model(five)).abs().max() <= 1e-4
     meta = {p.key: json.loads(p.value) for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
     assert meta["input"]["size"] == img_size and meta["classes"][0] == "a"
+
+
+def test_a_student_starts_from_released_weights_of_another_head_resolution_and_channel_count(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from tinyvit_lib.model import ours_to_official
+    from tinyvit_lib.teachers import start_from
+
+    released = perturbed(
+        img_size=224, num_classes=1000
+    )  # stands for tiny_vit_5m_22kto1k_distill.pth (RGB, 1000 classes)
+    official = tmp_path / "tiny_vit_5m_22kto1k_distill.pth"
+    torch.save({"model": ours_to_official(released.state_dict())}, official)
+    save_file({k: v.contiguous() for k, v in released.state_dict().items()}, str(tmp_path / "timm.safetensors"))
+    for path in (official, tmp_path / "timm.safetensors"):
+        student = tinyvit_5m(img_size=64, num_classes=10, in_chans=1)
+        head = student.head.fc.weight.clone()
+        notes = start_from(student, path)
+        assert notes == [
+            "head replaced: the checkpoint classifies 1000 classes, the model 10",
+            "first convolution adapted from 3 input channels to 1",
+        ]
+        assert torch.equal(student.head.fc.weight, head)  # the new head keeps its initialisation
+        assert torch.equal(student.stages[3].blocks[0].mlp.fc1.weight, released.stages[3].blocks[0].mlp.fc1.weight)
+        first = released.patch_embed.conv1.conv.weight.sum(dim=1, keepdim=True)
+        assert torch.allclose(student.patch_embed.conv1.conv.weight, first)  # a gray image: the same response
+    # through a run: the notes are in its log
+    data = DataSpec(dataset="synthetic", img_size=32, max_per_class=4, max_val_per_class=2)
+    spec = RunSpec(
+        name="from_released", data=data, model="tinyvit_5m", output_dir=str(tmp_path), init_from=str(official)
+    )
+    from tinyvit_lib.experiment import prepare_run
+
+    prepare_run(spec)
+    assert (
+        "from_released: head replaced: the checkpoint classifies 1000 classes, the model 10" in capsys.readouterr().out
+    )

@@ -22,7 +22,7 @@ from .data import DatasetWithIDs, DataSpec
 from .distill import OnlineTeacher, StoredTeacher, Teacher, store_spec_differences, weights_sha256
 from .logit_store import LogitStore, StoreMismatch
 from .stats import condition_summary, paired_gain
-from .teachers import build_model, load_weights
+from .teachers import build_model, load_weights, start_from
 from .trainer import TrainConfig, TrainResult, evaluate, saved_config, train
 from .utils import FileLock, atomic_write_text, check_writable_folder, load_checkpoint
 
@@ -67,7 +67,9 @@ class RunSpec:
     name: str
     data: DataSpec = DataSpec()
     model: str = "tinyvit_5m"
-    init_from: str | None = None  # start from this checkpoint's weights (written by `run`): fine-tuning
+    # start from this checkpoint's weights: a run's last.pt, or TinyViT's released weights (official or timm
+    # names, .pth or .safetensors; another class count or resolution is adapted: `teachers.start_from`)
+    init_from: str | None = None
     teacher_model: str | None = None  # online distillation: the teacher's architecture
     teacher_checkpoint: str | None = None  # its weights
     logits_path: str | None = None  # distillation from a logit store
@@ -159,8 +161,9 @@ def prepare_run(spec: RunSpec) -> PreparedRun:
     with torch.random.fork_rng(devices=[]):  # the initialisation is the run's seed, not the caller's RNG state
         torch.manual_seed(spec.train.seed)
         model = build_model(**model_config)
-    if spec.init_from:
-        load_weights(model, spec.init_from)  # fine-tuning: the pretrained weights replace the initialisation
+    if spec.init_from:  # fine-tuning: the pretrained weights replace the initialisation
+        for note in start_from(model, spec.init_from):
+            print(f"{spec.name}: {note}")
     teacher: Teacher | None = None
     if spec.distills and spec.teacher_model:
         teacher_net = build_model(spec.teacher_model, **{k: v for k, v in model_config.items() if k != "name"})

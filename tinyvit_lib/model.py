@@ -877,11 +877,40 @@ def _name(source) -> str:
     return "(in memory)" if isinstance(source, Mapping) else str(source)
 
 
+def read_weights(source) -> Mapping[str, torch.Tensor]:
+    """The state dict in a checkpoint file (`.pth`/`.pt` read with weights_only, or `.safetensors`),
+    unwrapped from `{'model': ...}` or `{'state_dict': ...}`, key names as they are in the file.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: the file cannot be read.
+    """
+    loaded = _read_checkpoint(source)
+    return _unwrap(loaded) if isinstance(loaded, Mapping) else {}
+
+
 def _unwrap(obj: Mapping) -> Mapping[str, torch.Tensor]:
     for wrapper in ("model", "state_dict", "model_state"):
         if wrapper in obj and isinstance(obj[wrapper], Mapping):
             return _unwrap(obj[wrapper])
     return obj
+
+
+def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """A first convolution's weight (O, C, kh, kw) for `in_chans` input channels: summed over RGB for 1
+    channel, a grayscale one repeated and divided by 3 for 3 (so a gray image gives the same output).
+
+    Raises:
+        ValueError: any other change of channel count.
+    """
+    have = weight.shape[1]
+    if have == in_chans:
+        return weight
+    if (have, in_chans) == (3, 1):
+        return weight.sum(dim=1, keepdim=True)
+    if (have, in_chans) == (1, 3):
+        return weight.repeat(1, 3, 1, 1) / 3
+    raise ValueError(f"cannot adapt a first convolution of {have} input channels to {in_chans}")
 
 
 def state_dict_problems(target: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> list[str]:
@@ -902,14 +931,16 @@ def state_dict_problems(target: Mapping[str, torch.Tensor], state: Mapping[str, 
     return problems
 
 
-def load_pretrained(model: TinyViT, source, *, skip_head: bool = False) -> TinyViT:
+def load_pretrained(model: TinyViT, source, *, skip_head: bool = False, adapt_in_chans: bool = False) -> TinyViT:
     """Load TinyViT weights from a path or a state dict into `model`, in place, and return it.
 
     Accepts `.pth`/`.pt` (read with `weights_only=True`) or `.safetensors` files, or a state dict
     already in memory; official Cream key names or timm's (= ours), optionally wrapped in
     `{'model': ...}`. Attention-bias tables trained at another window size are resized bicubically
     (as the official loader does). With `skip_head=True` the classifier weights are not loaded
-    (fine-tuning to another class count).
+    (fine-tuning to another class count). With `adapt_in_chans=True` a first convolution trained on
+    RGB is summed over its input channels for a grayscale model (and a grayscale one repeated / 3 for
+    RGB), as timm adapts its input convolution: the same response to a gray image.
 
     Raises:
         FileNotFoundError: the path does not exist.
@@ -930,6 +961,9 @@ def load_pretrained(model: TinyViT, source, *, skip_head: bool = False) -> TinyV
     if skip_head:
         state = {k: v for k, v in state.items() if not k.startswith("head.fc.")}
         state.update({k: v for k, v in target.items() if k.startswith("head.fc.")})
+    first = "patch_embed.conv1.conv.weight"
+    if adapt_in_chans and first in state and first in target:
+        state[first] = adapt_input_conv(state[first], target[first].shape[1])
 
     for key in set(state) & set(target):
         have, want = state[key].shape, target[key].shape

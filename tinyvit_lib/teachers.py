@@ -16,10 +16,10 @@ from pathlib import Path
 import torch.nn as nn
 import torchvision
 
-from .model import PRESETS, build_tinyvit, load_pretrained, state_dict_problems, with_small_map_convs
+from .model import PRESETS, build_tinyvit, load_pretrained, read_weights, state_dict_problems, with_small_map_convs
 from .utils import load_checkpoint
 
-__all__ = ["build_model", "load_weights", "model_names", "describe_model"]
+__all__ = ["build_model", "load_weights", "start_from", "model_names", "describe_model"]
 
 
 def model_names() -> list[str]:
@@ -82,6 +82,38 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
         raise ValueError(f"checkpoint {path} does not fit {type(model).__name__}: " + "; ".join(problems))
     model.load_state_dict(state)
     return model
+
+
+def start_from(model: nn.Module, path: str | Path) -> list[str]:
+    """Load the weights a run starts from (`RunSpec.init_from`) into `model`, in place, and return
+    what had to change, one line each (empty: the checkpoint fit as it was).
+
+    A TinyViT takes a checkpoint of this library's trainer, or TinyViT's released weights in the
+    official (Cream) or timm key names, `.pth` or `.safetensors`, at any resolution (attention-bias
+    tables resized to the model's windows): when the checkpoint classifies another number of classes
+    the head keeps the model's new initialisation, and an RGB checkpoint's first convolution is
+    summed over its channels for a grayscale model. Any other model takes a state dict of its own
+    shape (`load_weights`).
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: the file cannot be read or does not fit the model (names the differences).
+    """
+    if not (hasattr(model, "config") and hasattr(model, "stages")):
+        load_weights(model, path)
+        return []
+    state = read_weights(path)
+    notes = []
+    head = next((state[k].shape[0] for k in ("head.fc.weight", "head.weight") if k in state), None)
+    if head is not None and head != model.config.num_classes:
+        notes.append(f"head replaced: the checkpoint classifies {head} classes, the model {model.config.num_classes}")
+    first = next(
+        (state[k] for k in ("patch_embed.conv1.conv.weight", "patch_embed.seq.0.c.weight") if k in state), None
+    )
+    if first is not None and first.shape[1] != model.config.in_chans:
+        notes.append(f"first convolution adapted from {first.shape[1]} input channels to {model.config.in_chans}")
+    load_pretrained(model, state, skip_head=head != model.config.num_classes, adapt_in_chans=True)
+    return notes
 
 
 def describe_model(model: nn.Module) -> str:
