@@ -135,3 +135,34 @@ def test_a_student_starts_from_released_weights_of_another_head_resolution_and_c
     assert (
         "from_released: head replaced: the checkpoint classifies 1000 classes, the model 10" in capsys.readouterr().out
     )
+
+
+@pytest.mark.parametrize(
+    "name, suffix", [("timm:resnet18", ".safetensors"), ("timm:resnet18", ".pth"), ("resnet18", ".pth")]
+)
+def test_a_teacher_starts_from_a_timm_or_torchvision_weights_file_with_its_head_replaced(tmp_path, name, suffix):
+    pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    from tinyvit_lib.teachers import build_model, start_from
+
+    released = build_model(name, num_classes=1000, in_chans=3)  # stands for the library's own weights file
+    path = tmp_path / f"weights{suffix}"
+    state = {k: v.contiguous() for k, v in released.state_dict().items()}
+    save_file(state, str(path)) if suffix == ".safetensors" else torch.save(state, path)
+    teacher = build_model(name, num_classes=10, in_chans=1)
+    notes = start_from(teacher, path)
+    assert notes[0] == "first convolution adapted from 3 input channels to 1" and notes[1].startswith("head replaced")
+    assert torch.equal(teacher.layer4[1].conv2.weight, released.layer4[1].conv2.weight)
+
+
+def test_a_weights_file_of_another_model_is_refused_naming_the_library_model_and_keys(tmp_path):
+    pytest.importorskip("timm")
+    from tinyvit_lib.teachers import build_model, start_from
+
+    torch.save(build_model("timm:resnet18", num_classes=10).state_dict(), tmp_path / "resnet.pth")
+    with pytest.raises(ValueError, match=r"resnet.pth does not fit timm's ConvNeXt: .*missing key") as error:
+        start_from(build_model("timm:convnext_atto", num_classes=10), tmp_path / "resnet.pth")
+    assert "unexpected key" in str(error.value)
+    with pytest.raises(ValueError, match="unknown timm model 'no_such_net'"):
+        build_model("timm:no_such_net", num_classes=10)

@@ -79,7 +79,7 @@ def _store_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--teacher-model",
         default=None,
-        help="a torchvision classifier name or a TinyViT preset (required unless --inspect)",
+        help="a torchvision classifier name, timm:<name> or a TinyViT preset (required unless --inspect)",
     )
     p.add_argument("--teacher-checkpoint", default=None, help="the teacher's weights (without: random weights)")
     p.add_argument("--k", type=int, default=10, help="logits kept per image (1..classes)")

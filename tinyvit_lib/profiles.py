@@ -160,7 +160,7 @@ class Profile:
     # probabilities alone (labels only feed the accuracy meters).
     alpha: float  # weight of the teacher's term (0: labels only)
     temperature: float  # distillation temperature T
-    teacher_model: str = "resnet18"  # the teacher's architecture (a torchvision classifier name)
+    teacher_model: str = "resnet18"  # the teacher's architecture (a name of `teachers.build_model`)
     figure_suffix: str = ""  # added to every figure's stem (`figure`), so profiles sharing a folder do not collide
     # the notebooks `make run-all` executes for this profile, by number (None: all of them)
     notebooks: tuple[str, ...] | None = None

@@ -1,4 +1,6 @@
-"""Building models by name: TinyViT students and torchvision classifiers (the course's teachers).
+"""Building models by name: TinyViT students, torchvision classifiers (the course's teachers) and any
+timm model ("timm:convnext_tiny"), and starting them from a weights file (`start_from`: TinyViT's
+released weights, a timm or torchvision file, with the head and input channels adapted).
 
 A torchvision classifier is adapted to the task: its first convolution takes `in_chans` channels
 and its classifier outputs `num_classes`; the architecture is otherwise torchvision's (a ResNet
@@ -16,14 +18,26 @@ from pathlib import Path
 import torch.nn as nn
 import torchvision
 
-from .model import PRESETS, build_tinyvit, load_pretrained, read_weights, state_dict_problems, with_small_map_convs
+from .model import (
+    PRESETS,
+    adapt_input_conv,
+    build_tinyvit,
+    load_pretrained,
+    read_weights,
+    state_dict_problems,
+    with_small_map_convs,
+)
 from .utils import load_checkpoint
 
 __all__ = ["build_model", "load_weights", "start_from", "model_names", "describe_model"]
 
 
+TIMM_PREFIX = "timm:"  # "timm:convnext_tiny": any model of timm's, by its timm name
+
+
 def model_names() -> list[str]:
-    """TinyViT presets and torchvision's classification models."""
+    """TinyViT presets and torchvision's classification models (any timm model also builds, as
+    "timm:<name>")."""
     return sorted(PRESETS) + sorted(torchvision.models.list_models(module=torchvision.models))
 
 
@@ -34,16 +48,20 @@ def _first_conv_for(conv: nn.Conv2d, in_chans: int) -> nn.Conv2d:
 
 
 def build_model(name: str, *, num_classes: int, in_chans: int = 3, img_size: int = 224, **overrides) -> nn.Module:
-    """A freshly initialised model: a TinyViT preset ("tinyvit_5m", ...) or a torchvision classifier.
+    """A freshly initialised model: a TinyViT preset ("tinyvit_5m", ...), a torchvision classifier
+    ("resnet18") or a timm model ("timm:convnext_tiny"; nothing is downloaded: weights come from a
+    file, see `start_from`).
 
-    `overrides` go to the TinyViT config (e.g. drop_path_rate); torchvision models take none.
+    `overrides` go to the TinyViT config (e.g. drop_path_rate); torchvision and timm models take none.
 
     Raises:
-        ValueError: an unknown name, overrides for a torchvision model, or a torchvision model whose
-            first convolution or classifier this function does not know how to adapt.
+        ValueError: an unknown name, overrides for a torchvision or timm model, or a torchvision model
+            whose first convolution or classifier this function does not know how to adapt.
     """
     if name in PRESETS:
         return build_tinyvit(name, num_classes=num_classes, in_chans=in_chans, img_size=img_size, **overrides)
+    if name.startswith(TIMM_PREFIX):
+        return _build_timm(name[len(TIMM_PREFIX) :], num_classes=num_classes, in_chans=in_chans, overrides=overrides)
     if name not in torchvision.models.list_models(module=torchvision.models):
         raise ValueError(
             f"unknown model {name!r}: use one of {sorted(PRESETS)} or a torchvision "
@@ -61,6 +79,55 @@ def build_model(name: str, *, num_classes: int, in_chans: int = 3, img_size: int
             if child is first:
                 setattr(parent, child_name, _first_conv_for(first, in_chans))
     return with_small_map_convs(model)
+
+
+def _start_classifier_from(model: nn.Module, path: str | Path) -> list[str]:
+    """`start_from` for a torchvision or timm classifier: the file's state dict (a timm `.pth` or
+    `.safetensors`, a torchvision `.pth`, or this library's checkpoint), the classifier left at its
+    initialisation where its class count differs, an RGB first convolution summed for grayscale.
+
+    Raises:
+        ValueError: the weights do not fit otherwise (the library, the model and the keys are named).
+    """
+    state = dict(read_weights(path))
+    target = model.state_dict()
+    notes = []
+    first = next(name for name, p in model.named_parameters() if p.ndim == 4)  # the first convolution's weight
+    if first in state and state[first].ndim == 4 and state[first].shape[1] != target[first].shape[1]:
+        notes.append(
+            f"first convolution adapted from {state[first].shape[1]} input channels to {target[first].shape[1]}"
+        )
+        state[first] = adapt_input_conv(state[first], target[first].shape[1])
+    head = _classifier_keys(model)
+    if any(k in state and state[k].shape != target[k].shape for k in head):
+        notes.append(f"head replaced: the checkpoint's classifier ({', '.join(head)}) has another class count")
+        state.update({k: target[k] for k in head})
+    problems = state_dict_problems(target, state)
+    if problems:
+        library = "timm" if type(model).__module__.startswith("timm") else "torchvision"
+        raise ValueError(f"{path} does not fit {library}'s {type(model).__name__}: " + "; ".join(problems))
+    model.load_state_dict(state)
+    return notes
+
+
+def _classifier_keys(model: nn.Module) -> list[str]:
+    """The state-dict keys of a classifier's last layer (timm: `get_classifier()`; else its last Linear)."""
+    last = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(last, nn.Module) or not list(last.parameters()):
+        last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for p in last.parameters()]
+
+
+def _build_timm(name: str, *, num_classes: int, in_chans: int, overrides: dict) -> nn.Module:
+    """timm's model `name` with `num_classes` outputs and `in_chans` input channels, randomly initialised."""
+    import timm
+
+    if name not in timm.list_models():
+        raise ValueError(f"unknown timm model {name!r} (see timm.list_models())")
+    if overrides:
+        raise ValueError(f"options {sorted(overrides)} apply to TinyViT models only, not timm's {name}")
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
@@ -100,8 +167,7 @@ def start_from(model: nn.Module, path: str | Path) -> list[str]:
         ValueError: the file cannot be read or does not fit the model (names the differences).
     """
     if not (hasattr(model, "config") and hasattr(model, "stages")):
-        load_weights(model, path)
-        return []
+        return _start_classifier_from(model, path)
     state = read_weights(path)
     notes = []
     head = next((state[k].shape[0] for k in ("head.fc.weight", "head.weight") if k in state), None)

@@ -92,7 +92,7 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--model",
         default="tinyvit_5m",
-        help="tinyvit_5m, tinyvit_11m, tinyvit_21m, or a torchvision classifier (e.g. resnet18)",
+        help="tinyvit_5m, tinyvit_11m, tinyvit_21m, a torchvision classifier (e.g. resnet18) or timm:<name>",
     )
     model.add_argument("--name", required=True, help="run name: the run folder is OUTPUT_DIR/NAME")
     model.add_argument("--output-dir", default="runs")
