@@ -27,7 +27,7 @@ export DATA_ROOT
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run-all test lab format bench data clean
+.PHONY: help setup run-all test lab format bench gpu-check data clean
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -66,6 +66,9 @@ format: $(VENV)/.ready  ## apply ruff's formatting and safe lint fixes (what `ma
 
 bench: $(VENV)/.ready  ## images/s of our TinyViT-5M vs timm's on this machine (BENCH_ARGS="--isa avx2": as an AVX2-only CPU)
 	$(BIN)/python -m benchmarks.bench $(BENCH_ARGS)
+
+gpu-check: $(VENV)/.ready  ## a few minutes on a CUDA machine: teacher, store, student, torchrun x2 (refuses on a CPU)
+	$(BIN)/python scripts/gpu_check.py
 
 clean:  ## remove executed notebooks and test outputs (keeps .venv, data, runs)
 	rm -rf build .pytest_cache

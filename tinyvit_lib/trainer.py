@@ -155,8 +155,8 @@ def pick_device(name: str = "auto") -> torch.device:
         ValueError: an unknown device string, or CUDA/MPS asked for where there is none.
     """
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if torch.cuda.is_available():  # more processes than GPUs (a check on one GPU) share them in turn
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")

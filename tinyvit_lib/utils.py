@@ -209,9 +209,14 @@ def is_main_process() -> bool:
 
 def init_distributed(device: torch.device) -> None:
     """Join the process group that `torchrun` describes in the environment (WORLD_SIZE > 1); a no-op
-    when running alone or when the group exists. NCCL for CUDA devices, gloo otherwise."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    when running alone or when the group exists. NCCL for CUDA devices, one process each; gloo
+    otherwise, and where processes share a GPU (NCCL refuses two ranks on one device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        one_gpu_each = (
+            device.type == "cuda" and int(os.environ.get("LOCAL_WORLD_SIZE", world)) <= torch.cuda.device_count()
+        )
+        dist.init_process_group(backend="nccl" if one_gpu_each else "gloo")
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
