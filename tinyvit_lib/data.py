@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import pickle  # only for its exception type: torchvision reads the CIFAR files
 import warnings
@@ -76,6 +77,7 @@ from .augment import (
     mix_partners,
     sample_seed,
 )
+from .utils import atomic_write_text
 
 __all__ = [
     "DATASETS",
@@ -85,6 +87,8 @@ __all__ = [
     "training_set",
     "dataset_channels",
     "dataset_normalisation",
+    "write_image_folder",
+    "dataset_eval_crop",
     "validation_set",
     "test_set",
     "DatasetWithIDs",
@@ -638,6 +642,63 @@ def dataset_normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ..
     if name not in _FACTS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     return tuple(_FACTS[name].mean), tuple(_FACTS[name].std)
+
+
+def dataset_eval_crop(name: str) -> float:
+    """The share of the image the evaluation view keeps: resize the shorter side to img_size / crop,
+    then center-crop img_size (1.0: resize only; ImageNet-style folders 0.875).
+
+    Raises:
+        ValueError: an unknown dataset.
+    """
+    if name not in _FACTS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return _FACTS[name].eval_crop_pct
+
+
+def write_image_folder(
+    name: str, root: str | Path, out: str | Path, *, per_class: int, held_out_per_class: int
+) -> Path:
+    """Write the first images of each class of dataset `name` (read from `root`) as PNG files in the
+    layout every image-folder tool reads, `out/train/<class>/<id>.png` and `out/val/<class>/<id>.png`
+    (the held-out split's): what a user's own folder looks like. A folder already complete with the
+    same counts is kept as it is. Returns `out`.
+
+    Raises:
+        ValueError: an image-folder dataset as `name` (copy the folder instead), or counts below 1.
+        FileNotFoundError: the dataset is not at `root`.
+    """
+    if name in _FOLDER_DATASETS:
+        raise ValueError(f"{name!r} is already an image folder: copy it instead")
+    if per_class < 1 or held_out_per_class < 1:
+        raise ValueError(f"per_class={per_class} and held_out_per_class={held_out_per_class} must be >= 1")
+    out = Path(out)
+    done = out / "done.json"
+    wanted = dict(dataset=name, per_class=per_class, held_out_per_class=held_out_per_class)
+    if done.is_file() and json.loads(done.read_text()) == wanted:
+        return out
+    for split, folder, count in (("train", "train", per_class), ("test", "val", held_out_per_class)):
+        images, targets, classes = _load_arrays(
+            name, root, split, download=False, verify=True, num_classes=None, num_samples=None
+        )
+        taken = {c: 0 for c in range(len(classes))}
+        for index, label in enumerate(targets):
+            if taken[label] == count:
+                continue
+            taken[label] += 1
+            target = out / folder / _folder_name(classes[label]) / f"{index:05d}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            pixels = images[index].permute(1, 2, 0).numpy()  # (H, W, C) uint8
+            Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(target)
+            if all(n == count for n in taken.values()):
+                break
+    atomic_write_text(done, json.dumps(wanted) + "\n")
+    return out
+
+
+def _folder_name(class_name: str) -> str:
+    """A class name as a folder name: "T-shirt/top" -> "T-shirt_top"."""
+    return "".join(c if c.isalnum() or c in "-_ " else "_" for c in class_name)
 
 
 def build(spec: DataSpec) -> tuple[DatasetWithIDs, DatasetWithIDs]:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .data import DataSpec, dataset_normalisation, training_set, validation_set
+from .data import DataSpec, dataset_eval_crop, dataset_normalisation, training_set, validation_set
 from .experiment import load_trained
 from .model import PRESETS, TinyViT, stage_resolutions
 from .utils import atomic_write, load_checkpoint
@@ -223,13 +223,16 @@ def _metadata(config: dict) -> dict:
     normalisation, and the class names (None where the run's data cannot be opened here)."""
     data = (config.get("spec") or {}).get("data") or {}
     mean, std = dataset_normalisation(data["dataset"]) if data.get("dataset") else (None, None)
+    crop = dataset_eval_crop(data["dataset"]) if data.get("dataset") else None
     try:
         classes = training_set(DataSpec(**data)).classes if data else None
     except (ValueError, FileNotFoundError, TypeError):
         classes = None
     return dict(
         model={k: config[k] for k in ("name", "num_classes", "in_chans", "img_size")},
-        input=dict(size=config["img_size"], channels=config["in_chans"], mean=mean, std=std, layout="NCHW"),
+        # a runtime prepares an image as the evaluation view does: shorter side to size / crop (bicubic),
+        # center crop size x size, scale to [0, 1], (x - mean) / std per channel, NCHW
+        input=dict(size=config["img_size"], channels=config["in_chans"], crop=crop, mean=mean, std=std, layout="NCHW"),
         classes=classes,
         dataset=data.get("dataset"),
     )

@@ -32,6 +32,7 @@ from .trainer import TrainConfig
 __all__ = [
     "Budget",
     "Sweep",
+    "OwnData",
     "Profile",
     "PROFILES",
     "resolve_profile",
@@ -126,6 +127,34 @@ class Sweep:
 
 
 @dataclass(frozen=True, kw_only=True)
+class OwnData:
+    """Notebook 06's path from a folder of one's own images to a model another runtime loads: the
+    folder's size, the teacher (started from a weights file), and the budgets.
+
+    Raises:
+        ValueError: a count below 1.
+    """
+
+    per_class: int = 200  # training images per class written to the folder (train/<class>/)
+    held_out_per_class: int = 100  # held-out images per class (val/<class>/): the folder's test set
+    val_per_class: int = 50  # validation carved from the folder's train/ by ID
+    teacher: str = (
+        "timm:resnet18"  # a name of `teachers.build_model`, started from a weights file in its library's format
+    )
+    teacher_epochs: int = 2
+    student_epochs: int = 4
+    batch_size: int = 64
+    img_size: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("per_class", "held_out_per_class", "val_per_class", "teacher_epochs", "student_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"OwnData.{name}={getattr(self, name)} must be >= 1")
+        if self.val_per_class >= self.per_class:
+            raise ValueError(f"OwnData.val_per_class={self.val_per_class} must be below per_class={self.per_class}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Profile:
     """Every setting of one profile, and the paths it implies (computed here, nowhere else).
 
@@ -164,6 +193,7 @@ class Profile:
     figure_suffix: str = ""  # added to every figure's stem (`figure`), so profiles sharing a folder do not collide
     # the notebooks `make run-all` executes for this profile, by number (None: all of them)
     notebooks: tuple[str, ...] | None = None
+    own_data: OwnData = OwnData()  # notebook 06: a folder of one's own images, distilled and exported
     # an out_dir whose teacher, stores and notebook-02 results this profile reads instead of its own
     # (`scratch`: exercises that leave notebook 02's products alone); None: its own
     stores_from: str | None = None
@@ -295,6 +325,9 @@ PROFILES: dict[str, Profile] = {
             epochs=2,
             variant_pool_per_class=16,
             fidelity_per_class=8,
+        ),
+        own_data=OwnData(
+            per_class=8, held_out_per_class=4, val_per_class=2, teacher_epochs=1, student_epochs=1, batch_size=16
         ),
     ),
     # `make run-all` on a laptop CPU: Fashion-MNIST at 32x32, grayscale. 5,000 validation images, a pool
