@@ -96,7 +96,7 @@ TRAIN_SCRIPT = """
     from tinyvit_lib.trainer import TrainConfig, train
     torch.set_num_threads(1)
     torch.manual_seed(0)  # the same initial weights in every process
-    train_set, val_set = synthetic(n_train=256, n_val=32)
+    train_set, val_set = synthetic(n_train=512, n_val=32)  # 16 steps an epoch: time to catch a mid-epoch checkpoint
     config = TrainConfig(epochs=2, batch_size=32, lr=2e-3, warmup_epochs=0.5, checkpoint_every=2)
     train(tiny_model(), train_set, val_set, config, run_dir={run_dir!r}, resume={resume}, progress=False)
 """
@@ -106,8 +106,12 @@ def test_exact_resume_after_sigkill(tmp_path):
     reference = run_script(
         TRAIN_SCRIPT.format(repo=str(REPO), run_dir=str(tmp_path / "ref"), resume=False), tmp_path, "ref.py"
     )
+    victim_log = open(tmp_path / "victim.err", "w")  # noqa: SIM115 - closed below, after the kill
     victim = run_script(
-        TRAIN_SCRIPT.format(repo=str(REPO), run_dir=str(tmp_path / "run"), resume=False), tmp_path, "run.py"
+        TRAIN_SCRIPT.format(repo=str(REPO), run_dir=str(tmp_path / "run"), resume=False),
+        tmp_path,
+        "run.py",
+        stderr=victim_log,
     )
     last = tmp_path / "run" / "last.pt"
     deadline = time.time() + 120
@@ -121,14 +125,16 @@ def test_exact_resume_after_sigkill(tmp_path):
                 killed_at = (ckpt["epoch"], ckpt["batch"])
                 break
         time.sleep(0.01)
-    assert killed_at is not None, "the run finished or stalled before a mid-epoch checkpoint appeared"
+    victim_log.close()
+    why = f"exit {victim.poll()}: {(tmp_path / 'victim.err').read_text()[-2000:]}"
+    assert killed_at is not None, f"the run finished or stalled before a mid-epoch checkpoint appeared ({why})"
     resumed = run_script(
         TRAIN_SCRIPT.format(repo=str(REPO), run_dir=str(tmp_path / "run"), resume=True), tmp_path, "resume.py"
     )
     assert resumed.wait(timeout=300) == 0 and reference.wait(timeout=300) == 0
     a = load_checkpoint(tmp_path / "ref" / "last.pt")
     b = load_checkpoint(tmp_path / "run" / "last.pt")
-    assert a["step"] == b["step"] == 2 * 8
+    assert a["step"] == b["step"] == 2 * 16
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
     assert [r["train_loss"] for r in read_log(tmp_path / "ref")] == [
