@@ -66,6 +66,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.onnx_bench import onnx_section
 from benchmarks.step_profile import profile_section
 from benchmarks.store_bench import store_section
 from tinyvit_lib.augment import AUGMENT_PRESETS, MIX_PRESETS
@@ -91,7 +92,7 @@ SECTIONS: dict[str, tuple[str, int, int]] = {
     "train224": ("train", 224, 32),
     "infer224": ("infer", 224, 64),
 }
-ALL_SECTIONS = (*SECTIONS, "kernels", "distill", "epoch", "profile", "store")
+ALL_SECTIONS = (*SECTIONS, "kernels", "distill", "epoch", "profile", "store", "onnx")
 NUM_CLASSES = 1000
 CONTENDED_SHARE = 0.2  # other processes' CPU use during a sample, in cores, above which it is retimed
 SAMPLE_S = 0.5  # a timed sample is this long at least: several steps of a fast contender
@@ -923,7 +924,7 @@ def further_sections(
     models,
     store_dir: str | None = None,
 ) -> dict:
-    """The sections after the model rows that `sections` names: kernels, distill, epoch, profile, store."""
+    """The sections after the model rows that `sections` names: kernels, distill, epoch, profile, store, onnx."""
     results: dict = {}
     if "kernels" in sections:
         results["kernels"] = kernel_section(device=device, warmup=warmup, repeats=repeats, batch=8 if quick else 128)
@@ -950,6 +951,9 @@ def further_sections(
     if "store" in sections:
         with tempfile.TemporaryDirectory(dir=store_dir, prefix="tinyvit-store-bench-") as tmp:
             results["store"] = store_section(Path(tmp), quick=quick)
+    if "onnx" in sections:
+        print("the exported model: onnxruntime (CPU provider, fp32) beside PyTorch eager, the same batch, in turns")
+        results["onnx"] = onnx_section(quick=quick, repeats=1 if quick else max(repeats, 3))
     return results
 
 

@@ -1,0 +1,86 @@
+"""`make bench`, section "onnx": the exported TinyViT-5M in onnxruntime beside PyTorch eager.
+
+For each size (32 with batch 256, 224 with batch 64; batch 4 with `--quick`) the model is exported
+with `tinyvit_lib.export.save_onnx` (which checks onnxruntime against PyTorch on the batch) and both
+are timed on the same batch in turns: images/s, median of the samples, in fp32 (onnxruntime's CPU
+provider runs fp32; PyTorch eager is timed in fp32 too, and under the inference policy's autocast
+where the CPU has native bf16, as `evaluate` runs).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from tinyvit_lib import tinyvit_5m
+from tinyvit_lib.export import save_onnx
+from tinyvit_lib.utils import cpu_has_native_bf16
+
+CASES = ((32, 256), (224, 64))
+
+
+def _rate(step, images: int, repeats: int, min_seconds: float = 0.5) -> float:
+    """Images/s of `step` (one batch), median of `repeats` samples of at least `min_seconds` each."""
+    step()  # warm-up
+    rates = []
+    for _ in range(repeats):
+        count, t0 = 0, time.perf_counter()
+        while True:
+            step()
+            count += 1
+            elapsed = time.perf_counter() - t0
+            if elapsed >= min_seconds:
+                break
+        rates.append(count * images / elapsed)
+    return statistics.median(rates)
+
+
+def onnx_row(img_size: int, batch: int, folder: Path, *, repeats: int) -> dict:
+    """Export TinyViT-5M at `img_size` and time it on one batch: PyTorch eager fp32 (and bf16 autocast
+    where the CPU has it natively) against onnxruntime fp32; images/s and the largest logit difference."""
+    import onnxruntime
+
+    model = tinyvit_5m(img_size=img_size, num_classes=1000).eval()
+    x = torch.randn(batch, 3, img_size, img_size)
+    path = folder / f"tinyvit_5m_{img_size}.onnx"
+    gap = save_onnx(model, path, x)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {"image": x.numpy()}
+
+    def eager(autocast: bool = False) -> None:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            model(x)
+
+    row = dict(
+        img_size=img_size,
+        batch=batch,
+        max_abs_logit_diff=gap,
+        torch_fp32=_rate(eager, batch, repeats),
+        onnxruntime_fp32=_rate(lambda: session.run(None, feed), batch, repeats),
+    )
+    if cpu_has_native_bf16():
+        row["torch_bf16"] = _rate(lambda: eager(True), batch, repeats)
+    return row
+
+
+def onnx_section(*, quick: bool, repeats: int) -> list[dict]:
+    """One row per size (`CASES`; batch 4 with `quick`), printed as it is measured."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="tinyvit-onnx-bench-") as tmp:
+        for img_size, batch in CASES:
+            row = onnx_row(img_size, 4 if quick else batch, Path(tmp), repeats=repeats)
+            rows.append(row)
+            extra = f", torch bf16 {row['torch_bf16']:,.1f}" if "torch_bf16" in row else ""
+            print(
+                f"onnx {img_size:>3} batch {row['batch']:>3}: torch fp32 {row['torch_fp32']:,.1f} images/s, "
+                f"onnxruntime fp32 {row['onnxruntime_fp32']:,.1f} ({row['onnxruntime_fp32'] / row['torch_fp32']:.2f}x)"
+                f"{extra}; max |logit diff| {row['max_abs_logit_diff']:.1e}",
+                flush=True,
+            )
+    return rows
