@@ -23,7 +23,7 @@ from .distill import OnlineTeacher, StoredTeacher, Teacher, store_spec_differenc
 from .logit_store import LogitStore, StoreMismatch
 from .stats import condition_summary, paired_gain
 from .teachers import build_model, load_weights, start_from
-from .trainer import TrainConfig, TrainResult, evaluate, saved_config, train
+from .trainer import TrainConfig, TrainResult, evaluate, pick_device, saved_config, train, training_autocast
 from .utils import FileLock, atomic_write_text, check_writable_folder, load_checkpoint
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "sweep_point",
     "spec_digest",
     "reusable_row",
+    "autocast_identity",
     "file_sha256",
     "choose_on_validation",
     "condition_summary",
@@ -202,6 +203,20 @@ def teacher_identity(spec: RunSpec) -> str | None:
     """What the run's teacher is, beyond its path: the store's manifest or the checkpoint's bytes,
     hashed, so that a run distilled from an older store or teacher is not mistaken for a current one."""
     return file_sha256(Path(spec.logits_path) / "manifest.json" if spec.logits_path else spec.teacher_checkpoint)
+
+
+def autocast_identity(spec: RunSpec) -> str | None:
+    """How a run of `spec` trains on this machine: the dtype it autocasts to ("bfloat16",
+    "float16"), or "float32" without autocast. A row carries it (`autocast`), so that a clone on a
+    CPU without native bf16, which trains in fp32, retrains instead of pairing its fp32 runs with
+    rows trained in bf16 elsewhere. None where the spec's device is not on this machine (or not a
+    device: training the spec says so)."""
+    try:
+        device = pick_device(spec.train.device)
+    except ValueError:
+        return None
+    dtype = training_autocast(spec.train, device)
+    return str(dtype or torch.float32).removeprefix("torch.")
 
 
 def init_identity(spec: RunSpec) -> str | None:
@@ -459,8 +474,9 @@ def spec_digest(spec: RunSpec) -> str:
 def reusable_row(results: ResultsLog, key: str, spec: RunSpec, *, test: bool = False) -> dict | None:
     """The row logged under `key` if it stands for `spec` without its run: it was made from the same
     spec (`spec_digest`), holds test numbers if `test` asks for them, the run is not on disk (a run
-    on disk is checked by its weights instead, in `sweep_point`), and the store or checkpoints the
-    run read, where they are on disk, are the ones it was made from. None otherwise."""
+    on disk is checked by its weights instead, in `sweep_point`), the store or checkpoints the run
+    read, where they are on disk, are the ones it was made from, and it trained in the precision a
+    run of `spec` would train in here (`autocast_identity`). None otherwise."""
     row = results.rows.get(key)
     if row is None or row.get("spec_digest") != spec_digest(spec) or (test and row.get("test_top1") is None):
         return None
@@ -469,6 +485,8 @@ def reusable_row(results: ResultsLog, key: str, spec: RunSpec, *, test: bool = F
     for mine, field_name in ((teacher_identity(spec), "teacher_identity"), (init_identity(spec), "init_identity")):
         if mine is not None and mine != row.get(field_name):
             return None
+    if (mine := autocast_identity(spec)) is not None and mine != row.get("autocast"):
+        return None  # trained in another precision (or a row that does not say which)
     return row
 
 
@@ -516,6 +534,7 @@ def sweep_point(
         spec_digest=spec_digest(spec),
         teacher_identity=teacher_identity(spec),
         init_identity=init_identity(spec),
+        autocast=_trained_autocast(spec.run_dir),
         history=_compact_history(result.history),
     )
     old = results.rows.get(key, {})
@@ -526,6 +545,13 @@ def sweep_point(
     row.update(seconds=round(sum(r["epoch_time_s"] for r in result.history), 1), run=spec.name, run_digest=digest)
     print(key, {k: v for k, v in row.items() if k not in ("run_digest",)})
     return results.add(key, dict(row, **identity))
+
+
+def _trained_autocast(run_dir: Path) -> str | None:
+    """How the run in `run_dir` trained, from its config.json: as `autocast_identity` says it (None:
+    a run written before its config recorded the policy)."""
+    policy = json.loads((run_dir / "config.json").read_text()).get("policy", {})
+    return (policy.get("autocast") or "float32") if "autocast" in policy else None
 
 
 def choose_on_validation(rows: list[dict], metric: str = "val_top1") -> dict:
