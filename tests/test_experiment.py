@@ -187,24 +187,27 @@ def test_a_row_stands_for_its_run_when_the_run_is_not_on_disk_and_only_then(tmp_
     assert reusable_row(reopened, "b", distilled) is None
 
 
-def test_a_row_trained_in_another_precision_is_not_reused(tmp_path):
-    """A clone on a CPU without native bf16 trains in fp32: it retrains rather than pair its runs with
-    rows a bf16 machine made (and a row that does not say how it trained is not trusted either)."""
+def test_a_row_trained_in_another_precision_is_reused_and_said_to_be(tmp_path):
+    """A clone on a CPU without native bf16 trains in fp32: it still redraws from rows a bf16 machine
+    made, and says how many of those it reused (a row that does not say how it trained counts too)."""
     spec = _spec(tmp_path)
     results = ResultsLog(tmp_path / "rows.jsonl")
     row = sweep_point(results, "a", spec, condition="labels only", seed=0)
     shutil.rmtree(spec.run_dir)
-    assert reusable_row(results, "a", spec) == row
-    other = "bfloat16" if row["autocast"] == "float32" else "float32"
-    results.add("a", dict(row, autocast=other))
-    assert reusable_row(results, "a", spec) is None
-    results.add("a", {k: v for k, v in row.items() if k != "autocast"})
-    assert reusable_row(results, "a", spec) is None
+    here = autocast_identity(spec)
+    other = "bfloat16" if here == "float32" else "float32"
+    results.add("b", dict(row, autocast=other))
+    results.add("c", {k: v for k, v in row.items() if k != "autocast"})
+    reopened = ResultsLog(tmp_path / "rows.jsonl")
+    assert reopened.reuse_note() is None
+    for key in ("a", "b", "c"):
+        assert sweep_point(reopened, key, spec) == reopened.rows[key]
+    assert reopened.reused == ["a", "b", "c"] and reopened.reused_elsewhere == {"b": (other, here), "c": (None, here)}
+    note = reopened.reuse_note()
+    assert note.startswith("3 run(s) not on disk") and f"1 in {other}, 1 in an unrecorded precision" in note
+    assert f"this machine trains in {here}" in note
     # a run that fixes its precision (amp off) is judged by that, whatever this machine's default
-    fp32 = replace(spec, train=replace(spec.train, amp=False))
-    assert autocast_identity(fp32) == "float32"
-    results.add("b", dict(row, spec_digest=spec_digest(fp32), autocast="float32"))
-    assert reusable_row(results, "b", fp32) is not None
+    assert autocast_identity(replace(spec, train=replace(spec.train, amp=False))) == "float32"
 
 
 def test_the_seed_fixes_the_initial_weights_whatever_the_callers_rng(tmp_path):

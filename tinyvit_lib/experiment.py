@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -207,10 +208,10 @@ def teacher_identity(spec: RunSpec) -> str | None:
 
 def autocast_identity(spec: RunSpec) -> str | None:
     """How a run of `spec` trains on this machine: the dtype it autocasts to ("bfloat16",
-    "float16"), or "float32" without autocast. A row carries it (`autocast`), so that a clone on a
-    CPU without native bf16, which trains in fp32, retrains instead of pairing its fp32 runs with
-    rows trained in bf16 elsewhere. None where the spec's device is not on this machine (or not a
-    device: training the spec says so)."""
+    "float16"), or "float32" without autocast. A row carries how its run trained (`autocast`), so
+    that a clone on a CPU without native bf16, which trains in fp32, can say which of the rows it
+    reused were trained in bf16 elsewhere (`ResultsLog.reuse_note`). None where the spec's device
+    is not on this machine (or not a device: training the spec says so)."""
     try:
         device = pick_device(spec.train.device)
     except ValueError:
@@ -388,6 +389,7 @@ class ResultsLog:
         self.path = Path(path)
         self.rows: dict[str, dict] = {}
         self.reused: list[str] = []  # keys `sweep_point` took from the file without their runs on disk
+        self.reused_elsewhere: dict[str, tuple] = {}  # of those, trained in another precision: (theirs, here)
         self.cut = False  # the file ends in a cut-off line: the next add rewrites it whole
         if self.path.exists():
             lines = [line for line in self.path.read_text().splitlines() if line.strip()]
@@ -403,6 +405,20 @@ class ResultsLog:
                     self.cut = True
                     continue
                 self.rows[row["key"]] = row
+
+    def reuse_note(self) -> str | None:
+        """One line on the rows `sweep_point` reused without their runs (None: it reused none): how
+        many, and how many of them were trained in another precision than this machine trains in."""
+        if not self.reused:
+            return None
+        note = f"{len(self.reused)} run(s) not on disk: their rows in {self.path.name} were reused, nothing retrained"
+        if self.reused_elsewhere:
+            counts = Counter(theirs for theirs, _ in self.reused_elsewhere.values())
+            here = next(iter(self.reused_elsewhere.values()))[1]
+            named = sorted(counts.items(), key=lambda item: (item[0] is None, item[0] or ""))  # unrecorded last
+            how = ", ".join(f"{n} in {theirs or 'an unrecorded precision'}" for theirs, n in named)
+            note += f"; of them, trained elsewhere {how}, where this machine trains in {here} (force=True retrains)"
+        return note
 
     def __contains__(self, key: str) -> bool:
         return key in self.rows
@@ -475,8 +491,9 @@ def reusable_row(results: ResultsLog, key: str, spec: RunSpec, *, test: bool = F
     """The row logged under `key` if it stands for `spec` without its run: it was made from the same
     spec (`spec_digest`), holds test numbers if `test` asks for them, the run is not on disk (a run
     on disk is checked by its weights instead, in `sweep_point`), the store or checkpoints the run
-    read, where they are on disk, are the ones it was made from, and it trained in the precision a
-    run of `spec` would train in here (`autocast_identity`). None otherwise."""
+    read, where they are on disk, are the ones it was made from. None otherwise. A row trained in
+    another precision than a run of `spec` would train in here (`autocast_identity`) is reused all
+    the same, so that a clone can redraw the course's figures on any CPU; `sweep_point` notes it."""
     row = results.rows.get(key)
     if row is None or row.get("spec_digest") != spec_digest(spec) or (test and row.get("test_top1") is None):
         return None
@@ -485,8 +502,6 @@ def reusable_row(results: ResultsLog, key: str, spec: RunSpec, *, test: bool = F
     for mine, field_name in ((teacher_identity(spec), "teacher_identity"), (init_identity(spec), "init_identity")):
         if mine is not None and mine != row.get(field_name):
             return None
-    if (mine := autocast_identity(spec)) is not None and mine != row.get("autocast"):
-        return None  # trained in another precision (or a row that does not say which)
     return row
 
 
@@ -527,6 +542,8 @@ def sweep_point(
     """
     if not force and (row := reusable_row(results, key, spec, test=test)) is not None:
         results.reused.append(key)
+        if (here := autocast_identity(spec)) is not None and row.get("autocast") != here:
+            results.reused_elsewhere[key] = (row.get("autocast"), here)
         return row
     result = run_or_reuse(spec, force=force, progress=False)
     digest = run_digest(spec.run_dir, checkpoint)
