@@ -15,6 +15,7 @@ from tinyvit_lib.distill import precompute
 from tinyvit_lib.experiment import (
     ResultsLog,
     RunSpec,
+    autocast_identity,
     prepare_run,
     reusable_row,
     run_digest,
@@ -140,8 +141,10 @@ def test_a_sweep_point_is_reused_only_while_its_digest_matches_the_run(tmp_path,
         "spec_digest",
         "teacher_identity",
         "init_identity",
+        "autocast",
         "history",
     }
+    assert row["autocast"] == autocast_identity(spec)  # as the run's config.json says it trained
     assert [r["epoch"] for r in row["history"]] == [1] and "top1" in row["history"][0]
     assert row["test_top1"] is None  # a sweep point's row never reads the test set
     # Same run on disk: the logged row comes back as it is, from a fresh log too; nothing is measured.
@@ -182,6 +185,29 @@ def test_a_row_stands_for_its_run_when_the_run_is_not_on_disk_and_only_then(tmp_
     assert reusable_row(reopened, "b", distilled) is not None
     teacher.write_bytes(b"another teacher")
     assert reusable_row(reopened, "b", distilled) is None
+
+
+def test_a_row_trained_in_another_precision_is_reused_and_said_to_be(tmp_path):
+    """A clone on a CPU without native bf16 trains in fp32: it still redraws from rows a bf16 machine
+    made, and says how many of those it reused (a row that does not say how it trained counts too)."""
+    spec = _spec(tmp_path)
+    results = ResultsLog(tmp_path / "rows.jsonl")
+    row = sweep_point(results, "a", spec, condition="labels only", seed=0)
+    shutil.rmtree(spec.run_dir)
+    here = autocast_identity(spec)
+    other = "bfloat16" if here == "float32" else "float32"
+    results.add("b", dict(row, autocast=other))
+    results.add("c", {k: v for k, v in row.items() if k != "autocast"})
+    reopened = ResultsLog(tmp_path / "rows.jsonl")
+    assert reopened.reuse_note() is None
+    for key in ("a", "b", "c"):
+        assert sweep_point(reopened, key, spec) == reopened.rows[key]
+    assert reopened.reused == ["a", "b", "c"] and reopened.reused_elsewhere == {"b": (other, here), "c": (None, here)}
+    note = reopened.reuse_note()
+    assert note.startswith("3 run(s) not on disk") and f"1 in {other}, 1 in an unrecorded precision" in note
+    assert f"this machine trains in {here}" in note
+    # a run that fixes its precision (amp off) is judged by that, whatever this machine's default
+    assert autocast_identity(replace(spec, train=replace(spec.train, amp=False))) == "float32"
 
 
 def test_the_seed_fixes_the_initial_weights_whatever_the_callers_rng(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from .distill import OnlineTeacher, StoredTeacher, Teacher, store_spec_differenc
 from .logit_store import LogitStore, StoreMismatch
 from .stats import condition_summary, paired_gain
 from .teachers import build_model, load_weights, start_from
-from .trainer import TrainConfig, TrainResult, evaluate, saved_config, train
+from .trainer import TrainConfig, TrainResult, evaluate, pick_device, saved_config, train, training_autocast
 from .utils import FileLock, atomic_write_text, check_writable_folder, load_checkpoint
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "sweep_point",
     "spec_digest",
     "reusable_row",
+    "autocast_identity",
     "file_sha256",
     "choose_on_validation",
     "condition_summary",
@@ -202,6 +204,20 @@ def teacher_identity(spec: RunSpec) -> str | None:
     """What the run's teacher is, beyond its path: the store's manifest or the checkpoint's bytes,
     hashed, so that a run distilled from an older store or teacher is not mistaken for a current one."""
     return file_sha256(Path(spec.logits_path) / "manifest.json" if spec.logits_path else spec.teacher_checkpoint)
+
+
+def autocast_identity(spec: RunSpec) -> str | None:
+    """How a run of `spec` trains on this machine: the dtype it autocasts to ("bfloat16",
+    "float16"), or "float32" without autocast. A row carries how its run trained (`autocast`), so
+    that a clone on a CPU without native bf16, which trains in fp32, can say which of the rows it
+    reused were trained in bf16 elsewhere (`ResultsLog.reuse_note`). None where the spec's device
+    is not on this machine (or not a device: training the spec says so)."""
+    try:
+        device = pick_device(spec.train.device)
+    except ValueError:
+        return None
+    dtype = training_autocast(spec.train, device)
+    return str(dtype or torch.float32).removeprefix("torch.")
 
 
 def init_identity(spec: RunSpec) -> str | None:
@@ -373,6 +389,7 @@ class ResultsLog:
         self.path = Path(path)
         self.rows: dict[str, dict] = {}
         self.reused: list[str] = []  # keys `sweep_point` took from the file without their runs on disk
+        self.reused_elsewhere: dict[str, tuple] = {}  # of those, trained in another precision: (theirs, here)
         self.cut = False  # the file ends in a cut-off line: the next add rewrites it whole
         if self.path.exists():
             lines = [line for line in self.path.read_text().splitlines() if line.strip()]
@@ -388,6 +405,20 @@ class ResultsLog:
                     self.cut = True
                     continue
                 self.rows[row["key"]] = row
+
+    def reuse_note(self) -> str | None:
+        """One line on the rows `sweep_point` reused without their runs (None: it reused none): how
+        many, and how many of them were trained in another precision than this machine trains in."""
+        if not self.reused:
+            return None
+        note = f"{len(self.reused)} run(s) not on disk: their rows in {self.path.name} were reused, nothing retrained"
+        if self.reused_elsewhere:
+            counts = Counter(theirs for theirs, _ in self.reused_elsewhere.values())
+            here = next(iter(self.reused_elsewhere.values()))[1]
+            named = sorted(counts.items(), key=lambda item: (item[0] is None, item[0] or ""))  # unrecorded last
+            how = ", ".join(f"{n} in {theirs or 'an unrecorded precision'}" for theirs, n in named)
+            note += f"; of them, trained elsewhere {how}, where this machine trains in {here} (force=True retrains)"
+        return note
 
     def __contains__(self, key: str) -> bool:
         return key in self.rows
@@ -459,8 +490,10 @@ def spec_digest(spec: RunSpec) -> str:
 def reusable_row(results: ResultsLog, key: str, spec: RunSpec, *, test: bool = False) -> dict | None:
     """The row logged under `key` if it stands for `spec` without its run: it was made from the same
     spec (`spec_digest`), holds test numbers if `test` asks for them, the run is not on disk (a run
-    on disk is checked by its weights instead, in `sweep_point`), and the store or checkpoints the
-    run read, where they are on disk, are the ones it was made from. None otherwise."""
+    on disk is checked by its weights instead, in `sweep_point`), the store or checkpoints the run
+    read, where they are on disk, are the ones it was made from. None otherwise. A row trained in
+    another precision than a run of `spec` would train in here (`autocast_identity`) is reused all
+    the same, so that a clone can redraw the course's figures on any CPU; `sweep_point` notes it."""
     row = results.rows.get(key)
     if row is None or row.get("spec_digest") != spec_digest(spec) or (test and row.get("test_top1") is None):
         return None
@@ -509,6 +542,8 @@ def sweep_point(
     """
     if not force and (row := reusable_row(results, key, spec, test=test)) is not None:
         results.reused.append(key)
+        if (here := autocast_identity(spec)) is not None and row.get("autocast") != here:
+            results.reused_elsewhere[key] = (row.get("autocast"), here)
         return row
     result = run_or_reuse(spec, force=force, progress=False)
     digest = run_digest(spec.run_dir, checkpoint)
@@ -516,6 +551,7 @@ def sweep_point(
         spec_digest=spec_digest(spec),
         teacher_identity=teacher_identity(spec),
         init_identity=init_identity(spec),
+        autocast=_trained_autocast(spec.run_dir),
         history=_compact_history(result.history),
     )
     old = results.rows.get(key, {})
@@ -526,6 +562,13 @@ def sweep_point(
     row.update(seconds=round(sum(r["epoch_time_s"] for r in result.history), 1), run=spec.name, run_digest=digest)
     print(key, {k: v for k, v in row.items() if k not in ("run_digest",)})
     return results.add(key, dict(row, **identity))
+
+
+def _trained_autocast(run_dir: Path) -> str | None:
+    """How the run in `run_dir` trained, from its config.json: as `autocast_identity` says it (None:
+    a run written before its config recorded the policy)."""
+    policy = json.loads((run_dir / "config.json").read_text()).get("policy", {})
+    return (policy.get("autocast") or "float32") if "autocast" in policy else None
 
 
 def choose_on_validation(rows: list[dict], metric: str = "val_top1") -> dict:

@@ -57,6 +57,7 @@ __all__ = [
     "CheckpointSaver",
     "evaluate",
     "pick_device",
+    "training_autocast",
     "compile_cache_dir",
     "param_groups",
     "CosineSchedule",
@@ -452,6 +453,17 @@ def _open_run_dir(
     return TrainState()
 
 
+def training_autocast(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The dtype a run of `config` autocasts to while training on `device`, None where it trains in
+    fp32: `config.amp` where it is set, else the default policy (`utils.autocast_by_default`; bf16 on
+    a CPU only, where float16 would need a GradScaler the CPU has no use for)."""
+    amp_dtype = getattr(torch, config.amp_dtype)
+    amp = config.amp
+    if amp is None:
+        amp = autocast_by_default(device) and (device.type == "cuda" or amp_dtype == torch.bfloat16)
+    return amp_dtype if amp else None
+
+
 def _build(model: nn.Module, train_set: DatasetWithIDs, config: TrainConfig, teacher: Teacher | None) -> TrainParts:
     """Device, process group, optimizer, schedule, loss, loader: the parts of a run, built in the
     order that fixes the RNG state (the run's seed, then the model on its device).
@@ -464,9 +476,7 @@ def _build(model: nn.Module, train_set: DatasetWithIDs, config: TrainConfig, tea
     init_distributed(device)
     rank, world = rank_world()
     amp_dtype = getattr(torch, config.amp_dtype)
-    amp = config.amp
-    if amp is None:
-        amp = autocast_by_default(device) and (device.type == "cuda" or amp_dtype == torch.bfloat16)
+    amp = training_autocast(config, device) is not None
     if device.type == "cpu":
         keep_freed_memory()  # large activations reuse freed memory instead of faulting in new pages
     torch.manual_seed(config.seed)
