@@ -473,13 +473,15 @@ def plot_patience(
     gaps: dict[str, dict[int, dict]] | None = None,
     curves: dict[str, list[tuple[int, float]]] | None = None,
     steps_per_epoch: int | None = None,
+    curve_images: str = "validation",
     title: str = "",
 ) -> plt.Figure:
     """Accuracy against schedule length (log x), one line per condition: `table[condition, epochs]`
     is a `condition_summary` entry, drawn with its 95% t-interval. With `gaps` (a label -> epochs ->
     `paired_gain`), a second panel draws each paired gap with its 95% t-interval; with `curves` (a
     condition -> (epoch, mean validation top-1) of the longest schedule), a third draws them, to show
-    whether a condition overfits late. `steps_per_epoch` adds optimiser steps to the x labels."""
+    whether a condition overfits late, on the images `curve_images` names (e.g. "50 validation
+    images per class"). `steps_per_epoch` adds optimiser steps to the x labels."""
     panels = 1 + (gaps is not None) + (curves is not None)
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
     ticks = [f"{e}\n({e * steps_per_epoch:,} steps)" if steps_per_epoch else str(e) for e in lengths]
@@ -520,7 +522,7 @@ def plot_patience(
         for condition, points in curves.items():
             ax.plot([e for e, _ in points], [v for _, v in points], marker=".", label=condition)
         ax.set_xlabel("epoch of the longest schedule")
-        ax.set_ylabel("validation top-1 (%), mean over seeds")
+        ax.set_ylabel(f"top-1 (%) on {curve_images},\nmean over seeds", fontsize=9)
         ax.set_title(f"during the longest schedule ({lengths[-1]} epochs)", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
