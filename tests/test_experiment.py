@@ -16,8 +16,10 @@ from tinyvit_lib.experiment import (
     ResultsLog,
     RunSpec,
     autocast_identity,
+    init_notes,
     prepare_run,
     reusable_row,
+    row_line,
     run_digest,
     run_or_reuse,
     spec_digest,
@@ -272,3 +274,35 @@ def test_a_results_file_with_a_cut_last_line_is_read_without_it_and_repaired(tmp
     path.write_text('{"key": "a"}\n{broken\n{"key": "b"}\n')
     with pytest.raises(ValueError, match=r"rows.jsonl, line 2, is not a results row"):
         ResultsLog(path)
+
+
+def test_a_row_reads_as_one_line():
+    """sweep_point prints a new row as a sentence a learner reads, not a dict."""
+    row = dict(val_top1=74.05, val_top5=97.9, test_top1=None, test_top5=None, seconds=15.24, run="r")
+    expected = "labels only/seed=0: val top-1 74.05 (top-5 97.90); trained 15.2 s (run r)"
+    assert row_line("labels only/seed=0", row) == expected
+    line = row_line("k", dict(row, test_top1=74.18, test_top5=97.81))
+    assert ", test top-1 74.18 (top-5 97.81);" in line and "{" not in line
+
+
+def test_init_notes_say_what_starting_from_a_file_did_without_training(tmp_path):
+    """A reused fine-tuning run still says that its head was replaced (notebook 06 prints it)."""
+    spec = _spec(tmp_path)
+    assert init_notes(spec) == []
+    weights = tmp_path / "thousand_classes.pth"
+    torch.save(build_model("tinyvit_5m", num_classes=1000, in_chans=3, img_size=224).state_dict(), weights)
+    notes = init_notes(replace(spec, init_from=str(weights)))
+    assert any(note.startswith("head replaced") for note in notes), notes
+    assert not (tmp_path / "runs").exists()  # nothing trained, no run folder
+
+
+def test_a_finished_run_on_disk_is_kept_and_said_to_be(tmp_path):
+    """Re-running a notebook retrains nothing and says so: the run on disk is kept, its row returned."""
+    spec = _spec(tmp_path)
+    first = ResultsLog(tmp_path / "rows.jsonl")
+    row = sweep_point(first, "a", spec, condition="labels only", seed=0)
+    assert first.reuse_note() is None  # it trained
+    again = ResultsLog(tmp_path / "rows.jsonl")
+    assert sweep_point(again, "a", spec) == row
+    assert again.kept == ["a"] and again.reused == []
+    assert again.reuse_note().startswith("1 run(s) found finished on disk, not retrained (")

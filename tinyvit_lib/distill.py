@@ -59,6 +59,7 @@ __all__ = [
     "StoredTeacher",
     "precompute",
     "verify_store",
+    "describe_verify",
     "VerifyTolerance",
     "store_header",
     "weights_sha256",
@@ -567,6 +568,16 @@ class VerifyTolerance:
 
 
 @torch.no_grad()
+def describe_verify(report: dict) -> str:
+    """`verify_store`'s report as one line: records checked, the largest logit error and the index
+    mismatch rate, each beside its tolerance, and ok or FAILED."""
+    return (
+        f"{report['records']} records, largest value error {report['max_value_error']:.4g} "
+        f"(tolerance {report['value_tolerance']:.4g}), index mismatch rate {report['index_mismatch_rate']:.2%} "
+        f"(tolerance {report['index_mismatch_tolerance']:.2%}): {'ok' if report['ok'] else 'FAILED'}"
+    )
+
+
 def verify_store(
     store: LogitStore,
     teacher: nn.Module,

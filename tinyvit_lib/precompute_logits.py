@@ -38,7 +38,7 @@ import torch.nn as nn
 
 from .augment import AUGMENT_PRESETS, MIX_PRESETS
 from .data import CHECK_IMAGES, DATASETS, DatasetWithIDs, DataSpec, training_set
-from .distill import precompute, store_header, verify_store
+from .distill import describe_verify, precompute, store_header, verify_store
 from .logit_store import MANIFEST, LogitStore, describe_store, official_record_bytes
 from .teachers import build_model, load_weights
 from .trainer import pick_device
@@ -253,11 +253,7 @@ def run_verify(
 ) -> int:
     """Print `verify_store`'s numbers and tolerances; 0 within the tolerance, 1 beyond it."""
     report = verify_store(store, teacher, dataset, samples=args.verify_samples, device=device)
-    print(
-        f"verify: {report['records']} records, largest value error {report['max_value_error']:.4g} "
-        f"(tolerance {report['value_tolerance']:.4g}), index mismatch rate {report['index_mismatch_rate']:.2%} "
-        f"(tolerance {report['index_mismatch_tolerance']:.2%}): {'ok' if report['ok'] else 'FAILED'}"
-    )
+    print(f"verify: {describe_verify(report)}")
     return 0 if report["ok"] else 1
 
 
