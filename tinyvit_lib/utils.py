@@ -7,6 +7,7 @@ This is the bottom floor of the package: it imports nothing from `tinyvit_lib`.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import ctypes.util
 import fcntl
@@ -210,13 +211,22 @@ def is_main_process() -> bool:
 def init_distributed(device: torch.device) -> None:
     """Join the process group that `torchrun` describes in the environment (WORLD_SIZE > 1); a no-op
     when running alone or when the group exists. NCCL for CUDA devices, one process each; gloo
-    otherwise, and where processes share a GPU (NCCL refuses two ranks on one device)."""
+    otherwise, and where processes share a GPU (NCCL refuses two ranks on one device). A group it
+    creates is left at the process's exit (`atexit`): a gloo group still running its threads when
+    the interpreter tears down can abort the process ("terminate called without an active exception")."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         one_gpu_each = (
             device.type == "cuda" and int(os.environ.get("LOCAL_WORLD_SIZE", world)) <= torch.cuda.device_count()
         )
         dist.init_process_group(backend="nccl" if one_gpu_each else "gloo")
+        atexit.register(_leave_process_group)
+
+
+def _leave_process_group() -> None:
+    """Destroy this process's group, if it still exists (registered by `init_distributed`)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
