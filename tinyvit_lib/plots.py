@@ -518,13 +518,18 @@ def plot_patience(
         ax.set_title("gaps, paired by seed", fontsize=10)
         lengths_axis(ax)
     if curves is not None:
-        ax = axes[0, panels - 1]
-        for condition, points in curves.items():
-            ax.plot([e for e, _ in points], [v for _, v in points], marker=".", label=condition)
-        ax.set_xlabel("epoch of the longest schedule")
-        ax.set_ylabel(f"top-1 (%) on {curve_images},\nmean over seeds", fontsize=9)
-        ax.set_title(f"during the longest schedule ({lengths[-1]} epochs)", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _draw_longest_schedule(axes[0, panels - 1], curves, lengths[-1], curve_images)
     fig.tight_layout()
     return fig
+
+
+def _draw_longest_schedule(ax: plt.Axes, curves: dict[str, list[tuple[int, float]]], epochs: int, images: str) -> None:
+    """`plot_patience`'s third panel: each condition's (epoch, mean top-1 on `images`) during the
+    longest schedule (`epochs`)."""
+    for condition, points in curves.items():
+        ax.plot([e for e, _ in points], [v for _, v in points], marker=".", label=condition)
+    ax.set_xlabel("epoch of the longest schedule")
+    ax.set_ylabel(f"top-1 (%) on {images},\nmean over seeds", fontsize=9)
+    ax.set_title(f"during the longest schedule ({epochs} epochs)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
