@@ -159,9 +159,7 @@ def prepare_run(spec: RunSpec) -> PreparedRun:
     refuse_if_running(spec)
     store = open_store(spec) if spec.logits_path else None  # checked even when alpha = 0 leaves it unused
     train_set, val_set = data.build(spec.data)
-    model_config = dict(
-        name=spec.model, num_classes=train_set.num_classes, in_chans=train_set.out_chans, img_size=spec.data.img_size
-    )
+    model_config = _model_config(spec, train_set)
     with torch.random.fork_rng(devices=[]):  # the initialisation is the run's seed, not the caller's RNG state
         torch.manual_seed(spec.train.seed)
         model = build_model(**model_config)
@@ -190,10 +188,15 @@ def init_notes(spec: RunSpec) -> list[str]:
     if not spec.init_from:
         return []
     train_set, _ = data.build(spec.data)
-    model = build_model(
-        spec.model, num_classes=train_set.num_classes, in_chans=train_set.out_chans, img_size=spec.data.img_size
+    return start_from(build_model(**_model_config(spec, train_set)), spec.init_from)
+
+
+def _model_config(spec: RunSpec, train_set: DatasetWithIDs) -> dict:
+    """The model a run of `spec` builds (`build_model`'s arguments): its class and channel count
+    follow the data."""
+    return dict(
+        name=spec.model, num_classes=train_set.num_classes, in_chans=train_set.out_chans, img_size=spec.data.img_size
     )
-    return start_from(model, spec.init_from)
 
 
 def run(spec: RunSpec | PreparedRun, *, resume: bool = False, progress: bool = True, on_epoch=None) -> TrainResult:
