@@ -148,7 +148,7 @@ def test_checkpoint_write_is_atomic(tmp_path):
         f"""
         import sys, torch
         sys.path.insert(0, {str(REPO)!r})
-        from tinyvit_lib.trainer import save_checkpoint
+        from tinyvit_lib.utils import save_checkpoint
         i = 0
         while True:
             save_checkpoint(dict(i=i, weights=torch.full((1_000_000,), float(i))), {str(path)!r})

@@ -40,6 +40,7 @@ __all__ = [
     "rank_world",
     "load_checkpoint",
     "save_checkpoint",
+    "checkpoint_bytes",
 ]
 
 # What torch.load raises on a file that is not a checkpoint it may read: truncated or not a zip
@@ -98,15 +99,21 @@ def check_writable_folder(path: str | Path, *, what: str) -> None:
         raise ValueError(f"{what} {path} cannot be written: {existing} is read-only (file system or permissions)")
 
 
+def checkpoint_bytes(obj: dict) -> memoryview:
+    """`torch.save(obj)` into memory: the bytes of a checkpoint file, to write once or several times."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getbuffer()
+
+
 def save_checkpoint(obj: dict, path: str | Path) -> Path:
     """`torch.save(obj)` to `path`, atomically (see `atomic_write`).
 
     The checkpoint is serialised in memory first: torch.save streaming into a file that hits a full
     disk reports a confusing RuntimeError, while a plain write raises OSError (ENOSPC) naming the cause.
     """
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return atomic_write(path, lambda f: f.write(buffer.getbuffer()))
+    data = checkpoint_bytes(obj)
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def load_checkpoint(path: str | Path) -> Any:
