@@ -16,6 +16,7 @@ from tinyvit_lib.experiment import (
     ResultsLog,
     RunSpec,
     autocast_identity,
+    checkpoint_identity,
     init_notes,
     prepare_run,
     reusable_row,
@@ -79,6 +80,27 @@ def test_a_run_from_an_older_store_is_not_reused(tmp_path):
     )
     assert teacher_identity(distilled) != identity
     assert not run_or_reuse(distilled, progress=False).reused
+
+
+def test_a_checkpoint_is_known_by_its_weights(tmp_path):
+    # The same weights saved again (another history and wall time in the file) keep their identity:
+    # a teacher or pretraining retrained bit for bit in a fresh clone is the committed rows' one.
+    spec = _spec(tmp_path)
+    run_or_reuse(spec, progress=False)
+    last = spec.run_dir / "last.pt"
+    identity = checkpoint_identity(last)
+    checkpoint = torch.load(last, weights_only=True)
+    again = tmp_path / "again.pt"
+    torch.save(dict(checkpoint, history=[{"epoch": 1, "epoch_time_s": 123.0}]), again)
+    assert again.read_bytes() != last.read_bytes() and checkpoint_identity(again) == identity
+    changed = {k: v + 1 if v.is_floating_point() else v for k, v in checkpoint["model"].items()}
+    torch.save(dict(checkpoint, model=changed), again)
+    assert checkpoint_identity(again) != identity
+    for name in ("weights.safetensors", "released.pth"):  # not a checkpoint of a run: known by its bytes
+        other = tmp_path / name
+        other.write_bytes(b"not a checkpoint of a run")
+        assert checkpoint_identity(other) == experiment.file_sha256(other)
+    assert checkpoint_identity(tmp_path / "missing.pt") is None and checkpoint_identity(None) is None
 
 
 def test_a_moved_project_reuses_its_runs(tmp_path):

@@ -52,6 +52,7 @@ __all__ = [
     "reusable_row",
     "autocast_identity",
     "file_sha256",
+    "checkpoint_identity",
     "choose_on_validation",
     "condition_summary",
     "paired_gain",
@@ -223,9 +224,12 @@ def run(spec: RunSpec | PreparedRun, *, resume: bool = False, progress: bool = T
 
 
 def teacher_identity(spec: RunSpec) -> str | None:
-    """What the run's teacher is, beyond its path: the store's manifest or the checkpoint's bytes,
-    hashed, so that a run distilled from an older store or teacher is not mistaken for a current one."""
-    return file_sha256(Path(spec.logits_path) / "manifest.json" if spec.logits_path else spec.teacher_checkpoint)
+    """What the run's teacher is, beyond its path: the store's manifest, hashed, or the teacher
+    checkpoint's `checkpoint_identity`, so that a run distilled from an older store or teacher is not
+    mistaken for a current one."""
+    if spec.logits_path:
+        return file_sha256(Path(spec.logits_path) / "manifest.json")
+    return checkpoint_identity(spec.teacher_checkpoint)
 
 
 def autocast_identity(spec: RunSpec) -> str | None:
@@ -243,9 +247,9 @@ def autocast_identity(spec: RunSpec) -> str | None:
 
 
 def init_identity(spec: RunSpec) -> str | None:
-    """The sha256 of the checkpoint a fine-tuning run starts from (None: none), so that a run
-    fine-tuned from an older pretraining is not mistaken for a current one."""
-    return file_sha256(spec.init_from)
+    """The `checkpoint_identity` of the weights a fine-tuning run starts from (None: none), so that a
+    run fine-tuned from an older pretraining is not mistaken for a current one."""
+    return checkpoint_identity(spec.init_from)
 
 
 def file_sha256(path: str | Path | None) -> str | None:
@@ -253,6 +257,25 @@ def file_sha256(path: str | Path | None) -> str | None:
     if not path or not Path(path).is_file():
         return None
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def checkpoint_identity(path: str | Path | None) -> str | None:
+    """What a weights file holds, beyond its path: for a checkpoint written by `run` (its "model" and
+    "model_config"), the hash of its weights (`run_digest`'s: a results row of the run that wrote
+    it names the same weights), so that weights trained again bit for bit in another clone keep their
+    identity although the file also records wall times; for any other file (released or third-party
+    weights), the sha256 of its bytes. None when there is no path or no such file."""
+    if not path or not Path(path).is_file():
+        return None
+    if Path(path).suffix == ".safetensors":  # weights only, no history: its bytes are its identity
+        return file_sha256(path)
+    try:
+        checkpoint = load_checkpoint(path)
+    except ValueError:  # not a torch checkpoint: its bytes are its identity
+        return file_sha256(path)
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict) and "model_config" in checkpoint:
+        return _weights_digest(checkpoint["model"])
+    return file_sha256(path)
 
 
 def run_or_reuse(spec: RunSpec, *, force: bool = False, progress: bool = True, on_epoch=None) -> TrainResult:
@@ -349,7 +372,11 @@ def run_digest(run_dir: str | Path, checkpoint: str = "last.pt") -> str:
     Raises:
         FileNotFoundError, ValueError: no readable checkpoint (see `load_checkpoint`).
     """
-    return weights_sha256(load_checkpoint(Path(run_dir) / checkpoint)["model"])[:16]
+    return _weights_digest(load_checkpoint(Path(run_dir) / checkpoint)["model"])
+
+
+def _weights_digest(state: dict[str, torch.Tensor]) -> str:
+    return weights_sha256(state)[:16]
 
 
 def _plain(spec: dict) -> dict:

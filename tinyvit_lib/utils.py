@@ -45,8 +45,17 @@ __all__ = [
 
 # What torch.load raises on a file that is not a checkpoint it may read: truncated or not a zip
 # archive (RuntimeError, BadZipFile), empty (EOFError), some other file (UnpicklingError, KeyError,
-# UnicodeDecodeError), or an object that needs code to rebuild (UnpicklingError under weights_only).
-_NOT_A_CHECKPOINT = (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile)
+# IndexError, UnicodeDecodeError), or an object that needs code to rebuild (UnpicklingError under
+# weights_only).
+_NOT_A_CHECKPOINT = (
+    pickle.UnpicklingError,
+    RuntimeError,
+    EOFError,
+    KeyError,
+    IndexError,
+    ValueError,
+    zipfile.BadZipFile,
+)
 
 
 # ----------------------------------------------------------------------------- files
