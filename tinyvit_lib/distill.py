@@ -717,11 +717,11 @@ def storage_comparison(store: LogitStore, *, sample: int = 2000) -> list[dict]:
     """Bytes per image for one epoch of teacher output, stored four ways.
 
     'this store' is measured on disk; 'official record' is the official 4 + 4k format;
-    'dense fp32 logits' keeps every class; 'original plan's pickle' is measured by pickling, in
-    memory, the layout the original plan proposed (a dict from string ID to (k values, k indices)
-    as Python lists) for `sample` records. The pickle is never written or loaded.
+    'dense fp32 logits' keeps every class; 'a pickle of top-k lists' is measured by pickling, in
+    memory, the naive layout this project's first design proposed (a dict from string ID to
+    (k values, k indices) as Python lists) for `sample` records. The pickle is never written or loaded.
     """
-    import pickle  # measuring the original plan's format's size only: this project never writes pickles
+    import pickle  # measuring the naive layout's size only: this project never writes pickles
 
     header = store.header
     n = min(sample, header.size)
@@ -741,7 +741,7 @@ def storage_comparison(store: LogitStore, *, sample: int = 2000) -> list[dict]:
         ),
         dict(format=f"official record (4 + 4k, k={header.k})", bytes_per_image=official_record_bytes(header.k)),
         dict(format=f"dense fp32 logits ({header.num_classes} classes)", bytes_per_image=4 * header.num_classes),
-        dict(format="original plan's pickle of top-k lists", bytes_per_image=len(pickle.dumps(original_layout)) / n),
+        dict(format="a pickle of top-k lists by ID (naive)", bytes_per_image=len(pickle.dumps(original_layout)) / n),
     ]
 
 
