@@ -103,6 +103,18 @@ def test_a_checkpoint_is_known_by_its_weights(tmp_path):
     assert checkpoint_identity(tmp_path / "missing.pt") is None and checkpoint_identity(None) is None
 
 
+def test_a_data_folder_inside_the_project_is_named_relative_to_it(tmp_path, monkeypatch):
+    # Notebook 06's image folder lives under the project's build/: a fresh clone elsewhere is the same run.
+    spec = _spec(tmp_path)
+    here = replace(spec, data=replace(spec.data, root=str(experiment.project_root() / "build" / "images")))
+    digest = spec_digest(here)
+    monkeypatch.setattr(experiment, "project_root", lambda: tmp_path / "clone")
+    clone = replace(spec, data=replace(spec.data, root=str(tmp_path / "clone" / "build" / "images")))
+    assert spec_digest(clone) == digest
+    elsewhere = replace(spec, data=replace(spec.data, root=str(tmp_path / "images")))  # outside: its own path
+    assert spec_digest(elsewhere) != digest
+
+
 def test_a_moved_project_reuses_its_runs(tmp_path):
     # Runs and the store they were distilled from move together (a renamed or copied project folder):
     # the paths change, the content does not, so nothing is retrained.

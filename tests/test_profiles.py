@@ -115,10 +115,10 @@ def test_a_wrong_value_is_refused_by_name(make, message):
 def test_every_profile_sweeps_within_its_store_and_spans_its_patience_curve():
     for profile in PROFILES.values():
         assert max(profile.sweep.ks) <= profile.k and profile.sweep.epochs <= profile.replay_epochs
-        if profile.name != "fast":  # a result: at least 3 schedule lengths spanning at least 4x (long: 64x), 3 seeds
-            span = 64 if profile.name == "long" else 4
-            assert len(profile.patience) >= 3 and max(profile.patience) >= span * min(profile.patience)
-            assert len(profile.seeds) >= 3 and profile.student.epochs in profile.patience
+        if profile.name != "fast":  # a result: 3 seeds, schedule lengths spanning at least 4x (long: 3 or more, 64x)
+            lengths, span = (3, 64) if profile.name == "long" else (2, 4)
+            assert len(profile.patience) >= lengths and max(profile.patience) >= span * min(profile.patience)
+            assert len(profile.seeds) >= 3
 
 
 def test_the_default_replay_student_is_pinned_field_by_field(default):

@@ -25,7 +25,7 @@ from .logit_store import LogitStore, StoreMismatch
 from .stats import condition_summary, paired_gain
 from .teachers import build_model, load_weights, start_from
 from .trainer import TrainConfig, TrainResult, evaluate, pick_device, saved_config, train, training_autocast
-from .utils import FileLock, atomic_write_text, check_writable_folder, load_checkpoint
+from .utils import FileLock, atomic_write_text, check_writable_folder, load_checkpoint, project_root
 
 __all__ = [
     "RunSpec",
@@ -397,8 +397,13 @@ def _movable_run(spec: dict) -> dict:
 
 
 def _movable_data(data_spec: dict) -> dict:
-    """A data spec without how its files were checked, which is not part of what a run is."""
-    return {**data_spec, "verify_files": None, "check_images": None}
+    """A data spec without how its files were checked, which is not part of what a run is, and with
+    a data folder inside the project named relative to it (notebook 06's image folder under build/),
+    so that a fresh clone or a moved project is the same run."""
+    root = data_spec.get("root")
+    if root and Path(root).resolve().is_relative_to(project_root()):
+        root = Path(root).resolve().relative_to(project_root()).as_posix()
+    return {**data_spec, "root": root, "verify_files": None, "check_images": None}
 
 
 def load_trained(path: str | Path) -> nn.Module:

@@ -28,6 +28,7 @@ from .augment import AUGMENT_PRESETS
 from .data import DATASETS, DataSpec, dataset_channels
 from .experiment import RunSpec
 from .trainer import TrainConfig
+from .utils import project_root
 
 __all__ = [
     "Budget",
@@ -442,11 +443,6 @@ def scratch(profile: Profile, *, own_teacher_and_stores: bool = False) -> Profil
         figures_folder=f"{SCRATCH_DIR}/figures",
         stores_from=None if own_teacher_and_stores else profile.out_dir,
     )
-
-
-def project_root() -> Path:
-    """The repository folder (the parent of the installed `tinyvit_lib` package)."""
-    return Path(__file__).resolve().parent.parent
 
 
 def resolve_profile(name: str) -> Profile:

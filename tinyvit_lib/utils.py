@@ -40,6 +40,7 @@ __all__ = [
     "rank_world",
     "load_checkpoint",
     "save_checkpoint",
+    "project_root",
     "checkpoint_bytes",
 ]
 
@@ -113,6 +114,11 @@ def checkpoint_bytes(obj: dict) -> memoryview:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getbuffer()
+
+
+def project_root() -> Path:
+    """The repository folder (the parent of the installed `tinyvit_lib` package)."""
+    return Path(__file__).resolve().parent.parent
 
 
 def save_checkpoint(obj: dict, path: str | Path) -> Path:
