@@ -34,16 +34,15 @@ from .model import inference_copy
 from .utils import (
     FileLock,
     all_reduce_sum,
-    atomic_write,
     atomic_write_text,
     autocast_by_default,
-    checkpoint_bytes,
     cpu_has_native_bf16,
     init_distributed,
     is_main_process,
     keep_freed_memory,
     load_checkpoint,
     rank_world,
+    save_checkpoint,
 )
 from .utils import progress as progress_bar
 
@@ -699,9 +698,7 @@ class CheckpointSaver:
         """Save the checkpoint of `state` under each of `names` (e.g. "best.pt", "last.pt")."""
         if not is_main_process():
             return
-        data = checkpoint_bytes(self.checkpoint(state))  # serialised once, written under each name
-        for name in names:
-            atomic_write(self.run_dir / name, lambda f: f.write(data))
+        save_checkpoint(self.checkpoint(state), *(self.run_dir / name for name in names))  # serialised once
         self.saved = self.saved or "last.pt" in names
 
 

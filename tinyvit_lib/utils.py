@@ -41,7 +41,6 @@ __all__ = [
     "load_checkpoint",
     "save_checkpoint",
     "project_root",
-    "checkpoint_bytes",
 ]
 
 # What torch.load raises on a file that is not a checkpoint it may read: truncated or not a zip
@@ -109,26 +108,24 @@ def check_writable_folder(path: str | Path, *, what: str) -> None:
         raise ValueError(f"{what} {path} cannot be written: {existing} is read-only (file system or permissions)")
 
 
-def checkpoint_bytes(obj: dict) -> memoryview:
-    """`torch.save(obj)` into memory: the bytes of a checkpoint file, to write once or several times."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getbuffer()
-
-
 def project_root() -> Path:
     """The repository folder (the parent of the installed `tinyvit_lib` package)."""
     return Path(__file__).resolve().parent.parent
 
 
-def save_checkpoint(obj: dict, path: str | Path) -> Path:
-    """`torch.save(obj)` to `path`, atomically (see `atomic_write`).
+def save_checkpoint(obj: dict, path: str | Path, *more: str | Path) -> Path:
+    """`torch.save(obj)` to `path` (and to each of `more`), atomically (see `atomic_write`).
 
-    The checkpoint is serialised in memory first: torch.save streaming into a file that hits a full
-    disk reports a confusing RuntimeError, while a plain write raises OSError (ENOSPC) naming the cause.
+    The checkpoint is serialised in memory once, then written: torch.save streaming into a file that
+    hits a full disk reports a confusing RuntimeError, while a plain write raises OSError (ENOSPC)
+    naming the cause. Returns `path`.
     """
-    data = checkpoint_bytes(obj)
-    return atomic_write(path, lambda f: f.write(data))
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getbuffer()
+    for target in (path, *more):
+        atomic_write(target, lambda f: f.write(data))
+    return Path(path)
 
 
 def load_checkpoint(path: str | Path) -> Any:
