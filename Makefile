@@ -58,7 +58,11 @@ test: $(VENV)/.ready  ## lint and format check, unit tests, then every notebook 
 	$(BIN)/ruff check $(LINTED) && $(BIN)/ruff format --check $(LINTED)
 	TINYVIT_FAST=1 $(BIN)/python -m pytest tests $(NOTEBOOKS) --nbval-lax --nbval-current-env -p no:cacheprovider
 
-lab: $(VENV)/.ready  ## open JupyterLab on the project kernel
+$(VENV)/.lab-ready: $(VENV)/.ready
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,lab]'
+	@touch $@
+
+lab: $(VENV)/.lab-ready  ## open JupyterLab on the project kernel (installs JupyterLab the first time)
 	$(BIN)/jupyter lab notebooks
 
 format: $(VENV)/.ready  ## apply ruff's formatting and safe lint fixes (what `make test` checks)

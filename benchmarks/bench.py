@@ -95,7 +95,9 @@ SECTIONS: dict[str, tuple[str, int, int]] = {
 ALL_SECTIONS = (*SECTIONS, "kernels", "distill", "epoch", "profile", "store", "onnx")
 NUM_CLASSES = 1000
 CONTENDED_SHARE = 0.2  # other processes' CPU use during a sample, in cores, above which it is retimed
-SAMPLE_S = 0.5  # a timed sample is this long at least: several steps of a fast contender
+FULL_SAMPLE_S = 0.5  # a timed sample is this long at least: several steps of a fast contender
+QUICK_SAMPLE_S = 0.05  # --quick: a smoke run, whose numbers time nothing
+SAMPLE_S = FULL_SAMPLE_S  # what this run uses (main sets it)
 
 
 @dataclass(frozen=True)
@@ -840,7 +842,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--policies", default=",".join(DEFAULT_POLICIES), help=f"comma-separated, from {', '.join(POLICIES)}"
     )
-    p.add_argument("--quick", action="store_true", help="batch 4, two warm-up steps and one timed sample: a smoke run")
+    p.add_argument(
+        "--quick", action="store_true", help="batch 4, two warm-up steps and one short timed sample: a smoke run"
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per contender before timing")
     p.add_argument("--repeats", type=int, default=5, help="timed samples per contender (median)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -953,7 +957,7 @@ def further_sections(
             results["store"] = store_section(Path(tmp), quick=quick)
     if "onnx" in sections:
         print("the exported model: onnxruntime (CPU provider, fp32) beside PyTorch eager, the same batch, in turns")
-        results["onnx"] = onnx_section(quick=quick, repeats=1 if quick else max(repeats, 3))
+        results["onnx"] = onnx_section(quick=quick, repeats=1 if quick else max(repeats, 3), sample_s=SAMPLE_S)
     return results
 
 
@@ -975,6 +979,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     warmup, repeats, batch = (2, 1, 4) if args.quick else (args.warmup, args.repeats, None)
+    global SAMPLE_S
+    SAMPLE_S = QUICK_SAMPLE_S if args.quick else FULL_SAMPLE_S
     device = pick_device(args.device)
     started = time.perf_counter()
     info = machine()

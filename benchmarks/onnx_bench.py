@@ -1,6 +1,6 @@
 """`make bench`, section "onnx": the exported TinyViT-5M in onnxruntime beside PyTorch eager.
 
-For each size (32 with batch 256, 224 with batch 64; batch 4 with `--quick`) the model is exported
+For each size (32 with batch 256, 224 with batch 64; `--quick`: 32 alone, batch 4) the model is exported
 with `tinyvit_lib.export.save_onnx` (which checks onnxruntime against PyTorch on the batch) and both
 are timed on the same batch in turns: images/s, median of the samples, in fp32 (onnxruntime's CPU
 provider runs fp32; PyTorch eager is timed in fp32 too, and under the inference policy's autocast
@@ -39,7 +39,7 @@ def _rate(step, images: int, repeats: int, min_seconds: float = 0.5) -> float:
     return statistics.median(rates)
 
 
-def onnx_row(img_size: int, batch: int, folder: Path, *, repeats: int) -> dict:
+def onnx_row(img_size: int, batch: int, folder: Path, *, repeats: int, sample_s: float = 0.5) -> dict:
     """Export TinyViT-5M at `img_size` and time it on one batch: PyTorch eager fp32 (and bf16 autocast
     where the CPU has it natively) against onnxruntime fp32; images/s and the largest logit difference."""
     import onnxruntime
@@ -61,20 +61,21 @@ def onnx_row(img_size: int, batch: int, folder: Path, *, repeats: int) -> dict:
         img_size=img_size,
         batch=batch,
         max_abs_logit_diff=gap,
-        torch_fp32=_rate(eager, batch, repeats),
-        onnxruntime_fp32=_rate(lambda: session.run(None, feed), batch, repeats),
+        torch_fp32=_rate(eager, batch, repeats, sample_s),
+        onnxruntime_fp32=_rate(lambda: session.run(None, feed), batch, repeats, sample_s),
     )
     if cpu_has_native_bf16():
-        row["torch_bf16"] = _rate(lambda: eager(True), batch, repeats)
+        row["torch_bf16"] = _rate(lambda: eager(True), batch, repeats, sample_s)
     return row
 
 
-def onnx_section(*, quick: bool, repeats: int) -> list[dict]:
-    """One row per size (`CASES`; batch 4 with `quick`), printed as it is measured."""
+def onnx_section(*, quick: bool, repeats: int, sample_s: float = 0.5) -> list[dict]:
+    """One row per size (`CASES`; with `quick`, 32 alone at batch 4: each export takes seconds), printed as
+    it is measured."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="tinyvit-onnx-bench-") as tmp:
-        for img_size, batch in CASES:
-            row = onnx_row(img_size, 4 if quick else batch, Path(tmp), repeats=repeats)
+        for img_size, batch in CASES[:1] if quick else CASES:
+            row = onnx_row(img_size, 4 if quick else batch, Path(tmp), repeats=repeats, sample_s=sample_s)
             rows.append(row)
             extra = f", torch bf16 {row['torch_bf16']:,.1f}" if "torch_bf16" in row else ""
             print(
