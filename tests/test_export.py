@@ -87,8 +87,8 @@ def test_the_cli_refuses_in_one_line_and_writes_nothing(trained, tmp_path, capsy
 
 
 def test_onnx_runs_in_onnxruntime_as_in_pytorch_and_carries_the_input_description(tmp_path):
-    # 224x224, one channel: maps of 56, 28, 14, 7 in 7, 7, 14, 7 windows (several windows per map, padded
-    # in stage 1). The CLI's test exports a trained model at 32x32 with three channels (each export
+    # 224x224, one channel: stages 1-3 attend on maps of 28, 14, 7 in windows of 7, 14, 7 (16 windows per
+    # map in stage 1). The CLI's test exports a trained model at 32x32 with three channels (each export
     # takes seconds).
     img_size, in_chans = 224, 1
     onnx = pytest.importorskip("onnx")

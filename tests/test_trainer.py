@@ -254,7 +254,12 @@ def test_two_process_ddp_matches_one_process(tmp_path):
         return json.loads(line.split(" ", 1)[1])
 
     # The two runs start together: most of a run is starting Python and importing torch.
-    one, two = (result(p) for p in [launch(1), launch(2)])
+    processes = [launch(1), launch(2)]
+    try:
+        one, two = (result(p) for p in processes)
+    finally:
+        for p in processes:
+            p.kill()  # a no-op for a finished process; none outlives a failed assertion
     assert two["step"] == one["step"] == 3 * (512 // 64)
     # Same global batch and schedule; only BatchNorm statistics (per process) and the data split differ.
     assert abs(two["val_loss"] - one["val_loss"]) < 0.25 * one["val_loss"] + 0.05
