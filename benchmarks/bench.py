@@ -145,6 +145,7 @@ def machine() -> dict:
         cpu=cpu,
         isa=torch.backends.cpu.get_cpu_capability(),  # PyTorch's kernels (ATEN_CPU_CAPABILITY caps it)
         onednn_max_isa=os.environ.get("ONEDNN_MAX_CPU_ISA", "default"),
+        mkl_isa=os.environ.get("MKL_ENABLE_INSTRUCTIONS", "default"),  # torch.matmul and nn.Linear go through MKL
         native_bf16=cpu_has_native_bf16(),
         cores=os.cpu_count(),
         threads=torch.get_num_threads(),
@@ -858,7 +859,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--isa",
         choices=["native", "avx2"],
         default="native",
-        help="avx2: run as on an AVX2-only CPU (PyTorch's and oneDNN's kernels capped at AVX2, no native bf16, "
+        help="avx2: run as on an AVX2-only CPU (PyTorch's, oneDNN's and MKL's kernels capped at AVX2, no native bf16, "
         "so the fp32 policy), in a fresh process",
     )
     p.add_argument(
@@ -873,9 +874,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def rerun_as_avx2(argv: list[str]) -> int:
     """Run this benchmark again in a process whose kernels are capped at AVX2 (the caps must be set
-    before torch loads); returns its exit status."""
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
-    return subprocess.call([sys.executable, "-m", "benchmarks.bench", *argv], env=env)
+    before torch loads); returns its exit status. All three libraries need their own cap: PyTorch's
+    elementwise kernels, oneDNN's convolutions, and MKL's GEMMs (torch.matmul, nn.Linear), which
+    would otherwise keep AVX-512 and double the fp32 peak."""
+    return subprocess.call([sys.executable, "-m", "benchmarks.bench", *argv], env=dict(os.environ, **AVX2_CAPS))
+
+
+# Environment variables that cap each library's kernels at AVX2; read when torch loads.
+AVX2_CAPS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
 def model_sections(
@@ -963,7 +969,7 @@ def further_sections(
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.isa == "avx2" and torch.backends.cpu.get_cpu_capability() != "AVX2":
+    if args.isa == "avx2" and any(os.environ.get(k, "").upper() != v.upper() for k, v in AVX2_CAPS.items()):
         return rerun_as_avx2(sys.argv[1:] if argv is None else argv)
     sections = [s for s in args.sections.split(",") if s]
     policies = [s for s in args.policies.split(",") if s]
@@ -986,9 +992,10 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     info["malloc_keeps_freed_memory"] = False if args.system_malloc else keep_freed_memory()
     print(
-        f"machine: {info['cpu']} (kernels {info['isa']}, oneDNN {info['onednn_max_isa']}, native bf16 "
-        f"{info['native_bf16']}), {info['cores']} cores, {info['threads']} torch threads, torch {info['torch']}, "
-        f"timm {info['timm']}, device {device}, glibc keeps freed memory: {info['malloc_keeps_freed_memory']}"
+        f"machine: {info['cpu']} (kernels {info['isa']}, oneDNN {info['onednn_max_isa']}, MKL {info['mkl_isa']}, "
+        f"native bf16 {info['native_bf16']}), {info['cores']} cores, {info['threads']} torch threads, "
+        f"torch {info['torch']}, timm {info['timm']}, device {device}, "
+        f"glibc keeps freed memory: {info['malloc_keeps_freed_memory']}"
     )
     results: dict = dict(
         machine=info, device=str(device), quick=args.quick, policies={name: asdict(POLICIES[name]) for name in policies}
