@@ -10,7 +10,8 @@ Prints, from one run on this machine:
     in the same run (a large fp32 and a large bf16 matmul);
   * the convolutions that the library's CPU speed rules single out (strided and tiny-map depthwise
     convolutions kept in fp32 under bf16 autocast, and computed as mixing matrices in fp32; a
-    one-pixel output, and in fp32 a 2x2 map, as a matrix product), forward and backward in fp32,
+    one-pixel output, and in fp32 a 2x2 map, as a matrix product, and a 3x3 convolution on a 4x4
+    or 8x8 map by Winograd's F(4x4, 3x3)), forward and backward in fp32,
     in bf16 as oneDNN runs them, and through the rules in bf16 and in fp32;
   * the cost of a training step that distills from a logit store, and from an online teacher,
     relative to a plain cross-entropy step, and the precompute's throughput;
@@ -191,7 +192,8 @@ def flops_per_image(model: nn.Module, task: str, img_size: int) -> float:
     step (the usual rule: the backward pass costs twice the forward; FlopCounterMode's own count of
     a depthwise convolution's backward is 14x its forward here, not a cost the kernels pay).
     Convolutions count every kernel tap, padding included (the usual convention), also where
-    `SmallMapConv2d` skips the taps that meet only padding."""
+    `SmallMapConv2d` skips the taps that meet only padding or does a quarter of the multiplies
+    (Winograd's F(4x4, 3x3)): the rate is the convolution's work over the time it took."""
     images = torch.randn(2, 3, img_size, img_size)
     plain = with_small_map_convs(copy.deepcopy(model).eval(), undo=True)
     for m in plain.modules():
@@ -475,7 +477,7 @@ class KernelCase:
     """A convolution that one of the library's CPU speed rules singles out, at the course's batch."""
 
     label: str
-    rule: str  # "depthwise in fp32" (ConvBN) or "small map as a matmul" (SmallMapConv2d)
+    rule: str  # "depthwise in fp32" (ConvBN), "small map as a matmul" or "Winograd F(4x4, 3x3)" (SmallMapConv2d)
     channels: int
     size: int  # the input map, size x size
     stride: int = 1
@@ -486,6 +488,8 @@ KERNEL_CASES = (
     KernelCase("depthwise 3x3 on 2x2", "depthwise in fp32", 160, 2),
     KernelCase("depthwise 3x3 stride 2 on 2x2", "depthwise in fp32", 320, 2, stride=2),
     KernelCase("depthwise 3x3 on 1x1", "depthwise in fp32", 320, 1),
+    KernelCase("3x3 on 8x8 (ResNet-18's first stage)", "Winograd F(4x4, 3x3)", 64, 8),
+    KernelCase("3x3 on 4x4 (ResNet-18's second stage)", "Winograd F(4x4, 3x3)", 128, 4),
     KernelCase("3x3 on 2x2 (ResNet-18's third stage)", "small map as a matmul", 256, 2),
     KernelCase("3x3 on 1x1 (ResNet-18's last stage)", "small map as a matmul", 512, 1),
 )
@@ -532,7 +536,7 @@ def kernel_section(*, device: torch.device, warmup: int, repeats: int, batch: in
     """Forward and backward (input and weight gradients) of each `KERNEL_CASES` layer, channels-last,
     as oneDNN runs it in fp32 and in bf16 autocast, and through the library's rules in bf16 and in
     fp32, timed in turns: the evidence for `model.ConvBN`'s fp32 depthwise convolutions under bf16,
-    its `small_map_depthwise` in fp32, and `SmallMapConv2d`."""
+    its `small_map_depthwise` in fp32, and `SmallMapConv2d` (its products and Winograd's algorithm)."""
     print(
         "the convolution rules (forward + backward, ms: oneDNN in fp32 and in bf16 autocast, and the library's "
         "layer in bf16 and in fp32; speed-ups of the rule in bf16 over oneDNN's bf16 and fp32, and in fp32)"

@@ -1,12 +1,14 @@
-"""Does computing convolutions on tiny maps as matrix products change what a model learns? In
+"""Does computing convolutions on small maps as matrix products change what a model learns? In
 fp32 on a CPU, `ConvBN` computes a depthwise convolution on a map of at most 4 pixels as mixing
-matrices (`model.small_map_depthwise`: the student) and `SmallMapConv2d` a 2x2 map's convolution as
-one product (`model.small_map_conv`: the teacher). Each model, every seed of the default profile, is
-trained and evaluated in fp32 with oneDNN's convolution on those maps and with the products; the two
-differ only in rounding. The student is the labels-only baseline; the teacher is notebook 02's
-ResNet-18 on 1,000 images per class of the pool (not all 5,500, to keep the check short). Run it
-where training is fp32 (an AVX2-only CPU, or `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2` on
-an AVX-512 one); elsewhere autocast keeps oneDNN's kernels and the two conditions are the same.
+matrices (`model.small_map_depthwise`: the student), and `SmallMapConv2d` a 2x2 map's convolution as
+one product (`model.small_map_conv`) and a 3x3 one on a 4x4 or 8x8 map by Winograd's F(4x4, 3x3)
+(`model.winograd_conv3x3`: the teacher). Each model, every seed of the default profile, is trained
+and evaluated in fp32 with oneDNN's convolution on those maps and with the products (the teacher
+also with the products and Winograd); the conditions differ only in rounding. The student is the
+labels-only baseline; the teacher is notebook 02's ResNet-18 on 1,000 images per class of the pool
+(not all 5,500, to keep the check short). Run it where training is fp32 (an AVX2-only CPU, or
+`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2` on an AVX-512
+one); elsewhere autocast keeps oneDNN's kernels and the conditions are the same.
 
     python scripts/compare_small_map.py --out results/default/small_map_check.json
 
@@ -29,7 +31,18 @@ from tinyvit_lib.profiles import distillation_runs, resolve_profile, teacher_spe
 from tinyvit_lib.stats import describe_gain, paired_gain
 from tinyvit_lib.utils import atomic_write_text, cpu_has_native_bf16
 
-KERNELS = {"oneDNN": False, "products": True}
+# Per model, each condition's (small_map_products, winograd) switches.
+CONDITIONS = {
+    "student": {"oneDNN": (False, False), "products": (True, False)},
+    "teacher": {"oneDNN": (False, False), "products": (True, False), "products+Winograd": (True, True)},
+}
+COMPARED = {"student": [("products", "oneDNN")], "teacher": [("products", "oneDNN"), ("products+Winograd", "products")]}
+
+
+def use_kernels(small_map_products: bool, winograd: bool) -> None:
+    """Switch every model's small-map paths (class attributes, read at each forward pass)."""
+    ConvBN.small_map_products = SmallMapConv2d.small_map_products = small_map_products
+    SmallMapConv2d.winograd = winograd
 
 
 TEACHER_IMAGES_PER_CLASS = 1000
@@ -47,7 +60,7 @@ def spec_for(P, model: str, seed: int, runs: Path, kernels: str):
             data=replace(spec.data, max_per_class=TEACHER_IMAGES_PER_CLASS),
             train=replace(spec.train, seed=seed),
         )
-    return replace(spec, output_dir=str(runs / model / kernels.replace(" ", "_")))
+    return replace(spec, output_dir=str(runs / model / kernels.replace("+", "_")))
 
 
 def main() -> None:
@@ -59,9 +72,9 @@ def main() -> None:
         raise SystemExit("this CPU trains in bf16 by default: cap it at AVX2 (see the docstring) to compare fp32 paths")
     P = resolve_profile("default")
     rows = []
-    for model in ("student", "teacher"):
-        for kernels, on in KERNELS.items():
-            ConvBN.small_map_products = SmallMapConv2d.small_map_products = on
+    for model, conditions in CONDITIONS.items():
+        for kernels, switches in conditions.items():
+            use_kernels(*switches)
             for seed in P.seeds:
                 spec = spec_for(P, model, seed, args.runs, kernels)
                 result = run_or_reuse(spec, progress=False)
@@ -70,11 +83,12 @@ def main() -> None:
                 row.update(epoch_time_s=[r["epoch_time_s"] for r in result.history])
                 rows.append(dict(row, isa=torch.backends.cpu.get_cpu_capability()))
                 print(rows[-1], flush=True)
-    ConvBN.small_map_products = SmallMapConv2d.small_map_products = True
+    use_kernels(True, True)
     atomic_write_text(args.out, json.dumps(rows, indent=1) + "\n")
-    for model in ("student", "teacher"):
-        gain = paired_gain([r for r in rows if r["model"] == model], "products", "oneDNN", "val_top1")
-        print(f"{model}, validation top-1, products - oneDNN: {describe_gain(gain)}, per seed {gain['per_seed']}")
+    for model, pairs in COMPARED.items():
+        for new, old in pairs:
+            gain = paired_gain([r for r in rows if r["model"] == model], new, old, "val_top1")
+            print(f"{model}, validation top-1, {new} - {old}: {describe_gain(gain)}, per seed {gain['per_seed']}")
 
 
 if __name__ == "__main__":

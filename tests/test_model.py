@@ -25,6 +25,7 @@ from tinyvit_lib.model import (
     small_map_conv,
     small_map_depthwise,
     stage_resolutions,
+    winograd_conv3x3,
     with_small_map_convs,
 )
 
@@ -313,6 +314,96 @@ def test_small_map_conv_keeps_onednn_under_bf16_autocast(monkeypatch):
     assert not calls  # so the bf16 training of the committed results is unchanged
     conv(x)
     assert calls == [1]
+
+
+@pytest.mark.parametrize(
+    "conv, shape, winograd",
+    [
+        (dict(kernel_size=3, padding=1, bias=False), (8, 8), True),  # ResNet-18's first stage at 32x32
+        (dict(kernel_size=3, padding=1, bias=False), (4, 4), True),  # its second
+        (dict(kernel_size=3, padding=1), (4, 8), True),  # a 4x8 map, with a bias
+        (dict(kernel_size=3, padding=1), (12, 12), False),  # 144 pixels: the transforms would cost more
+        (dict(kernel_size=3, padding=1), (6, 6), False),  # sides not multiples of 4
+        (dict(kernel_size=3, stride=2, padding=1), (8, 8), False),
+        (dict(kernel_size=3), (8, 8), False),  # no padding
+        (dict(kernel_size=5, padding=2), (8, 8), False),
+        (dict(kernel_size=3, padding=1, groups=2), (8, 8), False),
+        (dict(kernel_size=3, padding=1, dilation=2), (8, 8), False),
+    ],
+)
+def test_winograd_conv3x3_is_the_convolution_with_its_gradients(conv, shape, winograd, monkeypatch):
+    from tinyvit_lib import model as model_module
+
+    calls = []
+    monkeypatch.setattr(model_module, "winograd_conv3x3", lambda *a: calls.append(1) or winograd_conv3x3(*a))
+    torch.manual_seed(0)
+    plain = torch.nn.Conv2d(8, 12, **conv)
+    fast = with_small_map_convs(copy.deepcopy(plain))
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(5, 8, *shape).contiguous(memory_format=memory_format).requires_grad_()
+        x_fast = x.detach().clone().requires_grad_()
+        out, out_fast = plain(x), fast(x_fast)
+        torch.testing.assert_close(out_fast, out, atol=1e-5, rtol=1e-4)  # F(4x4, 3x3) rounds a little worse
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        out_fast.backward(grad)
+        torch.testing.assert_close(x_fast.grad, x.grad, atol=1e-5, rtol=1e-4)
+        for name, param in plain.named_parameters():  # sums over the batch and the map: grads of about 20
+            scale = param.grad.abs().max().item()
+            torch.testing.assert_close(getattr(fast, name).grad, param.grad, atol=2e-5 * scale, rtol=1e-4)
+        plain.zero_grad()
+        fast.zero_grad()
+    assert len(calls) == (2 if winograd else 0)
+
+
+def test_winograd_error_against_float64_stays_fp32_rounding():
+    torch.manual_seed(0)
+    x = torch.randn(16, 64, 8, 8).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(64, 64, 3, 3) / 24  # outputs of about unit scale, as after a BatchNorm
+    exact = torch.nn.functional.conv2d(x.double(), w.double(), padding=1)
+    for out in (winograd_conv3x3(x, w, None), torch.nn.functional.conv2d(x, w, padding=1)):
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert (out.double() - exact).abs().max() < 1e-5 * exact.abs().max()
+
+
+def test_winograd_keeps_onednn_under_bf16_autocast_and_when_switched_off(monkeypatch):
+    from tinyvit_lib import model as model_module
+
+    calls = []
+    monkeypatch.setattr(model_module, "winograd_conv3x3", lambda *a: calls.append(1) or winograd_conv3x3(*a))
+    conv = with_small_map_convs(torch.nn.Conv2d(8, 8, 3, padding=1))
+    x = torch.randn(4, 8, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv(x).dtype == torch.bfloat16
+    assert not calls  # so the bf16 training of the committed results is unchanged
+    conv.winograd = False
+    conv(x)
+    assert not calls
+    conv.winograd = True
+    conv(x)
+    assert calls == [1]
+
+
+def test_a_whole_resnet18_step_with_winograd_matches_onednn(monkeypatch):
+    from tinyvit_lib import model as model_module
+    from tinyvit_lib.teachers import build_model
+
+    calls = []
+    monkeypatch.setattr(model_module, "winograd_conv3x3", lambda *a: calls.append(1) or winograd_conv3x3(*a))
+    torch.manual_seed(0)
+    fast = build_model("resnet18", num_classes=10, img_size=32).train()
+    slow = copy.deepcopy(fast)
+    for m in slow.modules():
+        if isinstance(m, SmallMapConv2d):
+            m.winograd = False
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8)
+    losses = [torch.nn.functional.cross_entropy(model(x), y) for model in (fast, slow)]
+    for loss in losses:
+        loss.backward()
+    assert len(calls) == 7  # the first stage's four 3x3 convolutions (8x8), the second's three of stride 1 (4x4)
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
+    for (name, a), b in zip(fast.named_parameters(), slow.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-3, msg=name)
 
 
 @pytest.mark.parametrize("side", [1, 2])

@@ -52,6 +52,7 @@ __all__ = [
     "SmallMapConv2d",
     "with_small_map_convs",
     "small_map_conv",
+    "winograd_conv3x3",
     "PatchEmbed",
     "MBConv",
     "PatchMerging",
@@ -250,16 +251,20 @@ class SmallMapConv2d(nn.Conv2d):
     * an output of one pixel: the input pixels under the kernel times the kernel taps they meet
       (the others meet only padding), in any precision; the same function and gradients;
     * in fp32 on a CPU, an input of at most 4 pixels (a 2x2 map): `small_map_conv`, one product
-      with a matrix gathered from the taps; the same function, rounding aside.
+      with a matrix gathered from the taps; the same function, rounding aside;
+    * in fp32 on a CPU, a 3x3 convolution with stride 1 and padding 1 on a 4x4 or 8x8 map:
+      `winograd_conv3x3`, a quarter of the multiplies; the same function, rounding aside.
 
-    Why: at 32x32 a ResNet ends on 2x2 and 1x1 maps, where oneDNN's convolution kernels are slow,
-    above all on the weight gradient, which is one small matrix product. `make bench` times the
-    layer ("kernels"; docs/performance.md). Under bf16 autocast a 2x2 map keeps oneDNN's kernel.
-    `with_small_map_convs` turns a model's convolutions into these; `inference_copy` turns them
-    back, to fold BatchNorm into them. Set `small_map_products = False` for oneDNN's kernel on
-    the 2x2 maps."""
+    Why: at 32x32 a ResNet works on 8x8, 4x4, 2x2 and 1x1 maps, where oneDNN's convolution kernels
+    are slow on the smallest (above all the weight gradient, one small matrix product) and its
+    3x3 kernels on the others already run at the fp32 matmul peak, so only less work is faster.
+    `make bench` times the layers ("kernels"; docs/performance.md). Under bf16 autocast every map
+    keeps oneDNN's kernel. `with_small_map_convs` turns a model's convolutions into these;
+    `inference_copy` turns them back, to fold BatchNorm into them. Set `small_map_products = False`
+    for oneDNN's kernel on the 2x2 maps, `winograd = False` on the 4x4 and 8x8 ones."""
 
     small_map_products: bool = True
+    winograd: bool = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         window = _one_pixel_window(self, x)
@@ -267,6 +272,8 @@ class SmallMapConv2d(nn.Conv2d):
             return self._one_pixel(x, window)
         if self._as_one_product(x):
             return small_map_conv(x, self.weight, self.bias, self.stride, self.padding)
+        if self._as_winograd(x):
+            return winograd_conv3x3(x, self.weight, self.bias)
         return super().forward(x)
 
     def _one_pixel(self, x: torch.Tensor, window: tuple[tuple[int, int], tuple[int, int]]) -> torch.Tensor:
@@ -293,6 +300,27 @@ class SmallMapConv2d(nn.Conv2d):
             and self.padding_mode == "zeros"
             and not isinstance(self.padding, str)
             and all(n + 2 * p >= k for n, p, k in zip(x.shape[-2:], self.padding, self.kernel_size))
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
+        )
+
+    def _as_winograd(self, x: torch.Tensor) -> bool:
+        """Whether `x` goes through `winograd_conv3x3`: fp32 on a CPU outside autocast, a batched 4x4
+        or 8x8 map (sides multiples of 4, at most 64 pixels), an ungrouped 3x3 convolution with
+        stride 1, zero padding 1 and no dilation."""
+        return (
+            self.winograd
+            and x.dim() == 4
+            and x.shape[-2] % 4 == 0
+            and x.shape[-1] % 4 == 0
+            and x.shape[-2] * x.shape[-1] <= 64
+            and self.kernel_size == (3, 3)
+            and self.stride == (1, 1)
+            and self.padding == (1, 1)
+            and self.groups == 1
+            and self.dilation == (1, 1)
+            and self.padding_mode == "zeros"
             and x.device.type == "cpu"
             and x.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")
@@ -405,6 +433,80 @@ def small_map_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     out = F.linear(pixels, matrix, None if bias is None else bias.repeat(outputs))  # (B, Ho * Wo * C_out)
     Ho = (H + 2 * pair(padding)[0] - kh) // pair(stride)[0] + 1
     return out.view(B, Ho, -1, C_out).permute(0, 3, 1, 2)
+
+
+# Winograd's minimal filtering F(4x4, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural
+# Networks", CVPR 2016): a 6x6 input tile gives a 4x4 output tile of a 3x3 convolution as
+# A^T [(G g G^T) * (B^T d B)] A, 36 products per channel pair where the convolution does 144.
+_WINOGRAD_BT = (
+    (4, 0, -5, 0, 1, 0),
+    (0, -4, -4, 1, 1, 0),
+    (0, 4, -4, -1, 1, 0),
+    (0, -2, -1, 2, 1, 0),
+    (0, 2, -1, -2, 1, 0),
+    (0, 4, 0, -5, 0, 1),
+)
+_WINOGRAD_G = (
+    (1 / 4, 0, 0),
+    (-1 / 6, -1 / 6, -1 / 6),
+    (-1 / 6, 1 / 6, -1 / 6),
+    (1 / 24, 1 / 12, 1 / 6),
+    (1 / 24, -1 / 12, 1 / 6),
+    (0, 0, 1),
+)
+_WINOGRAD_AT = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))
+
+
+@functools.lru_cache(maxsize=16)
+def _winograd_arrays(size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The float32 transforms of `winograd_conv3x3` on a `size` map of T = (H / 4) * (W / 4) tiles:
+    the input's (36 * T, H * W), which gathers each tile's 6x6 pixels (padding 1 folded in: the
+    taps that meet it are left out) and transforms them, row e * T + t for element e of tile t;
+    the kernel's (36, 9); the output's (H * W, 36 * T), which transforms each tile back and puts
+    its 4x4 pixels in place."""
+    H, W = size
+    bt, g, at = (np.array(m, dtype=np.float64) for m in (_WINOGRAD_BT, _WINOGRAD_G, _WINOGRAD_AT))
+    to_elements, to_pixels = np.kron(bt, bt), np.kron(at, at)  # (36, 36 tile pixels), (16, 36)
+    tiles = [(ty, tx) for ty in range(H // 4) for tx in range(W // 4)]
+    gather = np.zeros((36 * len(tiles), H * W))
+    scatter = np.zeros((H * W, 36 * len(tiles)))
+    for t, (ty, tx) in enumerate(tiles):
+        for i, j in np.ndindex(6, 6):  # tile pixel (i, j) is map pixel (4 ty + i - 1, 4 tx + j - 1)
+            r, c = 4 * ty + i - 1, 4 * tx + j - 1
+            if 0 <= r < H and 0 <= c < W:
+                gather[t :: len(tiles), r * W + c] = to_elements[:, i * 6 + j]
+        for i, j in np.ndindex(4, 4):
+            scatter[(4 * ty + i) * W + 4 * tx + j, t :: len(tiles)] = to_pixels[i * 4 + j]
+    return gather.astype(np.float32), np.kron(g, g).astype(np.float32), scatter.astype(np.float32)
+
+
+def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A 3x3 convolution (stride 1, padding 1, ungrouped) of `x` (B, C_in, H, W) with `weight`
+    (C_out, C_in, 3, 3) by Winograd's F(4x4, 3x3): each 6x6 input tile and each kernel transformed,
+    36 batched products over the channels, each output tile transformed back. The transforms are
+    matrix products too (`_winograd_arrays`: the tiles' gathering and the padding folded in), so
+    forward and backward are five products and two layout copies.
+
+    The same function as `F.conv2d(x, weight, bias, padding=1)`, rounding aside: the transforms'
+    constants (up to 25 and 1/24) make its error against float64 several times oneDNN's (on a
+    64-channel 8x8 layer about 4e-5 against 5e-6, on outputs of about 5), still fp32 rounding.
+    It does a quarter of the convolution's multiplies where the transforms cost little: on maps
+    of 4x4 and 8x8 (`SmallMapConv2d` uses it there; the transforms grow with the map's pixels
+    squared). Returns a channels-last (B, C_out, H, W). It checks nothing: H and W must be
+    multiples of 4 (`SmallMapConv2d._as_winograd`)."""
+    B, C, H, W = x.shape
+    C_out = weight.shape[0]
+    gather, kernel, scatter = (torch.from_numpy(a).to(x.device) for a in _winograd_arrays((int(H), int(W))))
+    tiles = gather.shape[0] // 36
+    pixels = x.permute(2, 3, 0, 1).reshape(H * W, B * C)  # (P, B * C_in)
+    elements = (gather @ pixels).view(36, tiles * B, C)  # (36, T * B, C_in)
+    taps = (kernel @ weight.permute(2, 3, 1, 0).reshape(9, C * C_out)).view(36, C, C_out)  # (36, C_in, C_out)
+    products = torch.bmm(elements, taps)  # (36, T * B, C_out)
+    out = (scatter @ products.view(36 * tiles, B * C_out)).view(H, W, B, C_out)  # (H, W, B, C_out)
+    out = out.permute(2, 0, 1, 3).contiguous()  # (B, H, W, C_out)
+    if bias is not None:
+        out = out + bias
+    return out.permute(0, 3, 1, 2)  # (B, C_out, H, W), channels-last
 
 
 class ConvBN(nn.Sequential):
