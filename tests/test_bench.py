@@ -30,7 +30,8 @@ def test_quick_bench_writes_every_number(tmp_path):
     assert set(results["matmul_peak_gflops"]) == {"fp32", "bf16"}
     assert set(results["ours_vs_timm_eager"]) == {"train32", "infer32"}
     assert results["ours_vs_timm_eager"]["train32"]["fast"]["vs_timm_matched"] > 0
-    assert [row["rule"] for row in results["kernels"]] == ["depthwise in fp32"] * 4 + ["small map as a matmul"] * 2
+    rules = ["depthwise in fp32"] * 4 + ["Winograd F(4x4, 3x3)"] * 2 + ["small map as a matmul"] * 2
+    assert [row["rule"] for row in results["kernels"]] == rules
     assert all(min(row["ms"].values()) > 0 and row["rule_vs_bf16"] > 0 for row in results["kernels"])
     assert all(row["fp32_rule_vs_fp32"] > 0 for row in results["kernels"])
     assert results["distill"]["store_vs_ce"] > 0 and results["distill"]["precompute_images_per_s"] > 0

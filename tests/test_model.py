@@ -257,6 +257,26 @@ def test_inference_copy_folds_batchnorm_and_leaves_the_model_alone():
             assert torch.allclose(runner(x.contiguous(memory_format=torch.channels_last)), expected, atol=1e-4)
 
 
+def assert_same_convolution(plain: torch.nn.Conv2d, fast: torch.nn.Conv2d, x: torch.Tensor, *, rtol: float) -> None:
+    """`fast(x)` is `plain(x)`, and so are the gradients of the input and of every parameter, up to
+    `rtol` (a parameter's gradient sums over the batch and the map, so its tolerance scales with
+    it). Leaves both modules' gradients at zero."""
+    x = x.detach().clone().requires_grad_()
+    x_fast = x.detach().clone().requires_grad_()
+    out, out_fast = plain(x), fast(x_fast)
+    assert out_fast.shape == out.shape
+    torch.testing.assert_close(out_fast, out, atol=1e-5, rtol=rtol)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    out_fast.backward(grad)
+    torch.testing.assert_close(x_fast.grad, x.grad, atol=1e-5, rtol=rtol)
+    for name, param in plain.named_parameters():
+        scale = max(1.0, param.grad.abs().max().item())
+        torch.testing.assert_close(getattr(fast, name).grad, param.grad, atol=1e-5 * scale, rtol=rtol)
+    plain.zero_grad()
+    fast.zero_grad()
+
+
 @pytest.mark.parametrize(
     "conv, shape, path",
     [
@@ -272,88 +292,57 @@ def test_inference_copy_folds_batchnorm_and_leaves_the_model_alone():
         (dict(kernel_size=3, padding=1), (3, 3), "convolution"),  # 9 pixels: the convolution itself
         (dict(kernel_size=3, stride=2, padding=1), (4, 4), "convolution"),
         (dict(kernel_size=3, padding=1, groups=4), (1, 1), "convolution"),  # grouped: the convolution itself
+        (dict(kernel_size=3, padding=1, bias=False), (8, 8), "winograd"),  # ResNet-18's first stage at 32x32
+        (dict(kernel_size=3, padding=1, bias=False), (4, 4), "winograd"),  # its second
+        (dict(kernel_size=3, padding=1), (4, 8), "winograd"),  # a 4x8 map, with a bias
+        (dict(kernel_size=3, padding=1), (12, 12), "convolution"),  # 144 pixels: the transforms would cost more
+        (dict(kernel_size=3, padding=1), (6, 6), "convolution"),  # sides not multiples of 4
+        (dict(kernel_size=3, stride=2, padding=1), (8, 8), "convolution"),
+        (dict(kernel_size=3), (8, 8), "convolution"),  # no padding
+        (dict(kernel_size=5, padding=2), (8, 8), "convolution"),
+        (dict(kernel_size=3, padding=1, groups=2), (8, 8), "convolution"),
+        (dict(kernel_size=3, padding=1, dilation=2), (8, 8), "convolution"),
     ],
 )
-def test_small_map_conv_is_the_convolution_with_its_gradients(conv, shape, path, monkeypatch):
+def test_small_map_convs_are_the_convolution_with_its_gradients(conv, shape, path, monkeypatch):
     from tinyvit_lib import model as model_module
 
-    calls = []
-    monkeypatch.setattr(model_module, "small_map_conv", lambda *a: calls.append(1) or small_map_conv(*a))
+    calls = {"product": [], "winograd": []}
+    monkeypatch.setattr(model_module, "small_map_conv", lambda *a: calls["product"].append(1) or small_map_conv(*a))
+    monkeypatch.setattr(
+        model_module, "winograd_conv3x3", lambda *a: calls["winograd"].append(1) or winograd_conv3x3(*a)
+    )
     torch.manual_seed(0)
     plain = torch.nn.Conv2d(8, 12, **conv)
     fast = with_small_map_convs(copy.deepcopy(plain))
     assert type(fast) is SmallMapConv2d and fast.state_dict().keys() == plain.state_dict().keys()
     for memory_format in (torch.contiguous_format, torch.channels_last):
-        x = torch.randn(5, 8, *shape).contiguous(memory_format=memory_format).requires_grad_()
+        x = torch.randn(5, 8, *shape).contiguous(memory_format=memory_format)
         assert (_one_pixel_window(fast, x) is not None) == (path == "one pixel")
-        x_fast = x.detach().clone().requires_grad_()
-        out, out_fast = plain(x), fast(x_fast)
-        assert out_fast.shape == out.shape
-        torch.testing.assert_close(out_fast, out, atol=1e-5, rtol=1e-5)
-        grad = torch.randn_like(out)
-        out.backward(grad)
-        out_fast.backward(grad)
-        torch.testing.assert_close(x_fast.grad, x.grad, atol=1e-5, rtol=1e-5)
-        for name, param in plain.named_parameters():
-            torch.testing.assert_close(getattr(fast, name).grad, param.grad, atol=1e-5, rtol=1e-5)
-        plain.zero_grad()
-        fast.zero_grad()
-    assert len(calls) == (2 if path == "product" else 0)
+        assert_same_convolution(plain, fast, x, rtol=1e-4 if path == "winograd" else 1e-5)  # F(4x4, 3x3) rounds worse
+    assert {name: len(made) for name, made in calls.items()} == {name: 2 * (name == path) for name in calls}
     assert type(with_small_map_convs(fast, undo=True)) is torch.nn.Conv2d
 
 
-def test_small_map_conv_keeps_onednn_under_bf16_autocast(monkeypatch):
+@pytest.mark.parametrize(
+    "side, path, switch", [(2, "small_map_conv", "small_map_products"), (8, "winograd_conv3x3", "winograd")]
+)
+def test_small_map_paths_keep_onednn_under_bf16_autocast_and_when_switched_off(side, path, switch, monkeypatch):
     from tinyvit_lib import model as model_module
 
-    calls = []
-    monkeypatch.setattr(model_module, "small_map_conv", lambda *a: calls.append(1) or small_map_conv(*a))
+    calls, function = [], getattr(model_module, path)
+    monkeypatch.setattr(model_module, path, lambda *a: calls.append(1) or function(*a))
     conv = with_small_map_convs(torch.nn.Conv2d(8, 8, 3, padding=1))
-    x = torch.randn(4, 8, 2, 2)
+    x = torch.randn(4, 8, side, side)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert conv(x).dtype == torch.bfloat16
     assert not calls  # so the bf16 training of the committed results is unchanged
+    setattr(conv, switch, False)
+    conv(x)
+    assert not calls
+    setattr(conv, switch, True)
     conv(x)
     assert calls == [1]
-
-
-@pytest.mark.parametrize(
-    "conv, shape, winograd",
-    [
-        (dict(kernel_size=3, padding=1, bias=False), (8, 8), True),  # ResNet-18's first stage at 32x32
-        (dict(kernel_size=3, padding=1, bias=False), (4, 4), True),  # its second
-        (dict(kernel_size=3, padding=1), (4, 8), True),  # a 4x8 map, with a bias
-        (dict(kernel_size=3, padding=1), (12, 12), False),  # 144 pixels: the transforms would cost more
-        (dict(kernel_size=3, padding=1), (6, 6), False),  # sides not multiples of 4
-        (dict(kernel_size=3, stride=2, padding=1), (8, 8), False),
-        (dict(kernel_size=3), (8, 8), False),  # no padding
-        (dict(kernel_size=5, padding=2), (8, 8), False),
-        (dict(kernel_size=3, padding=1, groups=2), (8, 8), False),
-        (dict(kernel_size=3, padding=1, dilation=2), (8, 8), False),
-    ],
-)
-def test_winograd_conv3x3_is_the_convolution_with_its_gradients(conv, shape, winograd, monkeypatch):
-    from tinyvit_lib import model as model_module
-
-    calls = []
-    monkeypatch.setattr(model_module, "winograd_conv3x3", lambda *a: calls.append(1) or winograd_conv3x3(*a))
-    torch.manual_seed(0)
-    plain = torch.nn.Conv2d(8, 12, **conv)
-    fast = with_small_map_convs(copy.deepcopy(plain))
-    for memory_format in (torch.contiguous_format, torch.channels_last):
-        x = torch.randn(5, 8, *shape).contiguous(memory_format=memory_format).requires_grad_()
-        x_fast = x.detach().clone().requires_grad_()
-        out, out_fast = plain(x), fast(x_fast)
-        torch.testing.assert_close(out_fast, out, atol=1e-5, rtol=1e-4)  # F(4x4, 3x3) rounds a little worse
-        grad = torch.randn_like(out)
-        out.backward(grad)
-        out_fast.backward(grad)
-        torch.testing.assert_close(x_fast.grad, x.grad, atol=1e-5, rtol=1e-4)
-        for name, param in plain.named_parameters():  # sums over the batch and the map: grads of about 20
-            scale = param.grad.abs().max().item()
-            torch.testing.assert_close(getattr(fast, name).grad, param.grad, atol=2e-5 * scale, rtol=1e-4)
-        plain.zero_grad()
-        fast.zero_grad()
-    assert len(calls) == (2 if winograd else 0)
 
 
 def test_winograd_error_against_float64_stays_fp32_rounding():
@@ -364,24 +353,6 @@ def test_winograd_error_against_float64_stays_fp32_rounding():
     for out in (winograd_conv3x3(x, w, None), torch.nn.functional.conv2d(x, w, padding=1)):
         assert out.is_contiguous(memory_format=torch.channels_last)
         assert (out.double() - exact).abs().max() < 1e-5 * exact.abs().max()
-
-
-def test_winograd_keeps_onednn_under_bf16_autocast_and_when_switched_off(monkeypatch):
-    from tinyvit_lib import model as model_module
-
-    calls = []
-    monkeypatch.setattr(model_module, "winograd_conv3x3", lambda *a: calls.append(1) or winograd_conv3x3(*a))
-    conv = with_small_map_convs(torch.nn.Conv2d(8, 8, 3, padding=1))
-    x = torch.randn(4, 8, 8, 8)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert conv(x).dtype == torch.bfloat16
-    assert not calls  # so the bf16 training of the committed results is unchanged
-    conv.winograd = False
-    conv(x)
-    assert not calls
-    conv.winograd = True
-    conv(x)
-    assert calls == [1]
 
 
 def test_a_whole_resnet18_step_with_winograd_matches_onednn(monkeypatch):

@@ -258,8 +258,8 @@ class SmallMapConv2d(nn.Conv2d):
     Why: at 32x32 a ResNet works on 8x8, 4x4, 2x2 and 1x1 maps, where oneDNN's convolution kernels
     are slow on the smallest (above all the weight gradient, one small matrix product) and its
     3x3 kernels on the others already run at the fp32 matmul peak, so only less work is faster.
-    `make bench` times the layers ("kernels"; docs/performance.md). Under bf16 autocast every map
-    keeps oneDNN's kernel. `with_small_map_convs` turns a model's convolutions into these;
+    `make bench` times the layers ("kernels"; docs/performance.md). Under bf16 autocast the 2x2,
+    4x4 and 8x8 maps keep oneDNN's kernels. `with_small_map_convs` turns a model's convolutions into these;
     `inference_copy` turns them back, to fold BatchNorm into them. Set `small_map_products = False`
     for oneDNN's kernel on the 2x2 maps, `winograd = False` on the 4x4 and 8x8 ones."""
 
