@@ -192,7 +192,7 @@ def flops_per_image(model: nn.Module, task: str, img_size: int) -> float:
     step (the usual rule: the backward pass costs twice the forward; FlopCounterMode's own count of
     a depthwise convolution's backward is 14x its forward here, not a cost the kernels pay).
     Convolutions count every kernel tap, padding included (the usual convention), also where
-    `SmallMapConv2d` skips the taps that meet only padding or does a quarter of the multiplies
+    `SmallMapConv2d` skips the taps that meet only padding or does fewer multiplies
     (Winograd's F(4x4, 3x3)): the rate is the convolution's work over the time it took."""
     images = torch.randn(2, 3, img_size, img_size)
     plain = with_small_map_convs(copy.deepcopy(model).eval(), undo=True)

@@ -252,8 +252,9 @@ class SmallMapConv2d(nn.Conv2d):
       (the others meet only padding), in any precision; the same function and gradients;
     * in fp32 on a CPU, an input of at most 4 pixels (a 2x2 map): `small_map_conv`, one product
       with a matrix gathered from the taps; the same function, rounding aside;
-    * in fp32 on a CPU, a 3x3 convolution with stride 1 and padding 1 on a 4x4 or 8x8 map:
-      `winograd_conv3x3`, a quarter of the multiplies; the same function, rounding aside.
+    * in fp32 on a CPU, a 3x3 convolution with stride 1 and padding 1 on a map of at most 64
+      pixels with sides multiples of 4 (4x4, 8x8): `winograd_conv3x3`, fewer multiplies; the same
+      function, rounding aside.
 
     Why: at 32x32 a ResNet works on 8x8, 4x4, 2x2 and 1x1 maps, where oneDNN's convolution kernels
     are slow on the smallest (above all the weight gradient, one small matrix product) and its
@@ -306,12 +307,14 @@ class SmallMapConv2d(nn.Conv2d):
         )
 
     def _as_winograd(self, x: torch.Tensor) -> bool:
-        """Whether `x` goes through `winograd_conv3x3`: fp32 on a CPU outside autocast, a batched 4x4
-        or 8x8 map (sides multiples of 4, at most 64 pixels), an ungrouped 3x3 convolution with
-        stride 1, zero padding 1 and no dilation."""
+        """Whether `x` goes through `winograd_conv3x3`: fp32 on a CPU outside autocast, a batched map
+        with sides that are multiples of 4 and at most 64 pixels (4x4, 4x8, 8x8, ...), an ungrouped
+        3x3 convolution with stride 1, zero padding 1 and no dilation."""
         return (
             self.winograd
             and x.dim() == 4
+            and x.shape[-2] >= 4
+            and x.shape[-1] >= 4
             and x.shape[-2] % 4 == 0
             and x.shape[-1] % 4 == 0
             and x.shape[-2] * x.shape[-1] <= 64
@@ -323,6 +326,7 @@ class SmallMapConv2d(nn.Conv2d):
             and self.padding_mode == "zeros"
             and x.device.type == "cpu"
             and x.dtype == torch.float32
+            and self.weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")
         )
 
@@ -484,16 +488,19 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """A 3x3 convolution (stride 1, padding 1, ungrouped) of `x` (B, C_in, H, W) with `weight`
     (C_out, C_in, 3, 3) by Winograd's F(4x4, 3x3): each 6x6 input tile and each kernel transformed,
     36 batched products over the channels, each output tile transformed back. The transforms are
-    matrix products too (`_winograd_arrays`: the tiles' gathering and the padding folded in), so
-    forward and backward are five products and two layout copies.
+    matrix products too (`_winograd_arrays`: one matrix cuts the map into overlapping 6x6 tiles,
+    the pixels outside it taken as zeros, and transforms them), so the forward pass is four matrix
+    products and two layout copies, and the backward autograd's products through them.
 
     The same function as `F.conv2d(x, weight, bias, padding=1)`, rounding aside: the transforms'
-    constants (up to 25 and 1/24) make its error against float64 several times oneDNN's (on a
-    64-channel 8x8 layer about 4e-5 against 5e-6, on outputs of about 5), still fp32 rounding.
-    It does a quarter of the convolution's multiplies where the transforms cost little: on maps
-    of 4x4 and 8x8 (`SmallMapConv2d` uses it there; the transforms grow with the map's pixels
-    squared). Returns a channels-last (B, C_out, H, W). It checks nothing: H and W must be
-    multiples of 4 (`SmallMapConv2d._as_winograd`)."""
+    entries (from 1/576 to 64) make its error against float64 several times oneDNN's (on a
+    64-channel 8x8 layer about 4e-5 against 5e-6, on outputs up to about 5), still fp32 rounding.
+    The channel products do a quarter of the convolution's multiplies; the dense transforms add
+    work that grows with the map's pixels squared, so that in all it does about 31% of the
+    convolution's multiplies on a 128-channel 4x4 map and 75% on a 64-channel 8x8 one (applying
+    the 1-D transforms along each side in turn would cost less). Returns a channels-last
+    (B, C_out, H, W). It checks nothing: H and W must be positive multiples of 4
+    (`SmallMapConv2d._as_winograd`)."""
     B, C, H, W = x.shape
     C_out = weight.shape[0]
     gather, kernel, scatter = (torch.from_numpy(a).to(x.device) for a in _winograd_arrays((int(H), int(W))))
