@@ -876,16 +876,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Environment variables that cap each library's kernels at AVX2; read when torch loads.
+AVX2_CAPS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
 def rerun_as_avx2(argv: list[str]) -> int:
     """Run this benchmark again in a process whose kernels are capped at AVX2 (the caps must be set
     before torch loads); returns its exit status. All three libraries need their own cap: PyTorch's
     elementwise kernels, oneDNN's convolutions, and MKL's GEMMs (torch.matmul, nn.Linear), which
     would otherwise keep AVX-512 and double the fp32 peak."""
     return subprocess.call([sys.executable, "-m", "benchmarks.bench", *argv], env=dict(os.environ, **AVX2_CAPS))
-
-
-# Environment variables that cap each library's kernels at AVX2; read when torch loads.
-AVX2_CAPS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
 def model_sections(

@@ -260,8 +260,8 @@ class SmallMapConv2d(nn.Conv2d):
     are slow on the smallest (above all the weight gradient, one small matrix product) and its
     3x3 kernels on the others already run at the fp32 matmul peak, so only less work is faster.
     `make bench` times the layers ("kernels"; docs/performance.md). Under bf16 autocast the 2x2,
-    4x4 and 8x8 maps keep oneDNN's kernels. `with_small_map_convs` turns a model's convolutions into these;
-    `inference_copy` turns them back, to fold BatchNorm into them. Set `small_map_products = False`
+    4x4 and 8x8 maps keep oneDNN's kernels. `with_small_map_convs` turns a model's convolutions
+    into these; `inference_copy` turns them back, to fold BatchNorm into them. Set `small_map_products = False`
     for oneDNN's kernel on the 2x2 maps, `winograd = False` on the 4x4 and 8x8 ones."""
 
     small_map_products: bool = True
@@ -289,41 +289,44 @@ class SmallMapConv2d(nn.Conv2d):
         return out[:, :, None, None]  # (B, C_out, 1, 1)
 
     def _as_one_product(self, x: torch.Tensor) -> bool:
-        """Whether `x` goes through `small_map_conv`: fp32 on a CPU outside autocast, a batched map of
-        at most 4 pixels that the kernel fits (padding included), an ungrouped convolution without
-        dilation and with zero padding; anything else gets the convolution (and its errors)."""
+        """Whether `x` goes through `small_map_conv`: a batched map of at most 4 pixels that the
+        kernel fits (padding included), where `_fp32_products_apply`; anything else gets the
+        convolution (and its errors)."""
         return (
             self.small_map_products
-            and x.dim() == 4
+            and self._fp32_products_apply(x)
             and x.shape[-2] * x.shape[-1] <= 4
+            and all(n + 2 * p >= k for n, p, k in zip(x.shape[-2:], self.padding, self.kernel_size))
+        )
+
+    def _as_winograd(self, x: torch.Tensor) -> bool:
+        """Whether `x` goes through `winograd_conv3x3`: a map with sides that are multiples of 4 and
+        at most 64 pixels (4x4, 4x8, 8x8, ...) and a 3x3 kernel with stride 1 and padding 1, where
+        `_fp32_products_apply`."""
+        H, W = x.shape[-2:]
+        return (
+            self.winograd
+            and self._fp32_products_apply(x)
+            and H >= 4
+            and W >= 4
+            and H % 4 == 0
+            and W % 4 == 0
+            and H * W <= 64
+            and self.kernel_size == (3, 3)
+            and self.stride == (1, 1)
+            and self.padding == (1, 1)
+        )
+
+    def _fp32_products_apply(self, x: torch.Tensor) -> bool:
+        """What both fp32 rules (`small_map_conv`, `winograd_conv3x3`) need: a batched fp32 input and
+        weight on a CPU outside autocast, an ungrouped convolution without dilation, with zero
+        padding given as numbers."""
+        return (
+            x.dim() == 4
             and self.groups == 1
             and self.dilation == (1, 1)
             and self.padding_mode == "zeros"
             and not isinstance(self.padding, str)
-            and all(n + 2 * p >= k for n, p, k in zip(x.shape[-2:], self.padding, self.kernel_size))
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")
-        )
-
-    def _as_winograd(self, x: torch.Tensor) -> bool:
-        """Whether `x` goes through `winograd_conv3x3`: fp32 on a CPU outside autocast, a batched map
-        with sides that are multiples of 4 and at most 64 pixels (4x4, 4x8, 8x8, ...), an ungrouped
-        3x3 convolution with stride 1, zero padding 1 and no dilation."""
-        return (
-            self.winograd
-            and x.dim() == 4
-            and x.shape[-2] >= 4
-            and x.shape[-1] >= 4
-            and x.shape[-2] % 4 == 0
-            and x.shape[-1] % 4 == 0
-            and x.shape[-2] * x.shape[-1] <= 64
-            and self.kernel_size == (3, 3)
-            and self.stride == (1, 1)
-            and self.padding == (1, 1)
-            and self.groups == 1
-            and self.dilation == (1, 1)
-            and self.padding_mode == "zeros"
             and x.device.type == "cpu"
             and x.dtype == torch.float32
             and self.weight.dtype == torch.float32

@@ -6,9 +6,9 @@ A torchvision classifier is adapted to the task: its first convolution takes `in
 and its classifier outputs `num_classes`; the architecture is otherwise torchvision's (a ResNet
 keeps its stride-4 stem, which at 32x32 makes it cheap enough to train on a laptop CPU). In
 training its convolutions compute a one-pixel output, and in fp32 a 2x2 map, as a matrix product,
-and in fp32 a 3x3 convolution on a small map (4x4, 8x8) by Winograd's algorithm (`model.SmallMapConv2d`:
-the same function, rounding aside, and the same state dict, faster on the small maps a ResNet works
-on at 32x32); its inference copy (`model.inference_copy`) runs torchvision's convolutions with
+and in fp32 a 3x3 convolution on a small map (4x4, 8x8) by Winograd's algorithm
+(`model.SmallMapConv2d`: the same function, rounding aside, and the same state dict, faster on the
+small maps a ResNet works on at 32x32); its inference copy (`model.inference_copy`) runs torchvision's convolutions with
 BatchNorm folded in, so the teacher's logits do not depend on these paths.
 """
 
