@@ -99,6 +99,7 @@ CONTENDED_SHARE = 0.2  # other processes' CPU use during a sample, in cores, abo
 FULL_SAMPLE_S = 0.5  # a timed sample is this long at least: several steps of a fast contender
 QUICK_SAMPLE_S = 0.05  # --quick: a smoke run, whose numbers time nothing
 SAMPLE_S = FULL_SAMPLE_S  # what this run uses (main sets it)
+PEAK_SIDE, PEAK_SIDE_QUICK = 2048, 256  # the peak's square matmul
 
 
 @dataclass(frozen=True)
@@ -157,14 +158,20 @@ def machine() -> dict:
     )
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, *, n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a large square matmul (2 n^3 FLOPs) in `dtype`, median of `repeats` samples: the
-    ceiling that every row's FLOP rate is a fraction of. Where bf16 is emulated, so is this figure."""
+def matmul_step(device: torch.device, dtype: torch.dtype, n: int) -> Callable[[], None]:
+    """One square matmul of side `n` in `dtype` (2 n^3 FLOPs): what the peak is measured on."""
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
 
     def step() -> None:
         torch.mm(a, b)
 
+    return step
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, *, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a large square matmul (2 n^3 FLOPs) in `dtype`, median of `repeats` samples: the
+    ceiling that every row's FLOP rate is a fraction of. Where bf16 is emulated, so is this figure."""
+    step = matmul_step(device, dtype, n)
     seconds = [_timed(step, device)[0] for _ in range(2)]
     per_sample = max(1, round(SAMPLE_S / seconds[-1]))
     return 2 * n**3 / statistics.median(_timed(step, device, per_sample)[0] for _ in range(repeats))
@@ -172,7 +179,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, *, n: int = 2048, repe
 
 def matmul_peaks(device: torch.device, *, quick: bool) -> dict[str, float]:
     """{"fp32": FLOP/s, "bf16": FLOP/s} of `matmul_peak` (a small, single sample with `quick`), printed."""
-    n, repeats = (256, 1) if quick else (2048, 5)
+    n, repeats = (PEAK_SIDE_QUICK, 1) if quick else (PEAK_SIDE, 5)
     # Where bf16 is emulated (and so never autocast) a full measure of it takes minutes: a small one.
     n_bf16, repeats_bf16 = (256, 1) if device.type == "cpu" and not cpu_has_native_bf16() else (n, repeats)
     peaks = {
@@ -344,7 +351,9 @@ def measure(
     batch: int | None = None,
 ) -> dict:
     """One row: images/s of every contender for a section under a policy, ours' ratios, and each
-    contender's FLOP rate as a fraction of the matmul peak (`peaks`) of the precision it computes in."""
+    contender's FLOP rate as a fraction of the matmul peak of the precision it computes in: the
+    run's (`peaks`), and the same matmul's timed in turns with the contenders, so that the fraction
+    holds on a machine whose speed drifts between the peak's measure and the row's."""
     task, img_size, default_batch = SECTIONS[section]
     batch = batch or default_batch
     steps, flops = {}, {}
@@ -353,10 +362,15 @@ def measure(
         model = build()
         flops[name] = flops_per_image(model, task, img_size)
         steps[name] = make_step(model, task, policy, img_size, batch, device)
+    precision = "bf16" if policy.bf16(task) else "fp32"
+    n = PEAK_SIDE_QUICK if SAMPLE_S < FULL_SAMPLE_S else PEAK_SIDE
+    steps["peak"] = matmul_step(device, torch.bfloat16 if precision == "bf16" else torch.float32, n)
     seconds, warmup_s, contended = time_in_turns(steps, warmup=warmup, repeats=repeats, device=device)
+    peak_in_turns = 2 * n**3 / seconds.pop("peak")
+    warmup_s.pop("peak")
     speed = {name: batch / s for name, s in seconds.items()}
-    peak = peaks["bf16" if policy.bf16(task) else "fp32"]
-    of_peak = {name: speed[name] * flops[name] / peak for name in speed}
+    of_peak = {name: speed[name] * flops[name] / peaks[precision] for name in speed}
+    of_peak_in_turns = {name: speed[name] * flops[name] / peak_in_turns for name in speed}
     speed.setdefault("timm_matched", speed["timm_default"])  # 224: the matched windows are the default ones
     return dict(
         section=section,
@@ -370,6 +384,8 @@ def measure(
         ours_vs_timm_matched=speed["ours"] / speed["timm_matched"],
         flops_per_image=flops,
         fraction_of_peak=of_peak,
+        peak_in_turns_gflops=peak_in_turns / 1e9,
+        fraction_of_peak_in_turns=of_peak_in_turns,
         warmup_s=warmup_s,
         contended_samples=contended,
     )
@@ -477,7 +493,9 @@ class KernelCase:
     """A convolution that one of the library's CPU speed rules singles out, at the course's batch."""
 
     label: str
-    rule: str  # "depthwise in fp32" (ConvBN), "small map as a matmul" or "Winograd F(4x4, 3x3)" (SmallMapConv2d)
+    # ConvBN's "depthwise in fp32" and "1x1 as a matmul"; SmallMapConv2d's "small map as a matmul"
+    # and "Winograd F(4x4, 3x3)"
+    rule: str
     channels: int
     size: int  # the input map, size x size
     stride: int = 1
@@ -488,6 +506,9 @@ KERNEL_CASES = (
     KernelCase("depthwise 3x3 on 2x2", "depthwise in fp32", 160, 2),
     KernelCase("depthwise 3x3 stride 2 on 2x2", "depthwise in fp32", 320, 2, stride=2),
     KernelCase("depthwise 3x3 on 1x1", "depthwise in fp32", 320, 1),
+    KernelCase("1x1 on 4x4", "1x1 as a matmul", 128, 4),  # TinyViT-5M's merges at 32
+    KernelCase("1x1 on 2x2", "1x1 as a matmul", 160, 2),
+    KernelCase("1x1 on 1x1", "1x1 as a matmul", 320, 1),
     KernelCase("3x3 on 8x8 (ResNet-18's first stage)", "Winograd F(4x4, 3x3)", 64, 8),
     KernelCase("3x3 on 4x4 (ResNet-18's second stage)", "Winograd F(4x4, 3x3)", 128, 4),
     KernelCase("3x3 on 2x2 (ResNet-18's third stage)", "small map as a matmul", 256, 2),
@@ -498,9 +519,12 @@ KERNEL_CASES = (
 def _kernel_variants(case: KernelCase) -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], bool]]:
     """{name: (forward, under bf16 autocast)}: the layer as oneDNN runs it in fp32 and in bf16, and
     the library's layer in bf16 (its bf16 rule, which may leave parts in fp32) and in fp32 (where
-    `ConvBN` computes a depthwise convolution on a map of at most 4 pixels as `small_map_depthwise`)."""
-    if case.rule == "depthwise in fp32":
-        layer = ConvBN(case.channels, case.channels, 3, stride=case.stride, groups=case.channels)
+    `ConvBN` computes a depthwise convolution on a map of at most 4 pixels as `small_map_depthwise`
+    and a 1x1 one on a map of at most 16 as `pointwise_conv`)."""
+    if case.rule in ("depthwise in fp32", "1x1 as a matmul"):
+        depthwise = case.rule == "depthwise in fp32"
+        kernel, groups = (3, case.channels) if depthwise else (1, 1)
+        layer = ConvBN(case.channels, case.channels, kernel, stride=case.stride, groups=groups)
 
         def plain(x: torch.Tensor) -> torch.Tensor:
             return nn.Sequential.forward(layer, x)  # ConvBN without its rules
@@ -536,7 +560,8 @@ def kernel_section(*, device: torch.device, warmup: int, repeats: int, batch: in
     """Forward and backward (input and weight gradients) of each `KERNEL_CASES` layer, channels-last,
     as oneDNN runs it in fp32 and in bf16 autocast, and through the library's rules in bf16 and in
     fp32, timed in turns: the evidence for `model.ConvBN`'s fp32 depthwise convolutions under bf16,
-    its `small_map_depthwise` in fp32, and `SmallMapConv2d` (its products and Winograd's algorithm)."""
+    its `small_map_depthwise` and `pointwise_conv` in fp32, and `SmallMapConv2d` (its products and
+    Winograd's algorithm)."""
     print(
         "the convolution rules (forward + backward, ms: oneDNN in fp32 and in bf16 autocast, and the library's "
         "layer in bf16 and in fp32; speed-ups of the rule in bf16 over oneDNN's bf16 and fp32, and in fp32)"
@@ -801,7 +826,8 @@ def _epoch_ratios(by_case: dict[str, dict], rows: list[dict]) -> dict[str, float
 
 HEADER = (
     f"{'section':<9}{'policy':<14}{'batch':>5}  {'ours':>8}  {'timm-default':>12}  {'timm-matched':>12}"
-    f"  {'ours/default':>12}  {'ours/matched':>12}  {'ours GFLOP/s':>12} {'of peak':>7}   warm-up s (ours/timm)"
+    f"  {'ours/default':>12}  {'ours/matched':>12}  {'ours GFLOP/s':>12} {'of peak':>7} {'in turns':>8}"
+    "   warm-up s (ours/timm)"
 )
 
 
@@ -814,8 +840,8 @@ def format_row(row: dict) -> str:
         f"{row['section']:<9}{row['policy'] + (' bf16' if row['bf16'] else ''):<14}{row['batch']:>5}  "
         f"{speed['ours']:>8.1f}  {speed['timm_default']:>12.1f}  {matched:>12}  "
         f"{row['ours_vs_timm_default']:>11.2f}x  {row['ours_vs_timm_matched']:>11.2f}x  "
-        f"{speed['ours'] * row['flops_per_image']['ours'] / 1e9:>12.1f} {row['fraction_of_peak']['ours']:>7.0%}   "
-        f"{warmups}{note}"
+        f"{speed['ours'] * row['flops_per_image']['ours'] / 1e9:>12.1f} {row['fraction_of_peak']['ours']:>7.0%}"
+        f" {row['fraction_of_peak_in_turns']['ours']:>8.0%}   {warmups}{note}"
     )
 
 
@@ -904,7 +930,8 @@ def model_sections(
     if sections:
         print(
             f"images/s, median of {repeats} timed samples (>= {SAMPLE_S} s each) after {warmup} warm-up steps; "
-            "ratios are ours over timm under the same policy\n" + HEADER,
+            "ratios are ours over timm under the same policy; ours' FLOP rate over the run's matmul peak and over "
+            "the same matmul timed in turns with the row\n" + HEADER,
             flush=True,
         )
     rows = []

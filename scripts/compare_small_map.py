@@ -1,6 +1,7 @@
 """Does computing convolutions on small maps as matrix products change what a model learns? In
 fp32 on a CPU, `ConvBN` computes a depthwise convolution on a map of at most 4 pixels as mixing
-matrices (`model.small_map_depthwise`: the student), and `SmallMapConv2d` a 2x2 map's convolution as
+matrices (`model.small_map_depthwise`) and a 1x1 one on a map of at most 16 pixels as one product
+(`model.pointwise_conv`: both the student's), and `SmallMapConv2d` a 2x2 map's convolution as
 one product (`model.small_map_conv`) and a 3x3 one on a 4x4 or 8x8 map by Winograd's F(4x4, 3x3)
 (`model.winograd_conv3x3`: the teacher). Each model, every seed of the default profile, is trained
 and evaluated in fp32 with oneDNN's convolution on those maps and with the products (the teacher

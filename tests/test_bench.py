@@ -25,12 +25,18 @@ def test_quick_bench_writes_every_number(tmp_path):
         assert row["flops_per_image"]["ours"] == pytest.approx(row["flops_per_image"]["timm_matched"], rel=0.01)
         assert row["flops_per_image"]["timm_default"] > 2 * row["flops_per_image"]["ours"]
         assert 0 < row["fraction_of_peak"]["ours"] < 1.5  # a quick run's tiny peak matmul is noisy
+        assert row["peak_in_turns_gflops"] > 0 and 0 < row["fraction_of_peak_in_turns"]["ours"] < 1.5
     train, infer = (next(r for r in results["models"] if r["section"] == s) for s in ("train32", "infer32"))
     assert train["flops_per_image"]["ours"] == pytest.approx(3 * infer["flops_per_image"]["ours"])  # backward 2x
     assert set(results["matmul_peak_gflops"]) == {"fp32", "bf16"}
     assert set(results["ours_vs_timm_eager"]) == {"train32", "infer32"}
     assert results["ours_vs_timm_eager"]["train32"]["fast"]["vs_timm_matched"] > 0
-    rules = ["depthwise in fp32"] * 4 + ["Winograd F(4x4, 3x3)"] * 2 + ["small map as a matmul"] * 2
+    rules = (
+        ["depthwise in fp32"] * 4
+        + ["1x1 as a matmul"] * 3
+        + ["Winograd F(4x4, 3x3)"] * 2
+        + ["small map as a matmul"] * 2
+    )
     assert [row["rule"] for row in results["kernels"]] == rules
     assert all(min(row["ms"].values()) > 0 and row["rule_vs_bf16"] > 0 for row in results["kernels"])
     assert all(row["fp32_rule_vs_fp32"] > 0 for row in results["kernels"])

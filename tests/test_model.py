@@ -22,6 +22,7 @@ from tinyvit_lib.model import (
     default_window_sizes,
     official_to_ours,
     ours_to_official,
+    pointwise_conv,
     small_map_conv,
     small_map_depthwise,
     stage_resolutions,
@@ -408,36 +409,68 @@ def test_small_map_depthwise_is_the_convolution_with_its_gradients(side, kernel,
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("side", [(1, 1), (2, 2), (4, 4), (3, 5)])
+def test_pointwise_conv_is_the_convolution_with_its_gradients(side):
+    torch.manual_seed(0)
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(5, 6, *side).contiguous(memory_format=memory_format).requires_grad_()
+        weight = torch.randn(7, 6, 1, 1, requires_grad=True)
+        ref, out = torch.nn.functional.conv2d(x, weight), pointwise_conv(x, weight)
+        assert out.shape == ref.shape
+        assert out.is_contiguous(memory_format=memory_format) or memory_format == torch.contiguous_format
+        grad = torch.randn_like(ref)
+        expected, got = torch.autograd.grad(ref, (x, weight), grad), torch.autograd.grad(out, (x, weight), grad)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
-    "side, groups, autocast, as_products",
-    [(2, 16, False, True), (1, 16, False, True), (4, 16, False, False), (2, 1, False, False), (2, 16, True, False)],
+    "side, kernel, groups, stride, autocast, path",
+    [
+        (2, 3, 16, 1, False, "small_map_depthwise"),
+        (1, 3, 16, 1, False, "small_map_depthwise"),
+        (4, 3, 16, 1, False, None),  # 16 pixels: oneDNN's depthwise kernel
+        (2, 3, 1, 1, False, None),  # an ungrouped 3x3: no rule
+        (2, 3, 16, 1, True, None),  # bf16 autocast keeps its own rule
+        (4, 1, 1, 1, False, "pointwise_conv"),
+        (1, 1, 1, 1, False, "pointwise_conv"),
+        (8, 1, 1, 1, False, None),  # 64 pixels: oneDNN's kernel was as fast
+        (4, 1, 1, 2, False, None),  # strided
+        (4, 1, 1, 1, True, None),
+    ],
 )
-def test_conv_bn_takes_small_map_products_only_in_fp32_on_tiny_depthwise_maps(side, groups, autocast, as_products):
+def test_conv_bn_takes_small_map_products_only_in_fp32_on_small_maps(
+    side, kernel, groups, stride, autocast, path, monkeypatch
+):
     from tinyvit_lib import model as model_module
 
     torch.manual_seed(0)
-    block = model_module.ConvBN(16, 16, 3, groups=groups)
+    block = perturb_(model_module.ConvBN(16, 16, kernel, groups=groups, stride=stride))
     x = torch.randn(4, 16, side, side).contiguous(memory_format=torch.channels_last)
-    calls = []
-    real = model_module.small_map_depthwise
-    model_module.small_map_depthwise = lambda *args: calls.append(1) or real(*args)
-    try:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            y = block(x)
-        block.small_map_products = False
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            y_onednn = block(x)
-    finally:
-        model_module.small_map_depthwise = real
-    assert len(calls) == int(as_products)
+    calls = {name: [] for name in ("small_map_depthwise", "pointwise_conv")}
+    for name in calls:
+        real = getattr(model_module, name)
+        monkeypatch.setattr(
+            model_module, name, lambda *args, real=real, name=name: calls[name].append(1) or real(*args)
+        )
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = block(x)
+    block.small_map_products = False
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y_onednn = block(x)
+    assert {name: len(c) for name, c in calls.items()} == {name: int(name == path) for name in calls}
     torch.testing.assert_close(y, y_onednn, atol=1e-5, rtol=1e-5)
 
 
 def test_a_whole_fp32_step_with_small_map_products_matches_onednn(monkeypatch):
     from tinyvit_lib import model as model_module
 
-    calls = []
-    monkeypatch.setattr(model_module, "small_map_depthwise", lambda *a: calls.append(1) or small_map_depthwise(*a))
+    calls = {"depthwise": [], "pointwise": []}
+    monkeypatch.setattr(
+        model_module, "small_map_depthwise", lambda *a: calls["depthwise"].append(1) or small_map_depthwise(*a)
+    )
+    monkeypatch.setattr(model_module, "pointwise_conv", lambda *a: calls["pointwise"].append(1) or pointwise_conv(*a))
     torch.manual_seed(0)
     fast = perturb_(tinyvit_5m(img_size=32, num_classes=10)).train()
     slow = copy.deepcopy(fast)
@@ -447,7 +480,9 @@ def test_a_whole_fp32_step_with_small_map_products_matches_onednn(monkeypatch):
     x, y = torch.randn(8, 3, 32, 32), torch.arange(8)
     for model in (fast, slow):
         torch.nn.functional.cross_entropy(model(x), y).backward()
-    assert len(calls) == 9  # stage 2's six local convs, the merge into stage 3, stage 3's two: 2x2 and 1x1 maps
+    # depthwise: stage 2's six local convs, the merge into stage 3, stage 3's two (2x2 and 1x1 maps);
+    # 1x1: the merges' on 4x4, 2x2 and 1x1 maps (the first merge's last, the next two's both)
+    assert {name: len(c) for name, c in calls.items()} == {"depthwise": 9, "pointwise": 5}
     for (name, a), b in zip(fast.named_parameters(), slow.parameters()):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-3, msg=name)
 

@@ -49,6 +49,7 @@ __all__ = [
     "build_tinyvit",
     "ConvBN",
     "small_map_depthwise",
+    "pointwise_conv",
     "SmallMapConv2d",
     "with_small_map_convs",
     "small_map_conv",
@@ -392,6 +393,16 @@ def small_map_depthwise(x: torch.Tensor, weight: torch.Tensor, stride, padding) 
     return out.view(B, Ho, -1, C).permute(0, 3, 1, 2)
 
 
+def pointwise_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution (stride 1, no bias) of `x` (B, C_in, H, W) with `weight` (C_out, C_in, 1, 1)
+    as the one matrix product it is, (B * H * W, C_in) @ (C_in, C_out), on the channels-last view
+    of `x`. The same function as `F.conv2d`, rounding aside (MKL's sums, not oneDNN's). On a map of
+    a few pixels oneDNN's AVX2 kernels spend more time outside the arithmetic than in it, which
+    `ConvBN` avoids on maps of at most 16 pixels (`make bench`, "kernels"). Returns a channels-last
+    (B, C_out, H, W) when `x` is channels-last."""
+    return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1)).permute(0, 3, 1, 2)  # (B, H, W, C_out) viewed
+
+
 def _tap_selector(
     size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]
 ) -> torch.Tensor:
@@ -522,8 +533,10 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 class ConvBN(nn.Sequential):
     """Convolution without bias followed by BatchNorm ('same' padding for odd kernels).
 
-    In fp32 on a CPU, a depthwise convolution on a map of at most 4 pixels runs as
-    `small_map_depthwise` (set `small_map_products = False` for oneDNN's kernel throughout)."""
+    In fp32 on a CPU, two convolutions on small maps run as the matrix products they are: a
+    depthwise one on a map of at most 4 pixels as `small_map_depthwise`, and a 1x1 one (stride 1,
+    ungrouped) on a map of at most 16 pixels as `pointwise_conv`. Set `small_map_products = False`
+    for oneDNN's kernels throughout."""
 
     small_map_products: bool = True
 
@@ -548,18 +561,24 @@ class ConvBN(nn.Sequential):
             with torch.autocast("cpu", enabled=False):
                 return super().forward(x.float())
         if self._as_small_map_products(x):
-            return self.bn(small_map_depthwise(x, self.conv.weight, self.conv.stride, self.conv.padding))
+            conv = self.conv
+            if conv.groups == 1:
+                return self.bn(pointwise_conv(x, conv.weight))
+            return self.bn(small_map_depthwise(x, conv.weight, conv.stride, conv.padding))
         return super().forward(x)
 
     def _as_small_map_products(self, x: torch.Tensor) -> bool:
-        """Whether this depthwise convolution runs as `small_map_depthwise` on `x`: in fp32 on a CPU
-        (bf16 autocast keeps its own rule, `_depthwise_in_float32`), on a map of at most 4 pixels."""
+        """Whether this convolution runs as a matrix product on `x`: in fp32 on a CPU (bf16 autocast
+        keeps its own rule, `_depthwise_in_float32`), a depthwise one on a map of at most 4 pixels
+        (`small_map_depthwise`) or a 1x1, stride-1, ungrouped one on a map of at most 16
+        (`pointwise_conv`; on 8x8 maps oneDNN's kernel was as fast or faster)."""
         conv = self.conv
+        depthwise = conv.groups == conv.in_channels == conv.out_channels
+        pointwise = conv.groups == 1 and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
         return (
             self.small_map_products
-            and conv.groups == conv.in_channels == conv.out_channels
             and x.dim() == 4
-            and x.shape[-2] * x.shape[-1] <= 4
+            and ((depthwise and x.shape[-2] * x.shape[-1] <= 4) or (pointwise and x.shape[-2] * x.shape[-1] <= 16))
             and x.device.type == "cpu"
             and x.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")
