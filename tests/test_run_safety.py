@@ -49,12 +49,16 @@ def tmpfs(path: Path, *options: str):
 def test_a_second_process_training_the_same_run_is_refused(tmp_path):
     args = [*TINY_RUN, "--max-per-class", "40", "--epochs", "50", "--output-dir", "runs", "--name", "x"]
     first = train_cli(*args, cwd=tmp_path)
-    lock = tmp_path / "runs" / "x" / ".lock"
+    lock, log = tmp_path / "runs" / "x" / ".lock", tmp_path / "runs" / "x" / "log.jsonl"
+
+    def started() -> bool:  # the lock names the first process, and it has opened its log (a moment later)
+        return f"process {first.pid} " in (lock.read_text() if lock.exists() else "") and log.exists()
+
     deadline = time.time() + 120
-    while f"process {first.pid} " not in (lock.read_text() if lock.exists() else "") and time.time() < deadline:
+    while not started() and time.time() < deadline:
         assert first.poll() is None, first.communicate()
         time.sleep(0.05)
-    log_before = (tmp_path / "runs" / "x" / "log.jsonl").read_text()
+    log_before = log.read_text()
     second = train_cli(*args, cwd=tmp_path)
     resuming = train_cli(*args, "--resume", "--lr", "0.5", cwd=tmp_path)  # told who runs it, not what differs
     errors = [process.communicate(timeout=300)[1] for process in (second, resuming)]
@@ -63,7 +67,7 @@ def test_a_second_process_training_the_same_run_is_refused(tmp_path):
     for process, err in zip((second, resuming), errors):
         assert process.returncode == 2 and f"in use by process {first.pid}" in err, err
         assert len(err.strip().splitlines()) == 1, err
-    assert (tmp_path / "runs" / "x" / "log.jsonl").read_text().startswith(log_before)  # not truncated
+    assert log.read_text().startswith(log_before)  # not truncated
 
 
 def test_resume_refuses_another_run_naming_the_fields_and_changes_nothing(tmp_path):
