@@ -353,7 +353,8 @@ def measure(
     """One row: images/s of every contender for a section under a policy, ours' ratios, and each
     contender's FLOP rate as a fraction of the matmul peak of the precision it computes in: the
     run's (`peaks`), and the same matmul's timed in turns with the contenders, so that the fraction
-    holds on a machine whose speed drifts between the peak's measure and the row's."""
+    holds on a machine whose speed drifts between the peak's measure and the row's (the row's count
+    of contended samples includes the matmul's)."""
     task, img_size, default_batch = SECTIONS[section]
     batch = batch or default_batch
     steps, flops = {}, {}
@@ -363,7 +364,7 @@ def measure(
         flops[name] = flops_per_image(model, task, img_size)
         steps[name] = make_step(model, task, policy, img_size, batch, device)
     precision = "bf16" if policy.bf16(task) else "fp32"
-    n = PEAK_SIDE_QUICK if SAMPLE_S < FULL_SAMPLE_S else PEAK_SIDE
+    n = PEAK_SIDE_QUICK if SAMPLE_S < FULL_SAMPLE_S else PEAK_SIDE  # --quick, as `matmul_peaks` sizes it
     steps["peak"] = matmul_step(device, torch.bfloat16 if precision == "bf16" else torch.float32, n)
     seconds, warmup_s, contended = time_in_turns(steps, warmup=warmup, repeats=repeats, device=device)
     peak_in_turns = 2 * n**3 / seconds.pop("peak")

@@ -51,19 +51,24 @@ def test_a_second_process_training_the_same_run_is_refused(tmp_path):
     first = train_cli(*args, cwd=tmp_path)
     lock, log = tmp_path / "runs" / "x" / ".lock", tmp_path / "runs" / "x" / "log.jsonl"
 
-    def started() -> bool:  # the lock names the first process, and it has opened its log (a moment later)
-        return f"process {first.pid} " in (lock.read_text() if lock.exists() else "") and log.exists()
+    def logged_an_epoch() -> bool:  # holds the lock, and its log has a record the others must not cut
+        return f"process {first.pid} " in (lock.read_text() if lock.exists() else "") and (
+            log.exists() and log.read_text().strip() != ""
+        )
 
-    deadline = time.time() + 120
-    while not started() and time.time() < deadline:
-        assert first.poll() is None, first.communicate()
-        time.sleep(0.05)
-    log_before = log.read_text()
-    second = train_cli(*args, cwd=tmp_path)
-    resuming = train_cli(*args, "--resume", "--lr", "0.5", cwd=tmp_path)  # told who runs it, not what differs
-    errors = [process.communicate(timeout=300)[1] for process in (second, resuming)]
-    first.send_signal(signal.SIGKILL)
-    first.wait()
+    try:
+        deadline = time.time() + 120
+        while not logged_an_epoch() and time.time() < deadline:
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.05)
+        log_before = log.read_text()
+        assert log_before.strip(), "the first run logged no epoch in 120 s"
+        second = train_cli(*args, cwd=tmp_path)
+        resuming = train_cli(*args, "--resume", "--lr", "0.5", cwd=tmp_path)  # told who runs it, not what differs
+        errors = [process.communicate(timeout=300)[1] for process in (second, resuming)]
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
     for process, err in zip((second, resuming), errors):
         assert process.returncode == 2 and f"in use by process {first.pid}" in err, err
         assert len(err.strip().splitlines()) == 1, err

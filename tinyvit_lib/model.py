@@ -380,7 +380,7 @@ def small_map_depthwise(x: torch.Tensor, weight: torch.Tensor, stride, padding) 
     bits). Its cost grows with (H * W)**2, so it pays only on maps of a few pixels, where oneDNN's
     AVX2 kernels spend milliseconds on kilobytes (`ConvBN` uses it on maps of at most 4 pixels;
     `make bench`, "kernels"). Returns a channels-last (B, C, Ho, Wo). It checks nothing: its callers
-    pass only what `ConvBN._as_small_map_products` admits (a kernel larger than the padded map
+    pass only what `ConvBN._small_map_product` admits (a kernel larger than the padded map
     raises from torch with a shape error)."""
     B, C, H, W = x.shape
     pair = nn.modules.utils._pair
@@ -399,7 +399,7 @@ def pointwise_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     of `x`. The same function as `F.conv2d`, rounding aside (MKL's sums, not oneDNN's). On a map of
     a few pixels oneDNN's AVX2 kernels spend more time outside the arithmetic than in it, which
     `ConvBN` avoids on maps of at most 16 pixels (`make bench`, "kernels"). Returns a channels-last
-    (B, C_out, H, W) when `x` is channels-last."""
+    (B, C_out, H, W), whatever the layout of `x`."""
     return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1)).permute(0, 3, 1, 2)  # (B, H, W, C_out) viewed
 
 
@@ -560,31 +560,37 @@ class ConvBN(nn.Sequential):
         if _depthwise_in_float32(self.conv, x):
             with torch.autocast("cpu", enabled=False):
                 return super().forward(x.float())
-        if self._as_small_map_products(x):
-            conv = self.conv
-            if conv.groups == 1:
-                return self.bn(pointwise_conv(x, conv.weight))
-            return self.bn(small_map_depthwise(x, conv.weight, conv.stride, conv.padding))
+        product = self._small_map_product(x)
+        if product == "pointwise":
+            return self.bn(pointwise_conv(x, self.conv.weight))
+        if product == "depthwise":
+            return self.bn(small_map_depthwise(x, self.conv.weight, self.conv.stride, self.conv.padding))
         return super().forward(x)
 
-    def _as_small_map_products(self, x: torch.Tensor) -> bool:
-        """Whether this convolution runs as a matrix product on `x`: in fp32 on a CPU (bf16 autocast
-        keeps its own rule, `_depthwise_in_float32`), a depthwise one on a map of at most 4 pixels
-        (`small_map_depthwise`) or a 1x1, stride-1, ungrouped one on a map of at most 16
-        (`pointwise_conv`; on 8x8 maps oneDNN's kernel was as fast or faster)."""
+    def _small_map_product(self, x: torch.Tensor) -> str | None:
+        """The matrix product that computes this convolution on `x`, if one does: in fp32 on a CPU
+        (bf16 autocast keeps its own rule, `_depthwise_in_float32`), "pointwise" for a 1x1,
+        stride-1, ungrouped convolution on a map of at most 16 pixels (`pointwise_conv`; on 8x8 maps
+        it gained nothing), "depthwise" for a depthwise one on a map of at most 4 (`small_map_depthwise`);
+        else None (oneDNN's kernel)."""
         conv = self.conv
-        depthwise = conv.groups == conv.in_channels == conv.out_channels
-        pointwise = conv.groups == 1 and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
-        return (
+        if not (
             self.small_map_products
             and x.dim() == 4
-            and ((depthwise and x.shape[-2] * x.shape[-1] <= 4) or (pointwise and x.shape[-2] * x.shape[-1] <= 16))
             and x.device.type == "cpu"
-            and x.dtype == torch.float32
+            and x.dtype == conv.weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")
+            and conv.bias is None
             and conv.dilation == (1, 1)
             and conv.padding_mode == "zeros"
-        )
+        ):
+            return None
+        pixels = x.shape[-2] * x.shape[-1]
+        if conv.kernel_size == conv.stride == (1, 1) and conv.padding == (0, 0) and conv.groups == 1 and pixels <= 16:
+            return "pointwise"
+        if conv.groups == conv.in_channels == conv.out_channels and pixels <= 4:
+            return "depthwise"
+        return None
 
     @torch.no_grad()
     def fused(self) -> nn.Conv2d:
