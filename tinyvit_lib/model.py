@@ -245,6 +245,22 @@ def _one_pixel_window(conv: nn.Conv2d, x: torch.Tensor) -> tuple[tuple[int, int]
     return spans[0], spans[1]
 
 
+def _fp32_products_apply(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """What every fp32 product rule (`SmallMapConv2d`'s `small_map_conv` and `winograd_conv3x3`,
+    `ConvBN`'s `small_map_depthwise` and `pointwise_conv`) needs of `conv` and its input `x`: a
+    batched fp32 input and weight on a CPU outside autocast (bf16 keeps oneDNN's kernels), no
+    dilation, zero padding given as numbers."""
+    return (
+        x.dim() == 4
+        and x.device.type == "cpu"
+        and x.dtype == conv.weight.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and conv.dilation == (1, 1)
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+    )
+
+
 class SmallMapConv2d(nn.Conv2d):
     """`nn.Conv2d` (the same parameters and state dict) that computes a convolution on a small map
     as the matrix product it is:
@@ -291,23 +307,25 @@ class SmallMapConv2d(nn.Conv2d):
 
     def _as_one_product(self, x: torch.Tensor) -> bool:
         """Whether `x` goes through `small_map_conv`: a batched map of at most 4 pixels that the
-        kernel fits (padding included), where `_fp32_products_apply`; anything else gets the
-        convolution (and its errors)."""
+        kernel fits (padding included), ungrouped, where `_fp32_products_apply`; anything else gets
+        the convolution (and its errors)."""
         return (
             self.small_map_products
-            and self._fp32_products_apply(x)
+            and self.groups == 1
+            and _fp32_products_apply(self, x)
             and x.shape[-2] * x.shape[-1] <= 4
             and all(n + 2 * p >= k for n, p, k in zip(x.shape[-2:], self.padding, self.kernel_size))
         )
 
     def _as_winograd(self, x: torch.Tensor) -> bool:
         """Whether `x` goes through `winograd_conv3x3`: a map with sides that are multiples of 4 and
-        at most 64 pixels (4x4, 4x8, 8x8, ...) and a 3x3 kernel with stride 1 and padding 1, where
-        `_fp32_products_apply`."""
+        at most 64 pixels (4x4, 4x8, 8x8, ...) and an ungrouped 3x3 kernel with stride 1 and padding
+        1, where `_fp32_products_apply`."""
         H, W = x.shape[-2:]
         return (
             self.winograd
-            and self._fp32_products_apply(x)
+            and self.groups == 1
+            and _fp32_products_apply(self, x)
             and H >= 4
             and W >= 4
             and H % 4 == 0
@@ -316,22 +334,6 @@ class SmallMapConv2d(nn.Conv2d):
             and self.kernel_size == (3, 3)
             and self.stride == (1, 1)
             and self.padding == (1, 1)
-        )
-
-    def _fp32_products_apply(self, x: torch.Tensor) -> bool:
-        """What both fp32 rules (`small_map_conv`, `winograd_conv3x3`) need: a batched fp32 input and
-        weight on a CPU outside autocast, an ungrouped convolution without dilation, with zero
-        padding given as numbers."""
-        return (
-            x.dim() == 4
-            and self.groups == 1
-            and self.dilation == (1, 1)
-            and self.padding_mode == "zeros"
-            and not isinstance(self.padding, str)
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and self.weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")
         )
 
 
@@ -574,16 +576,7 @@ class ConvBN(nn.Sequential):
         it gained nothing), "depthwise" for a depthwise one on a map of at most 4 (`small_map_depthwise`);
         else None (oneDNN's kernel)."""
         conv = self.conv
-        if not (
-            self.small_map_products
-            and x.dim() == 4
-            and x.device.type == "cpu"
-            and x.dtype == conv.weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")
-            and conv.bias is None
-            and conv.dilation == (1, 1)
-            and conv.padding_mode == "zeros"
-        ):
+        if not (self.small_map_products and conv.bias is None and _fp32_products_apply(conv, x)):
             return None
         pixels = x.shape[-2] * x.shape[-1]
         if conv.kernel_size == conv.stride == (1, 1) and conv.padding == (0, 0) and conv.groups == 1 and pixels <= 16:
