@@ -105,6 +105,19 @@ def test_onnx_runs_in_onnxruntime_as_in_pytorch_and_carries_the_input_descriptio
     assert meta["input"]["size"] == img_size and meta["classes"][0] == "a"
 
 
+def test_onnx_holds_the_folded_model_with_plain_convolutions(tmp_path):
+    # At 32x32 in fp32 the training model computes its merges' 1x1 and small depthwise convolutions as
+    # matrix products; the file must hold Conv nodes for every convolution and no BatchNorm.
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    model = perturbed(img_size=32, num_classes=10)
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    gap = save_onnx(model, tmp_path / "m.onnx", torch.randn(2, 3, 32, 32))
+    assert gap <= 1e-4
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "m.onnx")).graph.node]
+    assert ops.count("Conv") == convs and "BatchNormalization" not in ops
+
+
 def test_a_student_starts_from_released_weights_of_another_head_resolution_and_channel_count(tmp_path, capsys):
     from safetensors.torch import save_file
 

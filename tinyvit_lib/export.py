@@ -34,7 +34,7 @@ import torch
 
 from .data import DataSpec, dataset_eval_crop, dataset_normalisation, training_set, validation_set
 from .experiment import load_trained
-from .model import PRESETS, TinyViT, stage_resolutions
+from .model import PRESETS, TinyViT, inference_copy, stage_resolutions
 from .utils import atomic_write, load_checkpoint
 
 __all__ = [
@@ -140,7 +140,11 @@ ONNX_TOLERANCE = 1e-4  # the largest logit difference onnxruntime may show again
 def save_onnx(model: torch.nn.Module, path: str | Path, inputs: torch.Tensor, metadata: dict | None = None) -> float:
     """Write `model` (in eval mode, fp32) as ONNX with a dynamic batch size and `metadata` (each value
     JSON-encoded) in the model's metadata, then run the file in onnxruntime on `inputs` (B, C, H, W)
-    and return the largest |logit difference| against PyTorch.
+    and return the largest |logit difference| against PyTorch's `model`.
+
+    What is exported is `inference_copy(model)`: BatchNorm folded into the convolutions, and
+    every convolution a Conv node (traced as it trains, the fp32 small-map rules of `ConvBN` and
+    `SmallMapConv2d` would become transposes and matrix products that an ONNX runtime cannot fuse).
 
     Raises:
         ValueError: the difference exceeds `ONNX_TOLERANCE` (the file is removed).
@@ -151,11 +155,12 @@ def save_onnx(model: torch.nn.Module, path: str | Path, inputs: torch.Tensor, me
 
     path = Path(path)
     model = model.eval().float()
+    folded = inference_copy(model).to(memory_format=torch.contiguous_format)
     batch = torch.export.Dim("batch", min=1, max=4096)
     path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates its steps
         torch.onnx.export(
-            model,
+            folded,
             (inputs,),
             str(path),
             input_names=["image"],
