@@ -3,8 +3,8 @@
 For each size (32 with batch 256, 224 with batch 64; `--quick`: 32 alone, batch 4) the model is exported
 with `tinyvit_lib.export.save_onnx` (which checks onnxruntime against PyTorch on the batch) and both
 are timed on the same batch in turns: images/s, median of the samples, in fp32 (onnxruntime's CPU
-provider runs fp32; PyTorch eager is timed in fp32 too, and under the inference policy's autocast
-where the CPU has native bf16, as `evaluate` runs).
+provider runs fp32; PyTorch eager runs the model as `evaluate` does, BatchNorm folded and channels-last,
+in fp32 too, and under the inference policy's autocast where the CPU has native bf16).
 """
 
 from __future__ import annotations
@@ -12,36 +12,41 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from tinyvit_lib import tinyvit_5m
+from tinyvit_lib import inference_copy, tinyvit_5m
 from tinyvit_lib.export import save_onnx
 from tinyvit_lib.utils import cpu_has_native_bf16
 
 CASES = ((32, 256), (224, 64))
 
 
-def _rate(step, images: int, repeats: int, min_seconds: float = 0.5) -> float:
-    """Images/s of `step` (one batch), median of `repeats` samples of at least `min_seconds` each."""
-    step()  # warm-up
-    rates = []
-    for _ in range(repeats):
-        count, t0 = 0, time.perf_counter()
-        while True:
-            step()
-            count += 1
-            elapsed = time.perf_counter() - t0
-            if elapsed >= min_seconds:
-                break
-        rates.append(count * images / elapsed)
-    return statistics.median(rates)
+def _rates(steps: dict[str, Callable[[], object]], images: int, repeats: int, min_seconds: float = 0.5) -> dict:
+    """Images/s of each step (one batch), median of `repeats` samples of at least `min_seconds` each,
+    the contenders timed in turns (one sample each per round, who goes first rotating)."""
+    for step in steps.values():
+        step()  # warm-up
+    names, samples = list(steps), {name: [] for name in steps}
+    for round_ in range(repeats):
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            count, t0 = 0, time.perf_counter()
+            while True:
+                steps[name]()
+                count += 1
+                elapsed = time.perf_counter() - t0
+                if elapsed >= min_seconds:
+                    break
+            samples[name].append(count * images / elapsed)
+    return {name: statistics.median(rates) for name, rates in samples.items()}
 
 
 def onnx_row(img_size: int, batch: int, folder: Path, *, repeats: int, sample_s: float = 0.5) -> dict:
-    """Export TinyViT-5M at `img_size` and time it on one batch: PyTorch eager fp32 (and bf16 autocast
-    where the CPU has it natively) against onnxruntime fp32; images/s and the largest logit difference."""
+    """Export TinyViT-5M at `img_size` and time it on one batch, in turns: PyTorch fp32 as `evaluate` runs
+    it (`inference_copy`: BatchNorm folded, channels-last; and under bf16 autocast where the CPU has it
+    natively) against onnxruntime fp32; images/s and the largest logit difference."""
     import onnxruntime
 
     model = tinyvit_5m(img_size=img_size, num_classes=1000).eval()
@@ -52,21 +57,16 @@ def onnx_row(img_size: int, batch: int, folder: Path, *, repeats: int, sample_s:
     options.intra_op_num_threads = torch.get_num_threads()
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feed = {"image": x.numpy()}
+    runner, x_last = inference_copy(model), x.contiguous(memory_format=torch.channels_last)
 
     def eager(autocast: bool = False) -> None:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            model(x)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            runner(x_last)
 
-    row = dict(
-        img_size=img_size,
-        batch=batch,
-        max_abs_logit_diff=gap,
-        torch_fp32=_rate(eager, batch, repeats, sample_s),
-        onnxruntime_fp32=_rate(lambda: session.run(None, feed), batch, repeats, sample_s),
-    )
+    steps = {"torch_fp32": eager, "onnxruntime_fp32": lambda: session.run(None, feed)}
     if cpu_has_native_bf16():
-        row["torch_bf16"] = _rate(lambda: eager(True), batch, repeats, sample_s)
-    return row
+        steps["torch_bf16"] = lambda: eager(True)
+    return dict(img_size=img_size, batch=batch, max_abs_logit_diff=gap, **_rates(steps, batch, repeats, sample_s))
 
 
 def onnx_section(*, quick: bool, repeats: int, sample_s: float = 0.5) -> list[dict]:
