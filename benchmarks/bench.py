@@ -748,6 +748,8 @@ def epoch_rows(
     rows = [timer.row(peaks) for timer in timers]
     if reference_s:
         rows[0]["reference_images_per_s"] = cases[0].batch / statistics.median(reference_s)
+        # timm's step has two speeds under AVX2 caps (docs/performance.md): the samples' spread shows which
+        rows[0]["reference_images_per_s_range"] = (cases[0].batch / max(reference_s), cases[0].batch / min(reference_s))
     return rows
 
 
@@ -800,10 +802,12 @@ def _epoch_ratios(by_case: dict[str, dict], rows: list[dict]) -> dict[str, float
     student = by_case.get("student 32, labels")
     if student and "reference_images_per_s" in student:
         ratio = student["images_per_s"] / student["reference_images_per_s"]
+        slowest, fastest = student["reference_images_per_s_range"]
         out["student32_vs_timm_matched_eager_step"] = ratio
         print(
             f"student end to end at 32 / timm-matched bare step (eager fp32), timed in turns: {ratio:.2f}x "
-            f"({student['images_per_s']:.1f} / {student['reference_images_per_s']:.1f})"
+            f"({student['images_per_s']:.1f} / {student['reference_images_per_s']:.1f}; "
+            f"timm's samples {slowest:.1f}-{fastest:.1f})"
         )
     timm_eager = next((r for r in rows if r["section"] == "train32" and r["policy"] == "eager"), None)
     if timm_eager and student:

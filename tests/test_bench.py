@@ -54,7 +54,10 @@ def test_quick_bench_writes_every_number(tmp_path):
     assert all(row["images_per_s"] > 0 and row["epoch_over_steps"] > 0 for row in epoch_rows.values())
     assert all(0 < row["fraction_of_peak"] and row["gflops_per_s"] > 0 for row in epoch_rows.values())
     assert results["epoch"]["student32_vs_timm_matched_eager_step"] > 0 and results["epoch"]["teacher_vs_old_path"] > 0
-    assert epoch_rows["student 32, labels"]["reference_images_per_s"] > 0  # timm's step, timed in the same turns
+    student = epoch_rows["student 32, labels"]
+    assert student["reference_images_per_s"] > 0  # timm's step, timed in the same turns
+    slowest, fastest = student["reference_images_per_s_range"]
+    assert slowest <= student["reference_images_per_s"] <= fastest
     assert results["epoch"]["student32_vs_train32_row"] > 0
     assert results["epoch"]["mixed_store_vs_mixed_ce"] > 0
     profiles = {(row["model"], row["img_size"]): row for row in results["profile"]}
