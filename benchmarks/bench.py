@@ -42,8 +42,10 @@ A training step is forward, cross-entropy, backward and an optimizer step on ran
 figure is the median over timed samples (half a second of steps) after warm-up steps, the
 contenders sampled in turns so that a slow moment hits them all. On Linux, a sample during which
 other processes used more than a fifth of a core is set aside and taken again (up to three times
-as many rounds); the table says how many were. Timings are a measurement, not a test: nothing
-here fails on a slow machine.
+as many rounds); the table says how many were. Each row also gives the slowest and fastest of
+timm-matched's samples: under AVX2 caps timm's step runs at one of two speeds (oneDNN's weight
+gradient of its depthwise convolutions on 2x2 and 1x1 maps), which moves every ratio to it.
+Timings are a measurement, not a test: nothing here fails on a slow machine.
 """
 
 from __future__ import annotations
@@ -307,12 +309,18 @@ def _timed(step: Callable[[], None], device: torch.device, times: int = 1) -> tu
 
 
 def time_in_turns(
-    steps: dict[str, Callable[[], None]], *, warmup: int, repeats: int, device: torch.device
+    steps: dict[str, Callable[[], None]],
+    *,
+    warmup: int,
+    repeats: int,
+    device: torch.device,
+    samples: dict[str, list[float]] | None = None,
 ) -> tuple[dict[str, float], dict[str, float], int]:
     """Median seconds per step of each contender, timed in turns, one sample each per round.
 
     A sample is as many steps as fill SAMPLE_S (at least one), judged from the last warm-up step.
-    Returns (median seconds, seconds of each contender's warm-up, samples set aside as contended).
+    Returns (median seconds, seconds of each contender's warm-up, samples set aside as contended);
+    `samples`, where given, receives each contender's seconds per step of the samples the medians use.
     Warm-up holds the one-off costs: compilation (timm's model compiles twice: its attention-bias
     cache changes on the first call), oneDNN kernel choice, allocator growth. At least one step.
     """
@@ -335,8 +343,10 @@ def time_in_turns(
                 clean[name].append(seconds)
             else:
                 contended += 1
-    medians = {name: statistics.median(clean[name] or every[name]) for name in steps}
-    return medians, warmup_s, contended
+    used = {name: clean[name] or every[name] for name in steps}
+    if samples is not None:
+        samples.update(used)
+    return {name: statistics.median(used[name]) for name in steps}, warmup_s, contended
 
 
 def measure(
@@ -366,13 +376,17 @@ def measure(
     precision = "bf16" if policy.bf16(task) else "fp32"
     n = PEAK_SIDE_QUICK if SAMPLE_S < FULL_SAMPLE_S else PEAK_SIDE  # --quick, as `matmul_peaks` sizes it
     steps["peak"] = matmul_step(device, torch.bfloat16 if precision == "bf16" else torch.float32, n)
-    seconds, warmup_s, contended = time_in_turns(steps, warmup=warmup, repeats=repeats, device=device)
+    samples: dict[str, list[float]] = {}
+    seconds, warmup_s, contended = time_in_turns(steps, warmup=warmup, repeats=repeats, device=device, samples=samples)
     peak_in_turns = 2 * n**3 / seconds.pop("peak")
     warmup_s.pop("peak")
     speed = {name: batch / s for name, s in seconds.items()}
     of_peak = {name: speed[name] * flops[name] / peaks[precision] for name in speed}
     of_peak_in_turns = {name: speed[name] * flops[name] / peak_in_turns for name in speed}
     speed.setdefault("timm_matched", speed["timm_default"])  # 224: the matched windows are the default ones
+    # timm's step has two speeds under AVX2 caps (docs/performance.md): its samples' spread shows which it ran at
+    matched = samples.get("timm_matched", samples["timm_default"])
+    matched_range = (batch / max(matched), batch / min(matched))
     return dict(
         section=section,
         task=task,
@@ -383,6 +397,7 @@ def measure(
         images_per_s=speed,
         ours_vs_timm_default=speed["ours"] / speed["timm_default"],
         ours_vs_timm_matched=speed["ours"] / speed["timm_matched"],
+        timm_matched_images_per_s_range=matched_range,
         flops_per_image=flops,
         fraction_of_peak=of_peak,
         peak_in_turns_gflops=peak_in_turns / 1e9,
@@ -832,7 +847,7 @@ def _epoch_ratios(by_case: dict[str, dict], rows: list[dict]) -> dict[str, float
 HEADER = (
     f"{'section':<9}{'policy':<14}{'batch':>5}  {'ours':>8}  {'timm-default':>12}  {'timm-matched':>12}"
     f"  {'ours/default':>12}  {'ours/matched':>12}  {'ours GFLOP/s':>12} {'of peak':>7} {'in turns':>8}"
-    "   warm-up s (ours/timm)"
+    "   warm-up s (ours/timm)   timm-matched samples"
 )
 
 
@@ -841,12 +856,13 @@ def format_row(row: dict) -> str:
     matched = "= default" if "timm_matched" not in warmup_s else f"{speed['timm_matched']:.1f}"
     warmups = "/".join(f"{s:.1f}" for s in warmup_s.values())
     note = f"  ({row['contended_samples']} contended samples retimed)" if row["contended_samples"] else ""
+    slowest, fastest = row["timm_matched_images_per_s_range"]
     return (
         f"{row['section']:<9}{row['policy'] + (' bf16' if row['bf16'] else ''):<14}{row['batch']:>5}  "
         f"{speed['ours']:>8.1f}  {speed['timm_default']:>12.1f}  {matched:>12}  "
         f"{row['ours_vs_timm_default']:>11.2f}x  {row['ours_vs_timm_matched']:>11.2f}x  "
         f"{speed['ours'] * row['flops_per_image']['ours'] / 1e9:>12.1f} {row['fraction_of_peak']['ours']:>7.0%}"
-        f" {row['fraction_of_peak_in_turns']['ours']:>8.0%}   {warmups}{note}"
+        f" {row['fraction_of_peak_in_turns']['ours']:>8.0%}   {warmups:<22}  {slowest:.1f}-{fastest:.1f}{note}"
     )
 
 

@@ -21,6 +21,8 @@ def test_quick_bench_writes_every_number(tmp_path):
         assert set(row["images_per_s"]) == {"ours", "timm_default", "timm_matched"}
         assert min(row["images_per_s"].values()) > 0
         assert row["ours_vs_timm_default"] > 0 and row["ours_vs_timm_matched"] > 0
+        slowest, fastest = row["timm_matched_images_per_s_range"]  # the samples behind the median
+        assert slowest <= row["images_per_s"]["timm_matched"] <= fastest
         # the same computation: the matched windows count ours' FLOPs; timm's default pads at 32
         assert row["flops_per_image"]["ours"] == pytest.approx(row["flops_per_image"]["timm_matched"], rel=0.01)
         assert row["flops_per_image"]["timm_default"] > 2 * row["flops_per_image"]["ours"]
