@@ -374,3 +374,28 @@ def test_history_table_shows_each_epoch_as_a_line_and_marks_missing_fields():
         "    1       1.000            -",
         "    2       0.500        50.00",
     ]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_keep_freed_memory_keeps_a_freed_block_in_the_heap():
+    # A fresh process: a 64 MB block must come from the heap (not a mapping of its own) and stay
+    # there when freed, so that the next step reuses its pages instead of faulting in new ones.
+    code = textwrap.dedent(
+        """
+        import ctypes, ctypes.util
+        from tinyvit_lib.utils import keep_freed_memory
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.sbrk.restype, libc.sbrk.argtypes = ctypes.c_void_p, [ctypes.c_ssize_t]
+        libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+        libc.free.argtypes = [ctypes.c_void_p]
+        assert keep_freed_memory()
+        size, before = 64 * 2**20, libc.sbrk(0)
+        block = libc.malloc(size)
+        grown = libc.sbrk(0)
+        ctypes.memset(block, 1, size)
+        libc.free(block)
+        print(grown - before > size // 2, libc.sbrk(0) == grown)  # from the heap; the heap not trimmed
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "True"]

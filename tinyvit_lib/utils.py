@@ -287,18 +287,20 @@ def autocast_by_default(device: torch.device) -> bool:
 def keep_freed_memory() -> bool:
     """Make glibc keep freed memory for reuse instead of handing large blocks back to the OS.
 
-    By default every block over 32 MB is mapped on allocation and unmapped on release, so each
-    large activation is paid for again in page faults (at 224x224 and batch 32, TinyViT-5M's first
-    stage makes such blocks); with this setting freed blocks are reused, as a caching allocator does
-    on a GPU.
+    By default every block over 32 MB is mapped on allocation and unmapped on release, and the heap
+    is trimmed when its free top grows past a threshold, so large activations are paid for again in
+    page faults every step (at 224x224 and batch 32, TinyViT-5M's first stage makes such blocks);
+    with this setting nothing is mapped apart and the heap is trimmed only past 2 GB of free top, so
+    freed blocks are reused, as a caching allocator does on a GPU.
     Process-wide; the process keeps its peak memory until it ends. Returns False where glibc is absent.
     """
     name = ctypes.util.find_library("c")
     if sys.platform != "linux" or name is None:
         return False
     libc = ctypes.CDLL(name)
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]  # the value is a C int: larger ones would wrap
     m_trim_threshold, m_mmap_max = -1, -4  # glibc's mallopt parameter numbers
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**62))
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 # ----------------------------------------------------------------------------- progress
