@@ -1015,7 +1015,11 @@ def further_sections(
             results["store"] = store_section(Path(tmp), quick=quick)
     if "onnx" in sections:
         print("the exported model: onnxruntime (CPU provider, fp32) beside PyTorch eager, the same batch, in turns")
-        results["onnx"] = onnx_section(quick=quick, repeats=1 if quick else max(repeats, 3), sample_s=SAMPLE_S)
+        onnx_repeats = 1 if quick else max(repeats, 3)
+        results["onnx"] = onnx_section(
+            quick=quick,
+            timer=lambda steps: time_in_turns(steps, warmup=1, repeats=onnx_repeats, device=torch.device("cpu"))[0],
+        )
     return results
 
 

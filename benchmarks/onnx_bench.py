@@ -9,9 +9,7 @@ in fp32 too, and under the inference policy's autocast where the CPU has native 
 
 from __future__ import annotations
 
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,31 +20,14 @@ from tinyvit_lib.export import save_onnx
 from tinyvit_lib.utils import cpu_has_native_bf16
 
 CASES = ((32, 256), (224, 64))
+Timer = Callable[[dict[str, Callable[[], object]]], dict[str, float]]  # steps -> median seconds per step
 
 
-def _rates(steps: dict[str, Callable[[], object]], images: int, repeats: int, min_seconds: float = 0.5) -> dict:
-    """Images/s of each step (one batch), median of `repeats` samples of at least `min_seconds` each,
-    the contenders timed in turns (one sample each per round, who goes first rotating)."""
-    for step in steps.values():
-        step()  # warm-up
-    names, samples = list(steps), {name: [] for name in steps}
-    for round_ in range(repeats):
-        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
-            count, t0 = 0, time.perf_counter()
-            while True:
-                steps[name]()
-                count += 1
-                elapsed = time.perf_counter() - t0
-                if elapsed >= min_seconds:
-                    break
-            samples[name].append(count * images / elapsed)
-    return {name: statistics.median(rates) for name, rates in samples.items()}
-
-
-def onnx_row(img_size: int, batch: int, folder: Path, *, repeats: int, sample_s: float = 0.5) -> dict:
+def onnx_row(img_size: int, batch: int, folder: Path, *, timer: Timer) -> dict:
     """Export TinyViT-5M at `img_size` and time it on one batch, in turns: PyTorch fp32 as `evaluate` runs
     it (`inference_copy`: BatchNorm folded, channels-last; and under bf16 autocast where the CPU has it
-    natively) against onnxruntime fp32; images/s and the largest logit difference."""
+    natively) against onnxruntime fp32, by `timer` (the bench's `time_in_turns`); images/s and the largest
+    logit difference."""
     import onnxruntime
 
     model = tinyvit_5m(img_size=img_size, num_classes=1000).eval()
@@ -66,16 +47,17 @@ def onnx_row(img_size: int, batch: int, folder: Path, *, repeats: int, sample_s:
     steps = {"torch_fp32": eager, "onnxruntime_fp32": lambda: session.run(None, feed)}
     if cpu_has_native_bf16():
         steps["torch_bf16"] = lambda: eager(True)
-    return dict(img_size=img_size, batch=batch, max_abs_logit_diff=gap, **_rates(steps, batch, repeats, sample_s))
+    rates = {name: batch / seconds for name, seconds in timer(steps).items()}
+    return dict(img_size=img_size, batch=batch, max_abs_logit_diff=gap, **rates)
 
 
-def onnx_section(*, quick: bool, repeats: int, sample_s: float = 0.5) -> list[dict]:
+def onnx_section(*, quick: bool, timer: Timer) -> list[dict]:
     """One row per size (`CASES`; with `quick`, 32 alone at batch 4: each export takes seconds), printed as
     it is measured."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="tinyvit-onnx-bench-") as tmp:
         for img_size, batch in CASES[:1] if quick else CASES:
-            row = onnx_row(img_size, 4 if quick else batch, Path(tmp), repeats=repeats, sample_s=sample_s)
+            row = onnx_row(img_size, 4 if quick else batch, Path(tmp), timer=timer)
             rows.append(row)
             extra = f", torch bf16 {row['torch_bf16']:,.1f}" if "torch_bf16" in row else ""
             print(
