@@ -349,8 +349,9 @@ PROFILES: dict[str, Profile] = {
         finetune=Budget(epochs=4, batch_size=128, lr=5e-4, max_per_class=300, max_val_per_class=50),
         seeds=(0, 1, 2),
         # 1 epoch (23 steps) left every condition at chance: no point of a curve. Two lengths, 2 and 8 epochs
-        # (46 and 184 steps), keep `make run-all` within an hour on a 2-core AVX2 CPU (a 4-epoch point cost
-        # about 6 minutes there); patience in its own regime is the long profile's.
+        # (46 and 184 steps): a 4-epoch point cost about 6 minutes on a 2-core AVX2 CPU, where `make run-all`
+        # with every run trained takes about an hour already (docs/performance.md); patience in its own
+        # regime is the long profile's.
         patience=(2, 8),
         replay_epochs=8,
         sweep=Sweep(alphas=(0.5, 1.0), ks=(1, 3, 5, 10), epochs=4, variant_pool_per_class=300),
