@@ -20,11 +20,14 @@ PROFILE ?= $(if $(DATASET),$(PROFILE_OF_$(DATASET)),default)
 OUTDIR  := build/executed
 FASHION_MNIST_DEB_DIR := /usr/share/datasets/fashion-mnist
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
-LINTED  := tinyvit_lib benchmarks tests notebooks scripts
+LINTED  := tinyvit_lib benchmarks tests notebooks scripts conftest.py
 # Quiet, deterministic headless runs: no progress bars, no stray threads beyond the cores we have.
 export TQDM_DISABLE := 1
 export DATA_ROOT
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
+# `make test` shares its tests among this many pytest-xdist workers of one thread each (at most 4:
+# each holds its own PyTorch); conftest.py keeps the notebooks on one worker, in order.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 4 ? n : 4 )))
 
 .DEFAULT_GOAL := help
 .PHONY: help setup run-all test lab format bench gpu-check data clean
@@ -54,9 +57,10 @@ data:  ## make sure Fashion-MNIST is on this machine (Debian package, installs i
 run-all: $(VENV)/.ready data  ## execute every notebook in order (PROFILE=default|fast|cifar100|imagenet-subset, or DATASET=...)
 	@$(BIN)/python scripts/run_notebooks.py --profile $(PROFILE) --kernel $(KERNEL) --out $(OUTDIR) --publish executed $(NOTEBOOKS)
 
-test: $(VENV)/.ready  ## lint and format check, unit tests, then every notebook under nbval in the fast profile
+test: $(VENV)/.ready  ## lint and format check, then the unit tests and every notebook under nbval (fast profile), on every core
 	$(BIN)/ruff check $(LINTED) && $(BIN)/ruff format --check $(LINTED)
-	TINYVIT_FAST=1 $(BIN)/python -m pytest tests $(NOTEBOOKS) --nbval-lax --nbval-current-env -p no:cacheprovider
+	TINYVIT_FAST=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest $(NOTEBOOKS) tests --nbval-lax --nbval-current-env \
+	  -p no:cacheprovider -n $(TEST_WORKERS)
 
 $(VENV)/.lab-ready: $(VENV)/.ready
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,lab]'

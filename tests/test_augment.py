@@ -1,5 +1,6 @@
 """Replayable augmentation: seeds, per-sample transforms and paired Mixup/CutMix."""
 
+import os
 import re
 import subprocess
 import sys
@@ -305,12 +306,13 @@ REPLAY_SCRIPT = textwrap.dedent("""
 
 def test_replay_is_bit_identical_in_another_process(tmp_path):
     out = tmp_path / "replay.pt"
-    subprocess.run([sys.executable, "-c", REPLAY_SCRIPT, str(out), "0"], check=True, cwd=REPO)
+    env = dict(os.environ, OMP_NUM_THREADS="2")  # two threads there, one here
+    subprocess.run([sys.executable, "-c", REPLAY_SCRIPT, str(out), "0"], check=True, cwd=REPO, env=env)
     there = torch.load(out)
     namespace = {"__name__": "replay"}
     exec(compile(REPLAY_SCRIPT, "replay", "exec"), namespace)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # and another thread count
+    torch.set_num_threads(1)
     try:
         here = namespace["replay"](99)
     finally:
