@@ -3,8 +3,8 @@
 `make test` shares the work among pytest-xdist workers with a scheduler of its own: the notebooks
 are one unit of work, so one worker runs them in order (01 to 06, each cell after the one before,
 as a reader would, and each notebook after the one whose results it reads), while each test module
-is a unit for whichever worker is free. (xdist's own `--dist loadgroup` cannot do this under
-pytest 9, whose node IDs it no longer rewrites.)
+is a unit for whichever worker is free. (xdist's own `--dist loadgroup` cannot do this here: it
+groups by renaming node IDs, which pytest 9 no longer reads.)
 """
 
 import pytest
