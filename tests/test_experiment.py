@@ -208,6 +208,10 @@ def test_a_row_stands_for_its_run_when_the_run_is_not_on_disk_and_only_then(tmp_
     monkeypatch.setattr(experiment, "run_or_reuse", lambda *a, **k: trained.append(a[0].name))
     reopened = ResultsLog(tmp_path / "rows.jsonl")
     assert sweep_point(reopened, "a", spec, test=True) == row and reopened.reused == ["a"] and not trained
+    # a row logged before one of its coordinates was recorded gains it when reused, in the file too
+    reopened.add("a", {k: v for k, v in row.items() if k != "seed"})
+    assert sweep_point(reopened, "a", spec, test=True, seed=0) == row and not trained
+    assert ResultsLog(tmp_path / "rows.jsonl").rows["a"] == row
     # another spec (one more epoch) is not this row's run, and neither is a row without test numbers
     assert reusable_row(reopened, "a", replace(spec, train=replace(spec.train, epochs=2))) is None
     reopened.add("a", dict(row, test_top1=None))

@@ -594,7 +594,8 @@ def sweep_point(
     for them); a row whose run was retrained is measured again and replaced. A row whose run is not
     on disk (a fresh clone with the committed results) stands for it if `reusable_row` says so; its
     key is then added to `results.reused`, and nothing is trained. The row holds `fields` (the
-    point's coordinates, e.g. condition="distilled", seed=0, alpha=0.5), val_top1/val_top5,
+    point's coordinates, e.g. condition="distilled", seed=0, alpha=0.5; a reused row lacking one
+    gains it), val_top1/val_top5,
     test_top1/test_top5 (None unless `test`), the training seconds, the run name, the digests and the
     validated epochs (`history`); a new row is printed.
 
@@ -606,7 +607,7 @@ def sweep_point(
         results.reused.append(key)
         if (here := autocast_identity(spec)) is not None and row.get("autocast") != here:
             results.reused_elsewhere[key] = (row.get("autocast"), here)
-        return row
+        return _with_fields(results, key, row, fields)
     result = run_or_reuse(spec, force=force, progress=False)
     if result.reused:
         results.kept.append(key)
@@ -620,12 +621,21 @@ def sweep_point(
     )
     old = results.rows.get(key, {})
     if old.get("run_digest") == digest and (not test or old.get("test_top1") is not None):
-        return old if all(old.get(k) == v for k, v in identity.items()) else results.add(key, dict(old, **identity))
+        if all(old.get(k) == v for k, v in identity.items()):
+            return _with_fields(results, key, old, fields)
+        return results.add(key, dict(old, **identity, **{k: v for k, v in fields.items() if k not in old}))
     row = dict(fields, test_top1=None, test_top5=None)  # the test set is read only when `test` asks
     row.update(measure(spec, test=test, checkpoint=checkpoint))
     row.update(seconds=round(sum(r["epoch_time_s"] for r in result.history), 1), run=spec.name, run_digest=digest)
     print(row_line(key, row))
     return results.add(key, dict(row, **identity))
+
+
+def _with_fields(results: ResultsLog, key: str, row: dict, fields: dict) -> dict:
+    """`row` as logged, or, if it lacks some of the point's `fields` (a row logged before a field
+    was recorded), with them added and the row logged again."""
+    missing = {k: v for k, v in fields.items() if k not in row}
+    return results.add(key, dict(row, **missing)) if missing else row
 
 
 def row_line(key: str, row: dict) -> str:
