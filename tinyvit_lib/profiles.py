@@ -91,7 +91,7 @@ class Budget:
 
 @dataclass(frozen=True, kw_only=True)
 class Sweep:
-    """Notebook 04's grid. The values default to the full grid; a profile sets only the epochs
+    """Notebook 05's grid. The values default to the full grid; a profile sets only the epochs
     (and the fast profile a smaller grid).
 
     Raises:
@@ -359,7 +359,7 @@ PROFILES: dict[str, Profile] = {
     # Notebook 04 where patience can show (`make run-all PROFILE=long` runs notebooks 02 and 04): the
     # default profile's data and teacher recipe, a labelled set of 64 images per class at batch 32 (20
     # steps an epoch), and schedules of 5 to 336 epochs (100 to 6,720 optimiser steps, 67x). Sized to
-    # fit 3 hours on a 2-core CPU with native bf16 (the arithmetic is in the README).
+    # fit 3 hours on a 2-core CPU with native bf16 (the arithmetic is in docs/results.md).
     "long": Profile(
         name="long",
         alpha=1.0,
