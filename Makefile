@@ -21,7 +21,7 @@ OUTDIR  := build/executed
 FASHION_MNIST_DEB_DIR := /usr/share/datasets/fashion-mnist
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 LINTED  := tinyvit_lib benchmarks tests notebooks scripts conftest.py
-# Quiet, deterministic headless runs: no progress bars, no stray threads beyond the cores we have.
+# Quiet, deterministic headless runs: no progress bars (but in `make lab`), no stray threads beyond the cores we have.
 export TQDM_DISABLE := 1
 export DATA_ROOT
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
@@ -67,7 +67,7 @@ $(VENV)/.lab-ready: $(VENV)/.ready
 	@touch $@
 
 lab: $(VENV)/.lab-ready  ## open JupyterLab on the project kernel (installs JupyterLab the first time)
-	$(BIN)/jupyter lab notebooks
+	TQDM_DISABLE=0 $(BIN)/jupyter lab notebooks  # bars on: a learner watches runs train
 
 format: $(VENV)/.ready  ## apply ruff's formatting and safe lint fixes (what `make test` checks)
 	$(BIN)/ruff format $(LINTED) && $(BIN)/ruff check --fix $(LINTED)

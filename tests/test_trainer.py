@@ -24,7 +24,7 @@ from tinyvit_lib.trainer import (
     saved_config,
     train,
 )
-from tinyvit_lib.utils import cpu_has_native_bf16
+from tinyvit_lib.utils import cpu_has_native_bf16, progress
 
 REPO = Path(__file__).resolve().parent.parent
 LIGHT = AugmentConfig(randaugment_ops=0, erase_prob=0.0, scale=(0.5, 1.0))
@@ -399,3 +399,14 @@ def test_keep_freed_memory_keeps_a_freed_block_in_the_heap():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["True", "True"]
+
+
+def test_tqdm_disable_turns_every_bar_off(monkeypatch):
+    """make run-all sets TQDM_DISABLE=1, which tqdm's notebook bar would not read by itself."""
+    items = [1, 2]
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert progress(items, total=2, desc="x") is items
+    monkeypatch.setenv("TQDM_DISABLE", "0")
+    bar = progress(items, total=2, desc="x")
+    assert bar is not items and list(bar) == items
+    assert progress(items, total=2, desc="x", enabled=False) is items

@@ -310,8 +310,10 @@ def progress(
     iterable: Iterable, *, total: int, desc: str, unit: str = "batch", initial: int = 0, enabled: bool = True
 ) -> Iterable:
     """A tqdm bar over `iterable` on the main process (tqdm.auto: a widget in Jupyter), or the
-    iterable itself when `enabled` is False or on other ranks. TQDM_DISABLE=1 turns bars off."""
-    if not enabled or not is_main_process():
+    iterable itself when `enabled` is False, on other ranks, or with TQDM_DISABLE set (read here:
+    tqdm's notebook bar passes `disable` itself, so tqdm would not read it, and a headless notebook
+    run would keep an empty bar in its outputs)."""
+    if not enabled or not is_main_process() or os.environ.get("TQDM_DISABLE", "0").lower() not in ("", "0", "false"):
         return iterable
     from tqdm.auto import tqdm
 
