@@ -54,7 +54,7 @@ data:  ## make sure Fashion-MNIST is on this machine (Debian package, installs i
 	  echo "Fashion-MNIST: no apt-get here; the notebooks will download it through torchvision."; \
 	fi
 
-run-all: $(VENV)/.ready data  ## execute every notebook in order (PROFILE=default|fast|cifar100|imagenet-subset, or DATASET=...)
+run-all: $(VENV)/.ready data  ## execute every notebook in order (PROFILE=default|fast|long|cifar100|imagenet-subset, or DATASET=...)
 	@$(BIN)/python scripts/run_notebooks.py --profile $(PROFILE) --kernel $(KERNEL) --out $(OUTDIR) --publish executed $(NOTEBOOKS)
 
 test: $(VENV)/.ready  ## lint and format check, then the unit tests and every notebook under nbval (fast profile), on every core
@@ -78,5 +78,5 @@ bench: $(VENV)/.ready  ## images/s of our TinyViT-5M vs timm's on this machine (
 gpu-check: $(VENV)/.ready  ## a few minutes on a CUDA machine: teacher, store, student, torchrun x2 (refuses on a CPU)
 	$(BIN)/python scripts/gpu_check.py
 
-clean:  ## remove executed notebooks and test outputs (keeps .venv, data, runs)
+clean:  ## remove build/ (executed copies, fast-profile and exercise runs, notebook 06's files; keeps .venv, data, runs/, logits/)
 	rm -rf build .pytest_cache

@@ -5,7 +5,7 @@ differs is the windows. timm attends over fixed windows and pads a feature map s
 window, while this library clips a window to its map. So a model trained at 32×32 (maps of 4, 2
 and 1 in stages 1-3) becomes the timm model whose windows are the clipped ones, (7, 4, 2, 1), with
 each attention-bias table cut to the offsets those windows hold; timm then computes the same
-function. `timm_checkpoint` writes the state dict and returns the exact `create_model` call.
+function. `save_timm_checkpoint` writes the state dict and returns the exact `create_model` call.
 
     call = save_timm_checkpoint(model, "student_timm.pth")
     # timm.create_model("tiny_vit_5m_224", num_classes=10, in_chans=1, window_sizes=[7, 4, 2, 1],
