@@ -147,6 +147,9 @@ def test_t_multipliers_are_students():
         t_multiplier(1)
     with pytest.raises(ValueError, match="p=1.0 must be in"):
         t_quantile(1.0, 3)
+    # the median, and levels so small that t^2 vanishes beside the degrees of freedom
+    assert abs(t_quantile(0.5, 3)) < 1e-9 and abs(t_multiplier(3, level=1e-12)) < 1e-6
+    assert abs(t_quantile(0.5000001, 1000)) < 1e-6
 
 
 def test_gains_are_paired_by_seed_with_a_95_percent_t_interval():
@@ -173,3 +176,13 @@ def test_gains_are_paired_by_seed_with_a_95_percent_t_interval():
     assert one["se"] is None and one["interval"] is None and not one["resolved"]
     with pytest.raises(ValueError, match=r"'distilled' has seeds \[0, 2\], 'labels only' has \[0, 1, 2\]"):
         paired_gain(rows[:5], "distilled", "labels only")
+    twice = [*rows, dict(condition="labels only", seed=0, test_top1=70.0)]  # a seed counted twice is refused
+    with pytest.raises(ValueError, match="two rows of condition 'labels only', seed 0: each seed counts once"):
+        paired_gain(twice, "distilled", "labels only")
+    with pytest.raises(ValueError, match="two rows of condition 'labels only', seed 0"):
+        condition_summary(twice, "test_top1")
+    unmeasured = [dict(r, test_top1=None) if r["condition"] == "distilled" else r for r in rows]
+    with pytest.raises(ValueError, match=r"condition 'distilled', seed 2: test_top1=None is not a number"):
+        paired_gain(unmeasured, "distilled", "labels only")
+    other = [dict(condition="other", seed=0, test_top1=None)] * 2  # other conditions' rows are not read
+    assert paired_gain([*rows, *other], "distilled", "labels only") == gain

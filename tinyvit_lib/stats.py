@@ -45,6 +45,8 @@ def _betacf(a: float, b: float, x: float) -> float:
 def _t_cdf(t: float, dof: int) -> float:
     """P(T <= t) for Student's t with `dof` degrees of freedom (through the incomplete beta function)."""
     x = dof / (dof + t * t)
+    if x >= 1.0:  # t is 0, or too small for t^2 to register beside dof
+        return 0.5
     a, b = dof / 2.0, 0.5
     log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
     if x < (a + 1.0) / (a + b + 2.0):
@@ -95,13 +97,35 @@ def mean_se(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), se
 
 
+def _by_condition_and_seed(rows: list[dict], metric: str) -> dict[tuple, float]:
+    """{(condition, seed): the row's `metric`}.
+
+    Raises:
+        ValueError: two rows of one condition and seed, or a row without a number for `metric` (named).
+    """
+    values: dict[tuple, float] = {}
+    for row in rows:
+        key = (row["condition"], row["seed"])
+        if key in values:
+            raise ValueError(f"two rows of condition {key[0]!r}, seed {key[1]}: each seed counts once")
+        if not isinstance(row.get(metric), int | float):
+            raise ValueError(f"condition {key[0]!r}, seed {key[1]}: {metric}={row.get(metric)!r} is not a number")
+        values[key] = row[metric]
+    return values
+
+
 def condition_summary(rows: list[dict], metric: str) -> dict[str, dict]:
     """Per condition (in order of first appearance): mean of `metric` over its rows, its standard
     error (None for one row), the half-width of its 95% t-interval (None for one row), n and the
-    per-seed values."""
+    per-seed values.
+
+    Raises:
+        ValueError: as `_by_condition_and_seed` (two rows of one condition and seed, a missing value).
+    """
+    runs = _by_condition_and_seed(rows, metric)
     summary = {}
-    for condition in dict.fromkeys(row["condition"] for row in rows):
-        values = {row["seed"]: row[metric] for row in rows if row["condition"] == condition}
+    for condition in dict.fromkeys(c for c, _ in runs):
+        values = {seed: value for (c, seed), value in runs.items() if c == condition}
         mean, se = mean_se(list(values.values()))
         half = None if se is None else se * t_multiplier(len(values))
         summary[condition] = dict(
@@ -123,9 +147,10 @@ def paired_gain(rows: list[dict], condition: str, reference: str, metric: str = 
     is from zero (`z`).
 
     Raises:
-        ValueError: the two conditions were not run with the same seeds (both seed lists named).
+        ValueError: the two conditions were not run with the same seeds (both seed lists named), or
+            as `_by_condition_and_seed` (two rows of one condition and seed, a missing value).
     """
-    runs = {(row["condition"], row["seed"]): row[metric] for row in rows}
+    runs = _by_condition_and_seed([r for r in rows if r["condition"] in (condition, reference)], metric)
     seeds = sorted(s for c, s in runs if c == condition)
     other = sorted(s for c, s in runs if c == reference)
     if not seeds or seeds != other:
