@@ -312,6 +312,37 @@ def test_a_results_file_with_a_cut_last_line_is_read_without_it_and_repaired(tmp
     path.write_text('{"key": "a"}\n{broken\n{"key": "b"}\n')
     with pytest.raises(ValueError, match=r"rows.jsonl, line 2, is not a results row"):
         ResultsLog(path)
+    path.write_text('{"key": "a"}\n{"top1": 1.0}\n{"key": "b"}\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl, line 2, is not a results row: it has no key"):
+        ResultsLog(path)
+
+
+def test_an_append_that_fails_midway_is_repaired_by_the_next_row(tmp_path, monkeypatch):
+    """A full disk mid-append leaves part of a line; the next row must not be glued to it."""
+    path = tmp_path / "rows.jsonl"
+    results = ResultsLog(path)
+    results.add("a", dict(top1=1.0))
+
+    class FullDisk:
+        def __init__(self, *args):
+            self.file = open(*args)  # noqa: SIM115
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, text):
+            self.file.write(text[:9])
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(experiment, "open", FullDisk, raising=False)
+    with pytest.raises(OSError, match="No space left"):
+        results.add("b", dict(top1=2.0))
+    monkeypatch.undo()
+    results.add("c", dict(top1=3.0))
+    assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["a", "b", "c"]
 
 
 def test_a_row_reads_as_one_line():

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -410,3 +410,22 @@ def test_tqdm_disable_turns_every_bar_off(monkeypatch):
     bar = progress(items, total=2, desc="x")
     assert bar is not items and list(bar) == items
     assert progress(items, total=2, desc="x", enabled=False) is items
+
+
+def test_resume_ignores_alpha_without_a_teacher_and_refuses_another_process_count(tmp_path):
+    """alpha and temperature play no part in a labels-only run (as `experiment.run_differences` says),
+    so a resume may state them otherwise; the batch is per process, so a resume needs as many."""
+    train_set, val_set = synthetic(64, 32)
+    config = TrainConfig(epochs=1, batch_size=32, lr=1e-3, warmup_epochs=0.0, seed=0, alpha=0.5)
+    run_dir = tmp_path / "run"
+    train(tiny_model(), train_set, val_set, config, run_dir=run_dir, progress=False)
+    ckpt = load_checkpoint(run_dir / "last.pt")
+    assert ckpt["world_size"] == 1 and ckpt["distills"] is False
+    more = TrainConfig(**{**asdict(config), "alpha": 1.0, "temperature": 4.0})
+    with pytest.raises(ValueError, match=r"config differs in \['epochs'\]"):  # what the run is still counts
+        train(tiny_model(), train_set, val_set, replace(more, epochs=2), run_dir=run_dir, resume=True, progress=False)
+    result = train(tiny_model(), train_set, val_set, more, run_dir=run_dir, resume=True, progress=False)
+    assert len(result.history) == 1  # finished already: nothing more to train
+    torch.save(dict(ckpt, world_size=2), run_dir / "last.pt")
+    with pytest.raises(ValueError, match=r"trained by 2 process\(es\), this run has 1"):
+        train(tiny_model(), train_set, val_set, more, run_dir=run_dir, resume=True, progress=False)

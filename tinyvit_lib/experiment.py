@@ -437,7 +437,8 @@ class ResultsLog:
     (a crash, a full disk) is dropped with a warning; the next `add` rewrites the file whole.
 
     Raises:
-        ValueError: a line other than the last is not JSON (the file and line are named)."""
+        ValueError: a line other than the last is not JSON, or a line without a key (the file and line
+            are named)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -459,6 +460,8 @@ class ResultsLog:
                     )
                     self.cut = True
                     continue
+                if not isinstance(row, dict) or "key" not in row:
+                    raise ValueError(f"{self.path}, line {number}, is not a results row: it has no key")
                 self.rows[row["key"]] = row
 
     def reuse_note(self) -> str | None:
@@ -487,7 +490,11 @@ class ResultsLog:
 
     def add(self, key: str, row: dict) -> dict:
         """Log `row` under `key`: appended, or, when the key was logged before, the file rewritten
-        (atomically) with the new row in the old one's place."""
+        (atomically) with the new row in the old one's place. An append that fails (a full disk) may
+        leave part of a line: the next `add` then rewrites the file whole.
+
+        Raises:
+            OSError: the file could not be written (the row is kept in `rows`)."""
         row = dict(row, key=key)
         replacing = key in self.rows
         self.rows[key] = row
@@ -496,8 +503,12 @@ class ResultsLog:
             self.cut = False
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            except OSError:
+                self.cut = True
+                raise
         return row
 
     def retain(self, keys: list[str]) -> None:
@@ -511,12 +522,13 @@ class ResultsLog:
 
 
 def measure(spec: RunSpec, *, test: bool = False, checkpoint: str = "last.pt") -> dict:
-    """A finished run's weights (by default its final ones) on its whole validation set (val_top1,
-    val_top5) and, with `test`, on the test set (test_top1, test_top5; see `test_set` for when that
-    is refused).
+    """A run's weights (by default its latest, last.pt: its final ones once it has finished) on its
+    whole validation set (val_top1, val_top5) and, with `test`, on the test set (test_top1,
+    test_top5; see `test_set` for when that is refused).
 
     Raises:
-        ValueError, FileNotFoundError: no finished run, or as `validation_set` and `test_set`.
+        ValueError, FileNotFoundError: no such checkpoint in the run folder, or as `validation_set`
+            and `test_set`.
     """
     sets = {"val": _cached_set(validation_set, spec)}
     if test:

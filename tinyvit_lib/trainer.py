@@ -369,8 +369,9 @@ def train(
     Returns a `TrainResult` with the per-epoch history and the best top-1.
 
     Raises:
-        ValueError: a batch larger than the data; resume without
-            a readable checkpoint or with a different config.
+        ValueError: a batch larger than the data; resume from a checkpoint of another config or
+            process count, or one that cannot be read.
+        FileNotFoundError: resume without a checkpoint in `run_dir`.
         FloatingPointError: a NaN or infinite loss (named by step; the last good checkpoint stays).
         LockHeld: another process is training in `run_dir` (one writer per run).
         OSError: a checkpoint could not be written (a full disk): no temporary file is left and
@@ -689,6 +690,8 @@ class CheckpointSaver:
                 torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None
             ),
             config=asdict(self.config),
+            world_size=parts.world,  # the batch is per process: a resume needs as many processes
+            distills=parts.teacher is not None,  # without a teacher's term, alpha and temperature play no part
             model_config=self.model_config,
             history=state.history,
             best_top1=state.best_top1,
@@ -733,13 +736,22 @@ def _restore(parts: TrainParts, config: TrainConfig, path: Path) -> TrainState:
     run stood.
 
     Raises:
-        FileNotFoundError, ValueError: no readable checkpoint at `path`, or one saved with another config.
+        FileNotFoundError, ValueError: no readable checkpoint at `path`, one saved with another config
+            (alpha and temperature aside when neither it nor this run distils: they play no part), or
+            one saved by another number of processes.
     """
     ckpt = load_checkpoint(path)
-    saved = saved_config(ckpt.get("config", {}) if isinstance(ckpt, dict) else {})
-    if saved != asdict(config):
-        changed = sorted(k for k, v in asdict(config).items() if saved.get(k) != v)
+    saved, mine = saved_config(ckpt.get("config", {}) if isinstance(ckpt, dict) else {}), asdict(config)
+    if parts.teacher is None and ckpt.get("distills") is False:  # labels only, then and now (experiment._flat)
+        saved, mine = ({k: v for k, v in c.items() if k not in ("alpha", "temperature")} for c in (saved, mine))
+    if saved != mine:
+        changed = sorted(k for k, v in mine.items() if saved.get(k) != v)
         raise ValueError(f"cannot resume {path}: the config differs in {changed}")
+    if ckpt.get("world_size", parts.world) != parts.world:
+        raise ValueError(
+            f"cannot resume {path}: it was trained by {ckpt['world_size']} process(es), this run has {parts.world} "
+            "(the batch and each process's share of the epoch are per process); resume with as many"
+        )
     parts.model.load_state_dict(ckpt["model"])
     parts.optimizer.load_state_dict(ckpt["optimizer"])
     parts.schedule.load_state_dict(ckpt["scheduler"])
