@@ -328,6 +328,16 @@ def test_deriving_a_smaller_k_equals_precomputing_it(tmp_path):
         assert np.allclose(a["rest"], b["rest"], atol=5e-3)
     with pytest.raises(ValueError, match="k=10 must be between 1 and the store's k - 1"):
         derive_smaller_k(big, 10, tmp_path / "bad")
+    with pytest.raises(ValueError, match="is the store derived from"):  # it would have removed its own source
+        derive_smaller_k(big, 3, tmp_path / "k10")
+    assert LogitStore.open(tmp_path / "k10").header.k == 10
+    # a k=2 derivation where another store's k=3 lies is derived again; a folder of other files is left alone
+    assert derive_smaller_k(big, 2, tmp_path / "k3-derived").header.k == 2
+    shutil.copytree(tmp_path / "k3-derived", tmp_path / "mine")  # a k=2 store, and a file of the user's
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"not a logit store's, such as \['notes.txt'\]: it is not removed"):
+        derive_smaller_k(big, 3, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
 def test_precompute_or_reuse_rebuilds_a_store_made_by_another_teacher(tmp_path):
@@ -340,6 +350,17 @@ def test_precompute_or_reuse_rebuilds_a_store_made_by_another_teacher(tmp_path):
     other = tiny_teacher(1)
     store, rebuilt = precompute_or_reuse(other, dataset, tmp_path / "s", k=4, batch_size=32, progress=False)
     assert rebuilt is not None and verify_store(store, other, dataset, samples=16)["index_mismatch_rate"] == 0
+    # bad arguments are refused before the store they would replace is removed
+    for bad, message in ((dict(batch_size=0), "batch_size=0 must be >= 1"), (dict(num_workers=-1), "num_workers=-1")):
+        with pytest.raises(ValueError, match=message):
+            precompute_or_reuse(tiny_teacher(2), dataset, tmp_path / "s", k=3, **dict(dict(batch_size=32), **bad))
+    assert LogitStore.open(tmp_path / "s").header.k == 4
+    # force removes a store, never a folder of other files
+    (tmp_path / "papers").mkdir()
+    (tmp_path / "papers" / "draft.tex").write_text("keep me")
+    with pytest.raises(ValueError, match=r"not a logit store's, such as \['draft.tex'\]"):
+        precompute_or_reuse(other, dataset, tmp_path / "papers", k=4, batch_size=32, force=True, progress=False)
+    assert (tmp_path / "papers" / "draft.tex").read_text() == "keep me"
 
 
 def test_precompute_or_reuse_rebuilds_an_unfinished_precompute_with_other_settings(tmp_path):

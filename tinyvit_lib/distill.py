@@ -16,7 +16,6 @@ constant of the data.
 from __future__ import annotations
 
 import hashlib
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from .logit_store import (
     pending_settings,
     read_pending,
     rebuild_logits,
-    writer_lock,
+    remove_store,
 )
 from .model import inference_copy
 from .utils import progress as progress_bar
@@ -760,13 +759,19 @@ def precompute_or_reuse(
     **kwargs,
 ) -> tuple[LogitStore, PrecomputeStats | None]:
     """The store at `path` if it was made by this teacher, on this data, with these settings;
-    otherwise (or with `force`) it is removed and computed again. Stats are None when reused.
+    otherwise (or with `force`) it is removed and computed again. Stats are None when reused. The
+    arguments are checked before anything is removed, and only a store is removed (`remove_store`).
 
     Raises:
         LockHeld: another process is writing a store at `path`.
-        And what `precompute` raises.
+        ValueError: `path` holds files that are not a store's, and what `precompute` raises.
     """
     path = Path(path)
+    _check_precompute_arguments(dataset, mode, kwargs.get("num_workers", 0))
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    if spec is not None:
+        _check_spec_describes(spec, dataset)
     expected = store_header(teacher, teacher_name, dataset, k=k, mode=mode, epochs=epochs, spec=spec)
     if not force and (path / "manifest.json").exists():
         try:
@@ -776,8 +781,7 @@ def precompute_or_reuse(
     found = read_pending(path)  # an unfinished precompute with the same settings is resumed instead
     settings = pending_settings(expected, batch_size=batch_size, world_size=rank_world()[1])
     if force or (path / "manifest.json").exists() or (found is not None and found != settings):
-        with writer_lock(path):  # never remove a store that another process is writing (LockHeld)
-            shutil.rmtree(path, ignore_errors=True)
+        remove_store(path)
     return precompute(
         teacher,
         dataset,

@@ -74,6 +74,7 @@ __all__ = [
     "StoreMismatch",
     "derive_smaller_k",
     "writer_lock",
+    "remove_store",
     "pending_settings",
     "read_pending",
     "describe_store",
@@ -557,6 +558,34 @@ def writer_lock(path: str | Path, *, rank: int = 0, world_size: int = 1) -> File
     return FileLock(Path(path) / f".lock-rank-{rank:03d}", what=what)
 
 
+# What a store folder holds, complete or not: the manifest, epoch files and a writer's parts, pending
+# settings and lock files, and `atomic_write`'s temporary files.
+_STORE_FILE = re.compile(r"manifest\.json|pending\.json|epoch-\d{4}\.(bin|part-\d{3})|\.lock-rank-\d{3}|\..+\.\d+\.tmp")
+
+
+def remove_store(path: str | Path) -> None:
+    """Remove the store folder at `path`, complete or unfinished, under its writer's lock; nothing if
+    there is no such folder. A folder holding anything a store does not is left as it is.
+
+    Raises:
+        ValueError: `path` is a file, or holds files that are not a store's (some are named).
+        LockHeld: another process is writing a store at `path`.
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise ValueError(f"{path} is a file, not a logit store: it is left as it is")
+    foreign = sorted(entry.name for entry in path.iterdir() if not _STORE_FILE.fullmatch(entry.name))
+    if foreign:
+        raise ValueError(
+            f"{path} holds {len(foreign)} file(s) that are not a logit store's, such as {foreign[:3]}: "
+            "it is not removed (choose another path, or empty it yourself)"
+        )
+    with writer_lock(path):  # never remove a store that another process is writing (LockHeld)
+        shutil.rmtree(path)
+
+
 def _cannot_write(path: Path, exc: OSError) -> ValueError:
     """The refusal of a store folder the OS will not let us create or write, naming its reason."""
     return ValueError(f"cannot write a logit store at {path}: {exc.strerror or exc}")
@@ -945,19 +974,21 @@ def derive_smaller_k(store: LogitStore, k: int, path: str | Path) -> LogitStore:
     was derived from this store's teacher and data; otherwise it is derived again.
 
     Raises:
-        ValueError: k not in [1, store.k), or as `StoreWriter`.
+        ValueError: k not in [1, store.k), `path` the store's own folder, a `path` holding files that
+            are not a store's (`remove_store`), or as `StoreWriter`.
         LockHeld: another process is writing a store at `path`.
     """
     header = store.header
     if not 1 <= k < header.k:
         raise ValueError(f"k={k} must be between 1 and the store's k - 1 ({header.k - 1})")
     path, small = Path(path), StoreHeader(**dict(header.to_dict(), k=k))
+    if path.resolve() == Path(store.path).resolve():
+        raise ValueError(f"path={str(path)!r} is the store derived from: a smaller k goes to another folder")
     if (path / MANIFEST).exists():
         try:
             return LogitStore.open(path, expect=small)
         except StoreMismatch:  # derived from another store (an older teacher, other data): derive it again
-            with writer_lock(path):
-                shutil.rmtree(path)
+            remove_store(path)
     with StoreWriter(
         path,
         small,
