@@ -1,6 +1,7 @@
 """The distillation loss against hand computations, and its edge cases."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -97,6 +98,11 @@ def test_soft_labels_for_mixup():
     assert torch.allclose(
         soft_cross_entropy(logits, onehot), torch.nn.functional.cross_entropy(logits, torch.tensor([0, 2]))
     )
+    # a column of labels, or one row of probabilities, would broadcast into a wrong loss: refused
+    for target in (torch.tensor([[0], [2]]), onehot[:1]):
+        message = f"targets of shape {tuple(target.shape)} for logits of shape (2, 3)"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            soft_cross_entropy(logits, target)
 
 
 @pytest.mark.parametrize(

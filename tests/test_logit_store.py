@@ -89,6 +89,15 @@ def test_sparse_rebuild_keeps_the_top_k_and_the_total_remainder():
     assert torch.allclose((q * mask).sum(1), (p * mask).sum(1), atol=3e-3)  # the remainder's total
     rest = q[mask].view(3, 15)
     assert torch.allclose(rest, rest[:, :1].expand(-1, 15))  # spread uniformly
+    # a tail far below the top (a gap of 40 over 995 classes, a share of 1e-15) keeps its exact value
+    peaked = torch.zeros(2, 1000)
+    peaked[:, :5] = 40.0
+    assert (encode_records(peaked, [0, 0], k=5)["rest"] == 0.0).all()
+    for bad in (float("nan"), float("inf"), 7e4):  # a store keeps finite fp16 logits only
+        broken = logits.clone()
+        broken[1, 3] = bad
+        with pytest.raises(ValueError, match=f"a logit of {bad} for the batch's row 1"):
+            encode_records(broken, [0, 0, 0], k=5)
 
 
 def test_static_store_round_trip_and_lookups(tmp_path):
@@ -137,6 +146,60 @@ def test_refusals(tmp_path):
     assert not (tmp_path / "t").exists()  # every argument is checked before anything is written
     with pytest.raises(FileExistsError, match="already holds a complete logit store"):
         precompute(teacher, dataset, tmp_path / "s", k=4, progress=False)
+
+
+def test_verify_fails_a_teacher_that_now_gives_nan(tmp_path):
+    teacher, dataset = tiny_teacher(), data()
+    store, _ = precompute(teacher, dataset, tmp_path / "s", k=4, batch_size=32, progress=False)
+
+    class Broken(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = teacher
+
+        def forward(self, x):
+            return self.inner(x) * float("nan")
+
+    report = verify_store(store, Broken(), dataset, samples=16)
+    assert report["max_value_error"] == float("inf") and not report["ok"]  # max(0.0, nan) would have passed it
+
+
+def test_a_writer_takes_only_the_next_batch_of_its_own_records(tmp_path):
+    header = StoreHeader(
+        teacher=dict(name="t"),
+        dataset=dict(name="d", size=8),
+        img_size=32,
+        transform="none",
+        mode="static",
+        k=3,
+        num_classes=10,
+        epochs=1,
+        data_seed=0,
+    )
+    for settings, message in (
+        (dict(batch_size=2.5), "batch_size=2.5 must be an integer"),
+        (dict(batch_size=4, world_size=0), "world_size=0 must be >= 1"),
+        (dict(batch_size=4, rank=3, world_size=2), "rank=3 must be below world_size=2"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            StoreWriter(tmp_path / "w", header, **settings)
+    with pytest.raises(ValueError, match="header cannot be written as JSON"):
+        StoreWriter(tmp_path / "w", StoreHeader(**dict(header.to_dict(), teacher=dict(name=tmp_path))), batch_size=4)
+    assert not (tmp_path / "w").exists()  # refused before the folder was made
+    records = encode_records(torch.randn(4, 10), [-1] * 4, k=3)
+    with StoreWriter(tmp_path / "w", header, batch_size=4) as writer:
+        with pytest.raises(ValueError, match=r"records of dtype .* for a store of .* \(k=3\)"):
+            writer.append(0, encode_records(torch.randn(4, 10), [-1] * 4, k=5))  # another k: not cut silently
+        with pytest.raises(ValueError, match=r"epoch=1 outside the store's \[0, 1\)"):
+            writer.append(1, records)
+        with pytest.raises(ValueError, match="takes 4 records next, not 3"):
+            writer.append(0, records[:3])
+        writer.append(0, records)
+        writer.append(0, records)
+        with pytest.raises(ValueError, match="takes no more batches next, not 4"):  # a batch appended twice
+            writer.append(0, records)
+        store = writer.finish()
+    assert store.header.size == 8 and (store.records(0, np.arange(4, 8))["index"] == records["index"]).all()
 
 
 def test_truncated_corrupted_and_unfinished_stores_are_detected(tmp_path):

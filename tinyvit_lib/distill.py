@@ -16,6 +16,7 @@ constant of the data.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,7 +73,17 @@ __all__ = [
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean cross-entropy for integer labels (B,) or probability targets (B, C) (Mixup/CutMix)."""
+    """Mean cross-entropy for integer labels (B,) or probability targets (B, C) (Mixup/CutMix).
+
+    Raises:
+        ValueError: targets of another shape than (B,) or (B, C) for logits (B, C) (a (B, 1) column of
+            labels would otherwise broadcast as probabilities).
+    """
+    if target.shape not in (logits.shape[:1], logits.shape):
+        raise ValueError(
+            f"targets of shape {tuple(target.shape)} for logits of shape {tuple(logits.shape)}: "
+            "class indices (B,) or probabilities (B, C)"
+        )
     if target.ndim == 1:
         return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
     if label_smoothing:
@@ -98,7 +109,8 @@ class DistillationLoss(nn.Module):
 
     Raises:
         ValueError: alpha outside [0, 1], T <= 0, label_smoothing outside [0, 1), or (from `forward`)
-            teacher logits missing when alpha > 0 or of another shape than the student's.
+            teacher logits missing when alpha > 0 or of another shape than the student's, or targets
+            of another shape than (B,) or (B, C) (`soft_cross_entropy`).
     """
 
     def __init__(self, alpha: float = ALPHA, temperature: float = TEMPERATURE, label_smoothing: float = 0.0) -> None:
@@ -620,7 +632,8 @@ def verify_store(
         fresh = online.logits(torch.stack(views).to(device)).cpu()  # (b, C)
         stored_index = torch.from_numpy(records["index"].astype(np.int64))  # (b, k)
         stored_value = torch.from_numpy(records["value"].astype(np.float32))
-        worst = max(worst, (fresh.gather(1, stored_index) - stored_value).abs().max().item())
+        error = (fresh.gather(1, stored_index) - stored_value).abs().max().item()
+        worst = max(worst, math.inf if math.isnan(error) else error)  # a NaN from the teacher fails the check
         largest = max(largest, stored_value.abs().max().item())
         mismatched += int((fresh.topk(header.k, dim=1).indices != stored_index).sum())
     value_tolerance = tolerance.value_bound(largest)

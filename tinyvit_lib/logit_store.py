@@ -46,6 +46,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import os
 import re
 import shutil
@@ -88,6 +89,7 @@ VERSION = 3
 # added its `data` (a version-1 or -2 store reads with data None).
 VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
+FP16_MAX = 65504.0  # the largest finite fp16 value: a stored logit's bound
 PENDING = "pending.json"
 
 
@@ -249,15 +251,27 @@ def encode_records(
     logits: torch.Tensor, seeds: torch.Tensor | list[int], k: int, partners: list[int] | None = None
 ) -> np.ndarray:
     """Records for a batch of dense logits (B, C): top-k logits and indices, the remainder, the seeds,
-    and for mixed views the partners' positions."""
+    and for mixed views the partners' positions.
+
+    Raises:
+        ValueError: a logit that is not finite, or too large for fp16 (|z| > 65504): the row is named.
+    """
     logits = logits.detach().float().cpu()
     batch, num_classes = logits.shape
+    bad = (~torch.isfinite(logits) | (logits.abs() > FP16_MAX)).any(dim=1).nonzero().flatten().tolist()
+    if bad:
+        row = logits[bad[0]]
+        worst = row[~torch.isfinite(row)][0] if not torch.isfinite(row).all() else row.abs().max()
+        raise ValueError(
+            f"the teacher gave a logit of {worst.item()} for the batch's row {bad[0]} ({len(bad)} row(s) in all): "
+            f"a store keeps finite logits of at most {FP16_MAX:g} in magnitude (fp16)"
+        )
     values, indices = logits.topk(k, dim=1)  # (B, k), sorted, largest first
     if k < num_classes:
-        lse_all = torch.logsumexp(logits.double(), dim=1)
-        lse_top = torch.logsumexp(values.double(), dim=1)
-        # log(sum over the other C - k classes of exp(z)) - log(C - k), computed without cancellation
-        rest = lse_all + torch.log1p(-torch.exp(lse_top - lse_all).clamp(max=1.0)) - math.log(num_classes - k)
+        # log(mean over the other C - k classes of exp(z)), from those classes alone: no cancellation
+        # however small their share of the total
+        others = logits.double().scatter(1, indices, -math.inf)
+        rest = torch.logsumexp(others, dim=1) - math.log(num_classes - k)
     else:
         rest = torch.full((batch,), -math.inf, dtype=torch.float64)
     out = np.empty(batch, dtype=record_dtype(k, num_classes, mixed=partners is not None))
@@ -746,8 +760,23 @@ class _RankParts:
         return self.batches[done:]
 
     def append(self, epoch: int, records: np.ndarray) -> None:
-        with open(_part_file(self.path, epoch, self.rank), "ab") as f:
-            f.write(records.astype(self.header.dtype, copy=False).tobytes())
+        """Append the next batch of this rank's part of `epoch` (see `StoreWriter.append`)."""
+        if not 0 <= epoch < self.header.epochs:
+            raise ValueError(f"epoch={epoch} outside the store's [0, {self.header.epochs})")
+        if records.dtype != self.header.dtype:
+            raise ValueError(f"records of dtype {records.dtype} for a store of {self.header.dtype} (k={self.header.k})")
+        part = _part_file(self.path, epoch, self.rank)
+        have, expected = part.stat().st_size // self.header.dtype.itemsize if part.exists() else 0, None
+        for batch in self.batches:  # the batch that starts where the part ends
+            if have == 0:
+                expected = self.batch_len(batch)
+                break
+            have -= self.batch_len(batch)
+        if expected is None or len(records) != expected:
+            wanted = "no more batches" if expected is None else f"{expected} records"
+            raise ValueError(f"epoch {epoch}'s part of rank {self.rank} takes {wanted} next, not {len(records)}")
+        with open(part, "ab") as f:
+            f.write(records.tobytes())
             f.flush()
             os.fsync(f.fileno())
 
@@ -838,7 +867,8 @@ class StoreWriter:
         partners: mixed views (required there): the partner each record at `positions` must name.
 
     Raises:
-        ValueError: batch_size < 1, a replay header without `seeds`, a mixed one without `partners`,
+        ValueError: batch_size or world_size not an integer >= 1, rank outside [0, world_size), a
+            header that cannot be written as JSON, a replay header without `seeds`, a mixed one without `partners`,
             or a folder that cannot be created or written (a file at `path` or above it, a
             read-only file system, no permission: the path and the OS's reason are named).
         FileExistsError: `path` already holds a complete store.
@@ -857,8 +887,17 @@ class StoreWriter:
         seeds: Callable[[int, np.ndarray], np.ndarray] | None = None,
         partners: Callable[[int, np.ndarray], np.ndarray] | None = None,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        for name, value, low in (("batch_size", batch_size, 1), ("world_size", world_size, 1), ("rank", rank, 0)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name}={value!r} must be an integer")
+            if value < low:
+                raise ValueError(f"{name}={value} must be >= {low}")
+        if rank >= world_size:
+            raise ValueError(f"rank={rank} must be below world_size={world_size}")
+        try:
+            json.dumps(header.to_dict())
+        except TypeError as exc:  # e.g. a Path as the teacher's name: refused before the folder exists
+            raise ValueError(f"the store's header cannot be written as JSON: {exc}") from None
         if header.mode == "replay" and seeds is None:
             raise ValueError("a replay store's writer needs `seeds`: the seed of each record's view")
         if header.mix and partners is None:
@@ -892,7 +931,13 @@ class StoreWriter:
         return range(start, start + self._parts.batch_len(batch))
 
     def append(self, epoch: int, records: np.ndarray) -> None:
-        """Append one batch's records (in position order) to this rank's part for `epoch`."""
+        """Append one batch's records (in position order) to this rank's part for `epoch`: the next
+        batch `todo` named, in the store's record dtype.
+
+        Raises:
+            ValueError: an epoch outside the store's, records of another dtype (another k), or
+                another count than the next batch's (a batch appended twice, or one skipped).
+        """
         self._parts.append(epoch, records)
 
     def finish(self) -> LogitStore:
