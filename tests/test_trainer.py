@@ -230,6 +230,37 @@ DDP_SCRIPT = """
 """
 
 
+def test_a_nan_loss_in_one_ddp_process_stops_them_all(tmp_path):
+    script = tmp_path / "nan.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import os, sys, torch
+        sys.path.insert(0, {str(REPO)!r})
+        from tests.test_trainer import NaNAfter, synthetic
+        from tinyvit_lib.trainer import TrainConfig, train
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        train_set, val_set = synthetic(n_train=256, n_val=32)
+        calls = 3 if os.environ["RANK"] == "1" else 10**6  # only the second process's loss turns NaN
+        try:
+            config = TrainConfig(epochs=2, batch_size=32, checkpoint_every=2)
+            train(NaNAfter(calls), train_set, val_set, config, run_dir={str(tmp_path / "run")!r}, progress=False)
+        except FloatingPointError as error:
+            print("STOPPED", os.environ["RANK"], error, flush=True)
+    """)
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", str(29700 + os.getpid() % 1000), str(script)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)  # a hang would time out
+    stopped = sorted(line.split()[1] for line in out.stdout.splitlines() if line.startswith("STOPPED"))
+    assert stopped == ["0", "1"], out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.stdout.count("loss is nan at step 3 (epoch 1, batch 3); the last good checkpoint is") == 2
+    # last.pt, saved after step 2 of 4 in the epoch, holds the epoch so far over both processes
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert (ckpt["step"], ckpt["batch"], ckpt["partial_seen"], ckpt["world_size"]) == (2, 2, 2 * 32 * 2, 2)
+
+
 def test_two_process_ddp_matches_one_process(tmp_path):
     def launch(world: int) -> subprocess.Popen:
         script = tmp_path / f"ddp{world}.py"
@@ -264,6 +295,11 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     # Same global batch and schedule; only BatchNorm statistics (per process) and the data split differ.
     assert abs(two["val_loss"] - one["val_loss"]) < 0.25 * one["val_loss"] + 0.05
     assert abs(two["top1"] - one["top1"]) < 15
+    # The validation of a DDP run measured the model its checkpoint holds (rank 0's statistics), not a mix
+    model = tiny_model()
+    model.load_state_dict(load_checkpoint(tmp_path / "w2" / "last.pt")["model"])
+    alone = evaluate(model, synthetic(n_train=512, n_val=128)[1])
+    assert alone["top1"] == two["top1"] and abs(alone["loss"] - two["val_loss"]) < 1e-4
 
 
 def test_float16_autocast_scales_the_loss_and_checkpoints_the_scaler(tmp_path):

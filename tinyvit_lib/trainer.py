@@ -401,7 +401,12 @@ def _validates(epoch: int, config: TrainConfig) -> bool:
 
 def _validate(parts: TrainParts, config: TrainConfig, val_set: DatasetWithIDs) -> dict:
     """The epoch's validation numbers (val_loss, top1, top5), evaluated under the inference policy
-    unless the run fixed autocast (`config.amp` not None)."""
+    unless the run fixed autocast (`config.amp` not None). Under DDP every process first takes rank
+    0's buffers: DDP sends them before each forward, so after the last step each process holds its
+    own BatchNorm statistics, and the numbers must be those of the model the checkpoints save."""
+    if parts.world > 1:
+        for buffer in parts.model.buffers():
+            dist.broadcast(buffer, src=0)
     metrics = evaluate(
         parts.model,
         val_set,
@@ -629,7 +634,8 @@ def train_step(
 ) -> float:
     """One optimizer step on a batch (B, C, H, W): ask the teacher, forward, backward, clip, step,
     advance the schedule. Returns the loss (the step is skipped only by the float16 scaler;
-    a NaN loss is returned for the caller to stop on before anything else is saved)."""
+    a NaN loss is returned for the caller to stop on before anything else is saved; under DDP every
+    process returns NaN when one process's loss is not finite, so that all stop at the same step)."""
     images = images.to(parts.device, non_blocking=True)
     labels = labels.to(parts.device, non_blocking=True)
     if parts.channels_last:
@@ -642,8 +648,13 @@ def train_step(
         logits = parts.forward_model(images)
     loss = parts.criterion(logits.float(), targets, teacher_logits)
     loss_value = loss.item()
-    if not math.isfinite(loss_value):
-        return loss_value
+    finite = math.isfinite(loss_value)
+    if parts.world > 1:  # one process skipping backward would leave the others waiting in its all-reduce
+        flag = torch.tensor([float(finite)], device=parts.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        finite = bool(flag.item())
+    if not finite:
+        return loss_value if not math.isfinite(loss_value) else math.nan
     parts.optimizer.zero_grad(set_to_none=True)
     parts.scaler.scale(loss).backward()  # the scaler is a no-op unless training in float16
     if parts.clip_grad > 0:
@@ -673,8 +684,11 @@ class CheckpointSaver:
         """Where this run's last good checkpoint is, in words."""
         return f"the last good checkpoint is {self.last_path}" if self.saved else "no checkpoint was saved yet"
 
-    def checkpoint(self, state: TrainState) -> dict:
+    def checkpoint(self, state: TrainState, partial: tuple[float, float] | None = None) -> dict:
+        """What last.pt and best.pt hold; `partial`: the epoch's loss sum and samples so far over
+        every process (default: this process's)."""
         parts, device = self.parts, self.parts.device
+        loss_sum, seen = partial if partial is not None else (state.loss_sum, state.seen)
         return dict(
             format=CHECKPOINT_FORMAT,
             model=parts.model.state_dict(),
@@ -684,8 +698,8 @@ class CheckpointSaver:
             epoch=state.epoch,
             batch=state.batch,
             step=parts.schedule.step_count,
-            partial_loss_sum=state.loss_sum,
-            partial_seen=state.seen,
+            partial_loss_sum=loss_sum,  # over every process: a resume gives it to rank 0 alone
+            partial_seen=seen,
             rng=dict(
                 torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None
             ),
@@ -698,11 +712,13 @@ class CheckpointSaver:
         )
 
     def save(self, state: TrainState, *names: str) -> None:
-        """Save the checkpoint of `state` under each of `names` (e.g. "best.pt", "last.pt")."""
-        if not is_main_process():
-            return
-        save_checkpoint(self.checkpoint(state), *(self.run_dir / name for name in names))  # serialised once
-        self.saved = self.saved or "last.pt" in names
+        """Save the checkpoint of `state` under each of `names` (e.g. "best.pt", "last.pt"). Every
+        process calls it (the epoch's partial sums are added up over them); the main one writes."""
+        partial = all_reduce_sum([state.loss_sum, state.seen], self.parts.device)
+        if is_main_process():
+            checkpoint = self.checkpoint(state, (partial[0], int(partial[1])))
+            save_checkpoint(checkpoint, *(self.run_dir / name for name in names))  # serialised once
+        self.saved = self.saved or "last.pt" in names  # every process can name the last good checkpoint
 
 
 def _score(record: dict) -> float:
@@ -763,8 +779,8 @@ def _restore(parts: TrainParts, config: TrainConfig, path: Path) -> TrainState:
     return TrainState(
         epoch=ckpt["epoch"],
         batch=ckpt["batch"],
-        loss_sum=ckpt["partial_loss_sum"],
-        seen=ckpt["partial_seen"],
+        loss_sum=ckpt["partial_loss_sum"] if is_main_process() else 0.0,  # the sums over every process
+        seen=ckpt["partial_seen"] if is_main_process() else 0,
         history=list(ckpt["history"]),
         best_top1=ckpt["best_top1"],
     )
