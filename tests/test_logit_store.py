@@ -29,6 +29,7 @@ from tinyvit_lib.distill import (
     VerifyTolerance,
     dataset_seeds,
     precompute,
+    topk_mass,
     verify_store,
 )
 from tinyvit_lib.logit_store import (
@@ -148,6 +149,20 @@ def test_refusals(tmp_path):
         precompute(teacher, dataset, tmp_path / "s", k=4, progress=False)
 
 
+def test_positions_and_ids_are_integers_inside_the_store(tmp_path):
+    teacher, dataset = tiny_teacher(), data()
+    store, _ = precompute(teacher, dataset, tmp_path / "s", k=4, batch_size=32, progress=False)
+    for positions in ([1.9], [True, False], 5):  # not rounded, not read as 0/1, not a scalar view
+        with pytest.raises(ValueError, match="positions must be a 1-D sequence of integers"):
+            store.records(0, positions)
+    assert store.records(0, []).shape == (0,) and store.records(0, torch.tensor([3]))["seed"].shape == (1,)
+    stored = StoredTeacher.open(tmp_path / "s", per_class_subset(dataset, 3))  # a subset: IDs map to positions
+    with pytest.raises(IndexError, match=r"sample id\(s\) \[-1\] not in the dataset \(30 samples\)"):
+        stored.logits_for_ids(torch.tensor([0, -1]), 0)  # it would have wrapped to the subset's last sample
+    with pytest.raises(ValueError, match=r"topk_mass: \[0, -1.0\] out of range"):
+        topk_mass(torch.randn(2, 10), [0, 3], temperature=-1.0)
+
+
 def test_verify_fails_a_teacher_that_now_gives_nan(tmp_path):
     teacher, dataset = tiny_teacher(), data()
     store, _ = precompute(teacher, dataset, tmp_path / "s", k=4, batch_size=32, progress=False)
@@ -162,6 +177,11 @@ def test_verify_fails_a_teacher_that_now_gives_nan(tmp_path):
 
     report = verify_store(store, Broken(), dataset, samples=16)
     assert report["max_value_error"] == float("inf") and not report["ok"]  # max(0.0, nan) would have passed it
+    # other data, or a subset (replayed by position, it would blame the store), is refused
+    with pytest.raises(StoreMismatch, match="does not fit this training data"):
+        verify_store(store, teacher, data(n=64), samples=4)
+    with pytest.raises(StoreMismatch, match="not over a subset or another order"):
+        verify_store(store, teacher, per_class_subset(dataset, 3), samples=4)
 
 
 def test_a_writer_takes_only_the_next_batch_of_its_own_records(tmp_path):

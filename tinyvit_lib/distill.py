@@ -281,6 +281,9 @@ class StoredTeacher(Teacher):
             IndexError: a sample ID outside the store.
         """
         ids = sample_ids.long().cpu()
+        outside = ids[(ids < 0) | (ids >= len(self.dataset))]
+        if outside.numel():  # a negative ID would wrap to a subset's last samples
+            raise IndexError(f"sample id(s) {outside[:5].tolist()} not in the dataset ({len(self.dataset)} samples)")
         positions = ids if self.positions is None else self.positions[ids]
         records = self.store.records(epoch, positions.numpy())
         if self.store.header.mode == "replay":
@@ -610,13 +613,20 @@ def verify_store(
 
     Raises:
         ValueError: samples < 1.
-        StoreMismatch: a mixed store and data that does not mix alike (or the other way round).
+        StoreMismatch: `dataset` is not the data the store was written from, in the same order and
+            views (as a student's would be refused, `StoredTeacher`: another fingerprint, resolution,
+            transform, data seed or mixing), or a subset of it (its views are replayed by position).
         ValueError, FileNotFoundError: an image that cannot be read (see the dataset's `load_image`).
     """
     if samples < 1:
         raise ValueError(f"samples={samples} must be >= 1")
     header = store.header
     _refuse_other_mixing(store, dataset)
+    if StoredTeacher(store, dataset).positions is not None:  # checks the data as a student's (StoreMismatch)
+        raise StoreMismatch(
+            f"verify logit store {store.path} over the {header.size} samples it was written from, in its order, "
+            f"not over a subset or another order of them ({len(dataset)} samples)"
+        )
     tolerance = VerifyTolerance.for_device(device) if tolerance is None else tolerance
     g = torch.Generator().manual_seed(seed)
     count = min(samples, header.size * header.epochs)
@@ -679,7 +689,14 @@ def _replayed_view(store: LogitStore, dataset: DatasetWithIDs, epoch: int, posit
 
 
 def topk_mass(logits: torch.Tensor, ks: list[int], temperature: float = TEMPERATURE) -> list[float]:
-    """Mean probability held by the k largest classes, for each k, at `temperature`. logits: (N, C)."""
+    """Mean probability held by the k largest classes, for each k, at `temperature`. logits: (N, C).
+
+    Raises:
+        ValueError: a k outside 1..C or a temperature that is not positive.
+    """
+    bad = [k for k in ks if not 1 <= k <= logits.shape[1]] + ([temperature] if not temperature > 0 else [])
+    if bad:
+        raise ValueError(f"topk_mass: {bad} out of range (k in 1..{logits.shape[1]}, T > 0)")
     probs = F.softmax(logits.float() / temperature, dim=-1).sort(dim=-1, descending=True).values
     cumulative = probs.cumsum(dim=-1).mean(dim=0)  # (C,)
     return [float(cumulative[k - 1]) for k in ks]

@@ -522,7 +522,8 @@ class LogitStore:
         """The records of the samples at `positions` (dataset order) for `epoch` (ignored if static).
 
         Raises:
-            ValueError: a replay store asked for an epoch it does not hold.
+            ValueError: a replay store asked for an epoch it does not hold, or positions that are not
+                a 1-D sequence of integers (a float or bool position is not rounded or read as 0/1).
             IndexError: a position outside the store, named in the message.
         """
         if self.header.mode == "static":
@@ -532,7 +533,10 @@ class LogitStore:
                 f"replay store {self.path} holds epochs 0..{self.header.epochs - 1}, asked {epoch}: "
                 f"precompute at least as many epochs as you train"
             )
-        positions = np.asarray(positions, dtype=np.int64)
+        given = positions.numpy() if isinstance(positions, torch.Tensor) else np.asarray(positions)
+        if given.ndim != 1 or not (given.size == 0 or np.issubdtype(given.dtype, np.integer)):
+            raise ValueError(f"positions must be a 1-D sequence of integers, got {given.dtype} of shape {given.shape}")
+        positions = given.astype(np.int64, copy=False)
         bad = positions[(positions < 0) | (positions >= self.header.size)]
         if bad.size:
             raise IndexError(
