@@ -2,6 +2,7 @@
 an ImageFolder tree of PNGs), and on Debian's Fashion-MNIST when it is installed."""
 
 import gzip
+import os
 import pickle
 import shutil
 import struct
@@ -485,6 +486,11 @@ def test_real_fashion_mnist_from_debian():
         (dict(max_per_class=0), "max_per_class=0"),
         (dict(val_per_class=0), "val_per_class=0"),
         (dict(max_val_per_class=-2), "max_val_per_class=-2"),
+        # a float seed gives other views than its integer (the seed is hashed as text) under an equal spec
+        (dict(data_seed=0.0), "data_seed=0.0 must be an integer"),
+        (dict(max_per_class=2.5), "max_per_class=2.5 must be an integer"),
+        (dict(max_per_class=True), "max_per_class=True must be an integer"),
+        (dict(img_size=32.0), "img_size=32.0 must be an integer"),
     ],
 )
 def test_data_spec_refuses_bad_values_naming_them(fields, match):
@@ -561,3 +567,51 @@ def test_an_image_linked_from_another_split_is_refused(folder_root):
     (folder_root / "val" / "bee" / "train_bees").symlink_to(folder_root / "train" / "bee")  # a folder, the other way
     with pytest.raises(ValueError, match="inside .*train: an image reached from both val/ and train/"):
         get_dataset("imagenet", folder_root, split="val")
+
+
+def test_write_image_folder_writes_all_or_nothing_and_only_its_own(tmp_path):
+    out = tmp_path / "folder"
+    data.write_image_folder("synthetic", None, out, per_class=2, held_out_per_class=1)
+    assert len(list((out / "train").rglob("*.png"))) == 20 and len(list((out / "val").rglob("*.png"))) == 10
+    data.write_image_folder("synthetic", None, out, per_class=1, held_out_per_class=1)  # fewer: replaced whole
+    assert len(list((out / "train").rglob("*.png"))) == 10 and not list(tmp_path.glob(".folder.*"))
+    for name, per_class, match in (("cifar10", 2, "unknown dataset 'cifar10'"), ("synthetic", 2.5, "per_class=2.5")):
+        with pytest.raises(ValueError, match=match):
+            data.write_image_folder(name, None, tmp_path / "bad", per_class=per_class, held_out_per_class=1)
+    assert not (tmp_path / "bad").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "photo.png").write_bytes(b"keep")
+    with pytest.raises(ValueError, match="did not write"):
+        data.write_image_folder("synthetic", None, tmp_path / "mine", per_class=1, held_out_per_class=1)
+    assert (tmp_path / "mine" / "photo.png").read_bytes() == b"keep"
+
+
+def test_files_that_are_not_what_they_claim_are_named(tmp_path, folder_root):
+    # Fashion-MNIST's IDX files must hold 28x28 images and labels 0..9
+    for name, images, labels, match in (
+        ("sizes", np.zeros((4, 64, 48)), np.arange(4), "images of 64x48, Fashion-MNIST's are 28x28"),
+        ("labels", np.zeros((4, 28, 28)), np.arange(4) + 17, "a label 20: Fashion-MNIST's are 0..9"),
+    ):
+        (tmp_path / name).mkdir()
+        _write_idx(tmp_path / name / "train-images-idx3-ubyte.gz", images)
+        _write_idx(tmp_path / name / "train-labels-idx1-ubyte.gz", labels)
+        with pytest.raises(ValueError, match=match):
+            get_dataset("fashion-mnist", tmp_path / name)
+    # a 16-bit image would be clipped to 8 bits, not scaled: refused, naming the file
+    wide = folder_root / "train" / "bee" / "img9.png"
+    Image.fromarray(np.full((20, 20), 40000, dtype=np.uint16)).save(wide)
+    assert Image.open(wide).mode.startswith("I")
+    with pytest.raises(ValueError, match=r"img9.png.*16-bit or float\) would be clipped"):
+        get_dataset("imagenet", folder_root, check_images="decode")
+    wide.unlink()
+    # a file name that is not UTF-8 cannot become an ID
+    (folder_root / "train" / "cat" / os.fsdecode(b"caf\xe9.png")).write_bytes(
+        (folder_root / "train/cat/img0.png").read_bytes()
+    )
+    with pytest.raises(ValueError, match=r"not UTF-8 text \(b'cat/caf\\xe9.png'\)"):
+        get_dataset("imagenet", folder_root)
+    # indices are integers, not rounded floats; RandAugment has 31 magnitudes
+    with pytest.raises(TypeError):
+        get_dataset("synthetic", split="train", num_samples=20)[1.7]
+    with pytest.raises(ValueError, match=r"randaugment_magnitude=40 must be in \[0, 30\]"):
+        AugmentConfig(randaugment_magnitude=40)

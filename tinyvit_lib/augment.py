@@ -104,7 +104,8 @@ class AugmentConfig:
     magnitude (timm's "rand-m9-mstd0.5-inc1" adds magnitude noise).
 
     Raises:
-        ValueError: a probability outside [0, 1], a negative count, or a bad range.
+        ValueError: a probability outside [0, 1], a negative count, a RandAugment magnitude above 30
+            (its 31 bins), or a bad range.
     """
 
     scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area fraction
@@ -119,6 +120,9 @@ class AugmentConfig:
         object.__setattr__(self, "ratio", tuple(self.ratio))
         _check_probabilities(self, ("hflip", "erase_prob"))
         _check_non_negative(self, ("randaugment_ops", "randaugment_magnitude"))
+        if self.randaugment_magnitude > 30:
+            magnitude = self.randaugment_magnitude
+            raise ValueError(f"randaugment_magnitude={magnitude} must be in [0, 30] (RandAugment's 31 bins)")
         for name in ("scale", "ratio"):
             low, high = getattr(self, name)
             if not 0 < low <= high:

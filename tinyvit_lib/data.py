@@ -49,8 +49,11 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import numbers
+import operator
 import os
 import pickle  # only for its exception type: torchvision reads the CIFAR files
+import shutil
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -313,8 +316,9 @@ class DatasetWithIDs(_SeededViews):
 
         Raises:
             IndexError: an index outside [0, len).
+            TypeError: an index that is not an integer (a float is not rounded).
         """
-        indices = [int(i) for i in indices]
+        indices = [operator.index(i) for i in indices]
         bad = [i for i in indices if not 0 <= i < len(self)]
         if bad:
             raise IndexError(f"index={bad[0]} outside [0, {len(self)})")
@@ -490,15 +494,23 @@ class SubsetWithIDs(DatasetWithIDs):
         digest.update(np.asarray(self.indices, dtype="<i8").tobytes())
 
 
+def check_integer(name: str, value, *, low: int | None = None) -> None:
+    """Raises ValueError naming `name` and `value`: not an integer (a bool or a float is not one),
+    or below `low`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name}={value!r} must be an integer")
+    if low is not None and value < low:
+        raise ValueError(f"{name}={value} must be >= {low}")
+
+
 def per_class_subset(dataset: DatasetWithIDs, max_per_class: int, *, pairs_within: bool = False) -> SubsetWithIDs:
     """The first `max_per_class` samples of every class, in ID order: the same subset on every machine.
     `pairs_within`: mixed views pair within the subset (else as in `dataset`, see `pair_root`).
 
     Raises:
-        ValueError: max_per_class < 1.
+        ValueError: max_per_class not an integer, or below 1.
     """
-    if max_per_class < 1:
-        raise ValueError(f"max_per_class={max_per_class} must be >= 1")
+    check_integer("max_per_class", max_per_class, low=1)
     taken = [0] * dataset.num_classes
     indices = []
     for index, label in enumerate(dataset.targets):
@@ -574,7 +586,8 @@ class DataSpec:
 
     Raises:
         ValueError: an unknown dataset, augmentation, mixing preset or check_images, a mix without
-            an augmentation, or a count below 1 (each names the value).
+            an augmentation, a count below 1, or a count, size or seed that is not an integer (each
+            names the value).
     """
 
     dataset: str = "fashion-mnist"  # a name of DATASETS
@@ -606,9 +619,11 @@ class DataSpec:
         if self.check_images not in CHECK_IMAGES:
             raise ValueError(f"check_images={self.check_images!r}; choose one of {', '.join(CHECK_IMAGES)}")
         for name in ("max_per_class", "val_per_class", "max_val_per_class"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name}={value} must be >= 1")
+            if getattr(self, name) is not None:
+                check_integer(name, getattr(self, name), low=1)
+        check_integer("data_seed", self.data_seed)  # a float seed would give other views under an equal spec
+        if self.img_size is not None:
+            check_integer("img_size", self.img_size)
         if self.img_size is None:
             object.__setattr__(self, "img_size", _FACTS[self.dataset].img_size)
 
@@ -662,21 +677,42 @@ def write_image_folder(
     """Write the first images of each class of dataset `name` (read from `root`) as PNG files in the
     layout every image-folder tool reads, `out/train/<class>/<id>.png` and `out/val/<class>/<id>.png`
     (the held-out split's): what a user's own folder looks like. A folder already complete with the
-    same counts is kept as it is. Returns `out`.
+    same counts is kept as it is; one this function wrote with other counts is replaced whole (the
+    new folder is written beside it, then renamed into place). Returns `out`.
 
     Raises:
-        ValueError: an image-folder dataset as `name` (copy the folder instead), or counts below 1.
+        ValueError: an unknown dataset or an image-folder one as `name` (copy the folder instead),
+            counts that are not integers >= 1, or an `out` that holds files this function did not
+            write (no done.json): it is left as it is.
         FileNotFoundError: the dataset is not at `root`.
     """
+    if name not in _FACTS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if name in _FOLDER_DATASETS:
         raise ValueError(f"{name!r} is already an image folder: copy it instead")
-    if per_class < 1 or held_out_per_class < 1:
-        raise ValueError(f"per_class={per_class} and held_out_per_class={held_out_per_class} must be >= 1")
+    check_integer("per_class", per_class, low=1)
+    check_integer("held_out_per_class", held_out_per_class, low=1)
     out = Path(out)
     done = out / "done.json"
     wanted = dict(dataset=name, per_class=per_class, held_out_per_class=held_out_per_class)
     if done.is_file() and json.loads(done.read_text()) == wanted:
         return out
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not done.is_file())):
+        raise ValueError(f"{out} holds files that write_image_folder did not write (no done.json): choose another out")
+    staging = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _write_image_splits(name, root, staging, per_class, held_out_per_class)
+        atomic_write_text(staging / "done.json", json.dumps(wanted) + "\n")
+        shutil.rmtree(out, ignore_errors=True)  # empty, or this function's with other counts
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _write_image_splits(name: str, root: str | Path | None, out: Path, per_class: int, held_out_per_class: int) -> None:
+    """The PNG files of `write_image_folder`, into `out`."""
     for split, folder, count in (("train", "train", per_class), ("test", "val", held_out_per_class)):
         images, targets, classes = _load_arrays(
             name, root, split, download=False, verify=True, num_classes=None, num_samples=None
@@ -692,8 +728,6 @@ def write_image_folder(
             Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(target)
             if all(n == count for n in taken.values()):
                 break
-    atomic_write_text(done, json.dumps(wanted) + "\n")
-    return out
 
 
 def _folder_name(class_name: str) -> str:
@@ -810,11 +844,13 @@ def get_dataset(
         ValueError: an unknown name, split or check_images, a bad in_chans/N/M, img_size outside [MIN_IMG_SIZE,
             MAX_IMG_SIZE], an option the dataset does not take, both `augment` and `transform`, `mix` without
             `augment` or mixing nothing, cifar100 files failing the md5 check; image folders: val class folders
-            that differ from train's (names them), an image reached twice, files failing `check_images`.
+            that differ from train's (names them), an image reached twice, files failing `check_images`; a
+            data_seed that is not an integer; a folder dataset without a root.
         TypeError: `mix` is not a MixConfig (nor None).
         FileNotFoundError: the data is not there (the message says how to get it), a missing root or a
             root that is not a folder, a missing split folder, or a class folder without images.
     """
+    check_integer("data_seed", data_seed)
     facts, split, chans = _check_request(name, split, img_size=img_size, in_chans=in_chans, check_images=check_images)
     _check_mix(mix, augment)
     _check_options(name, num_classes=num_classes, files_per_class=files_per_class, num_samples=num_samples)
@@ -945,7 +981,8 @@ def _load_arrays(
 def _load_fashion_mnist(root: str | Path | None, split: str, download: bool) -> tuple[torch.Tensor, list[int]]:
     """(N, 1, 28, 28) uint8 images and labels. A given root is the only place looked in (it and
     `root/FashionMNIST/raw`) and the only download target: it must be an existing folder, and no other
-    copy stands in for it. Without a root: Debian's copy, else a download into `DEFAULT_ROOT`.
+    copy stands in for it. Without a root: Debian's copy, else one downloaded into `DEFAULT_ROOT`
+    before, else a download there.
 
     Raises:
         FileNotFoundError: a root that does not exist or is not a folder; the files not found and no
@@ -960,8 +997,8 @@ def _load_fashion_mnist(root: str | Path | None, split: str, download: bool) -> 
         f"{FASHION_MNIST_DEBIAN_DIR}) and pass no root, or let torchvision download it: get_dataset("
         f"'fashion-mnist', root=<an existing folder>, download=True) on a machine with a network"
     )
-    if root is None:
-        places, target = [FASHION_MNIST_DEBIAN_DIR], DEFAULT_ROOT
+    if root is None:  # Debian's copy, or one downloaded here before (found offline too)
+        places, target = [FASHION_MNIST_DEBIAN_DIR, DEFAULT_ROOT / "FashionMNIST" / "raw"], DEFAULT_ROOT
     else:
         target = Path(root)
         places = [target, target / "FashionMNIST" / "raw"]
@@ -998,8 +1035,15 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
 
 
 def _read_fashion_mnist(images_file: Path, labels_file: Path) -> tuple[torch.Tensor, list[int]]:
+    """Raises ValueError: files that are not Fashion-MNIST's: other than 28x28 images, labels outside
+    0..9, or as many images as labels (each names the file and the value)."""
     images = _read_idx(images_file, ndim=3)  # (N, 28, 28)
     labels = _read_idx(labels_file, ndim=1)  # (N,)
+    if images.shape[1:] != (28, 28):
+        size = "x".join(str(n) for n in images.shape[1:])
+        raise ValueError(f"{images_file} holds images of {size}, Fashion-MNIST's are 28x28")
+    if labels.size and labels.max() >= 10:
+        raise ValueError(f"{labels_file} holds a label {int(labels.max())}: Fashion-MNIST's are 0..9")
     if len(images) != len(labels):
         raise ValueError(f"{images_file} holds {len(images)} images but {labels_file} {len(labels)} labels")
     return torch.from_numpy(images.copy()).unsqueeze(1), labels.astype(int).tolist()  # (N, 1, 28, 28)
@@ -1150,7 +1194,7 @@ def _scan_folder(
     Raises:
         FileNotFoundError: no split folder, no class folders, or a class folder without images.
         ValueError: max_classes above the number of class folders, an image reached by two paths or
-            from two splits, or a folder that cannot be listed.
+            from two splits, a folder that cannot be listed, or a name that is not UTF-8 text.
     """
     split_dir = root / split
     classes = _class_folders(split_dir)
@@ -1167,6 +1211,12 @@ def _scan_folder(
                 f"class folder {split_dir / class_name} holds no images ({', '.join(IMG_EXTENSIONS)})"
             )
         files = files[:files_per_class]
+        for file in [class_name, *files]:  # an ID is text: a name that is not UTF-8 could not be hashed
+            if file != file.encode("utf-8", "replace").decode("utf-8"):  # undecodable bytes (surrogate escapes)
+                raise ValueError(
+                    f"{split_dir / os.fsencode(file).decode('utf-8', 'replace')}: a file name "
+                    f"that is not UTF-8 text ({os.fsencode(file)!r}): rename it"
+                )
         ids += [f"{split}/{file}" for file in files]
         targets += [label] * len(files)
     walk.check_linked_files()
@@ -1339,15 +1389,22 @@ def _decode_problem(path: str) -> str | None:
     return None
 
 
+_WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # Pillow's modes of more than 8 bits a channel
+
+
 def _read_rgb(path: Path) -> np.ndarray:
-    """The image file's pixels as uint8 RGB (H, W, 3), decoded by Pillow as torchvision's ImageFolder does.
+    """The image file's pixels as uint8 RGB (H, W, 3), decoded by Pillow as torchvision's ImageFolder does
+    (EXIF orientation is not applied, and transparent pixels keep their colour channels).
 
     Raises:
         FileNotFoundError: the file is gone.
-        ValueError: the file cannot be decoded; the message names it.
+        ValueError: the file cannot be decoded, or holds 16-bit or floating-point pixels (Pillow would
+            clip them to 0..255, not scale them); the message names it.
     """
     try:
         with Image.open(path) as image:
+            if image.mode in _WIDE_MODES:
+                raise ValueError(f"{image.mode!r} pixels (16-bit or float) would be clipped to 8 bits: save as 8-bit")
             return np.asarray(image.convert("RGB"))  # (H, W, 3)
     except FileNotFoundError:
         raise
