@@ -10,7 +10,7 @@ import torch
 from tinyvit_lib import load_pretrained, tinyvit_5m
 from tinyvit_lib.data import DataSpec
 from tinyvit_lib.experiment import RunSpec, load_trained, run
-from tinyvit_lib.export import main, save_onnx, save_timm_checkpoint, timm_window_sizes
+from tinyvit_lib.export import main, save_onnx, save_timm_checkpoint, timm_name, timm_state_dict, timm_window_sizes
 from tinyvit_lib.trainer import TrainConfig
 
 
@@ -93,10 +93,11 @@ def test_onnx_runs_in_onnxruntime_as_in_pytorch_and_carries_the_input_descriptio
     img_size, in_chans = 224, 1
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
-    model = perturbed(img_size=img_size, num_classes=10, in_chans=in_chans)
-    inputs = torch.randn(2, in_chans, img_size, img_size)
+    model = perturbed(img_size=img_size, num_classes=10, in_chans=in_chans).train()
+    inputs = torch.randn(1, in_chans, img_size, img_size)  # one image: the export must not fix the batch at 1
     gap = save_onnx(model, tmp_path / "m.onnx", inputs, dict(input=dict(size=img_size), classes=list("abcdefghij")))
-    assert gap <= 1e-4
+    assert gap <= 1e-4 and model.training  # the caller's model is left as it was
+    model.eval()
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     five = torch.randn(5, in_chans, img_size, img_size)  # another batch size: the batch is dynamic
     with torch.no_grad():
@@ -184,3 +185,24 @@ def test_a_weights_file_of_another_model_is_refused_naming_the_library_model_and
     assert "unexpected key" in str(error.value)
     with pytest.raises(ValueError, match="unknown timm model 'no_such_net'"):
         build_model("timm:no_such_net", num_classes=10)
+
+
+def test_a_timm_export_loads_back_into_the_same_function_and_only_timm_variants_are_named():
+    # at 32x32 each bias table is cut to its clipped window; loading it back fills those offsets exactly
+    ours = perturbed(img_size=32, num_classes=10)
+    again = tinyvit_5m(img_size=32, num_classes=10).eval()
+    load_pretrained(again, timm_state_dict(ours))
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(again(x), ours(x))
+    with pytest.raises(ValueError, match=r"depths=\(2, 2, 2, 2\): not one of timm's TinyViT variants"):
+        timm_name(tinyvit_5m(depths=(2, 2, 2, 2)))
+
+
+def test_a_classifier_without_a_linear_head_is_refused_by_name(tmp_path):
+    from tinyvit_lib.teachers import build_model, start_from
+
+    teacher = build_model("squeezenet1_1", num_classes=10)  # its classifier is a convolution
+    torch.save(teacher.state_dict(), tmp_path / "w.pth")
+    with pytest.raises(ValueError, match="SqueezeNet has no head this can replace"):
+        start_from(teacher, tmp_path / "w.pth")

@@ -23,6 +23,7 @@ from tinyvit_lib.model import (
     official_to_ours,
     ours_to_official,
     pointwise_conv,
+    read_weights,
     small_map_conv,
     small_map_depthwise,
     stage_resolutions,
@@ -550,6 +551,28 @@ def test_unloadable_checkpoints_are_refused(tmp_path):
     weird.write_bytes(b"x")
     with pytest.raises(ValueError, match="unsupported checkpoint format '.bin'"):
         load_pretrained(model, weird)
+    listed = tmp_path / "listed.pth"
+    torch.save([torch.zeros(1)], listed)
+    with pytest.raises(ValueError, match="holds a list, not a state dict of tensors"):
+        read_weights(listed)
+
+
+def test_the_fp32_shortcuts_keep_to_what_they_compute_exactly():
+    """The small-map products read a convolution's weight directly: not with hooks on it (they
+    would not run), not on an empty batch; and a bf16 model keeps bf16 under autocast."""
+    model = tinyvit_5m(num_classes=10, img_size=32)
+    assert model(torch.randn(0, 3, 32, 32)).shape == (0, 10)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    calls = []
+    for conv in convs:
+        conv.register_forward_hook(lambda *_: calls.append(1))
+    model(torch.randn(2, 3, 32, 32))
+    assert len(calls) == len(convs)  # every convolution's hook ran
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert tinyvit_5m(num_classes=10, img_size=32).bfloat16()(torch.randn(2, 3, 32, 32)).dtype == torch.bfloat16
+    double = tinyvit_5m(num_classes=10, img_size=32).double()
+    double.reset_classifier(5)  # the new head in the model's dtype
+    assert double(torch.randn(2, 3, 32, 32, dtype=torch.float64)).shape == (2, 5)
 
 
 @pytest.mark.parametrize(
@@ -560,6 +583,10 @@ def test_unloadable_checkpoints_are_refused(tmp_path):
         ({"in_chans": 0}, "in_chans"),
         ({"drop_path_rate": 1.5}, "drop_path_rate"),
         ({"local_conv_size": 2}, "local_conv_size"),
+        ({"img_size": 32.0}, "img_size=32.0 must be an integer"),
+        ({"num_classes": 2.5}, "num_classes=2.5 must be an integer"),
+        ({"embed_dims": (64.0, 128, 160, 320)}, "embed_dims=.* must hold positive integers"),
+        ({"mlp_ratio": float("inf")}, "mlp_ratio=inf must be finite"),
     ],
 )
 def test_bad_config_is_refused(kwargs, match):

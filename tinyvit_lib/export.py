@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import json
 import sys
@@ -34,7 +35,7 @@ import torch
 
 from .data import DataSpec, dataset_eval_crop, dataset_normalisation, training_set, validation_set
 from .experiment import load_trained
-from .model import PRESETS, TinyViT, inference_copy, stage_resolutions
+from .model import PRESETS, TinyViT, TinyViTConfig, inference_copy, stage_resolutions
 from .utils import atomic_write, load_checkpoint
 
 __all__ = [
@@ -52,21 +53,32 @@ TIMM_NAMES = {"tinyvit_5m": "tiny_vit_5m_224", "tinyvit_11m": "tiny_vit_11m_224"
 
 
 def timm_name(model: TinyViT) -> str:
-    """timm's name for `model`'s variant ("tiny_vit_5m_224"), from its widths and heads.
+    """timm's name for `model`'s variant ("tiny_vit_5m_224"): its widths and heads are a preset's, and
+    every other field timm's variants fix (depths, the MLP and MBConv ratios, the local convolution)
+    is the default; windows, resolution, channels, classes and drop path are timm arguments.
 
     Raises:
-        ValueError: a TinyViT that is none of the three presets (timm has no name for it).
+        ValueError: a TinyViT that is none of the three presets (timm has no name for it); the
+            differing fields are named.
     """
+    config, default = model.config, TinyViTConfig()
+    fixed = [
+        f
+        for f in ("depths", "mlp_ratio", "mbconv_expand_ratio", "local_conv_size")
+        if getattr(config, f) != getattr(default, f)
+    ]
     for preset, fields in PRESETS.items():
         if (
-            tuple(model.config.embed_dims) == fields["embed_dims"]
-            and tuple(model.config.num_heads) == fields["num_heads"]
+            tuple(config.embed_dims) == fields["embed_dims"]
+            and tuple(config.num_heads) == fields["num_heads"]
+            and not fixed
         ):
             return TIMM_NAMES[preset]
-    raise ValueError(
-        f"embed_dims={model.config.embed_dims}, num_heads={model.config.num_heads} is not one of timm's TinyViT "
-        f"variants ({', '.join(TIMM_NAMES.values())})"
+    differs = (
+        ", ".join(f"{f}={getattr(config, f)}" for f in fixed)
+        or f"embed_dims={config.embed_dims}, num_heads={config.num_heads}"
     )
+    raise ValueError(f"{differs}: not one of timm's TinyViT variants ({', '.join(TIMM_NAMES.values())})")
 
 
 def timm_window_sizes(model: TinyViT) -> list[int]:
@@ -154,14 +166,15 @@ def save_onnx(model: torch.nn.Module, path: str | Path, inputs: torch.Tensor, me
     import onnxruntime
 
     path = Path(path)
-    model = model.eval().float()
+    model = copy.deepcopy(model).eval().float()  # the caller's model keeps its mode and dtype
     folded = inference_copy(model).to(memory_format=torch.contiguous_format)
+    trace = inputs if len(inputs) > 1 else inputs.repeat(2, 1, 1, 1)  # a batch of 1 would fix the batch size
     batch = torch.export.Dim("batch", min=1, max=4096)
     path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates its steps
         torch.onnx.export(
             folded,
-            (inputs,),
+            (trace,),
             str(path),
             input_names=["image"],
             output_names=["logits"],

@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import numbers
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
@@ -105,8 +106,14 @@ class TinyViTConfig:
             if len(getattr(self, name)) != n:
                 raise ValueError(f"{name}={getattr(self, name)} must have one entry per stage (depths={self.depths})")
         for name in ("embed_dims", "depths", "num_heads", "window_sizes"):
-            if any(int(v) != v or v < 1 for v in getattr(self, name)):
+            if any(not _is_int(v) or v < 1 for v in getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)} must hold positive integers")
+        for name in ("img_size", "in_chans", "num_classes", "local_conv_size"):
+            if not _is_int(getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be an integer")
+        for name in ("mlp_ratio", "mbconv_expand_ratio", "drop_path_rate"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)} must be finite")
         for i in range(1, n):
             if self.embed_dims[i] % self.num_heads[i]:
                 raise ValueError(
@@ -227,6 +234,8 @@ def _depthwise_in_float32(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     little. `make bench` times them ("kernels"; docs/performance.md)."""
     if conv.groups == 1 or x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
         return False
+    if conv.weight.dtype != torch.float32:  # a bf16 (or fp64) model keeps its own precision
+        return False
     return conv.stride != (1, 1) or min(x.shape[-2:]) <= 4
 
 
@@ -249,9 +258,12 @@ def _fp32_products_apply(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     """What every fp32 product rule (`SmallMapConv2d`'s `small_map_conv` and `winograd_conv3x3`,
     `ConvBN`'s `small_map_depthwise` and `pointwise_conv`) needs of `conv` and its input `x`: a
     batched fp32 input and weight on a CPU outside autocast (bf16 keeps oneDNN's kernels), no
-    dilation, zero padding given as numbers."""
+    dilation, zero padding given as numbers, a batch of at least one, and no hooks on the module
+    (the products read its weight directly, so its forward hooks would not run)."""
     return (
         x.dim() == 4
+        and x.shape[0] > 0
+        and not (conv._forward_hooks or conv._forward_pre_hooks)
         and x.device.type == "cpu"
         and x.dtype == conv.weight.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
@@ -901,8 +913,12 @@ class TinyViT(nn.Module):
         """Replace the final Linear with a fresh one for `num_classes` (0 = features only)."""
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
-        device = self.head.norm.weight.device
-        self.head.fc = nn.Linear(self.num_features, num_classes, device=device) if num_classes else nn.Identity()
+        weight = self.head.norm.weight  # the new head on the model's device and in its dtype
+        self.head.fc = (
+            nn.Linear(self.num_features, num_classes, device=weight.device, dtype=weight.dtype)
+            if num_classes
+            else nn.Identity()
+        )
         if num_classes:
             self._init_weights(self.head.fc)
         self.config = replace(self.config, num_classes=num_classes)
@@ -1007,16 +1023,25 @@ def _name(source) -> str:
     return "(in memory)" if isinstance(source, Mapping) else str(source)
 
 
+def _is_int(value) -> bool:
+    """An integer, and not a bool (nor a float that happens to be whole)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def read_weights(source) -> Mapping[str, torch.Tensor]:
     """The state dict in a checkpoint file (`.pth`/`.pt` read with weights_only, or `.safetensors`),
     unwrapped from `{'model': ...}` or `{'state_dict': ...}`, key names as they are in the file.
 
     Raises:
         FileNotFoundError: the path does not exist.
-        ValueError: the file cannot be read.
+        ValueError: the file cannot be read, or holds no mapping of names to tensors (it names what
+            it holds).
     """
     loaded = _read_checkpoint(source)
-    return _unwrap(loaded) if isinstance(loaded, Mapping) else {}
+    state = _unwrap(loaded) if isinstance(loaded, Mapping) else None
+    if state is None or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"checkpoint {_name(source)} holds a {type(loaded).__name__}, not a state dict of tensors")
+    return state
 
 
 def _unwrap(obj: Mapping) -> Mapping[str, torch.Tensor]:
@@ -1061,6 +1086,21 @@ def state_dict_problems(target: Mapping[str, torch.Tensor], state: Mapping[str, 
     return problems
 
 
+def _fit_attention_biases(attention: nn.Module, table: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """A checkpoint's bias table (heads, s*s) for `attention`'s (heads, w*w). A table of the block's
+    clipped window (s = the window this block attends over, below w: what `export.timm_state_dict`
+    writes, or a model trained at that window) holds exactly the offsets the block reads: it fills
+    their corner of the table (the offsets it never reads keep `current`'s values). Any other size is
+    resized bicubically, as the official loader does."""
+    heads, window = table.shape[0], attention.window_size
+    side, clipped = math.isqrt(table.shape[1]), min(window, *attention.grid)
+    if side * side == table.shape[1] and side == clipped < window:
+        full = current.detach().clone().view(heads, window, window)
+        full[:, :side, :side] = table.view(heads, side, side)
+        return full.reshape(heads, window * window)
+    return resize_attention_biases(table, math.isqrt(current.shape[1]))
+
+
 def load_pretrained(model: TinyViT, source, *, skip_head: bool = False, adapt_in_chans: bool = False) -> TinyViT:
     """Load TinyViT weights from a path or a state dict into `model`, in place, and return it.
 
@@ -1098,7 +1138,7 @@ def load_pretrained(model: TinyViT, source, *, skip_head: bool = False, adapt_in
     for key in set(state) & set(target):
         have, want = state[key].shape, target[key].shape
         if key.endswith("attention_biases") and have != want and have[0] == want[0]:
-            state[key] = resize_attention_biases(state[key], math.isqrt(want[1]))
+            state[key] = _fit_attention_biases(model.get_submodule(key.rsplit(".", 1)[0]), state[key], target[key])
     problems = state_dict_problems(target, state)
     if problems:
         if any(p.startswith("head.fc.") for p in problems):

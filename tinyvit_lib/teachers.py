@@ -115,7 +115,10 @@ def _classifier_keys(model: nn.Module) -> list[str]:
     """The state-dict keys of a classifier's last layer (timm: `get_classifier()`; else its last Linear)."""
     last = model.get_classifier() if hasattr(model, "get_classifier") else None
     if not isinstance(last, nn.Module) or not list(last.parameters()):
-        last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        if not linears:  # e.g. SqueezeNet, whose classifier is a convolution
+            raise ValueError(f"{type(model).__name__} has no head this can replace (no get_classifier, no Linear)")
+        last = linears[-1]
     names = {id(p): n for n, p in model.named_parameters()}
     return [names[id(p)] for p in last.parameters()]
 
@@ -165,7 +168,8 @@ def start_from(model: nn.Module, path: str | Path) -> list[str]:
 
     Raises:
         FileNotFoundError: the path does not exist.
-        ValueError: the file cannot be read or does not fit the model (names the differences).
+        ValueError: the file cannot be read or does not fit the model (names the differences), or a
+            classifier whose head cannot be found (no `get_classifier`, no Linear layer).
     """
     if not (hasattr(model, "config") and hasattr(model, "stages")):
         return _start_classifier_from(model, path)
