@@ -1106,7 +1106,7 @@ def _load_cifar100(root: str | Path | None, split: str, download: bool, verify: 
             )
         try:
             return _UncheckedCIFAR100(str(root), train=split == "train")
-        except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as error:
+        except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, IndexError) as error:
             raise ValueError(f"CIFAR-100 files in {folder} cannot be read: {error!r}") from error
     if not download:
         raise FileNotFoundError(
@@ -1152,10 +1152,14 @@ def _class_folders(split_dir: Path) -> list[str]:
 
     Raises:
         FileNotFoundError: `split_dir` is not a folder, or holds no folders.
+        ValueError: `split_dir` cannot be listed (the OS's reason is named).
     """
     if not split_dir.is_dir():
         raise FileNotFoundError(f"no {split_dir.name} folder {split_dir}")
-    folders = [entry.name for entry in os.scandir(split_dir) if entry.is_dir()]
+    try:
+        folders = [entry.name for entry in os.scandir(split_dir) if entry.is_dir()]
+    except OSError as error:
+        raise ValueError(f"cannot list {split_dir}: {error.strerror or error}") from error
     classes = sorted(name for name in folders if not _hidden(name))
     _warn_hidden(split_dir, len(folders) - len(classes), "folder(s)")
     if not classes:
