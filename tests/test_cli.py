@@ -115,6 +115,11 @@ def test_bad_values_exit_2_with_one_line_and_write_nothing(tmp_path):
         "--use-distillation needs": ["--use-distillation"],
         "cannot resume: no checkpoint": ["--resume"],
         "max_per_class=0": ["--max-per-class", "0"],
+        "--alpha/--temperature apply only with --use-distillation": ["--alpha", "1", "--temperature", "2"],
+        "--alpha 0 leaves the teacher's term out": ["--use-distillation", "--teacher-model", "x", "--alpha", "0"],
+        "warmup_epochs=3.0": ["--epochs", "2", "--warmup-epochs", "3"],
+        "invalid training config: lr=nan\n": ["--lr", "nan"],
+        "seed=99999999999999999999": ["--seed", "99999999999999999999"],
     }
     results = run_cases([common + argv for argv in cases.values()], tmp_path)
     for message, result in zip(cases, results):
@@ -180,6 +185,8 @@ def test_precompute_bad_values_exit_2_with_one_line_and_write_nothing(tmp_path):
         "num_workers=-1": full + ["--num-workers", "-1"],
         "--output-path required": base + ["--teacher-model", "resnet18"],
         "--teacher-model and --output-path required": base,
+        "--verify-samples=0 must be >= 1": full + ["--verify", "--verify-samples", "0"],  # before writing the store
+        "--augment, --data-seed describe augmented views": full + ["--augment", "full", "--data-seed", "3"],
     }
     for message, result in zip(cases, run_cases(list(cases.values()), tmp_path, module=PRECOMPUTE)):
         assert_refused(result, message)
@@ -324,7 +331,7 @@ def test_mixed_views_through_both_command_lines(tmp_path):
     )
     assert made[0] == 0, made
     assert verified[0] == 0 and verified[1].rstrip().endswith(": ok"), verified
-    assert_refused(not_replay, "--mix full stores mixed views of augmented images: use it with --mode replay")
+    assert_refused(not_replay, "--mix, --augment describe augmented views: use them with --mode replay")
     assert_refused(subset, "not a subset")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     student = data + ["--output-dir", str(tmp_path / "runs"), "--epochs", "1", "--batch-size", "16"]

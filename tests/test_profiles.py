@@ -180,6 +180,12 @@ def test_patience_runs_reuse_notebook_03_and_warm_up_a_quarter_of_a_short_schedu
     assert short.train.warmup_epochs == 0.5
     with pytest.raises(ValueError, match="unknown patience condition 'teacher'"):
         patience_spec(default, 0, "teacher", 4)
+    # a profile whose patience run at the student budget validates less often is another run, in
+    # another folder: it must not retrain notebook 03's (the fast profile: 2 epochs, one validation)
+    fast = resolve_profile("fast")
+    rare = patience_spec(fast, 0, "labels only", fast.student.epochs)
+    ours = distillation_runs(fast, 0)["baseline"]
+    assert rare.train.eval_every == 2 and rare.name == ours.name + "_v2" and rare.run_dir != ours.run_dir
 
 
 def test_sweep_names_follow_the_rule(default):
@@ -262,8 +268,9 @@ def test_a_scratch_profile_writes_under_build_try_and_reads_the_course_teacher_a
     root = project_root()
     assert (
         S.runs_dir == root / "build/try/runs/default"
-        and S.figure("03_conditions.png").parent == root / "build/try/figures"
+        and S.figure("03_conditions.png").parent == root / "build/try/figures/default"
     )
+    assert scratch(S).store_path("replay") == P.store_path("replay")  # scratched twice: still the course's stores
     assert S.results_file("03_students.jsonl") == root / "build/try/results/default/03_students.jsonl"
     # notebook 02's products are read from the course: its teacher, stores and their results rows
     assert S.teacher_checkpoint == P.teacher_checkpoint and S.store_path("replay") == P.store_path("replay")

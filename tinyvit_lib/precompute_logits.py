@@ -93,9 +93,9 @@ def _store_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=1, help="replay mode: epochs of augmented views to store")
     p.add_argument(
         "--augment",
-        default="light",
+        default=None,
         choices=[a for a in AUGMENT_PRESETS if a != "none"],
-        help="replay mode: the augmentation the student will train with",
+        help="replay mode: the augmentation the student will train with (default: light)",
     )
     p.add_argument(
         "--mix",
@@ -109,8 +109,9 @@ def _store_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data-seed",
         type=int,
-        default=DataSpec.data_seed,
-        help="replay mode: the seed of the views and mixing partners (the student's --data-seed)",
+        default=None,
+        help=f"replay mode: the seed of the views and mixing partners (the student's --data-seed; default "
+        f"{DataSpec.data_seed})",
     )
 
 
@@ -148,19 +149,22 @@ def data_spec(args: argparse.Namespace) -> DataSpec:
     `--val-per-class` carve, cut to `--max-per-class`.
 
     Raises:
-        ValueError: --mix without --mode replay, or a bad value (from `DataSpec`).
+        ValueError: --mix, --augment or --data-seed without --mode replay (a static store holds the
+            evaluation view, which they do not change), or a bad value (from `DataSpec`).
     """
-    if args.mix and args.mode != "replay":
-        raise ValueError(f"--mix {args.mix} stores mixed views of augmented images: use it with --mode replay")
+    if args.mode != "replay":
+        given = [f"--{n.replace('_', '-')}" for n in ("mix", "augment", "data_seed") if getattr(args, n) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} describe augmented views: use them with --mode replay")
     return DataSpec(
         dataset=args.dataset,
         root=args.data_root,
         img_size=args.img_size,
-        augment=args.augment if args.mode == "replay" else "none",
+        augment=(args.augment or "light") if args.mode == "replay" else "none",
         mix=args.mix,
         max_per_class=args.max_per_class,
         val_per_class=args.val_per_class,
-        data_seed=args.data_seed,
+        data_seed=DataSpec.data_seed if args.data_seed is None else args.data_seed,
         verify_files=args.verify_files,
         check_images=args.check_images,
     )
@@ -168,13 +172,16 @@ def data_spec(args: argparse.Namespace) -> DataSpec:
 
 def load_teacher(args: argparse.Namespace, dataset: DatasetWithIDs) -> nn.Module:
     """`--teacher-model` for the data's classes, channels and resolution, with `--teacher-checkpoint`
-    loaded (see `build_model` and `load_weights` for what is raised)."""
-    teacher = build_model(
-        args.teacher_model,
-        num_classes=dataset.num_classes,
-        in_chans=dataset.out_chans,
-        img_size=dataset.transform.img_size,
-    )
+    loaded (see `build_model` and `load_weights` for what is raised). Built from seed 0, so that a
+    teacher without a checkpoint is the same in every process and run (a resumed precompute, --verify)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        teacher = build_model(
+            args.teacher_model,
+            num_classes=dataset.num_classes,
+            in_chans=dataset.out_chans,
+            img_size=dataset.transform.img_size,
+        )
     return load_weights(teacher, args.teacher_checkpoint) if args.teacher_checkpoint else teacher
 
 
@@ -270,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if missing:
             raise ValueError(f"{' and '.join(missing)} required (only --inspect PATH goes without)")
+        if args.verify and args.verify_samples < 1:  # refused before the store is written
+            raise ValueError(f"--verify-samples={args.verify_samples} must be >= 1")
         spec = data_spec(args)
         dataset = training_set(spec)
         teacher = load_teacher(args, dataset)

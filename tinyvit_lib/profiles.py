@@ -441,8 +441,8 @@ def scratch(profile: Profile, *, own_teacher_and_stores: bool = False) -> Profil
     return replace(
         profile,
         out_dir=SCRATCH_DIR,
-        figures_folder=f"{SCRATCH_DIR}/figures",
-        stores_from=None if own_teacher_and_stores else profile.out_dir,
+        figures_folder=f"{SCRATCH_DIR}/figures/{profile.name}",  # profiles share figure names: one folder each
+        stores_from=None if own_teacher_and_stores else (profile.stores_from or profile.out_dir),  # twice: the same
     )
 
 
@@ -594,7 +594,9 @@ def condition_runs(profile: Profile, seed: int, *, model: str = "tinyvit_5m") ->
 def patience_spec(profile: Profile, seed: int, condition: str, epochs: int) -> RunSpec:
     """Notebook 04's run of `condition` (one of `PATIENCE_CONDITIONS`) for `epochs` on the labelled
     set, validating about `profile.patience_evals` times; at the student budget's epochs, where it
-    validates every epoch, it is notebook 03's run of the same teaching (and reuses it).
+    validates every epoch, it is notebook 03's run of the same teaching (and reuses it). Where it
+    validates less often at those epochs (a budget of 2 x patience_evals epochs or more), it is
+    another run, named with `_v<every>`: it never retrains over notebook 03's.
 
     Raises:
         ValueError: an unknown condition.
@@ -604,7 +606,10 @@ def patience_spec(profile: Profile, seed: int, condition: str, epochs: int) -> R
         raise ValueError(f"unknown patience condition {condition!r}; choose one of {PATIENCE_CONDITIONS}")
     spec = distillation_runs(profile, seed, epochs=epochs)[kinds[condition]]
     eval_every = max(1, epochs // profile.patience_evals)  # 1 below 2 x patience_evals epochs: notebook 03's runs
-    return replace(spec, train=replace(spec.train, eval_every=eval_every))
+    spec = replace(spec, train=replace(spec.train, eval_every=eval_every))
+    if eval_every > 1 and epochs == profile.student.epochs:  # notebook 03's name, another validation schedule
+        spec = replace(spec, name=f"{spec.name}_v{eval_every}")
+    return spec
 
 
 def sweep_spec(

@@ -13,6 +13,7 @@ status 2 before anything is written.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .augment import AUGMENT_PRESETS, MIX_PRESETS
@@ -157,35 +158,69 @@ def _distillation_arguments(p: argparse.ArgumentParser) -> None:
     kd.add_argument("--teacher-model", default=None, help="online distillation: the teacher's architecture")
     kd.add_argument("--teacher-checkpoint", default=None, help="weights for --teacher-model")
     kd.add_argument(
-        "--alpha", "--distill-alpha", dest="alpha", type=float, default=ALPHA, help="weight of the teacher's term"
+        "--alpha",
+        "--distill-alpha",
+        dest="alpha",
+        type=float,
+        default=None,
+        help=f"weight of the teacher's term (default {ALPHA}; the course's recipe is 1.0)",
     )
     kd.add_argument(
-        "--temperature", "--distill-temp", dest="temperature", type=float, default=TEMPERATURE, help="distillation T"
+        "--temperature",
+        "--distill-temp",
+        dest="temperature",
+        type=float,
+        default=None,
+        help=f"distillation T (default {TEMPERATURE:g})",
     )
+
+
+def _min_lr(args: argparse.Namespace) -> float:
+    """--min-lr, or by default TrainConfig's, lowered to --lr if that is lower (a bad --lr is left
+    for TrainConfig to name)."""
+    if args.min_lr is not None:
+        return args.min_lr
+    return min(TrainConfig.min_lr, args.lr) if args.lr > 0 else 0.0
 
 
 def spec_from_args(args: argparse.Namespace) -> RunSpec:
     """Turn parsed arguments into a `RunSpec`. Values are checked by `TrainConfig` and `RunSpec`.
 
     Raises:
-        ValueError: a distillation flag without the other (--use-distillation without a teacher, or a
-            teacher without --use-distillation), or a bad value (from `TrainConfig`/`RunSpec`).
+        ValueError: a distillation flag without the other (--use-distillation without a teacher, a
+            teacher, --alpha or --temperature without --use-distillation, or --alpha 0, which leaves
+            the teacher out), or a bad value (from `TrainConfig`/`RunSpec`).
     """
     if args.use_distillation and not (args.logits_path or args.teacher_model):
         raise ValueError("--use-distillation needs --logits-path (stored logits) or --teacher-model (online)")
-    if not args.use_distillation and (args.logits_path or args.teacher_model):
-        raise ValueError("--logits-path/--teacher-model are used only with --use-distillation")
+    if not args.use_distillation:
+        given = [
+            flag
+            for flag, value in (
+                ("--logits-path", args.logits_path),
+                ("--teacher-model", args.teacher_model),
+                ("--alpha", args.alpha),
+                ("--temperature", args.temperature),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ValueError(f"{'/'.join(given)} apply only with --use-distillation (a teacher's term)")
+    elif args.alpha == 0:
+        raise ValueError("--alpha 0 leaves the teacher's term out: train without --use-distillation")
+    alpha = ALPHA if args.alpha is None else args.alpha
+    temperature = TEMPERATURE if args.temperature is None else args.temperature
     config = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
-        min_lr=min(TrainConfig.min_lr, args.lr) if args.min_lr is None else args.min_lr,
+        min_lr=_min_lr(args),
         warmup_epochs=args.warmup_epochs,
         weight_decay=args.weight_decay,
         label_smoothing=args.label_smoothing,
         clip_grad=args.clip_grad,
-        alpha=args.alpha,
-        temperature=args.temperature,
+        alpha=alpha,
+        temperature=temperature,
         seed=args.seed,
         device=args.device,
         amp={"auto": None, "on": True, "off": False}[args.amp],
@@ -232,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume:
             check_resumable(spec)  # the same data, model, optimisation and teacher, before anything loads
         prepared = prepare_run(spec)  # every input checked before the run folder is created
+        if spec.teacher_model and not spec.teacher_checkpoint and os.environ.get("RANK", "0") == "0":
+            print("warning: no --teacher-checkpoint: the online teacher is randomly initialised", file=sys.stderr)
         result = run(prepared, resume=args.resume)
     except (ValueError, FileNotFoundError, LockHeld) as exc:
         print(f"error: {exc}", file=sys.stderr)

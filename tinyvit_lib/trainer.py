@@ -75,7 +75,7 @@ class TrainConfig:
     batch_size x world size. Learning rates are for the global batch as given (no implicit scaling).
 
     Raises:
-        ValueError: a value out of range (named in the message).
+        ValueError: a value out of range (named in the message), e.g. a warm-up longer than the run.
     """
 
     epochs: int = 10
@@ -107,8 +107,9 @@ class TrainConfig:
             "epochs": self.epochs >= 1,
             "batch_size": self.batch_size >= 1,
             "lr": self.lr > 0,
-            "min_lr": 0 <= self.min_lr <= self.lr,
-            "warmup_epochs": self.warmup_epochs >= 0,
+            "min_lr": 0 <= self.min_lr and (self.min_lr <= self.lr or not 0 < self.lr < math.inf),  # lr's own fault
+            "warmup_epochs": 0 <= self.warmup_epochs <= self.epochs,  # longer, the rate would never reach lr
+            "seed": 0 <= self.seed < 2**63,  # torch.manual_seed's range
             "weight_decay": self.weight_decay >= 0,
             "label_smoothing": 0 <= self.label_smoothing < 1,
             "clip_grad": self.clip_grad >= 0,
