@@ -69,10 +69,10 @@ def test_the_loss_softens_both_sides_with_its_own_temperature():
 def test_defaults_are_one_place():
     from tinyvit_lib.compat import FastDistillation
     from tinyvit_lib.distill import ALPHA, TEMPERATURE
-    from tinyvit_lib.train import build_parser
+    from tinyvit_lib.train import build_parser, spec_from_args
     from tinyvit_lib.trainer import TrainConfig
 
-    cli = build_parser().parse_args(["--name", "x"])
+    cli = spec_from_args(build_parser().parse_args(["--name", "x"])).train  # the CLI leaves them to the library
     loss, fd, config = DistillationLoss(), FastDistillation().loss, TrainConfig()
     assert (ALPHA, TEMPERATURE) == (0.5, 1.0)
     for alpha, temperature in ((loss.alpha, loss.temperature), (fd.alpha, fd.temperature)):
