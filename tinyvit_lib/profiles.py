@@ -148,7 +148,15 @@ class OwnData:
     img_size: int = 32
 
     def __post_init__(self) -> None:
-        for name in ("per_class", "held_out_per_class", "val_per_class", "teacher_epochs", "student_epochs"):
+        for name in (
+            "per_class",
+            "held_out_per_class",
+            "val_per_class",
+            "teacher_epochs",
+            "student_epochs",
+            "batch_size",
+            "img_size",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"OwnData.{name}={getattr(self, name)} must be >= 1")
         if self.val_per_class >= self.per_class:
@@ -209,6 +217,8 @@ class Profile:
                 raise ValueError(f"Profile.{name}={getattr(self, name)} must be >= 1")
         if not self.seeds:
             raise ValueError("Profile.seeds is empty; give at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"Profile.seeds={self.seeds} repeats a seed: each seed counts once")
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"Profile.alpha={self.alpha} must be in [0, 1]")
         if not self.temperature > 0:
