@@ -245,17 +245,20 @@ def test_a_nan_loss_in_one_ddp_process_stops_them_all(tmp_path):
         try:
             config = TrainConfig(epochs=2, batch_size=32, checkpoint_every=2)
             train(NaNAfter(calls), train_set, val_set, config, run_dir={str(tmp_path / "run")!r}, progress=False)
-        except FloatingPointError as error:
-            print("STOPPED", os.environ["RANK"], error, flush=True)
+        except FloatingPointError as error:  # each process its own file: printed lines could interleave
+            with open({str(tmp_path)!r} + "/stopped-" + os.environ["RANK"], "w") as f:
+                f.write(str(error))
     """)
     )
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     cmd += ["--master_port", str(29700 + os.getpid() % 1000), str(script)]
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)  # a hang would time out
-    stopped = sorted(line.split()[1] for line in out.stdout.splitlines() if line.startswith("STOPPED"))
-    assert stopped == ["0", "1"], out.stdout[-2000:] + out.stderr[-2000:]
-    assert out.stdout.count("loss is nan at step 3 (epoch 1, batch 3); the last good checkpoint is") == 2
+    stopped = {path.name: path.read_text() for path in tmp_path.glob("stopped-*")}
+    assert sorted(stopped) == ["stopped-0", "stopped-1"], out.stdout[-2000:] + out.stderr[-2000:]
+    assert all(
+        m.startswith("loss is nan at step 3 (epoch 1, batch 3); the last good checkpoint is") for m in stopped.values()
+    )
     # last.pt, saved after step 2 of 4 in the epoch, holds the epoch so far over both processes
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
     assert (ckpt["step"], ckpt["batch"], ckpt["partial_seen"], ckpt["world_size"]) == (2, 2, 2 * 32 * 2, 2)
