@@ -251,7 +251,7 @@ def test_a_nan_loss_in_one_ddp_process_stops_them_all(tmp_path):
     """)
     )
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    cmd += ["--master_port", str(29700 + os.getpid() % 1000), str(script)]
+    cmd += ["--master_port", str(30800 + os.getpid() % 1000), str(script)]  # apart from the other DDP tests
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)  # a hang would time out
     stopped = {path.name: path.read_text() for path in tmp_path.glob("stopped-*")}
