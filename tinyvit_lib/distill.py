@@ -613,20 +613,13 @@ def verify_store(
 
     Raises:
         ValueError: samples < 1.
-        StoreMismatch: `dataset` is not the data the store was written from, in the same order and
-            views (as a student's would be refused, `StoredTeacher`: another fingerprint, resolution,
-            transform, data seed or mixing), or a subset of it (its views are replayed by position).
+        StoreMismatch: as `_check_verify_data`.
         ValueError, FileNotFoundError: an image that cannot be read (see the dataset's `load_image`).
     """
     if samples < 1:
         raise ValueError(f"samples={samples} must be >= 1")
     header = store.header
-    _refuse_other_mixing(store, dataset)
-    if StoredTeacher(store, dataset).positions is not None:  # checks the data as a student's (StoreMismatch)
-        raise StoreMismatch(
-            f"verify logit store {store.path} over the {header.size} samples it was written from, in its order, "
-            f"not over a subset or another order of them ({len(dataset)} samples)"
-        )
+    _check_verify_data(store, dataset)
     tolerance = VerifyTolerance.for_device(device) if tolerance is None else tolerance
     g = torch.Generator().manual_seed(seed)
     count = min(samples, header.size * header.epochs)
@@ -656,6 +649,18 @@ def verify_store(
         index_mismatch_tolerance=tolerance.index_mismatch_rate,
         ok=worst <= value_tolerance and mismatch_rate <= tolerance.index_mismatch_rate,
     )
+
+
+def _check_verify_data(store: LogitStore, dataset: DatasetWithIDs) -> None:
+    """Raises StoreMismatch: `dataset` is not the data the store was written from, in the same order
+    and views (as a student's would be refused, `StoredTeacher`: another fingerprint, resolution,
+    transform, data seed or mixing), or a subset of it (`verify_store` replays views by position)."""
+    _refuse_other_mixing(store, dataset)
+    if StoredTeacher(store, dataset).positions is not None:
+        raise StoreMismatch(
+            f"verify logit store {store.path} over the {store.header.size} samples it was written from, in its "
+            f"order, not over a subset or another order of them ({len(dataset)} samples)"
+        )
 
 
 def _refuse_other_mixing(store: LogitStore, dataset: DatasetWithIDs) -> None:

@@ -187,30 +187,40 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
     """Turn parsed arguments into a `RunSpec`. Values are checked by `TrainConfig` and `RunSpec`.
 
     Raises:
-        ValueError: a distillation flag without the other (--use-distillation without a teacher, a
-            teacher, --alpha or --temperature without --use-distillation, or --alpha 0, which leaves
-            the teacher out), or a bad value (from `TrainConfig`/`RunSpec`).
+        ValueError: as `_check_distillation_flags`, or a bad value (from `TrainConfig`/`RunSpec`).
     """
+    _check_distillation_flags(args)
+    return RunSpec(
+        name=args.name,
+        data=_data_spec(args),
+        model=args.model,
+        init_from=args.init_from,
+        teacher_model=args.teacher_model,
+        teacher_checkpoint=args.teacher_checkpoint,
+        logits_path=args.logits_path,
+        output_dir=args.output_dir,
+        train=_train_config(args),
+    )
+
+
+def _check_distillation_flags(args: argparse.Namespace) -> None:
+    """Raises ValueError: a distillation flag without the other (--use-distillation without a
+    teacher; a teacher, --alpha or --temperature without --use-distillation), or --alpha 0 with it
+    (which leaves the teacher out)."""
     if args.use_distillation and not (args.logits_path or args.teacher_model):
         raise ValueError("--use-distillation needs --logits-path (stored logits) or --teacher-model (online)")
-    if not args.use_distillation:
-        given = [
-            flag
-            for flag, value in (
-                ("--logits-path", args.logits_path),
-                ("--teacher-model", args.teacher_model),
-                ("--alpha", args.alpha),
-                ("--temperature", args.temperature),
-            )
-            if value is not None
-        ]
-        if given:
-            raise ValueError(f"{'/'.join(given)} apply only with --use-distillation (a teacher's term)")
-    elif args.alpha == 0:
+    if args.use_distillation and args.alpha == 0:
         raise ValueError("--alpha 0 leaves the teacher's term out: train without --use-distillation")
-    alpha = ALPHA if args.alpha is None else args.alpha
-    temperature = TEMPERATURE if args.temperature is None else args.temperature
-    config = TrainConfig(
+    flags = {"--logits-path": args.logits_path, "--teacher-model": args.teacher_model}
+    flags |= {"--alpha": args.alpha, "--temperature": args.temperature}
+    given = [flag for flag, value in flags.items() if value is not None]
+    if given and not args.use_distillation:
+        raise ValueError(f"{'/'.join(given)} apply only with --use-distillation (a teacher's term)")
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    """The optimisation flags as a `TrainConfig` (alpha and T default to the library's)."""
+    return TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -219,8 +229,8 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
         weight_decay=args.weight_decay,
         label_smoothing=args.label_smoothing,
         clip_grad=args.clip_grad,
-        alpha=alpha,
-        temperature=temperature,
+        alpha=ALPHA if args.alpha is None else args.alpha,
+        temperature=TEMPERATURE if args.temperature is None else args.temperature,
         seed=args.seed,
         device=args.device,
         amp={"auto": None, "on": True, "off": False}[args.amp],
@@ -231,7 +241,11 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
         num_workers=args.num_workers,
         checkpoint_every=args.checkpoint_every,
     )
-    data = DataSpec(
+
+
+def _data_spec(args: argparse.Namespace) -> DataSpec:
+    """The data flags as a `DataSpec`."""
+    return DataSpec(
         dataset=args.dataset,
         root=args.data_root,
         img_size=args.img_size,
@@ -243,17 +257,6 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
         data_seed=args.data_seed,
         verify_files=args.verify_files,
         check_images=args.check_images,
-    )
-    return RunSpec(
-        name=args.name,
-        data=data,
-        model=args.model,
-        init_from=args.init_from,
-        teacher_model=args.teacher_model,
-        teacher_checkpoint=args.teacher_checkpoint,
-        logits_path=args.logits_path,
-        output_dir=args.output_dir,
-        train=config,
     )
 
 
