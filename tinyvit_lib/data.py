@@ -49,7 +49,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import numbers
 import operator
 import os
 import pickle  # only for its exception type: torchvision reads the CIFAR files
@@ -80,7 +79,7 @@ from .augment import (
     mix_partners,
     sample_seed,
 )
-from .utils import atomic_write_text
+from .utils import atomic_write_text, check_integer
 
 __all__ = [
     "DATASETS",
@@ -494,15 +493,6 @@ class SubsetWithIDs(DatasetWithIDs):
         digest.update(np.asarray(self.indices, dtype="<i8").tobytes())
 
 
-def check_integer(name: str, value, *, low: int | None = None) -> None:
-    """Raises ValueError naming `name` and `value`: not an integer (a bool or a float is not one),
-    or below `low`."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name}={value!r} must be an integer")
-    if low is not None and value < low:
-        raise ValueError(f"{name}={value} must be >= {low}")
-
-
 def per_class_subset(dataset: DatasetWithIDs, max_per_class: int, *, pairs_within: bool = False) -> SubsetWithIDs:
     """The first `max_per_class` samples of every class, in ID order: the same subset on every machine.
     `pairs_within`: mixed views pair within the subset (else as in `dataset`, see `pair_root`).
@@ -841,11 +831,10 @@ def get_dataset(
         download: allow a torchvision download when the files are not found (needs a network).
 
     Raises:
-        ValueError: an unknown name, split or check_images, a bad in_chans/N/M, img_size outside [MIN_IMG_SIZE,
-            MAX_IMG_SIZE], an option the dataset does not take, both `augment` and `transform`, `mix` without
-            `augment` or mixing nothing, cifar100 files failing the md5 check; image folders: val class folders
-            that differ from train's (names them), an image reached twice, files failing `check_images`; a
-            data_seed that is not an integer; a folder dataset without a root.
+        ValueError: an unknown name, split or check_images, a bad in_chans/N/M, a non-integer data_seed, img_size
+            outside [MIN_IMG_SIZE, MAX_IMG_SIZE], an option the dataset does not take, both `augment` and `transform`,
+            `mix` without `augment` or mixing nothing, cifar100 files failing the md5 check; image folders: no root,
+            val class folders unlike train's (named), an image reached twice, files failing `check_images`.
         TypeError: `mix` is not a MixConfig (nor None).
         FileNotFoundError: the data is not there (the message says how to get it), a missing root or a
             root that is not a folder, a missing split folder, or a class folder without images.

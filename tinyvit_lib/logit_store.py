@@ -46,7 +46,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import numbers
 import os
 import re
 import shutil
@@ -58,7 +57,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .utils import FileLock, atomic_write, atomic_write_text
+from .utils import FileLock, atomic_write, atomic_write_text, check_integer
 
 __all__ = [
     "FORMAT",
@@ -892,10 +891,7 @@ class StoreWriter:
         partners: Callable[[int, np.ndarray], np.ndarray] | None = None,
     ) -> None:
         for name, value, low in (("batch_size", batch_size, 1), ("world_size", world_size, 1), ("rank", rank, 0)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise ValueError(f"{name}={value!r} must be an integer")
-            if value < low:
-                raise ValueError(f"{name}={value} must be >= {low}")
+            check_integer(name, value, low=low)
         if rank >= world_size:
             raise ValueError(f"rank={rank} must be below world_size={world_size}")
         try:

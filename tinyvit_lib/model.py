@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import functools
 import math
-import numbers
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
@@ -38,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .utils import load_checkpoint
+from .utils import is_integer, load_checkpoint
 
 __all__ = [
     "TinyViTConfig",
@@ -106,10 +105,10 @@ class TinyViTConfig:
             if len(getattr(self, name)) != n:
                 raise ValueError(f"{name}={getattr(self, name)} must have one entry per stage (depths={self.depths})")
         for name in ("embed_dims", "depths", "num_heads", "window_sizes"):
-            if any(not _is_int(v) or v < 1 for v in getattr(self, name)):
+            if any(not is_integer(v) or v < 1 for v in getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)} must hold positive integers")
         for name in ("img_size", "in_chans", "num_classes", "local_conv_size"):
-            if not _is_int(getattr(self, name)):
+            if not is_integer(getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be an integer")
         for name in ("mlp_ratio", "mbconv_expand_ratio", "drop_path_rate"):
             if not math.isfinite(getattr(self, name)):
@@ -1021,11 +1020,6 @@ def _read_checkpoint(source) -> Mapping[str, torch.Tensor]:
 
 def _name(source) -> str:
     return "(in memory)" if isinstance(source, Mapping) else str(source)
-
-
-def _is_int(value) -> bool:
-    """An integer, and not a bool (nor a float that happens to be whole)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def read_weights(source) -> Mapping[str, torch.Tensor]:

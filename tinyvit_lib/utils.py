@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import fcntl
 import io
+import numbers
 import os
 import pickle
 import socket
@@ -26,6 +27,8 @@ import torch.distributed as dist
 
 __all__ = [
     "FileLock",
+    "check_integer",
+    "is_integer",
     "LockHeld",
     "autocast_by_default",
     "cpu_has_native_bf16",
@@ -282,6 +285,19 @@ def autocast_by_default(device: torch.device) -> bool:
     (docs/performance.md) once the depthwise convolutions whose bf16 backward oneDNN runs slowly
     stay in fp32 (`model.ConvBN`). Never on a CPU that emulates bf16, MPS or others."""
     return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+
+
+def is_integer(value) -> bool:
+    """An integer (Python's or NumPy's), and not a bool nor a float that happens to be whole."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_integer(name: str, value, *, low: int | None = None) -> None:
+    """Raises ValueError naming `name` and `value`: not an integer (`is_integer`), or below `low`."""
+    if not is_integer(value):
+        raise ValueError(f"{name}={value!r} must be an integer")
+    if low is not None and value < low:
+        raise ValueError(f"{name}={value} must be >= {low}")
 
 
 def keep_freed_memory() -> bool:
