@@ -185,17 +185,7 @@ def test_verify_fails_a_teacher_that_now_gives_nan(tmp_path):
 
 
 def test_a_writer_takes_only_the_next_batch_of_its_own_records(tmp_path):
-    header = StoreHeader(
-        teacher=dict(name="t"),
-        dataset=dict(name="d", size=8),
-        img_size=32,
-        transform="none",
-        mode="static",
-        k=3,
-        num_classes=10,
-        epochs=1,
-        data_seed=0,
-    )
+    header = small_header()
     for settings, message in (
         (dict(batch_size=2.5), "batch_size=2.5 must be an integer"),
         (dict(batch_size=4, world_size=0), "world_size=0 must be >= 1"),
@@ -204,7 +194,7 @@ def test_a_writer_takes_only_the_next_batch_of_its_own_records(tmp_path):
         with pytest.raises(ValueError, match=message):
             StoreWriter(tmp_path / "w", header, **settings)
     with pytest.raises(ValueError, match="header cannot be written as JSON"):
-        StoreWriter(tmp_path / "w", StoreHeader(**dict(header.to_dict(), teacher=dict(name=tmp_path))), batch_size=4)
+        StoreWriter(tmp_path / "w", small_header(teacher=dict(name=tmp_path)), batch_size=4)
     assert not (tmp_path / "w").exists()  # refused before the folder was made
     records = encode_records(torch.randn(4, 10), [-1] * 4, k=3)
     with StoreWriter(tmp_path / "w", header, batch_size=4) as writer:
