@@ -291,6 +291,8 @@ def test_fast_distillation_facade(tmp_path):
     with pytest.raises(ValueError, match="load a logit store first"):
         fd.compute_loss(torch.randn(2, 10), torch.tensor([0, 1]), torch.tensor([0, 1]))
     fd.precompute_logits(teacher, dataset, tmp_path / "s", batch_size=32, progress=False)
+    with pytest.raises(ValueError, match="keeps k=10, this FastDistillation k=3"):
+        FastDistillation(k=3).load(tmp_path / "s", dataset)
     fd.load(tmp_path / "s", dataset)
     images = torch.stack([dataset[i][0] for i in range(4)])
     logits = teacher(images).detach()

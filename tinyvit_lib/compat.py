@@ -112,8 +112,19 @@ class FastDistillation:
         return store
 
     def load(self, path: str | Path, dataset: DatasetWithIDs) -> FastDistillation:
-        """Open the store at `path` for training on `dataset` (checked against the store)."""
-        self.teacher = StoredTeacher.open(path, dataset)
+        """Open the store at `path` for training on `dataset` (checked against the store).
+
+        Raises:
+            ValueError: the store keeps another k than this object's (`derive_smaller_k` makes a
+                smaller k from a larger one); as `StoredTeacher.open` otherwise.
+        """
+        teacher = StoredTeacher.open(path, dataset)
+        if teacher.store.header.k != self.k:
+            raise ValueError(
+                f"logit store {path} keeps k={teacher.store.header.k}, this FastDistillation k={self.k} "
+                "(derive_smaller_k makes a smaller k from a store's larger one)"
+            )
+        self.teacher = teacher
         return self
 
     def compute_loss(
