@@ -230,38 +230,67 @@ DDP_SCRIPT = """
 """
 
 
-def test_a_nan_loss_in_one_ddp_process_stops_them_all(tmp_path):
-    script = tmp_path / "nan.py"
-    script.write_text(
-        textwrap.dedent(f"""
-        import os, sys, torch
-        sys.path.insert(0, {str(REPO)!r})
-        from tests.test_trainer import NaNAfter, synthetic
-        from tinyvit_lib.trainer import TrainConfig, train
-        torch.set_num_threads(1)
-        torch.manual_seed(0)
-        train_set, val_set = synthetic(n_train=256, n_val=32)
-        calls = 3 if os.environ["RANK"] == "1" else 10**6  # only the second process's loss turns NaN
-        try:
-            config = TrainConfig(epochs=2, batch_size=32, checkpoint_every=2)
-            train(NaNAfter(calls), train_set, val_set, config, run_dir={str(tmp_path / "run")!r}, progress=False)
-        except FloatingPointError as error:  # each process its own file: printed lines could interleave
-            with open({str(tmp_path)!r} + "/stopped-" + os.environ["RANK"], "w") as f:
-                f.write(str(error))
-    """)
-    )
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    cmd += ["--master_port", str(30800 + os.getpid() % 1000), str(script)]  # apart from the other DDP tests
+DDP_NAN_SCRIPT = """
+    import os, sys, torch
+    sys.path.insert(0, {repo!r})
+    from tests.test_trainer import NaNAfter, synthetic
+    from tinyvit_lib.trainer import TrainConfig, train
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    train_set, val_set = synthetic(n_train=256, n_val=32)
+    calls = {calls} if os.environ["RANK"] == "1" else 10**6  # only the second process's loss may turn NaN
+    try:
+        config = TrainConfig(epochs=2, batch_size=32, checkpoint_every=2)
+        train(NaNAfter(calls), train_set, val_set, config, run_dir={run_dir!r}, resume={resume}, progress=False)
+    except FloatingPointError as error:  # each process its own file: printed lines could interleave
+        with open({tmp!r} + "/stopped-" + os.environ["RANK"], "w") as f:
+            f.write(str(error))
+"""
+
+
+def launch_ddp(tmp_path: Path, name: str, port: int, **fields) -> subprocess.Popen:
+    """Two CPU processes through torchrun running DDP_NAN_SCRIPT with `fields`."""
+    script = tmp_path / f"{name}.py"
+    script.write_text(textwrap.dedent(DDP_NAN_SCRIPT.format(repo=str(REPO), tmp=str(tmp_path), **fields)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)  # a hang would time out
+    return subprocess.Popen(cmd + [str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen) -> str:
+    """Wait for a launched run (a hang times out); its output's tail, for assertion messages."""
+    try:
+        out, err = process.communicate(timeout=240)
+    finally:
+        process.kill()  # a no-op for a finished process; none outlives a failed assertion
+    return out[-2000:] + err[-2000:]
+
+
+def test_a_nan_in_one_ddp_process_stops_them_all_and_the_resume_is_exact(tmp_path):
+    port = 30800 + os.getpid() % 1000  # apart from the other DDP tests
+    out = finish(launch_ddp(tmp_path, "nan", port, calls=3, run_dir=str(tmp_path / "run"), resume=False))
     stopped = {path.name: path.read_text() for path in tmp_path.glob("stopped-*")}
-    assert sorted(stopped) == ["stopped-0", "stopped-1"], out.stdout[-2000:] + out.stderr[-2000:]
+    assert sorted(stopped) == ["stopped-0", "stopped-1"], out
     assert all(
         m.startswith("loss is nan at step 3 (epoch 1, batch 3); the last good checkpoint is") for m in stopped.values()
     )
-    # last.pt, saved after step 2 of 4 in the epoch, holds the epoch so far over both processes
+    # last.pt, saved after step 2 of 4 in the epoch, holds the epoch so far over both processes, and
+    # each process's RNG: they were seeded apart (seed + rank), so their DropPath masks differ
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
     assert (ckpt["step"], ckpt["batch"], ckpt["partial_seen"], ckpt["world_size"]) == (2, 2, 2 * 32 * 2, 2)
+    by_rank = [rng["torch"] for rng in ckpt["rng_by_rank"]]
+    assert torch.equal(by_rank[0], ckpt["rng"]["torch"]) and not torch.equal(by_rank[0], by_rank[1])
+    # Resumed from there without the NaN, the run ends as one never stopped: bit for bit.
+    [p.unlink() for p in tmp_path.glob("stopped-*")]
+    resumed = launch_ddp(tmp_path, "resume", port + 1, calls=10**6, run_dir=str(tmp_path / "run"), resume=True)
+    reference = launch_ddp(tmp_path, "ref", port + 2, calls=10**6, run_dir=str(tmp_path / "ref"), resume=False)
+    outs = [finish(resumed), finish(reference)]
+    assert not list(tmp_path.glob("stopped-*")), outs
+    a, b = (load_checkpoint(tmp_path / d / "last.pt") for d in ("ref", "run"))
+    assert a["step"] == b["step"] == 8, outs
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert [r["train_loss"] for r in read_log(tmp_path / "ref")] == [r["train_loss"] for r in read_log(tmp_path / "run")]
 
 
 def test_two_process_ddp_matches_one_process(tmp_path):

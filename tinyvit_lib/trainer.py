@@ -486,7 +486,9 @@ def _build(model: nn.Module, train_set: DatasetWithIDs, config: TrainConfig, tea
     amp = training_autocast(config, device) is not None
     if device.type == "cpu":
         keep_freed_memory()  # large activations reuse freed memory instead of faulting in new pages
-    torch.manual_seed(config.seed)
+    # Each process its own stream (DropPath's masks), as DeiT and Cream seed: seed + rank. The
+    # model's weights come from rank 0 (DDP broadcasts them); a single process draws as before.
+    torch.manual_seed(config.seed + rank)
     model.to(device)
     if teacher is not None:
         teacher.to(device)
@@ -670,6 +672,27 @@ def train_step(
 # ----------------------------------------------------------------------------- the run folder
 
 
+def rng_state(device: torch.device) -> dict:
+    """This process's RNG state: the CPU generator's, and `device`'s where it is a GPU (else None)."""
+    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def gather_rng_states(device: torch.device) -> list[dict]:
+    """Every process's `rng_state`, indexed by rank, on every process (one all-reduce of the states
+    laid side by side, each process filling its own slot); [this process's] when it runs alone."""
+    rank, world = rank_world()
+    mine = rng_state(device)
+    if world == 1:
+        return [mine]
+    parts = [mine["torch"]] + ([mine["cuda"]] if mine["cuda"] is not None else [])
+    flat = torch.cat(parts)  # uint8; every process has the same lengths (same build, same device type)
+    slots = [0.0] * (flat.numel() * world)
+    slots[rank * flat.numel() : (rank + 1) * flat.numel()] = flat.tolist()
+    summed = torch.tensor(all_reduce_sum(slots, device), dtype=torch.uint8).view(world, -1)  # bytes are exact in float64
+    n_torch = mine["torch"].numel()
+    return [dict(torch=row[:n_torch].clone(), cuda=row[n_torch:].clone() if len(parts) > 1 else None) for row in summed]
+
+
 class CheckpointSaver:
     """Writes a run's checkpoints (main process only): weights, optimizer, schedule, scaler, RNG
     state and the `TrainState`, enough to continue exactly."""
@@ -685,11 +708,15 @@ class CheckpointSaver:
         """Where this run's last good checkpoint is, in words."""
         return f"the last good checkpoint is {self.last_path}" if self.saved else "no checkpoint was saved yet"
 
-    def checkpoint(self, state: TrainState, partial: tuple[float, float] | None = None) -> dict:
+    def checkpoint(
+        self, state: TrainState, partial: tuple[float, float] | None = None, rng_by_rank: list[dict] | None = None
+    ) -> dict:
         """What last.pt and best.pt hold; `partial`: the epoch's loss sum and samples so far over
-        every process (default: this process's)."""
-        parts, device = self.parts, self.parts.device
+        every process (default: this process's); `rng_by_rank`: every process's RNG state, saved
+        when there are several (`gather_rng_states`)."""
+        parts = self.parts
         loss_sum, seen = partial if partial is not None else (state.loss_sum, state.seen)
+        several = rng_by_rank is not None and len(rng_by_rank) > 1
         return dict(
             format=CHECKPOINT_FORMAT,
             model=parts.model.state_dict(),
@@ -701,9 +728,8 @@ class CheckpointSaver:
             step=parts.schedule.step_count,
             partial_loss_sum=loss_sum,  # over every process: a resume gives it to rank 0 alone
             partial_seen=seen,
-            rng=dict(
-                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-            ),
+            rng=rng_state(parts.device),  # this process's (rank 0's)
+            **(dict(rng_by_rank=rng_by_rank) if several else {}),  # each process's, by rank
             config=asdict(self.config),
             world_size=parts.world,  # the batch is per process: a resume needs as many processes
             distills=parts.teacher is not None,  # without a teacher's term, alpha and temperature play no part
@@ -716,8 +742,9 @@ class CheckpointSaver:
         """Save the checkpoint of `state` under each of `names` (e.g. "best.pt", "last.pt"). Every
         process calls it (the epoch's partial sums are added up over them); the main one writes."""
         partial = all_reduce_sum([state.loss_sum, state.seen], self.parts.device)
+        rng_by_rank = gather_rng_states(self.parts.device)
         if is_main_process():
-            checkpoint = self.checkpoint(state, (partial[0], int(partial[1])))
+            checkpoint = self.checkpoint(state, (partial[0], int(partial[1])), rng_by_rank)
             save_checkpoint(checkpoint, *(self.run_dir / name for name in names))  # serialised once
         self.saved = self.saved or "last.pt" in names  # every process can name the last good checkpoint
 
@@ -774,9 +801,11 @@ def _restore(parts: TrainParts, config: TrainConfig, path: Path) -> TrainState:
     parts.schedule.load_state_dict(ckpt["scheduler"])
     if parts.scaler.is_enabled() and ckpt.get("scaler"):
         parts.scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if parts.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], parts.device)
+    rank = rank_world()[0]
+    rng = ckpt["rng_by_rank"][rank] if "rng_by_rank" in ckpt else ckpt["rng"]  # one process's, or each's
+    torch.set_rng_state(rng["torch"])
+    if parts.device.type == "cuda" and rng.get("cuda") is not None:
+        torch.cuda.set_rng_state(rng["cuda"], parts.device)
     return TrainState(
         epoch=ckpt["epoch"],
         batch=ckpt["batch"],
