@@ -2,6 +2,9 @@
 
     python scripts/gpu_check.py          (or: make gpu-check)
 
+It needs no installed package beyond PyTorch, torchvision, timm, NumPy and Pillow: the repository's
+root is put on the import path, so a machine's own Python runs it from a checkout.
+
 On CIFAR-100-format data it makes on the spot (random pixels in the official `cifar-100-python`
 layout, which is Python pickles: the format's, written to a temporary folder and read by torchvision;
 this project writes no pickle of its own), it runs the `cifar100` profile's teacher for one epoch,
@@ -28,12 +31,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tinyvit_lib.data import training_set
-from tinyvit_lib.distill import precompute
-from tinyvit_lib.experiment import load_trained, run
-from tinyvit_lib.profiles import resolve_profile, run_spec
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # a checkout without `pip install -e .` (a GPU machine's own Python)
+
+from tinyvit_lib.data import training_set  # noqa: E402 - after the path above
+from tinyvit_lib.distill import precompute  # noqa: E402 - after the path above
+from tinyvit_lib.experiment import load_trained, run  # noqa: E402 - after the path above
+from tinyvit_lib.profiles import resolve_profile, run_spec  # noqa: E402 - after the path above
 
 TRAIN_IMAGES, TEST_IMAGES = 10_000, 1_000
+TORCHRUN_TIMEOUT_S = 300
 
 
 def write_cifar100(root: Path, rng: np.random.Generator) -> Path:
@@ -138,15 +145,37 @@ def main() -> int:
             "--val-per-class",
             str(P.val_per_class),
         ]
+        paths = [str(REPO), os.environ.get("PYTHONPATH", "")]
+        env = dict(os.environ, OMP_NUM_THREADS="4", PYTHONPATH=os.pathsep.join(filter(None, paths)))
         t0 = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="4"))
-        if done.returncode != 0:
-            print(f"torchrun, {world} processes: failed ({done.returncode})\n{done.stderr[-2000:]}", file=sys.stderr)
+        try:  # a stuck rendezvous would otherwise wait out gloo's 30-minute timeout
+            done = subprocess.run(
+                command, capture_output=True, text=True, env=env, cwd=REPO, timeout=TORCHRUN_TIMEOUT_S
+            )
+        except subprocess.TimeoutExpired as stuck:
+            print(f"torchrun, {world} processes: no end in {TORCHRUN_TIMEOUT_S} s", file=sys.stderr)
+            print(_tail(stuck.stdout), _tail(stuck.stderr), sep="\n", file=sys.stderr)
             return 1
-        log = [json.loads(line) for line in (tmp / "ddp" / "student_ddp" / "log.jsonl").read_text().splitlines()]
+        if done.returncode != 0:
+            print(f"torchrun, {world} processes: failed ({done.returncode})", file=sys.stderr)
+            print(_tail(done.stdout), _tail(done.stderr), sep="\n", file=sys.stderr)
+            return 1
+        run_dir = tmp / "ddp" / "student_ddp"
+        log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
         seconds, rate = time.perf_counter() - t0, log[-1]["images_per_s"]
-        print(f"{'student, torchrun x' + str(world):<34} {rate:>10,.0f} images/s   ({seconds:.0f} s with start-up)")
+        policy = json.loads((run_dir / "config.json").read_text())["policy"]
+        backend = "NCCL" if torch.cuda.device_count() >= world else "gloo: processes share a GPU; not a DDP speed"
+        print(
+            f"{'student, torchrun x' + str(world):<34} {rate:>10,.0f} images/s   "
+            f"({seconds:.0f} s with start-up; {backend})   policy {policy}"
+        )
     return 0
+
+
+def _tail(text: str | bytes | None, chars: int = 8000) -> str:
+    """The end of a child's output (torchrun's own summary alone can fill 2,000 characters)."""
+    text = text.decode(errors="replace") if isinstance(text, bytes) else text or ""
+    return text[-chars:]
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from tinyvit_lib.trainer import (
     history_table,
     load_checkpoint,
     param_groups,
+    pick_device,
     read_log,
     saved_config,
     train,
@@ -290,7 +291,9 @@ def test_a_nan_in_one_ddp_process_stops_them_all_and_the_resume_is_exact(tmp_pat
     assert a["step"] == b["step"] == 8, outs
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
-    assert [r["train_loss"] for r in read_log(tmp_path / "ref")] == [r["train_loss"] for r in read_log(tmp_path / "run")]
+    assert [r["train_loss"] for r in read_log(tmp_path / "ref")] == [
+        r["train_loss"] for r in read_log(tmp_path / "run")
+    ]
 
 
 def test_two_process_ddp_matches_one_process(tmp_path):
@@ -497,3 +500,14 @@ def test_resume_ignores_alpha_without_a_teacher_and_refuses_another_process_coun
     torch.save(dict(ckpt, world_size=2), run_dir / "last.pt")
     with pytest.raises(ValueError, match=r"trained by 2 process\(es\), this run has 1"):
         train(tiny_model(), train_set, val_set, more, run_dir=run_dir, resume=True, progress=False)
+
+
+def test_pick_device_gives_each_torchrun_process_its_gpu(monkeypatch):
+    assert pick_device("auto") == torch.device("cpu") or torch.cuda.is_available()
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+        pick_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "3")  # four processes on two GPUs: the fourth shares the second
+    assert pick_device("auto") == pick_device("cuda") == torch.device("cuda", 1)
+    assert pick_device("cuda:0") == torch.device("cuda", 0)  # an index asked for is kept

@@ -152,12 +152,14 @@ class TrainResult:
 
 def pick_device(name: str = "auto") -> torch.device:
     """ "auto" picks CUDA, then Apple's MPS, then the CPU; anything else is passed to torch.device.
+    CUDA without an index ("auto" or "cuda") is this process's GPU under torchrun: LOCAL_RANK's
+    (more processes than GPUs, as in a check on one GPU, share them in turn).
 
     Raises:
         ValueError: an unknown device string, or CUDA/MPS asked for where there is none.
     """
     if name == "auto":
-        if torch.cuda.is_available():  # more processes than GPUs (a check on one GPU) share them in turn
+        if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         if torch.backends.mps.is_available():
             return torch.device("mps")
@@ -168,6 +170,8 @@ def pick_device(name: str = "auto") -> torch.device:
         raise ValueError(f"unknown device {name!r}: {exc}") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
+    if device.type == "cuda" and device.index is None:
+        return pick_device("auto")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {name!r} asked for, but MPS is not available here")
     return device
@@ -615,6 +619,8 @@ def train_one_epoch(
             and state.batch < parts.steps_per_epoch
         ):
             saver.save(state, "last.pt")
+    if parts.device.type == "cuda":
+        torch.cuda.synchronize(parts.device)  # the last step's backward and update are still queued
     elapsed = time.perf_counter() - t0
     loss_sum, seen, timed = all_reduce_sum([state.loss_sum, state.seen, state.seen - resumed_seen], parts.device)
     state.epoch, state.batch, state.loss_sum, state.seen = epoch + 1, 0, 0.0, 0
@@ -688,7 +694,8 @@ def gather_rng_states(device: torch.device) -> list[dict]:
     flat = torch.cat(parts)  # uint8; every process has the same lengths (same build, same device type)
     slots = [0.0] * (flat.numel() * world)
     slots[rank * flat.numel() : (rank + 1) * flat.numel()] = flat.tolist()
-    summed = torch.tensor(all_reduce_sum(slots, device), dtype=torch.uint8).view(world, -1)  # bytes are exact in float64
+    summed = all_reduce_sum(slots, device)  # bytes are exact in float64
+    summed = torch.tensor(summed, dtype=torch.uint8).view(world, -1)  # (world, bytes)
     n_torch = mine["torch"].numel()
     return [dict(torch=row[:n_torch].clone(), cuda=row[n_torch:].clone() if len(parts) > 1 else None) for row in summed]
 

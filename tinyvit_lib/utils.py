@@ -238,6 +238,8 @@ def init_distributed(device: torch.device) -> None:
     the interpreter tears down can abort the process ("terminate called without an active exception")."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":  # collectives (NCCL's barrier too) use the current GPU: make it this process's
+            torch.cuda.set_device(device)
         one_gpu_each = (
             device.type == "cuda" and int(os.environ.get("LOCAL_WORLD_SIZE", world)) <= torch.cuda.device_count()
         )
