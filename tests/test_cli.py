@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -95,6 +96,53 @@ def test_original_command_lines_parse(tmp_path):
     assert distill == ["cifar100", "./data", "./logits/cifar100_logits.pkl", 0.5, 1.0, True, 0, 0]
     assert copy[5] is False
     assert new == ["cifar100", "./data", "./logits/c", 0.25, 4.0, True, 3, 7]  # the new names
+
+
+def test_every_train_flag_reaches_its_field():
+    from tinyvit_lib.train import build_parser, spec_from_args
+
+    argv = (
+        "--dataset synthetic --train-data ./d --img-size 48 --augment full --mix function-matching "
+        "--max-per-class 5 --max-val-per-class 4 --val-per-class 3 --init-from ./w.pt --num-workers 2 "
+        "--no-verify-files --check-images decode --model resnet18 --name n --output-dir ./o "
+        "--epochs 7 --batch-size 48 --lr 0.002 --min-lr 3e-6 --warmup-epochs 1.5 --weight-decay 0.07 "
+        "--label-smoothing 0.15 --clip-grad 2.5 --seed 11 --data-seed 13 --device cpu --amp off "
+        "--amp-dtype float16 --compile --no-channels-last --no-fused-adamw --checkpoint-every 9 "
+        "--use-distillation --logits-path ./l --alpha 0.25 --temperature 4"
+    )
+    spec = spec_from_args(build_parser().parse_args(argv.split()))
+    assert asdict(spec.train) == asdict(spec.train) | dict(
+        epochs=7, batch_size=48, lr=0.002, min_lr=3e-6, warmup_epochs=1.5, weight_decay=0.07,
+        label_smoothing=0.15, clip_grad=2.5, seed=11, device="cpu", amp=False, amp_dtype="float16",
+        compile=True, channels_last=False, fused_adamw=False, num_workers=2, checkpoint_every=9,
+        alpha=0.25, temperature=4.0,
+    )  # fmt: skip
+    assert asdict(spec.data) == asdict(spec.data) | dict(
+        dataset="synthetic", root="./d", img_size=48, augment="full", mix="function-matching",
+        max_per_class=5, max_val_per_class=4, val_per_class=3, data_seed=13, verify_files=False,
+        check_images="decode",
+    )  # fmt: skip
+    assert (spec.model, spec.name, spec.output_dir, spec.init_from, spec.logits_path) == (
+        "resnet18", "n", "./o", "./w.pt", "./l",
+    )  # fmt: skip
+    untouched = spec_from_args(build_parser().parse_args("--name n --lr 5e-6".split())).train
+    assert untouched.min_lr == 5e-6 and untouched.amp is None  # min_lr follows a lower --lr; amp auto
+
+
+def test_every_precompute_data_flag_reaches_the_store_spec():
+    from tinyvit_lib.precompute_logits import build_parser, data_spec
+
+    argv = (
+        "--dataset synthetic --data-root ./d --no-verify-files --check-images decode --img-size 48 "
+        "--max-per-class 5 --val-per-class 3 --mode replay --augment full --mix function-matching --data-seed 13"
+    )
+    spec = data_spec(build_parser().parse_args(argv.split()))
+    assert asdict(spec) == asdict(spec) | dict(
+        dataset="synthetic", root="./d", verify_files=False, check_images="decode", img_size=48, max_per_class=5,
+        val_per_class=3, augment="full", mix="function-matching", data_seed=13,
+    )  # fmt: skip
+    static = data_spec(build_parser().parse_args("--dataset synthetic".split()))
+    assert (static.augment, static.mix, static.data_seed) == ("none", None, DataSpec.data_seed)  # the eval view
 
 
 def test_bad_values_exit_2_with_one_line_and_write_nothing(tmp_path):

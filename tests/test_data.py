@@ -615,3 +615,20 @@ def test_files_that_are_not_what_they_claim_are_named(tmp_path, folder_root):
         get_dataset("synthetic", split="train", num_samples=20)[1.7]
     with pytest.raises(ValueError, match=r"randaugment_magnitude=40 must be in \[0, 30\]"):
         AugmentConfig(randaugment_magnitude=40)
+
+
+def test_epoch_order_shared_out_among_processes():
+    dataset = get_dataset("synthetic", split="train", num_samples=103)
+    alone = list(data.EpochShuffleSampler(dataset))
+    shares = [list(data.EpochShuffleSampler(dataset, rank=r, world_size=2)) for r in range(2)]
+    assert sorted(alone) == list(range(103)) and alone != sorted(alone)  # a shuffle of every image
+    assert len(shares[0]) == len(shares[1]) == 51 and not set(shares[0]) & set(shares[1])  # disjoint, equal
+    assert sorted(shares[0] + shares[1]) == sorted(alone[:102])  # together the one-process order, cut even
+    dataset.set_epoch(1)
+    assert list(data.EpochShuffleSampler(dataset)) != alone  # a new order each epoch
+    dataset.set_epoch(0)
+    sampler = data.EpochShuffleSampler(dataset, rank=1, world_size=2)
+    sampler.skip(5)  # resuming mid-epoch: this pass only
+    assert list(sampler) == shares[1][5:] and list(sampler) == shares[1]
+    with pytest.raises(ValueError, match=r"rank=2 must be in \[0, world_size=2\)"):
+        data.EpochShuffleSampler(dataset, rank=2, world_size=2)

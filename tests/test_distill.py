@@ -98,6 +98,9 @@ def test_soft_labels_for_mixup():
     assert torch.allclose(
         soft_cross_entropy(logits, onehot), torch.nn.functional.cross_entropy(logits, torch.tensor([0, 2]))
     )
+    smoothed = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 2]), label_smoothing=0.1)
+    assert torch.allclose(soft_cross_entropy(logits, onehot, 0.1), smoothed)  # smoothing as for labels
+    assert not torch.allclose(soft_cross_entropy(logits, onehot), smoothed)
     # a column of labels, or one row of probabilities, would broadcast into a wrong loss: refused
     for target in (torch.tensor([[0], [2]]), onehot[:1]):
         message = f"targets of shape {tuple(target.shape)} for logits of shape (2, 3)"

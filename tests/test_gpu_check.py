@@ -25,4 +25,11 @@ def test_on_a_gpu_it_runs_and_reports(capsys):  # pragma: no cover - only where 
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
     assert gpu_check.main() == 0
-    assert "torchrun x2" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    stages = ("teacher (resnet18", "replay store", "student (TinyViT-5M", "student, torchrun x2")
+    lines = [next(line for line in out.splitlines() if line.startswith(stage)) for stage in stages]
+    assert all(" nan images/s" not in line and "images/s" in line for line in lines), out
+    # every training run chose the GPU policy: the device, bf16 autocast, channels-last, fused AdamW
+    for line in lines[:1] + lines[2:]:
+        assert "'device': 'cuda:" in line and "'autocast': 'bfloat16'" in line, line
+        assert "'channels_last': True" in line and "'fused_adamw': True" in line, line

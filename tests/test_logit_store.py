@@ -21,7 +21,7 @@ import torch
 
 from tinyvit_lib import MIX_PRESETS, AugmentConfig, TinyViT, TinyViTConfig, get_dataset
 from tinyvit_lib.compat import FastDistillation
-from tinyvit_lib.data import per_class_subset
+from tinyvit_lib.data import SubsetWithIDs, per_class_subset
 from tinyvit_lib.distill import (
     DistillationLoss,
     OnlineTeacher,
@@ -232,11 +232,13 @@ def test_truncated_corrupted_and_unfinished_stores_are_detected(tmp_path):
 def test_subset_training_reads_the_full_store(tmp_path):
     teacher, dataset = tiny_teacher(), data()
     precompute(teacher, dataset, tmp_path / "s", k=10, batch_size=32, progress=False)
-    subset = per_class_subset(dataset, 3)
-    stored = StoredTeacher.open(tmp_path / "s", subset)
-    images = torch.stack([subset[i][0] for i in range(4)])
-    probs = stored.logits(images, torch.arange(4), epoch=0).softmax(-1)
-    assert torch.allclose(probs, teacher(images).softmax(-1), atol=5e-3)
+    # Not a prefix: the subset's positions are not the store's, so the lookup must map them by ID.
+    for subset in (per_class_subset(dataset, 3), SubsetWithIDs(dataset, list(range(len(dataset) - 1, -1, -3)))):
+        stored = StoredTeacher.open(tmp_path / "s", subset)
+        positions = torch.tensor([0, 3, 7, 20])
+        images = torch.stack([subset[int(i)][0] for i in positions])
+        probs = stored.logits(images, positions, epoch=0).softmax(-1)
+        assert torch.allclose(probs, teacher(images).softmax(-1), atol=5e-3)
 
 
 def test_replay_store_matches_online_teacher_on_the_same_views(tmp_path):

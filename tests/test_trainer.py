@@ -1,6 +1,7 @@
 """The training loop: learning, exact resume after SIGKILL, atomic checkpoints, NaN stops, DDP."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import torch
 
 from tinyvit_lib import AugmentConfig, TinyViT, TinyViTConfig, get_dataset
 from tinyvit_lib.trainer import (
+    CosineSchedule,
     TrainConfig,
     evaluate,
     history_table,
@@ -87,7 +89,36 @@ def test_weight_decay_groups():
     names = {id(p): n for n, p in model.named_parameters()}
     assert all(p.ndim > 1 and "attention_biases" not in names[id(p)] for p in decay["params"])
     assert any("attention_biases" in names[id(p)] for p in no_decay["params"])
-    assert no_decay["weight_decay"] == 0.0
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05
+
+
+def test_cosine_schedule_warms_up_then_decays_to_min_lr():
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([weight, torch.nn.Parameter(torch.zeros(1))], lr=123.0)
+    schedule = CosineSchedule(optimizer, lr=1.0, min_lr=0.1, warmup_steps=2, total_steps=6)
+    lrs = [optimizer.param_groups[0]["lr"]]
+    for _ in range(7):
+        schedule.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    cosine = [0.1 + 0.45 * (1 + math.cos(math.pi * p)) for p in (0.25, 0.5, 0.75, 1.0)]
+    assert lrs == pytest.approx([0.5, 1.0, 1.0, *cosine, 0.1])  # linear warmup, cosine, then held at min_lr
+    resumed = CosineSchedule(torch.optim.AdamW([weight], lr=1.0), lr=1.0, min_lr=0.1, warmup_steps=2, total_steps=6)
+    resumed.load_state_dict(schedule.state_dict())
+    assert resumed.optimizer.param_groups[0]["lr"] == lrs[-1] and resumed.step_count == 7
+
+
+def test_gradients_are_clipped_to_the_configured_norm(monkeypatch, tmp_path):
+    calls = []
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(
+        torch.nn.utils, "clip_grad_norm_", lambda params, norm: calls.append(norm) or clip(params, norm)
+    )
+    train_set, val_set = synthetic(n_train=32, n_val=16)
+    for clip_grad, expected in ((0.25, [0.25]), (0.0, [])):
+        calls.clear()
+        config = TrainConfig(epochs=1, batch_size=32, clip_grad=clip_grad, amp=False)
+        train(tiny_model(), train_set, val_set, config, run_dir=tmp_path / str(clip_grad), progress=False)
+        assert calls == expected
 
 
 TRAIN_SCRIPT = """
@@ -396,6 +427,8 @@ def test_evaluate_runs_a_folded_copy_and_leaves_the_model_training(tmp_path):
         logits = torch.cat([model(torch.stack([val_set[i][0] for i in range(64)]))])
     labels = torch.tensor([val_set[i][1] for i in range(64)])
     assert metrics["top1"] == pytest.approx(100 * (logits.argmax(1) == labels).float().mean().item())
+    in_top5 = (logits.topk(5, dim=1).indices == labels[:, None]).any(1)
+    assert metrics["top5"] == pytest.approx(100 * in_top5.float().mean().item()) and metrics["top5"] > metrics["top1"]
     assert metrics["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), abs=1e-4)
 
 
