@@ -255,7 +255,7 @@ DDP_SCRIPT = """
     torch.manual_seed(0)
     train_set, val_set = synthetic(n_train=512, n_val=128)
     world = int(os.environ.get("WORLD_SIZE", 1))
-    config = TrainConfig(epochs=3, batch_size=64 // world, lr=2e-3, warmup_epochs=0.5)
+    config = TrainConfig(epochs=3, batch_size=64 // world, lr=1e-2, warmup_epochs=0.5)  # learns: about 89% alone
     result = train(tiny_model(), train_set, val_set, config, run_dir={run_dir!r}, progress=False)
     if int(os.environ.get("RANK", 0)) == 0:
         print("RESULT", json.dumps(result.final))
@@ -360,7 +360,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert two["step"] == one["step"] == 3 * (512 // 64)
     # Same global batch and schedule; only BatchNorm statistics (per process) and the data split differ.
     assert abs(two["val_loss"] - one["val_loss"]) < 0.25 * one["val_loss"] + 0.05
-    assert abs(two["top1"] - one["top1"]) < 15
+    assert one["top1"] > 60 and two["top1"] > 60 and abs(two["top1"] - one["top1"]) < 15  # both learned, alike
     # The validation of a DDP run measured the model its checkpoint holds (rank 0's statistics), not a mix
     model = tiny_model()
     model.load_state_dict(load_checkpoint(tmp_path / "w2" / "last.pt")["model"])
