@@ -20,6 +20,7 @@ from tinyvit_lib import (
     DatasetWithIDs,
     get_CIFAR_100,
     get_dataset,
+    get_ImageNet1K,
     get_imagenet_subset_loaders,
     make_loaders,
 )
@@ -289,6 +290,11 @@ def test_imagenet_subset_is_deterministic(folder_root):
         folder_root, num_classes=3, max_per_class=1, batch_size=2, img_size=16
     )
     assert len(train_loader.dataset) == 3 and len(val_loader.dataset) == 3
+    # The original plan's ImageNet-1k loaders: the whole train/ and val/ trees, the train side augmented
+    train_loader, val_loader = get_ImageNet1K(folder_root, batch_size=2, img_size=16, augment=AugmentConfig())
+    assert train_loader.dataset.ids == full.ids and val_loader.dataset.ids[0].startswith("val/")
+    images, labels, ids = next(iter(val_loader))
+    assert images.shape == (2, 3, 16, 16) and torch.equal(images[0], val_loader.dataset[0][0])
 
 
 @pytest.mark.parametrize(
