@@ -231,15 +231,15 @@ def matched_window_sizes(img_size: int) -> tuple[int, ...]:
     return tuple(min(w, r) for w, r in zip(default_window_sizes(img_size), stage_resolutions(img_size)))
 
 
-def contenders(timm, img_size: int) -> dict[str, Callable[[], nn.Module]]:
+def contenders(timm, img_size: int, num_classes: int = NUM_CLASSES) -> dict[str, Callable[[], nn.Module]]:
     """Builders of ours, timm-default and (where it differs from default) timm-matched."""
     builders = {
-        "ours": lambda: tinyvit_5m(img_size=img_size, num_classes=NUM_CLASSES),
-        "timm_default": lambda: timm.create_model("tiny_vit_5m_224", num_classes=NUM_CLASSES),
+        "ours": lambda: tinyvit_5m(img_size=img_size, num_classes=num_classes),
+        "timm_default": lambda: timm.create_model("tiny_vit_5m_224", num_classes=num_classes),
     }
     if matched_window_sizes(img_size) != default_window_sizes(224):
         builders["timm_matched"] = lambda: timm.create_model(
-            "tiny_vit_5m_224", num_classes=NUM_CLASSES, window_sizes=list(matched_window_sizes(img_size))
+            "tiny_vit_5m_224", num_classes=num_classes, window_sizes=list(matched_window_sizes(img_size))
         )
     return builders
 
@@ -259,16 +259,23 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 
 def make_step(
-    model: nn.Module, task: str, policy: Policy, img_size: int, batch: int, device: torch.device
+    model: nn.Module,
+    task: str,
+    policy: Policy,
+    img_size: int,
+    batch: int,
+    device: torch.device,
+    num_classes: int = NUM_CLASSES,
 ) -> Callable[[], None]:
-    """One training step (forward, cross-entropy, backward, AdamW) or one inference batch."""
+    """One training step (forward, cross-entropy, backward, AdamW) or one inference batch of a model
+    with `num_classes` outputs."""
     memory_format = torch.channels_last if policy.channels_last else torch.contiguous_format
     model = model.to(device).train(task == "train")
     if task == "infer" and policy.fold_bn:
         model = fold_batchnorm(model)
     model = model.to(memory_format=memory_format)
     images = torch.randn(batch, 3, img_size, img_size, device=device).contiguous(memory_format=memory_format)
-    labels = torch.randint(0, NUM_CLASSES, (batch,), device=device)
+    labels = torch.randint(0, num_classes, (batch,), device=device)
     bf16 = policy.bf16(task)
     if policy.compile:  # for inference, freezing bakes the weights in so conv, bias and GELU fuse
         model = torch.compile(model, options={"freezing": task == "infer"})
@@ -629,6 +636,7 @@ class EpochCase:
     in_turns_with: str | None = None  # the label of a case whose samples alternate with this one's
 
 
+EPOCH_CLASSES = 10  # the synthetic data's classes: the epoch rows' heads, and timm's reference step's
 EPOCH_CASES = (
     EpochCase("student 32, labels", "tinyvit_5m", 32, 128),
     EpochCase("student 32, store", "tinyvit_5m", 32, 128, "store"),
@@ -660,7 +668,7 @@ def _epoch_data_and_teacher(case: EpochCase, *, device: torch.device, samples: i
     if case.source is None:
         return dataset, None
     torch.manual_seed(0)
-    teacher_net = build_model("resnet18", num_classes=10, img_size=case.img_size)
+    teacher_net = build_model("resnet18", num_classes=EPOCH_CLASSES, img_size=case.img_size)
     if case.source == "online":
         return dataset, OnlineTeacher(teacher_net)
     store = tmp / f"replay{case.img_size}{'-mixed' if case.mix else ''}"
@@ -694,7 +702,7 @@ class EpochTimer:
             fused_adamw=not case.old_path,
         )
         torch.manual_seed(0)
-        model = build_model(case.model, num_classes=10, img_size=case.img_size)
+        model = build_model(case.model, num_classes=EPOCH_CLASSES, img_size=case.img_size)
         if case.old_path:
             with_small_map_convs(model, undo=True)  # a teacher's convolutions as torchvision ships them
         self.parts = _build(model, self.dataset, self.config, teacher)
@@ -749,16 +757,19 @@ def epoch_rows(
     peaks: dict[str, float] | None = None,
 ) -> list[dict]:
     """The rows of `cases` timed in turns: each round takes one sample of every case (and, with
-    `reference`, `steps` steps of another model: timm's, for the goal's ratio), so that all of them
-    see the same moments of a machine whose speed drifts. Medians of `repeats` rounds."""
+    `reference`, `steps` steps of another model: timm's, for the goal's ratio, first in every other
+    round), so that all of them see the same moments of a machine whose speed drifts. Medians of
+    `repeats` rounds."""
     timers = [EpochTimer(case, device=device, steps=steps, samples=repeats, tmp=tmp) for case in cases]
     reference_s = []
     if reference is not None:
         reference()  # its warm-up
-    for _ in range(repeats):
+    for round_ in range(repeats):
+        if reference is not None and round_ % 2:
+            reference_s.append(_timed(reference, device, steps)[0])
         for timer in timers:
             timer.sample()
-        if reference is not None:
+        if reference is not None and not round_ % 2:
             reference_s.append(_timed(reference, device, steps)[0])
     rows = [timer.row(peaks) for timer in timers]
     if reference_s:
@@ -792,10 +803,11 @@ def epoch_section(
             group = [case] + followers[case.label]
             steps = 2 if quick else (8 if case.img_size <= 32 else 4)
             reference = None
-            if timm is not None and case.label == "student 32, labels":
-                timm_model = contenders(timm, case.img_size)["timm_matched"]()
-                reference = make_step(timm_model, "train", POLICIES["eager"], case.img_size, case.batch, device)
-            repeats = 1 if quick else 3
+            if timm is not None and case.label == "student 32, labels":  # the same head as the student's
+                timm_model = contenders(timm, case.img_size, EPOCH_CLASSES)["timm_matched"]()
+                eager = POLICIES["eager"]
+                reference = make_step(timm_model, "train", eager, case.img_size, case.batch, device, EPOCH_CLASSES)
+            repeats = 1 if quick else (7 if reference else 3)
             group_rows = epoch_rows(
                 group, device=device, steps=steps, repeats=repeats, tmp=Path(tmp), reference=reference, peaks=peaks
             )
@@ -828,7 +840,10 @@ def _epoch_ratios(by_case: dict[str, dict], rows: list[dict]) -> dict[str, float
     if timm_eager and student:
         ratio = student["images_per_s"] / timm_eager["images_per_s"]["timm_matched"]
         out["student32_vs_train32_row"] = ratio
-        print(f"the same against the train32 eager row's timm-matched step, timed minutes before: {ratio:.2f}x")
+        print(
+            f"the same against the train32 eager row's timm-matched step (a {NUM_CLASSES}-class head), "
+            f"timed minutes before: {ratio:.2f}x"
+        )
     if "student 32, mixed, store" in by_case and "student 32, mixed, labels" in by_case:
         ratio = (
             by_case["student 32, mixed, labels"]["images_per_s"] / by_case["student 32, mixed, store"]["images_per_s"]

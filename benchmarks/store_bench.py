@@ -154,6 +154,25 @@ def read_rate(store: LogitStore, order: np.ndarray, batches: int) -> dict:
     )
 
 
+def _advise_random(store: LogitStore) -> bool:
+    """Advise the kernel that epoch 0's mapping is read at random (no read-ahead); False where it cannot."""
+    mapping = getattr(store._maps[0], "_mmap", None)  # numpy.memmap's own mmap object
+    if mapping is None or not hasattr(mmap, "MADV_RANDOM"):
+        return False
+    mapping.madvise(mmap.MADV_RANDOM)
+    return True
+
+
+def _print_read(name: str, r: dict) -> None:
+    share = "/".join("?" if f is None else f"{f:.0%}" for f in (r["resident_before"], r["resident_after"]))
+    print(
+        f"  {name.replace('_', ' ')} ({share} of the file in the page cache before/after): "
+        f"{r['records_per_s']:,.0f} records/s per process ({r['batches']} batches of {READ_BATCH}, median "
+        f"{r['median_batch_ms']:.2f} ms), {r['records_per_s'] / TRAINING_RATE:.1f}x what 8 V100s consume "
+        f"({TRAINING_RATE:,}/s)"
+    )
+
+
 def disk_description(path: Path) -> str:
     """The file system and device under `path`, as `df` reports them."""
     try:
@@ -178,26 +197,27 @@ def store_section(root: Path, *, quick: bool, processes: int = 2) -> dict:
         result[f"write_{world}_processes"] = dict(seconds=seconds, mb_per_s=mb / seconds, records_per_s=size / seconds)
         rate = f"{mb / seconds:.0f} MB/s, {size / seconds:,.0f} records/s"
         print(f"  write, {world} process(es): {seconds:.1f} s, {rate}")
-    store, file = LogitStore.open(root / "store", verify=False), root / "store" / epoch_file(0)
+    file = root / "store" / epoch_file(0)
     order = np.random.default_rng(0).permutation(size)
-    drop_from_page_cache(file)
-    # Cold: few enough batches that most of them still meet pages not yet read (a page holds about 78
-    # records, so 200 batches touch about a sixth of the file's pages); the share of the file in the
-    # page cache is reported before each read.
-    for name, batches in (("read_cold", 200), ("read_warm", 2000)):
+    # Cold, twice: with the kernel's read-ahead (each page fault reads a block around it, so a random
+    # pass pulls the whole file in within its first batches: the rate depends on how many batches are
+    # timed, and the share resident after the read says how much came in), and with the mapping
+    # advised MADV_RANDOM (one page per fault: what a file larger than memory costs per record).
+    # Warm: the file in the page cache. The share in the page cache is reported before and after.
+    for name, batches in (("read_cold", 200), ("read_cold_random_advice", 200), ("read_warm", 2000)):
+        store = None  # unmapped first: pages a process still maps stay in the page cache
+        drop_from_page_cache(file)
+        store = LogitStore.open(root / "store", verify=False)
+        if name == "read_cold_random_advice" and not _advise_random(store):
+            continue
         if name == "read_warm":
             with open(file, "rb") as f:  # one sequential pass: the file in the page cache
                 while f.read(1 << 24):
                     pass
-        resident = resident_fraction(file)
+        before = resident_fraction(file)
         result[name] = dict(read_rate(store, order[::-1].copy() if name == "read_warm" else order, batches))
-        result[name]["resident_before"] = resident
-        r = result[name]
-        print(
-            f"  {name.replace('_', ', ')} ({'?' if resident is None else f'{resident:.0%}'} of the file in the page "
-            f"cache): {r['records_per_s']:,.0f} records/s per process (batches of {READ_BATCH}, median "
-            f"{r['median_batch_ms']:.2f} ms), {r['records_per_s'] / TRAINING_RATE:.1f}x what 8 V100s consume "
-            f"({TRAINING_RATE:,}/s)"
-        )
+        result[name].update(resident_before=before, resident_after=resident_fraction(file))
+        _print_read(name, result[name])
+    del store
     shutil.rmtree(root / "store", ignore_errors=True)
     return result

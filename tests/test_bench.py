@@ -75,8 +75,9 @@ def test_quick_bench_writes_every_number(tmp_path):
     assert store["records"] == 132_000 and store["bytes_per_record"] == 52  # k = 10 of 21,841 classes
     for name in ("write_1_processes", "write_2_processes"):
         assert min(store[name].values()) > 0
-    for name in ("read_cold", "read_warm"):
+    for name in ("read_cold", "read_cold_random_advice", "read_warm"):
         assert store[name]["records_per_s"] > 0 and store[name]["batches"] > 0
+        assert 0 <= store[name]["resident_before"] <= store[name]["resident_after"] <= 1
     assert store["read_warm"]["resident_before"] >= 0.9  # read once: the file is in the page cache
     assert [(row["img_size"], row["batch"]) for row in results["onnx"]] == [(32, 4)]  # --quick leaves out 224
     for row in results["onnx"]:
