@@ -116,10 +116,10 @@ class Policy:
     fused_adamw: bool = False
     compile: bool = False
 
-    def bf16(self, task: str) -> bool:
-        """bf16 autocast for this task ("train" or "infer"), where bf16 is native (a CUDA GPU, or a CPU with
-        AVX512-BF16 / AMX): training where `bf16_training`, inference where `bf16_inference`."""
-        native = torch.cuda.is_available() or cpu_has_native_bf16()
+    def bf16(self, task: str, device: torch.device) -> bool:
+        """bf16 autocast for this task ("train" or "infer") on `device`, where bf16 is native there (a CUDA
+        GPU, or a CPU with AVX512-BF16 / AMX): training where `bf16_training`, inference where `bf16_inference`."""
+        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
         if task == "infer":
             return self.bf16_inference and native
         return self.bf16_training and native
@@ -276,7 +276,7 @@ def make_step(
     model = model.to(memory_format=memory_format)
     images = torch.randn(batch, 3, img_size, img_size, device=device).contiguous(memory_format=memory_format)
     labels = torch.randint(0, num_classes, (batch,), device=device)
-    bf16 = policy.bf16(task)
+    bf16 = policy.bf16(task, device)
     if policy.compile:  # for inference, freezing bakes the weights in so conv, bias and GELU fuse
         model = torch.compile(model, options={"freezing": task == "infer"})
     if task == "infer":
@@ -380,7 +380,7 @@ def measure(
         model = build()
         flops[name] = flops_per_image(model, task, img_size)
         steps[name] = make_step(model, task, policy, img_size, batch, device)
-    precision = "bf16" if policy.bf16(task) else "fp32"
+    precision = "bf16" if policy.bf16(task, device) else "fp32"
     n = PEAK_SIDE_QUICK if SAMPLE_S < FULL_SAMPLE_S else PEAK_SIDE  # --quick, as `matmul_peaks` sizes it
     steps["peak"] = matmul_step(device, torch.bfloat16 if precision == "bf16" else torch.float32, n)
     samples: dict[str, list[float]] = {}
@@ -400,7 +400,7 @@ def measure(
         img_size=img_size,
         batch=batch,
         policy=policy.name,
-        bf16=policy.bf16(task),
+        bf16=policy.bf16(task, device),
         images_per_s=speed,
         ours_vs_timm_default=speed["ours"] / speed["timm_default"],
         ours_vs_timm_matched=speed["ours"] / speed["timm_matched"],

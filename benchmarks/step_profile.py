@@ -80,7 +80,7 @@ def profile_section(
         for _ in range(runs):
             step()
         step_s = (time.perf_counter() - t0) / runs
-        bf16 = default_policy.bf16("train")
+        bf16 = default_policy.bf16("train", device)
         peak = peaks["bf16" if bf16 else "fp32"]
         row = dict(
             model=name,
