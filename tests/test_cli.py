@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from test_data import write_cifar100
+from test_data import folder_root, write_cifar100  # noqa: F401 - folder_root is a fixture
 from test_logit_store import edit_a_value_keeping_the_checksum
 
 from tinyvit_lib.data import DataSpec, get_dataset, per_class_subset
@@ -92,10 +92,10 @@ def test_original_command_lines_parse(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     base, distill, copy, new = json.loads(out.stdout.strip().splitlines()[-1])
-    assert base == ["cifar100", "./data", None, 0.5, 1.0, True, 0, 0]  # no teacher: alpha is not used
-    assert distill == ["cifar100", "./data", "./logits/cifar100_logits.pkl", 0.5, 1.0, True, 0, 0]
+    assert base == ["cifar100", "data", None, 0.5, 1.0, True, 0, 0]  # no teacher: alpha is not used
+    assert distill == ["cifar100", "data", "./logits/cifar100_logits.pkl", 0.5, 1.0, True, 0, 0]
     assert copy[5] is False
-    assert new == ["cifar100", "./data", "./logits/c", 0.25, 4.0, True, 3, 7]  # the new names
+    assert new == ["cifar100", "data", "./logits/c", 0.25, 4.0, True, 3, 7]  # the new names
 
 
 def test_every_train_flag_reaches_its_field():
@@ -118,13 +118,15 @@ def test_every_train_flag_reaches_its_field():
         alpha=0.25, temperature=4.0,
     )  # fmt: skip
     assert asdict(spec.data) == asdict(spec.data) | dict(
-        dataset="synthetic", root="./d", img_size=48, augment="full", mix="function-matching",
+        dataset="synthetic", root="d", img_size=48, augment="full", mix="function-matching",
         max_per_class=5, max_val_per_class=4, val_per_class=3, data_seed=13, verify_files=False,
         check_images="decode",
     )  # fmt: skip
     assert (spec.model, spec.name, spec.output_dir, spec.init_from, spec.logits_path) == (
         "resnet18", "n", "./o", "./w.pt", "./l",
     )  # fmt: skip
+    for spelling in ("./d/", "d/.", "d//"):  # one folder, one spelling: a resume compares the spec
+        assert spec_from_args(build_parser().parse_args(["--name", "n", "--train-data", spelling])).data.root == "d"
     untouched = spec_from_args(build_parser().parse_args("--name n --lr 5e-6".split())).train
     assert untouched.min_lr == 5e-6 and untouched.amp is None  # min_lr follows a lower --lr; amp auto
 
@@ -138,7 +140,7 @@ def test_every_precompute_data_flag_reaches_the_store_spec():
     )
     spec = data_spec(build_parser().parse_args(argv.split()))
     assert asdict(spec) == asdict(spec) | dict(
-        dataset="synthetic", root="./d", verify_files=False, check_images="decode", img_size=48, max_per_class=5,
+        dataset="synthetic", root="d", verify_files=False, check_images="decode", img_size=48, max_per_class=5,
         val_per_class=3, augment="full", mix="function-matching", data_seed=13,
     )  # fmt: skip
     static = data_spec(build_parser().parse_args("--dataset synthetic".split()))
@@ -239,6 +241,16 @@ def test_precompute_bad_values_exit_2_with_one_line_and_write_nothing(tmp_path):
     for message, result in zip(cases, run_cases(list(cases.values()), tmp_path, module=PRECOMPUTE)):
         assert_refused(result, message)
     assert not (tmp_path / "store").exists()
+
+
+def test_an_image_folder_of_three_classes_gets_a_store_of_k_3_by_default(tmp_path, folder_root):  # noqa: F811
+    store = tmp_path / "store"
+    folder = ["--dataset", "imagenet", "--data-root", str(folder_root), "--img-size", "16"]
+    (made,) = run_cases(
+        [folder + ["--teacher-model", "resnet18", "--output-path", str(store)]], tmp_path, module=PRECOMPUTE
+    )
+    assert made[0] == 0, made
+    assert json.loads((store / "manifest.json").read_text())["header"]["k"] == 3  # min(10, 3 classes)
 
 
 def test_precompute_refuses_an_unwritable_or_busy_output_path_with_one_line(tmp_path):
@@ -430,3 +442,15 @@ def test_a_carved_store_a_student_and_its_fine_tuning_through_the_command_lines(
     config = json.loads((tmp_path / "runs" / "finetuned" / "config.json").read_text())
     assert config["model"]["spec"]["init_from"] == pretrained and config["model"]["init"]
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["carved", "finetuned"]
+    # The same command again does not train over the finished run unless asked to.
+    weights = (tmp_path / "runs" / "finetuned" / "last.pt").read_bytes()
+    again, overwritten = run_cases(
+        [
+            student + carve + ["--name", "finetuned", "--init-from", pretrained],
+            student + carve + ["--name", "finetuned", "--init-from", pretrained, "--overwrite", "--seed", "1"],
+        ],
+        tmp_path,
+    )
+    assert_refused(again, "already holds a run")
+    assert "1 epoch(s) logged): --resume continues it, --overwrite trains afresh" in again[2]
+    assert overwritten[0] == 0 and (tmp_path / "runs" / "finetuned" / "last.pt").read_bytes() != weights

@@ -218,6 +218,22 @@ def test_a_given_fashion_mnist_root_without_the_files_is_an_error_never_another_
         assert "train-images-idx3-ubyte" in message and "train-labels-idx1-ubyte" in message
     assert not (tmp_path / "nope").exists() and list(empty.iterdir()) == []  # nothing written
 
+    def fails_halfway(self):  # as a real download that breaks off: its folders made, then an error
+        os.makedirs(self.raw_folder, exist_ok=True)
+        raise RuntimeError("connection reset")
+
+    monkeypatch.setattr(data.tv_datasets.FashionMNIST, "download", fails_halfway)
+    with pytest.raises(FileNotFoundError, match="connection reset"):
+        get_dataset("fashion-mnist", empty, download=True)
+    assert list(empty.iterdir()) == []  # what the download made is removed
+
+
+def test_an_image_folder_given_as_fashion_mnist_is_named_and_left_alone(folder_root, no_debian):
+    before = sorted(p.relative_to(folder_root) for p in folder_root.rglob("*"))
+    with pytest.raises(FileNotFoundError, match=r"holds an image folder \(train/<class>/...\); read it with dataset"):
+        get_dataset("fashion-mnist", folder_root, download=True)
+    assert sorted(p.relative_to(folder_root) for p in folder_root.rglob("*")) == before
+
 
 def test_corrupt_idx_file_is_named(fashion_root):
     (fashion_root / "train-images-idx3-ubyte.gz").write_bytes(b"garbage")

@@ -12,6 +12,7 @@ from tinyvit_lib.data import DataSpec
 from tinyvit_lib.experiment import RunSpec, load_trained, run
 from tinyvit_lib.export import main, save_onnx, save_timm_checkpoint, timm_name, timm_state_dict, timm_window_sizes
 from tinyvit_lib.trainer import TrainConfig
+from tinyvit_lib.utils import load_checkpoint
 
 
 def perturbed(**config) -> torch.nn.Module:
@@ -55,7 +56,8 @@ def trained(tmp_path_factory) -> RunSpec:
 def test_the_cli_writes_each_format_and_the_files_load(trained, tmp_path, capsys):
     assert main([str(trained.run_dir / "last.pt"), "--out", str(tmp_path)]) == 0
     onnx_line, timm_line, _ = capsys.readouterr().out.splitlines()
-    assert "onnxruntime vs PyTorch on 8 images" in onnx_line and (tmp_path / "tiny.onnx").is_file()  # validation images
+    assert "onnxruntime vs PyTorch on 8 validation images" in onnx_line and (tmp_path / "tiny.onnx").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx", "tiny.safetensors", "tiny_timm.pth"]  # no .data
     assert timm_line.startswith("timm.create_model('tiny_vit_5m_224', num_classes=10")
     assert (tmp_path / "tiny_timm.pth").is_file()
     from safetensors import safe_open
@@ -65,6 +67,7 @@ def test_the_cli_writes_each_format_and_the_files_load(trained, tmp_path, capsys
     assert (
         header["input"]["size"] == 32 and len(header["input"]["mean"]) == 3 and header["model"]["name"] == "tinyvit_5m"
     )
+    assert header["classes"] == [f"pattern {k}" for k in range(10)]
     reloaded = load_pretrained(tinyvit_5m(img_size=32, num_classes=10), tmp_path / "tiny.safetensors").eval()
     original = load_trained(trained.run_dir / "last.pt")
     x = torch.randn(5, 3, 32, 32)  # another batch size than the export's check: the ONNX batch is dynamic
@@ -74,6 +77,26 @@ def test_the_cli_writes_each_format_and_the_files_load(trained, tmp_path, capsys
     with torch.no_grad():
         assert (reloaded(x) - original(x)).abs().max() <= 1e-5  # the same weights (memory layouts differ)
         assert (torch.from_numpy(session.run(None, {"image": x.numpy()})[0]) - original(x)).abs().max() <= 1e-4
+
+
+def test_an_export_away_from_the_data_still_names_the_classes(trained, tmp_path, capsys):
+    # The run records its class names; only the check's inputs need the data, and the line says so.
+    ckpt = load_checkpoint(trained.run_dir / "last.pt")
+    ckpt["model_config"]["spec"]["data"]["dataset"] = "imagenet"  # as if its image folder were elsewhere
+    ckpt["model_config"]["spec"]["data"]["root"] = str(tmp_path / "gone")
+    (tmp_path / "run").mkdir()
+    torch.save(ckpt, tmp_path / "run" / "last.pt")
+    assert main([str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--to", "onnx", "safetensors"]) == 0  # a folder
+    out = capsys.readouterr().out
+    assert "on 8 random inputs (the run's data is not here)" in out and "note:" not in out
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "out" / "run.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["classes"]) == [f"pattern {k}" for k in range(10)]
+    del ckpt["model_config"]["classes"]  # a checkpoint from before runs kept them: said, not hidden
+    torch.save(ckpt, tmp_path / "run" / "last.pt")
+    assert main([str(tmp_path / "run" / "last.pt"), "--out", str(tmp_path / "out"), "--to", "safetensors"]) == 0
+    assert "note: no class names in the metadata" in capsys.readouterr().out
 
 
 def test_the_cli_refuses_in_one_line_and_writes_nothing(trained, tmp_path, capsys):

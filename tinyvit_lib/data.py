@@ -616,6 +616,8 @@ class DataSpec:
             check_integer("img_size", self.img_size)
         if self.img_size is None:
             object.__setattr__(self, "img_size", _FACTS[self.dataset].img_size)
+        if isinstance(self.root, str | os.PathLike):  # one spelling per folder: "./d/", "d" and "d/." are "d"
+            object.__setattr__(self, "root", os.path.normpath(self.root))
 
     def for_store(self) -> dict:
         """What a logit store records of the spec: the fields that decide its images and views (not
@@ -998,11 +1000,20 @@ def _load_fashion_mnist(root: str | Path | None, split: str, download: bool) -> 
     if found:
         return _read_fashion_mnist(*found)
     missing = f"Fashion-MNIST {split} files {wanted} not found in {[str(p) for p in places]}"
+    if root is not None and (target / "train").is_dir() and any(p.is_dir() for p in (target / "train").iterdir()):
+        raise FileNotFoundError(
+            f"{missing}: {target} holds an image folder (train/<class>/...); read it with dataset 'imagenet' "
+            "(--dataset imagenet), which takes any folder in that layout"
+        )
     if not download:
         raise FileNotFoundError(f"{missing}. {how}.")
+    debris = target / "FashionMNIST"
+    fresh = not debris.exists()
     try:
         tv_datasets.FashionMNIST(str(target), train=split == "train", download=True)
     except (RuntimeError, OSError) as error:
+        if fresh:  # leave the root as it was
+            shutil.rmtree(debris, ignore_errors=True)
         raise FileNotFoundError(f"{missing}, and the download into {target} failed ({error}). {how}.") from error
     return _read_fashion_mnist(*_find_fashion_mnist([target / "FashionMNIST" / "raw"], stems))
 
@@ -1402,7 +1413,10 @@ def _read_rgb(path: Path) -> np.ndarray:
     except FileNotFoundError:
         raise
     except (OSError, ValueError, Image.DecompressionBombError) as error:  # UnidentifiedImageError is an OSError
-        raise ValueError(f"cannot decode image file {path}: {error}") from error
+        raise ValueError(
+            f"cannot decode image file {path}: {error} (check_images='decode', --check-images decode, finds every such "
+            "file before a run starts)"
+        ) from error
 
 
 def _named(names: list[str]) -> str:

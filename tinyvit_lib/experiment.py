@@ -218,7 +218,11 @@ def run(spec: RunSpec | PreparedRun, *, resume: bool = False, progress: bool = T
         progress=progress,
         on_epoch=on_epoch,
         model_config=dict(
-            prepared.model_config, spec=_plain(asdict(spec)), teacher=teacher_identity(spec), init=init_identity(spec)
+            prepared.model_config,
+            spec=_plain(asdict(spec)),
+            teacher=teacher_identity(spec),
+            init=init_identity(spec),
+            classes=list(prepared.train_set.classes),  # so an export names them wherever it runs
         ),
     )
 

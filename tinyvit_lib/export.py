@@ -181,7 +181,8 @@ def save_onnx(model: torch.nn.Module, path: str | Path, inputs: torch.Tensor, me
             dynamic_shapes=({0: batch},),
             dynamo=True,
         )
-    graph = onnx.load(str(path))
+    graph = onnx.load(str(path))  # with any weights the exporter wrote beside it, which go inline below
+    path.with_name(path.name + ".data").unlink(missing_ok=True)
     for key, value in (metadata or {}).items():
         graph.metadata_props.add(key=key, value=json.dumps(value))
     data = graph.SerializeToString()
@@ -213,6 +214,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, formats: tupl
     if unknown:
         raise ValueError(f"unknown export format(s) {unknown}; choose from {', '.join(FORMATS)}")
     checkpoint = Path(checkpoint)
+    if checkpoint.is_dir() and (checkpoint / "last.pt").is_file():  # a run folder: its final weights
+        checkpoint = checkpoint / "last.pt"
     model = load_trained(checkpoint).to(memory_format=torch.contiguous_format)
     config = load_checkpoint(checkpoint)["model_config"]
     if "timm" in formats and not isinstance(model, TinyViT):
@@ -223,11 +226,12 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, formats: tupl
     metadata = _metadata(config)
     lines = []
     if "onnx" in formats:
-        images = _check_images(config)
+        images, real = _check_images(config)
         gap = save_onnx(model, out_dir / f"{stem}.onnx", images, metadata)
-        lines.append(
-            f"{out_dir / f'{stem}.onnx'} (onnxruntime vs PyTorch on {len(images)} images: max |Δlogit| {gap:.1e})"
-        )
+        inputs = f"{len(images)} " + ("validation images" if real else "random inputs (the run's data is not here)")
+        lines.append(f"{out_dir / f'{stem}.onnx'} (onnxruntime vs PyTorch on {inputs}: max |Δlogit| {gap:.1e})")
+    if metadata["classes"] is None:
+        lines.append("note: no class names in the metadata (the checkpoint records none and its data is not here)")
     if "timm" in formats:
         lines.append(save_timm_checkpoint(model, out_dir / f"{stem}_timm.pth"))
     if "safetensors" in formats:
@@ -242,10 +246,12 @@ def _metadata(config: dict) -> dict:
     data = (config.get("spec") or {}).get("data") or {}
     mean, std = dataset_normalisation(data["dataset"]) if data.get("dataset") else (None, None)
     crop = dataset_eval_crop(data["dataset"]) if data.get("dataset") else None
-    try:
-        classes = training_set(DataSpec(**data)).classes if data else None
-    except (ValueError, FileNotFoundError, TypeError):
-        classes = None
+    classes = config.get("classes")  # recorded by runs since they kept them; else read from the data
+    if classes is None:
+        try:
+            classes = training_set(DataSpec(**data)).classes if data else None
+        except (ValueError, FileNotFoundError, TypeError):
+            classes = None
     return dict(
         model={k: config[k] for k in ("name", "num_classes", "in_chans", "img_size")},
         # a runtime prepares an image as the evaluation view does: shorter side to size / crop (bicubic),
@@ -256,16 +262,17 @@ def _metadata(config: dict) -> dict:
     )
 
 
-def _check_images(config: dict, count: int = 8) -> torch.Tensor:
-    """Inputs to compare onnxruntime with PyTorch on: the run's first validation images where its data
-    opens here, else normalised noise of the model's input shape."""
+def _check_images(config: dict, count: int = 8) -> tuple[torch.Tensor, bool]:
+    """Inputs to compare onnxruntime with PyTorch on, and whether they are images: the run's first
+    validation images where its data opens here, else normalised noise of the model's input shape."""
     data = (config.get("spec") or {}).get("data")
     try:
         held_out = validation_set(DataSpec(**data))
-        return torch.stack([held_out[i][0] for i in range(min(count, len(held_out)))])
+        return torch.stack([held_out[i][0] for i in range(min(count, len(held_out)))]), True
     except (ValueError, FileNotFoundError, TypeError):
         generator = torch.Generator().manual_seed(0)
-        return torch.randn(count, config["in_chans"], config["img_size"], config["img_size"], generator=generator)
+        shape = (count, config["in_chans"], config["img_size"], config["img_size"])
+        return torch.randn(*shape, generator=generator), False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m tinyvit_lib.export",
         description="Write a trained model (a checkpoint of this library's trainer) for other code to load.",
     )
-    p.add_argument("checkpoint", help="a run's last.pt or best.pt")
+    p.add_argument("checkpoint", help="a run's last.pt or best.pt, or its folder (its last.pt)")
     p.add_argument("--out", default="exported", help="folder for the exported files")
     p.add_argument("--to", nargs="+", default=list(FORMATS), choices=FORMATS, help="formats to write")
     return p

@@ -44,6 +44,8 @@ from .teachers import build_model, load_weights
 from .trainer import pick_device
 from .utils import LockHeld, init_distributed, is_main_process
 
+DEFAULT_K = 10  # the course's k (Cream keeps 100 of ImageNet-21k's 21,841 classes)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -82,7 +84,9 @@ def _store_arguments(p: argparse.ArgumentParser) -> None:
         help="a torchvision classifier name, timm:<name> or a TinyViT preset (required unless --inspect)",
     )
     p.add_argument("--teacher-checkpoint", default=None, help="the teacher's weights (without: random weights)")
-    p.add_argument("--k", type=int, default=10, help="logits kept per image (1..classes)")
+    p.add_argument(
+        "--k", type=int, default=None, help="logits kept per image, 1..classes (default: 10, or the classes if fewer)"
+    )
     p.add_argument("--output-path", default=None, help="the store folder (required unless --inspect)")
     p.add_argument(
         "--mode",
@@ -281,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--verify-samples={args.verify_samples} must be >= 1")
         spec = data_spec(args)
         dataset = training_set(spec)
+        if args.k is None:
+            args.k = min(DEFAULT_K, dataset.num_classes)
         teacher = load_teacher(args, dataset)
         device = pick_device(args.device)
         if args.verify and (Path(args.output_path) / MANIFEST).is_file():  # check the store, write nothing

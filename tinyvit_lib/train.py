@@ -20,7 +20,7 @@ from .augment import AUGMENT_PRESETS, MIX_PRESETS
 from .data import CHECK_IMAGES, DATASETS, DataSpec
 from .distill import ALPHA, TEMPERATURE
 from .experiment import RunSpec, check_resumable, prepare_run, run
-from .trainer import TrainConfig
+from .trainer import TrainConfig, read_log
 from .utils import LockHeld
 
 
@@ -98,6 +98,9 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     model.add_argument("--name", required=True, help="run name: the run folder is OUTPUT_DIR/NAME")
     model.add_argument("--output-dir", default="runs")
     model.add_argument("--resume", action="store_true", help="continue OUTPUT_DIR/NAME/last.pt exactly")
+    model.add_argument(
+        "--overwrite", action="store_true", help="train afresh in a run folder that already holds a run's checkpoint"
+    )
 
 
 def _optimisation_arguments(p: argparse.ArgumentParser) -> None:
@@ -260,6 +263,18 @@ def _data_spec(args: argparse.Namespace) -> DataSpec:
     )
 
 
+def refuse_to_replace(spec: RunSpec, *, overwrite: bool) -> None:
+    """Raises ValueError: the run folder already holds a run's checkpoint and `overwrite` is not set
+    (a command run again would otherwise train afresh over a finished run)."""
+    last = spec.run_dir / "last.pt"
+    if last.is_file() and not overwrite:
+        done = len(read_log(spec.run_dir))
+        raise ValueError(
+            f"{spec.run_dir} already holds a run ({last}, {done} epoch(s) logged): --resume continues it, "
+            "--overwrite trains afresh over it, or choose another --name"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI on `argv` (default: sys.argv[1:]). Returns the exit status: 0 done; 2 bad input or a
     run folder in use by another process (one line on stderr, nothing written); 1 a run that failed
@@ -269,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = spec_from_args(args)
         if args.resume:
             check_resumable(spec)  # the same data, model, optimisation and teacher, before anything loads
+        else:
+            refuse_to_replace(spec, overwrite=args.overwrite)
         prepared = prepare_run(spec)  # every input checked before the run folder is created
         if spec.teacher_model and not spec.teacher_checkpoint and os.environ.get("RANK", "0") == "0":
             print("warning: no --teacher-checkpoint: the online teacher is randomly initialised", file=sys.stderr)
