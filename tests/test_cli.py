@@ -454,3 +454,17 @@ def test_a_carved_store_a_student_and_its_fine_tuning_through_the_command_lines(
     assert_refused(again, "already holds a run")
     assert "1 epoch(s) logged): --resume continues it, --overwrite trains afresh" in again[2]
     assert overwritten[0] == 0 and (tmp_path / "runs" / "finetuned" / "last.pt").read_bytes() != weights
+
+
+def test_help_shows_every_default_once_and_no_flags_or_nones():
+    from tinyvit_lib.export import build_parser as export_parser
+    from tinyvit_lib.precompute_logits import build_parser as precompute_parser
+    from tinyvit_lib.train import build_parser as train_parser
+
+    text = " ".join(train_parser().format_help().split())  # argparse wraps lines at the terminal's width
+    for shown in ("--epochs EPOCHS (default: 10)", "--num-workers NUM_WORKERS (default: 0)", "(default: runs)"):
+        assert shown in text, shown
+    assert "(default: None)" not in text and "(default: True)" not in text and "(default: False)" not in text
+    assert text.count("(default: 1e-05, or --lr if lower)") == 1 and "lower) (default" not in text
+    assert "(default: 256)" in " ".join(precompute_parser().format_help().split())
+    assert "(default: exported)" in " ".join(export_parser().format_help().split())

@@ -354,7 +354,9 @@ def check_resumable(spec: RunSpec) -> None:
     checkpoint = load_checkpoint(last)
     differences = run_differences(spec, checkpoint) if isinstance(checkpoint, dict) else ["not a run's checkpoint"]
     if differences:
-        raise ValueError(f"cannot resume {last}: it is a run of another spec ({'; '.join(differences)})")
+        longer = any(d.startswith("train.epochs:") for d in differences)
+        hint = "; to train on from its weights, start a new run with --init-from it" if longer else ""
+        raise ValueError(f"cannot resume {last}: it is a run of another spec ({'; '.join(differences)}){hint}")
 
 
 def run_history(spec: RunSpec) -> list[dict]:

@@ -36,7 +36,7 @@ import torch
 from .data import DataSpec, dataset_eval_crop, dataset_normalisation, training_set, validation_set
 from .experiment import load_trained
 from .model import PRESETS, TinyViT, TinyViTConfig, inference_copy, stage_resolutions
-from .utils import atomic_write, load_checkpoint
+from .utils import HelpFormatter, atomic_write, load_checkpoint
 
 __all__ = [
     "export_checkpoint",
@@ -219,7 +219,10 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, formats: tupl
     model = load_trained(checkpoint).to(memory_format=torch.contiguous_format)
     config = load_checkpoint(checkpoint)["model_config"]
     if "timm" in formats and not isinstance(model, TinyViT):
-        raise ValueError(f"{checkpoint} holds a {config['name']}, not a TinyViT: timm's TinyViT cannot load it")
+        raise ValueError(
+            f"{checkpoint} holds a {config['name']}, not a TinyViT: timm's TinyViT cannot load it "
+            "(--to onnx safetensors exports it)"
+        )
     if "timm" in formats:
         timm_name(model)  # a variant timm knows, before anything is written
     stem, out_dir = checkpoint.parent.name, Path(out_dir)
@@ -279,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m tinyvit_lib.export",
         description="Write a trained model (a checkpoint of this library's trainer) for other code to load.",
+        formatter_class=HelpFormatter,
     )
     p.add_argument("checkpoint", help="a run's last.pt or best.pt, or its folder (its last.pt)")
     p.add_argument("--out", default="exported", help="folder for the exported files")

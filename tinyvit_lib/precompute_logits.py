@@ -42,7 +42,7 @@ from .distill import describe_verify, precompute, store_header, verify_store
 from .logit_store import MANIFEST, LogitStore, describe_store, official_record_bytes
 from .teachers import build_model, load_weights
 from .trainer import pick_device
-from .utils import LockHeld, init_distributed, is_main_process
+from .utils import HelpFormatter, LockHeld, init_distributed, is_main_process
 
 DEFAULT_K = 10  # the course's k (Cream keeps 100 of ImageNet-21k's 21,841 classes)
 
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m tinyvit_lib.precompute_logits",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     _data_arguments(p)
     _store_arguments(p)

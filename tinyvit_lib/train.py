@@ -21,14 +21,14 @@ from .data import CHECK_IMAGES, DATASETS, DataSpec
 from .distill import ALPHA, TEMPERATURE
 from .experiment import RunSpec, check_resumable, prepare_run, run
 from .trainer import TrainConfig, read_log
-from .utils import LockHeld
+from .utils import HelpFormatter, LockHeld
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m tinyvit_lib.train",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     _data_arguments(p)
     _model_arguments(p)

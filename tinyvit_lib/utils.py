@@ -7,7 +7,9 @@ This is the bottom floor of the package: it imports nothing from `tinyvit_lib`.
 
 from __future__ import annotations
 
+import argparse
 import atexit
+import copy
 import ctypes
 import ctypes.util
 import fcntl
@@ -216,6 +218,28 @@ class FileLock:
 
 
 # ----------------------------------------------------------------------------- processes
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` with every option's default: also for options without help text, never twice (a help
+    text that names its default keeps its own words), and not for flags or defaults of None."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and self._shows_default(action):  # argparse prints nothing for an empty help
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not self._shows_default(action) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+    @staticmethod
+    def _shows_default(action: argparse.Action) -> bool:
+        quiet = action.default is None or isinstance(action.default, bool) or action.default == argparse.SUPPRESS
+        return bool(action.option_strings) and not quiet  # 0 is a default worth showing, False a flag's
 
 
 def rank_world() -> tuple[int, int]:
