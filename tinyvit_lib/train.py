@@ -19,7 +19,7 @@ import sys
 from .augment import AUGMENT_PRESETS, MIX_PRESETS
 from .data import CHECK_IMAGES, DATASETS, DataSpec
 from .distill import ALPHA, TEMPERATURE
-from .experiment import RunSpec, check_resumable, prepare_run, run
+from .experiment import RunSpec, check_resumable, prepare_run, refuse_if_running, run
 from .trainer import TrainConfig, read_log
 from .utils import HelpFormatter, LockHeld
 
@@ -264,8 +264,10 @@ def _data_spec(args: argparse.Namespace) -> DataSpec:
 
 
 def refuse_to_replace(spec: RunSpec, *, overwrite: bool) -> None:
-    """Raises ValueError: the run folder already holds a run's checkpoint and `overwrite` is not set
-    (a command run again would otherwise train afresh over a finished run)."""
+    """Raises LockHeld: another process is training this run (said first: it is why the folder holds
+    a checkpoint). ValueError: the run folder already holds a run's checkpoint and `overwrite` is not
+    set (a command run again would otherwise train afresh over a finished run)."""
+    refuse_if_running(spec)
     last = spec.run_dir / "last.pt"
     if last.is_file() and not overwrite:
         done = len(read_log(spec.run_dir))
