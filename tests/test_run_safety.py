@@ -91,6 +91,8 @@ def test_resume_refuses_another_run_naming_the_fields_and_changes_nothing(tmp_pa
         assert_refused(result, message)
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.name != ".lock"} == files
 
+    (same,) = run_cases([[*common, "--resume"]], tmp_path)  # a finished run: said, nothing left to train
+    assert same[0] == 0 and f"resuming {run_dir}: 1 of 1 epoch(s) done" in same[1], same
     last = run_dir / "last.pt"
     last.write_bytes(files["last.pt"][: len(files["last.pt"]) // 2])
     (truncated,) = run_cases([[*common, "--resume"]], tmp_path)

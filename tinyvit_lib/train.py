@@ -21,7 +21,7 @@ from .data import CHECK_IMAGES, DATASETS, DataSpec
 from .distill import ALPHA, TEMPERATURE
 from .experiment import RunSpec, check_resumable, prepare_run, refuse_if_running, run
 from .trainer import TrainConfig, read_log
-from .utils import HelpFormatter, LockHeld
+from .utils import HelpFormatter, LockHeld, load_checkpoint
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -277,6 +277,13 @@ def refuse_to_replace(spec: RunSpec, *, overwrite: bool) -> None:
         )
 
 
+def where_it_stands(spec: RunSpec) -> str:
+    """One line on the run a resume continues: epochs done of the schedule, batches into the next."""
+    checkpoint = load_checkpoint(spec.run_dir / "last.pt")
+    into = f", {checkpoint['batch']} batch(es) into epoch {checkpoint['epoch'] + 1}" if checkpoint["batch"] else ""
+    return f"resuming {spec.run_dir}: {checkpoint['epoch']} of {spec.train.epochs} epoch(s) done{into}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI on `argv` (default: sys.argv[1:]). Returns the exit status: 0 done; 2 bad input or a
     run folder in use by another process (one line on stderr, nothing written); 1 a run that failed
@@ -286,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = spec_from_args(args)
         if args.resume:
             check_resumable(spec)  # the same data, model, optimisation and teacher, before anything loads
+            if os.environ.get("RANK", "0") == "0":
+                print(where_it_stands(spec))
         else:
             refuse_to_replace(spec, overwrite=args.overwrite)
         prepared = prepare_run(spec)  # every input checked before the run folder is created
