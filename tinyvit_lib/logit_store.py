@@ -226,9 +226,11 @@ class StoreHeader:
         )
 
     def differences(self, other: StoreHeader) -> list[str]:
-        """Human-readable differences, e.g. ["k: store 10, asked 5"]."""
+        """Human-readable differences, e.g. ["k: store 10, asked 5"], the shortest first (a mode or an
+        epoch count before a transform's long description)."""
         ours, theirs = self.to_dict(), other.to_dict()
-        return [f"{key}: store {ours[key]!r}, asked {theirs[key]!r}" for key in ours if ours[key] != theirs[key]]
+        lines = [f"{key}: store {ours[key]!r}, asked {theirs[key]!r}" for key in ours if ours[key] != theirs[key]]
+        return sorted(lines, key=len)
 
 
 def epoch_file(epoch: int) -> str:
