@@ -39,7 +39,7 @@ import torch.nn as nn
 from .augment import AUGMENT_PRESETS, MIX_PRESETS
 from .data import CHECK_IMAGES, DATASETS, DatasetWithIDs, DataSpec, training_set
 from .distill import describe_verify, precompute, store_header, verify_store
-from .logit_store import MANIFEST, LogitStore, describe_store, official_record_bytes
+from .logit_store import MANIFEST, LogitStore, StoreHeader, describe_store, official_record_bytes
 from .teachers import build_model, load_weights
 from .trainer import pick_device
 from .utils import HelpFormatter, LockHeld, init_distributed, is_main_process
@@ -91,10 +91,16 @@ def _store_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--mode",
         choices=["static", "replay"],
-        default="static",
-        help="static: one record per image (evaluation view); replay: one per image and epoch",
+        default=None,
+        help="static: one record per image (evaluation view); replay: one per image and epoch (default: static; "
+        "--verify of an existing store: the store's)",
     )
-    p.add_argument("--epochs", type=int, default=1, help="replay mode: epochs of augmented views to store")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="replay mode: epochs of augmented views to store (default: 1; --verify of an existing store: the store's)",
+    )
     p.add_argument(
         "--augment",
         default=None,
@@ -145,6 +151,17 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="print what the store at PATH holds and check its files (needs no other option)",
     )
+
+
+def fill_from_store(args: argparse.Namespace, header: StoreHeader) -> None:
+    """--verify of an existing store: what the command line leaves unsaid (the mode, epochs, k and the
+    data flags the store records) is taken from the store's header, so that checking a store needs
+    only its path, its teacher and its data; a flag that is given is compared with the store."""
+    recorded = dict(header.data or {}, mode=header.mode, epochs=header.epochs, k=header.k)
+    views = ("augment", "mix", "data_seed") if header.mode == "replay" else ()  # a static store's: the eval view
+    for name in ("mode", "epochs", "k", "img_size", "max_per_class", "val_per_class", *views):
+        if getattr(args, name) is None and recorded.get(name) is not None:
+            setattr(args, name, recorded[name])
 
 
 def data_spec(args: argparse.Namespace) -> DataSpec:
@@ -283,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{' and '.join(missing)} required (only --inspect PATH goes without)")
         if args.verify and args.verify_samples < 1:  # refused before the store is written
             raise ValueError(f"--verify-samples={args.verify_samples} must be >= 1")
+        if args.verify and (Path(args.output_path) / MANIFEST).is_file():
+            fill_from_store(args, LogitStore.open(args.output_path, verify=False).header)
+        args.mode, args.epochs = args.mode or "static", 1 if args.epochs is None else args.epochs
         spec = data_spec(args)
         dataset = training_set(spec)
         if args.k is None:
