@@ -380,12 +380,13 @@ def test_mixed_views_through_both_command_lines(tmp_path):
     teacher = ["--teacher-model", "resnet18", "--teacher-checkpoint", _teacher_checkpoint(tmp_path), "--k", "10"]
     fm = ["--mix", "function-matching"]
     make = data + teacher + ["--mode", "replay", "--epochs", "1"] + fm
-    made, verified, by_path, not_replay, subset = run_cases(
+    by_path = ["--dataset", "synthetic", *teacher[:4], "--output-path", str(store), "--verify"]
+    made, verified, by_path, static, not_replay, subset = run_cases(
         [
             make + ["--output-path", str(store)],
             make + ["--output-path", str(store), "--verify"],
-            # a store is verified from its path, teacher and data: the mode, epochs, k and views are its own
-            ["--dataset", "synthetic", *teacher[:4], "--output-path", str(store), "--verify"],
+            by_path,  # a store is verified from its path, teacher and data: the mode, epochs, k and views are its own
+            by_path + ["--mode", "static"],  # a flag given is compared with the store, not filled in
             data + teacher + ["--mix", "--output-path", str(tmp_path / "x")],
             make + ["--max-per-class", "4", "--output-path", str(tmp_path / "y")],
         ],
@@ -395,6 +396,7 @@ def test_mixed_views_through_both_command_lines(tmp_path):
     assert made[0] == 0, made
     assert verified[0] == 0 and verified[1].rstrip().endswith(": ok"), verified
     assert by_path[0] == 0 and by_path[1].rstrip().endswith(": ok"), by_path
+    assert_refused(static, "was made for something else: mode: store 'replay', asked 'static'")
     assert_refused(not_replay, "--mix, --augment describe augmented views: use them with --mode replay")
     assert_refused(subset, "not a subset")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -3,7 +3,7 @@ training image, never a mixing partner), the pool and the labelled set, fine-tun
 checkpoint, test numbers only for runs that never looked at the test set, choices made on
 validation, and gains paired by seed with their standard error."""
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -117,6 +117,21 @@ def test_a_fine_tuning_run_starts_from_its_checkpoint_and_knows_which(tmp_path):
     differences = run_differences(finetune, load_checkpoint(finetune.run_dir / "last.pt"))
     assert [d.split(":")[0] for d in differences] == ["init_from (content hash)"]
     assert not run_or_reuse(finetune, progress=False).reused
+
+
+def test_a_data_root_spelled_otherwise_is_the_same_run(tmp_path):
+    spec = _spec(tmp_path, data=DataSpec(dataset="synthetic", root="/data/imgs"))
+    assert spec.data.root == "/data/imgs" and DataSpec(dataset="synthetic", root="/data/./imgs/").root == "/data/imgs"
+
+    # a checkpoint saved before roots were normalised still names the same run
+    def saved_with(root: str) -> dict:
+        ran = {k: v for k, v in asdict(spec).items() if k != "train"}  # the config is saved apart
+        ran["data"] = dict(ran["data"], root=root)
+        return dict(model_config=dict(spec=ran), config=asdict(spec.train))
+
+    assert run_differences(spec, saved_with("/data/imgs/")) == []
+    moved = saved_with("/x")
+    assert run_differences(spec, moved) == ["data.root: run '/x', asked '/data/imgs'"]
 
 
 def test_a_row_holds_test_numbers_only_when_asked(tmp_path):

@@ -213,6 +213,16 @@ class NaNAfter(torch.nn.Module):
         return out * float("nan") if self.calls < 0 else out
 
 
+def test_a_fresh_run_in_a_used_folder_keeps_none_of_the_old_runs_checkpoints(tmp_path):
+    train_set, val_set = synthetic(n_train=64, n_val=32)
+    config = TrainConfig(epochs=1, batch_size=32)
+    train(tiny_model(), train_set, val_set, config, run_dir=tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "best.pt").is_file()
+    with pytest.raises(FloatingPointError, match="no checkpoint was saved yet"):  # true: the old ones are gone
+        train(NaNAfter(calls=0), train_set, val_set, config, run_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "last.pt").exists() and not (tmp_path / "run" / "best.pt").exists()
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path):
     train_set, val_set = synthetic(n_train=128, n_val=32)
     with pytest.raises(FloatingPointError, match=r"loss is nan at step 6 \(epoch 2, batch 2\)"):

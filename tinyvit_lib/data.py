@@ -1012,7 +1012,7 @@ def _load_fashion_mnist(root: str | Path | None, split: str, download: bool) -> 
     try:
         tv_datasets.FashionMNIST(str(target), train=split == "train", download=True)
     except (RuntimeError, OSError) as error:
-        if fresh:  # leave the root as it was
+        if fresh and int(os.environ.get("WORLD_SIZE", "1")) == 1:  # leave the root as it was (no sibling rank)
             shutil.rmtree(debris, ignore_errors=True)
         raise FileNotFoundError(f"{missing}, and the download into {target} failed ({error}). {how}.") from error
     return _read_fashion_mnist(*_find_fashion_mnist([target / "FashionMNIST" / "raw"], stems))

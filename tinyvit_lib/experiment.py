@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -334,7 +335,7 @@ def refuse_if_running(spec: RunSpec) -> None:
     Raises:
         LockHeld: the run folder's lock is held (the message names the holder).
     """
-    if spec.run_dir.is_dir():
+    if spec.run_dir.is_dir() and os.environ.get("RANK", "0") == "0":  # one probe: the ranks' could collide
         FileLock(spec.run_dir / ".lock", what=f"run {spec.run_dir}").acquire().release()
 
 
@@ -409,6 +410,8 @@ def _movable_data(data_spec: dict) -> dict:
     root = data_spec.get("root")
     if root and Path(root).resolve().is_relative_to(project_root()):
         root = Path(root).resolve().relative_to(project_root()).as_posix()
+    elif root:
+        root = os.path.normpath(root)  # one spelling per folder, as DataSpec keeps it (runs saved before it did)
     return {**data_spec, "root": root, "verify_files": None, "check_images": None}
 
 

@@ -182,11 +182,11 @@ def save_onnx(model: torch.nn.Module, path: str | Path, inputs: torch.Tensor, me
             dynamo=True,
         )
     graph = onnx.load(str(path))  # with any weights the exporter wrote beside it, which go inline below
-    path.with_name(path.name + ".data").unlink(missing_ok=True)
     for key, value in (metadata or {}).items():
         graph.metadata_props.add(key=key, value=json.dumps(value))
     data = graph.SerializeToString()
     atomic_write(path, lambda f: f.write(data))
+    path.with_name(path.name + ".data").unlink(missing_ok=True)  # the exporter's, now inline
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     theirs = torch.from_numpy(session.run(None, {"image": inputs.numpy()})[0])
     with torch.no_grad():
@@ -225,7 +225,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, formats: tupl
         )
     if "timm" in formats:
         timm_name(model)  # a variant timm knows, before anything is written
-    stem, out_dir = checkpoint.parent.name, Path(out_dir)
+    stem, out_dir = checkpoint.resolve().parent.name, Path(out_dir)
     metadata = _metadata(config)
     lines = []
     if "onnx" in formats:

@@ -158,8 +158,9 @@ def fill_from_store(args: argparse.Namespace, header: StoreHeader) -> None:
     data flags the store records) is taken from the store's header, so that checking a store needs
     only its path, its teacher and its data; a flag that is given is compared with the store."""
     recorded = dict(header.data or {}, mode=header.mode, epochs=header.epochs, k=header.k)
-    views = ("augment", "mix", "data_seed") if header.mode == "replay" else ()  # a static store's: the eval view
-    for name in ("mode", "epochs", "k", "img_size", "max_per_class", "val_per_class", *views):
+    for name in ("mode", "epochs", "k", "img_size", "max_per_class", "val_per_class", "augment", "mix", "data_seed"):
+        if name in ("augment", "mix", "data_seed") and args.mode != "replay":
+            continue  # the views a replay store records; a static one (or --mode static) holds the eval view
         if getattr(args, name) is None and recorded.get(name) is not None:
             setattr(args, name, recorded[name])
 

@@ -447,7 +447,8 @@ def _open_run_dir(
     resume: bool,
 ) -> TrainState:
     """A resumed run: restore last.pt and cut the log back to the epochs it saved. A new run: its
-    folder, an empty log and config.json (what was asked for, and on what data)."""
+    folder, an empty log and config.json (what was asked for, and on what data), and no checkpoint
+    of a run it replaces (an old best.pt beside the new run's files would pass for the new run's)."""
     if resume:
         state = _restore(parts, config, run_dir / "last.pt")
         _write_on_main(run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
@@ -459,6 +460,9 @@ def _open_run_dir(
         train_set=train_set.fingerprint(),
         world_size=parts.world,
     )
+    if is_main_process():
+        for name in ("last.pt", "best.pt"):
+            (run_dir / name).unlink(missing_ok=True)
     _write_on_main(run_dir / "log.jsonl", "")
     _write_on_main(run_dir / "config.json", json.dumps(description, indent=2) + "\n")
     return TrainState()

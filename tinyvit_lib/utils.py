@@ -232,7 +232,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if not self._shows_default(action) or "default" in text:
+        if not self._shows_default(action) or "(default" in text:
             return text
         return f"{text} (default: %(default)s)"
 
