@@ -337,6 +337,49 @@ def test_a_nan_in_one_ddp_process_stops_them_all_and_the_resume_is_exact(tmp_pat
     ]
 
 
+DDP_FULL_DISK_SCRIPT = """
+    import os, sys, torch
+    sys.path.insert(0, {repo!r})
+    import tinyvit_lib.trainer as trainer
+    from tests.test_trainer import synthetic, tiny_model
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    train_set, val_set = synthetic(n_train=256, n_val=32)
+    writes = iter(range(10**6))
+    save = trainer.save_checkpoint
+
+    def full_disk(*args):  # the main process's second write fails, as on a full disk
+        if next(writes) == 1:
+            raise OSError(28, "No space left on device")
+        save(*args)
+
+    trainer.save_checkpoint = full_disk
+    try:
+        config = trainer.TrainConfig(epochs=2, batch_size=32, checkpoint_every=2)
+        trainer.train(tiny_model(), train_set, val_set, config, run_dir={run_dir!r}, progress=False)
+    except OSError as error:
+        with open({tmp!r} + "/stopped-" + os.environ["RANK"], "w") as f:
+            f.write(str(error))
+"""
+
+
+def test_a_checkpoint_the_main_process_cannot_write_stops_every_process(tmp_path):
+    script = tmp_path / "full.py"
+    script.write_text(
+        textwrap.dedent(DDP_FULL_DISK_SCRIPT.format(repo=str(REPO), tmp=str(tmp_path), run_dir=str(tmp_path / "run")))
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", str(31800 + os.getpid() % 1000), str(script)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)  # a hang would time out
+    stopped = {path.name: path.read_text() for path in tmp_path.glob("stopped-*")}
+    assert sorted(stopped) == ["stopped-0", "stopped-1"], out.stdout[-2000:] + out.stderr[-2000:]
+    assert "No space left on device" in stopped["stopped-0"]
+    # the second write is the first epoch's end; the first, at step 2, stays the last good checkpoint
+    assert stopped["stopped-1"].startswith("the main process could not write best.pt, last.pt in ")
+    assert stopped["stopped-1"].endswith("the last good checkpoint is " + str(tmp_path / "run" / "last.pt"))
+
+
 def test_two_process_ddp_matches_one_process(tmp_path):
     def launch(world: int) -> subprocess.Popen:
         script = tmp_path / f"ddp{world}.py"

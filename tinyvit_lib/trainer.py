@@ -380,7 +380,7 @@ def train(
         FloatingPointError: a NaN or infinite loss (named by step; the last good checkpoint stays).
         LockHeld: another process is training in `run_dir` (one writer per run).
         OSError: a checkpoint could not be written (a full disk): no temporary file is left and
-            log.jsonl has no record of the unsaved epoch.
+            log.jsonl has no record of the unsaved epoch; under DDP every process raises it together.
     """
     run_dir = Path(run_dir)
     parts = _build(model, train_set, config, teacher)
@@ -754,9 +754,17 @@ class CheckpointSaver:
         process calls it (the epoch's partial sums are added up over them); the main one writes."""
         partial = all_reduce_sum([state.loss_sum, state.seen], self.parts.device)
         rng_by_rank = gather_rng_states(self.parts.device)
+        failure = None
         if is_main_process():
             checkpoint = self.checkpoint(state, (partial[0], int(partial[1])), rng_by_rank)
-            save_checkpoint(checkpoint, *(self.run_dir / name for name in names))  # serialised once
+            try:
+                save_checkpoint(checkpoint, *(self.run_dir / name for name in names))  # serialised once
+            except OSError as error:  # e.g. a full disk: raised below, in every process at once
+                failure = error
+        if self.parts.world > 1 and all_reduce_sum([float(failure is not None)], self.parts.device)[0] and not failure:
+            raise OSError(f"the main process could not write {', '.join(names)} in {self.run_dir}; {self.last_saved()}")
+        if failure is not None:
+            raise failure
         self.saved = self.saved or "last.pt" in names  # every process can name the last good checkpoint
 
 
