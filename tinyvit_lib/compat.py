@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from .augment import AugmentConfig
 from .data import DatasetWithIDs, get_dataset, make_loaders
-from .distill import ALPHA, TEMPERATURE, DistillationLoss, StoredTeacher, precompute
+from .distill import ALPHA, TEMPERATURE, TOP_K, DistillationLoss, StoredTeacher, precompute
 from .logit_store import LogitStore
 
 __all__ = ["get_CIFAR_100", "get_ImageNet1K", "get_imagenet_subset_loaders", "FastDistillation"]
@@ -96,7 +96,7 @@ class FastDistillation:
     """
 
     def __init__(
-        self, k: int = 10, temperature: float = TEMPERATURE, alpha: float = ALPHA, label_smoothing: float = 0.0
+        self, k: int = TOP_K, temperature: float = TEMPERATURE, alpha: float = ALPHA, label_smoothing: float = 0.0
     ) -> None:
         if k < 1:
             raise ValueError(f"k={k} must be >= 1")

@@ -50,6 +50,7 @@ from .utils import rank_world
 __all__ = [
     "ALPHA",
     "TEMPERATURE",
+    "TOP_K",
     "DistillationLoss",
     "input_channels",
     "store_spec_differences",
@@ -95,6 +96,7 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothi
 # the CLI and the loss all use these. The course's profiles choose the paper's recipe, alpha = 1.
 ALPHA = 0.5
 TEMPERATURE = 1.0
+TOP_K = 10  # logits a store keeps per image by default (Cream keeps 100 of ImageNet-21k's 21,841 classes)
 
 
 class DistillationLoss(nn.Module):

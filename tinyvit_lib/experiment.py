@@ -339,8 +339,9 @@ def refuse_if_running(spec: RunSpec) -> None:
         FileLock(spec.run_dir / ".lock", what=f"run {spec.run_dir}").acquire().release()
 
 
-def check_resumable(spec: RunSpec) -> None:
-    """Check, before anything is loaded or written, that `spec.run_dir/last.pt` continues this spec.
+def check_resumable(spec: RunSpec) -> dict:
+    """Check, before anything is loaded or written, that `spec.run_dir/last.pt` continues this spec;
+    returns the checkpoint.
 
     Raises:
         LockHeld: another process is training this run.
@@ -358,6 +359,7 @@ def check_resumable(spec: RunSpec) -> None:
         longer = any(d.startswith("train.epochs:") for d in differences)
         hint = "; to train on from its weights, start a new run with --init-from it" if longer else ""
         raise ValueError(f"cannot resume {last}: it is a run of another spec ({'; '.join(differences)}){hint}")
+    return checkpoint
 
 
 def run_history(spec: RunSpec) -> list[dict]:

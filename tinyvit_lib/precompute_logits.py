@@ -38,13 +38,11 @@ import torch.nn as nn
 
 from .augment import AUGMENT_PRESETS, MIX_PRESETS
 from .data import CHECK_IMAGES, DATASETS, DatasetWithIDs, DataSpec, training_set
-from .distill import describe_verify, precompute, store_header, verify_store
+from .distill import TOP_K, describe_verify, precompute, store_header, verify_store
 from .logit_store import MANIFEST, LogitStore, StoreHeader, describe_store, official_record_bytes
 from .teachers import build_model, load_weights
 from .trainer import pick_device
 from .utils import HelpFormatter, LockHeld, init_distributed, is_main_process
-
-DEFAULT_K = 10  # the course's k (Cream keeps 100 of ImageNet-21k's 21,841 classes)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -301,16 +299,17 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{' and '.join(missing)} required (only --inspect PATH goes without)")
         if args.verify and args.verify_samples < 1:  # refused before the store is written
             raise ValueError(f"--verify-samples={args.verify_samples} must be >= 1")
-        if args.verify and (Path(args.output_path) / MANIFEST).is_file():
+        existing = args.verify and (Path(args.output_path) / MANIFEST).is_file()  # check it, write nothing
+        if existing:
             fill_from_store(args, LogitStore.open(args.output_path, verify=False).header)
         args.mode, args.epochs = args.mode or "static", 1 if args.epochs is None else args.epochs
         spec = data_spec(args)
         dataset = training_set(spec)
         if args.k is None:
-            args.k = min(DEFAULT_K, dataset.num_classes)
+            args.k = min(TOP_K, dataset.num_classes)
         teacher = load_teacher(args, dataset)
         device = pick_device(args.device)
-        if args.verify and (Path(args.output_path) / MANIFEST).is_file():  # check the store, write nothing
+        if existing:
             expected = store_header(
                 teacher, args.teacher_model, dataset, k=args.k, mode=args.mode, epochs=args.epochs, spec=spec
             )

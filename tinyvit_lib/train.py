@@ -21,7 +21,7 @@ from .data import CHECK_IMAGES, DATASETS, DataSpec
 from .distill import ALPHA, TEMPERATURE
 from .experiment import RunSpec, check_resumable, prepare_run, refuse_if_running, run
 from .trainer import TrainConfig, read_log
-from .utils import HelpFormatter, LockHeld, load_checkpoint
+from .utils import HelpFormatter, LockHeld
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -277,9 +277,9 @@ def refuse_to_replace(spec: RunSpec, *, overwrite: bool) -> None:
         )
 
 
-def where_it_stands(spec: RunSpec) -> str:
-    """One line on the run a resume continues: epochs done of the schedule, batches into the next."""
-    checkpoint = load_checkpoint(spec.run_dir / "last.pt")
+def where_it_stands(spec: RunSpec, checkpoint: dict) -> str:
+    """One line on the run a resume continues (its `checkpoint`): epochs done of the schedule,
+    batches into the next."""
     into = f", {checkpoint['batch']} batch(es) into epoch {checkpoint['epoch'] + 1}" if checkpoint["batch"] else ""
     return f"resuming {spec.run_dir}: {checkpoint['epoch']} of {spec.train.epochs} epoch(s) done{into}"
 
@@ -292,9 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = spec_from_args(args)
         if args.resume:
-            check_resumable(spec)  # the same data, model, optimisation and teacher, before anything loads
+            checkpoint = check_resumable(spec)  # the same data, model, optimisation and teacher, before anything loads
             if os.environ.get("RANK", "0") == "0":
-                print(where_it_stands(spec))
+                print(where_it_stands(spec, checkpoint))
         else:
             refuse_to_replace(spec, overwrite=args.overwrite)
         prepared = prepare_run(spec)  # every input checked before the run folder is created

@@ -761,10 +761,12 @@ class CheckpointSaver:
                 save_checkpoint(checkpoint, *(self.run_dir / name for name in names))  # serialised once
             except OSError as error:  # e.g. a full disk: raised below, in every process at once
                 failure = error
-        if self.parts.world > 1 and all_reduce_sum([float(failure is not None)], self.parts.device)[0] and not failure:
-            raise OSError(f"the main process could not write {', '.join(names)} in {self.run_dir}; {self.last_saved()}")
         if failure is not None:
+            if self.parts.world > 1:
+                all_reduce_sum([1.0], self.parts.device)  # tell the others, then stop with them
             raise failure
+        if self.parts.world > 1 and all_reduce_sum([0.0], self.parts.device)[0]:  # the main process failed
+            raise OSError(f"the main process could not write {', '.join(names)} in {self.run_dir}; {self.last_saved()}")
         self.saved = self.saved or "last.pt" in names  # every process can name the last good checkpoint
 
 
